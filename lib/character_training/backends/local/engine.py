@@ -1,0 +1,106 @@
+"""Shared state of one local "service": settings, loaded base models, tokenizers, run ids.
+
+Training and sampling clients both come from here, the way the Tinker SDK's clients come from
+one `ServiceClient`. Frozen base models are loaded once and shared by every sampling client
+that samples from the base; training clients get their own copy (LoRA wraps it in place).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ...errors import BackendError
+from .model_files import resolve_model_dir
+from .settings import LocalEngineConfig
+
+logger = logging.getLogger(__name__)
+
+_META_FILE = "engine_checkpoint.json"
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class LocalEngine:
+    """Loads models and hands out checkpoint directories for one local service session."""
+
+    def __init__(self, config: LocalEngineConfig):
+        self.config = config
+        self.device = config.torch_device
+        self.compute_dtype = config.compute_dtype
+        self.root = Path(config.root_dir)
+        self._frozen: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+        self._run_counter = itertools.count()
+        self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+    # -- models -------------------------------------------------------------------------------
+    def model_dir(self, base_model: str) -> Path:
+        return resolve_model_dir(base_model)
+
+    def tokenizer(self, base_model: str):
+        return load_tokenizer(str(self.model_dir(base_model)))
+
+    def load_trainable_base(self, base_model: str) -> torch.nn.Module:
+        """A private fp32 copy of the base model for a training client to wrap with LoRA."""
+        model = self._load(base_model, torch.float32)
+        return copy.deepcopy(model)
+
+    def frozen_base(self, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
+        """A shared, read-only base model in ``dtype`` for sampling and scoring."""
+        return self._load(base_model, dtype)
+
+    def _load(self, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
+        key = (str(self.model_dir(base_model)), dtype)
+        if key not in self._frozen:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keeps notebook and CI logs readable
+            started = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(key[0], dtype=dtype)
+            model.to(self.device).eval()
+            for param in model.parameters():
+                param.requires_grad_(False)
+            self._frozen[key] = model
+            logger.info("loaded %s (%s) in %.1fs", base_model, dtype, time.perf_counter() - started)
+        return self._frozen[key]
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def new_run_id(self) -> str:
+        return f"{self._session}-{next(self._run_counter)}"
+
+    def checkpoint_dir(self, run_id: str, kind: str, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise BackendError(f"checkpoint name {name!r}: expected a plain, non-empty file name")
+        return self.root / run_id / kind / name
+
+
+def write_checkpoint_meta(path: Path, **meta) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    meta_file = Path(path) / _META_FILE
+    if not meta_file.is_file():
+        raise BackendError(
+            f"{path} is not a local-engine checkpoint (no {_META_FILE}); pass a path returned by "
+            "save_state or save_weights_for_sampler"
+        )
+    return json.loads(meta_file.read_text())

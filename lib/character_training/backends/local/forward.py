@@ -1,0 +1,103 @@
+"""Teacher-forced log-probabilities over ragged batches: the one forward pass the engine has.
+
+Training (`forward_backward`), DPO reference scoring and `compute_logprobs` all reduce to
+"log p(target_t | tokens_<=t) for every position of every sequence". Doing that in one place
+guarantees the numbers agree across those uses, which DPO (policy vs reference) and RL
+(sampler vs learner) both rely on. Sequences are sorted by length and packed into
+micro-batches bounded by a padded-token budget, so memory stays flat however large the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group indices (longest first) so that each group's ``count * max_len <= token_budget``.
+
+    A sequence longer than the budget gets a group of its own rather than an error: the budget
+    is a memory target, not a limit on what can be trained.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    current_max = 0
+    for idx in order:
+        new_max = max(current_max, lengths[idx])
+        if current and new_max * (len(current) + 1) > token_budget:
+            groups.append(current)
+            current, new_max = [], lengths[idx]
+        current.append(idx)
+        current_max = new_max
+    if current:
+        groups.append(current)
+    return groups
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast when asked for, a no-op otherwise."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """Stack ragged token lists into (ids, attention_mask), padding on the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> list[torch.Tensor]:
+    """Log-probabilities (float32, one per input position) of ``targets`` given ``inputs``.
+
+    All sequences run in one padded forward pass; call it per micro-batch. Gradients flow when
+    grad mode is on, so the training client uses the result directly as its loss input.
+    """
+    ids, mask = right_pad(inputs, pad_id, device)
+    tgt, _ = right_pad(targets, 0, device)
+    with autocast_context(device, autocast_dtype):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = logits.float()
+    flat = -F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
+    ).reshape(tgt.shape)
+    return [flat[row, : len(seq)] for row, seq in enumerate(inputs)]
+
+
+def iter_scored_micro_batches(
+    model: torch.nn.Module,
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    token_budget: int,
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Yield ``(indices, logprobs)`` per micro-batch, in the packing order of `micro_batches`."""
+    for group in micro_batches([len(s) for s in inputs], token_budget):
+        yield group, token_logprobs(
+            model,
+            [inputs[i] for i in group],
+            [targets[i] for i in group],
+            pad_id=pad_id,
+            device=device,
+            autocast_dtype=autocast_dtype,
+        )

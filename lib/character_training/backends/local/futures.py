@@ -1,0 +1,72 @@
+"""SDK-style futures for the in-process engine.
+
+Pipeline code is written against the Tinker SDK, where every call returns an `APIFuture`
+that can be resolved with ``.result()`` or awaited. The local engine returns the same kind of
+object (a subclass of the SDK's own `APIFuture`, so ``isinstance`` checks in tinker-cookbook
+hold). Work is *lazy*: a future holds a thunk that runs when the result is first asked for.
+That laziness is what lets the sampler batch thousands of ``sample()`` calls: they queue up
+until someone needs a result, then all pending requests are generated together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future as ConcurrentFuture
+from typing import Callable, Generic, TypeVar
+
+from tinker.lib.public_interfaces.api_future import APIFuture
+
+T = TypeVar("T")
+
+_PENDING = object()
+
+
+class LocalFuture(APIFuture[T], Generic[T]):
+    """A future whose value is computed in-process, on first demand, exactly once."""
+
+    def __init__(self, compute: Callable[[], T] | None = None, *, value: object = _PENDING):
+        self._compute = compute
+        self._value: object = value
+        self._error: BaseException | None = None
+
+    @classmethod
+    def completed(cls, value: T) -> "LocalFuture[T]":
+        """A future that already holds its value (for calls that ran eagerly)."""
+        return cls(value=value)
+
+    def done(self) -> bool:
+        return self._value is not _PENDING or self._error is not None
+
+    def set_result(self, value: T) -> None:
+        """Resolve from outside; used by batchers that compute many futures at once."""
+        self._value = value
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> T:
+        if self._error is not None:
+            raise self._error
+        if self._value is _PENDING:
+            if self._compute is None:
+                raise RuntimeError("LocalFuture has neither a value nor a way to compute it")
+            try:
+                self._value = self._compute()
+            except BaseException as exc:
+                self._error = exc
+                raise
+        return self._value  # type: ignore[return-value]
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        # Yield once so that sibling coroutines started by asyncio.gather can enqueue their
+        # requests before this one triggers a batch: that is how awaited samples get batched.
+        await asyncio.sleep(0)
+        return self.result(timeout)
+
+    def future(self) -> ConcurrentFuture[T]:
+        concurrent: ConcurrentFuture[T] = ConcurrentFuture()
+        try:
+            concurrent.set_result(self.result())
+        except BaseException as exc:  # propagate into the concurrent future, as the SDK does
+            concurrent.set_exception(exc)
+        return concurrent
