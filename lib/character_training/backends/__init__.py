@@ -1,0 +1,45 @@
+"""Backend factory: one code path, two engines.
+
+``get_service_client("tinker")`` returns the SDK's ``tinker.ServiceClient``;
+``get_service_client("local", ...)`` returns the in-process engine with the same methods.
+Everything downstream (stages, evaluations, notebooks) receives a service client and never
+asks which one it got.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .local import LocalEngineConfig, LocalServiceClient
+from .tinker_backend import create_tinker_service_client
+
+BACKENDS = ("local", "tinker")
+
+
+def get_service_client(backend: str, **local_options: Any):
+    """Build the service client for ``backend``.
+
+    ``local_options`` are `LocalEngineConfig` fields (root_dir, device, precision,
+    max_batch_size, micro_batch_tokens) and are rejected for the Tinker backend, whose
+    settings live in the environment.
+    """
+    if backend == "local":
+        unknown = set(local_options) - set(LocalEngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown local engine option(s) {sorted(unknown)}: expected some of "
+                f"{sorted(LocalEngineConfig.__dataclass_fields__)}"
+            )
+        return LocalServiceClient(LocalEngineConfig(**local_options))
+    if backend == "tinker":
+        if local_options:
+            raise ConfigError(
+                f"backend 'tinker' takes no engine options (got {sorted(local_options)}); "
+                "set TINKER_BASE_URL / TINKER_API_KEY in the environment instead"
+            )
+        return create_tinker_service_client()
+    raise ConfigError(f"backend={backend!r}: expected one of {BACKENDS}")
+
+
+__all__ = ["BACKENDS", "LocalEngineConfig", "LocalServiceClient", "get_service_client"]
