@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import fast_decode
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -92,16 +94,68 @@ def filter_logits(
 
 
 def draw(filtered: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: one token per row from softmax(filtered) using given uniforms."""
-    probs = torch.softmax(filtered, dim=-1)
+    """Inverse-CDF sampling, one token per row from softmax(filtered), given uniforms.
+
+    Tokens are visited from most to least likely, the same order `sample_tokens` uses, so the
+    two map a given uniform to the same token.
+    """
+    probs, order = torch.sort(torch.softmax(filtered, dim=-1), dim=-1, descending=True)
     cdf = torch.cumsum(probs, dim=-1)
     u = (uniforms * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, u).squeeze(-1)
-    return idx.clamp(max=filtered.shape[-1] - 1)
+    position = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=filtered.shape[-1] - 1)
+    return order.gather(-1, position[:, None]).squeeze(-1)
+
+
+CANDIDATES = 256  # nucleus search width; rows whose nucleus is wider fall back to a full sort
+
+
+def sample_tokens(
+    logprobs: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """Sample one token per row (temperature > 0) as `filter_logits` + `draw` would.
+
+    Sorting the whole vocabulary every step dominated the sampler's time, so the nucleus is
+    searched among the top ``CANDIDATES`` tokens; a row whose nucleus does not fit (its top
+    candidates hold less than ``top_p`` of the mass) is sampled with the full sort instead.
+    """
+    scaled = logprobs / temperature[:, None]
+    vocab = scaled.shape[-1]
+    width = min(vocab, max(CANDIDATES, int(top_k.max())))
+    values, index = torch.topk(scaled, width, dim=-1)
+    k = torch.where(top_k > 0, top_k.clamp(max=width), torch.full_like(top_k, width))
+    in_top_k = torch.arange(width)[None, :] < k[:, None]
+    uses_top_k = (top_k > 0) & (top_k <= width)
+    log_norm = torch.where(
+        uses_top_k,
+        torch.logsumexp(values.masked_fill(~in_top_k, float("-inf")), dim=-1),
+        torch.logsumexp(scaled, dim=-1),
+    )
+    probs = torch.exp(values - log_norm[:, None]) * in_top_k
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    keep = in_top_k & (mass_before < top_p[:, None])
+    covered = uses_top_k | (probs.sum(-1) >= top_p) | (top_p >= 1.0) & (width == vocab)
+    kept = probs * keep
+    cdf = torch.cumsum(kept, dim=-1)
+    position = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).squeeze(-1)
+    tokens = index.gather(-1, position.clamp(max=width - 1)[:, None]).squeeze(-1)
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(-1)
+        filtered = filter_logits(logprobs[rows], temperature[rows], top_k[rows], top_p[rows])
+        tokens[rows] = draw(filtered, uniforms[rows])
+    return tokens
 
 
 class BatchedSampler:
-    """Decodes lists of `GenerationRequest` with one model; stateless between calls."""
+    """Decodes lists of `GenerationRequest` with one model; stateless between calls.
+
+    Llama-family models run on `FastDecoder` (static cache, fused projections); any other
+    model runs the Hugging Face forward with its dynamic cache. Both share the token choice
+    and stop logic below, and both drop finished rows from the batch.
+    """
 
     def __init__(
         self,
@@ -110,6 +164,8 @@ class BatchedSampler:
         device: torch.device,
         max_batch_size: int,
         show_progress: bool = True,
+        prefill_tokens: int = 8192,
+        use_fast_decoder: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -117,6 +173,10 @@ class BatchedSampler:
         self.max_batch_size = max_batch_size
         self.pad_id = int(tokenizer.pad_token_id)
         self.show_progress = show_progress
+        self.prefill_tokens = prefill_tokens
+        if use_fast_decoder is None:
+            use_fast_decoder = fast_decode.supports(model)
+        self.fast = fast_decode.FastDecoder(model) if use_fast_decoder else None
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
         rows = [
@@ -134,9 +194,10 @@ class BatchedSampler:
             total=len(rows), desc="sampling", unit="seq", leave=False,
             disable=not self.show_progress or len(rows) < 2 * self.max_batch_size,
         )
+        decode = self._decode_batch_fast if self.fast is not None else self._decode_batch_hf
         with torch.inference_mode():
             for batch in batches:
-                self._decode_batch(batch)
+                decode(batch)
                 progress.update(len(batch))
         progress.close()
         results: list[list[GeneratedSequence]] = [
@@ -146,77 +207,136 @@ class BatchedSampler:
             results[row.request][row.sample] = row.out
         return results
 
-    # -- one batch ------------------------------------------------------------------------------
-    def _prefill(self, batch: list[_Row]):
-        from transformers import DynamicCache
+    # -- shared per-step logic ------------------------------------------------------------------
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Pick the next token of each row and record it with its untempered log-probability."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
+        tokens = torch.argmax(logprobs, dim=-1)
+        sampling = (temps > 0).nonzero().squeeze(-1)
+        if sampling.numel():
+            uniforms = torch.stack(
+                [torch.rand((), generator=rows[int(i)].generator) for i in sampling]
+            )
+            tokens[sampling] = sample_tokens(
+                logprobs[sampling],
+                temps[sampling],
+                torch.tensor([rows[int(i)].params.top_k for i in sampling], dtype=torch.long),
+                torch.tensor([rows[int(i)].params.top_p for i in sampling], dtype=torch.float32),
+                uniforms,
+            )
+        chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        for pos, row in enumerate(rows):
+            row.out.tokens.append(int(tokens[pos]))
+            row.out.logprobs.append(float(chosen[pos]))
+        return tokens
 
+    def _finished(self, row: _Row, max_stop_len: int) -> bool:
+        """Record the stop reason of a row that just produced its last token."""
+        if row.out.tokens[-1] in row.params.stop_token_ids or self._hit_stop_string(
+            row, max_stop_len
+        ):
+            row.out.stop_reason = "stop"
+            return True
+        if len(row.out.tokens) >= row.params.max_tokens:
+            row.out.stop_reason = "length"
+            return True
+        return False
+
+    def _hit_stop_string(self, row: _Row, max_stop_len: int) -> bool:
+        if not row.params.stop_strings:
+            return False
+        tail = self.tokenizer.decode(row.out.tokens[-(max_stop_len + 1):])
+        return any(stop in tail for stop in row.params.stop_strings)
+
+    @staticmethod
+    def _unique_prompts(batch: list[_Row]) -> tuple[list[tuple[int, ...]], list[int]]:
         unique: dict[tuple[int, ...], int] = {}
-        row_to_unique = []
-        for row in batch:
-            row_to_unique.append(unique.setdefault(row.prompt, len(unique)))
-        prompts = list(unique)
-        width = max(len(p) for p in prompts)
+        row_to_unique = [unique.setdefault(row.prompt, len(unique)) for row in batch]
+        return list(unique), row_to_unique
+
+    def _left_pad(self, prompts: list[tuple[int, ...]], width: int):
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[i, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- fast path ------------------------------------------------------------------------------
+    def _decode_batch_fast(self, batch: list[_Row]) -> None:
+        assert self.fast is not None
+        prompts, row_to_unique = self._unique_prompts(batch)
+        width = max(len(p) for p in prompts)
+        capacity = width + max(r.params.max_tokens for r in batch)
+        prompt_cache = self.fast.new_cache(len(prompts), capacity)
+        prompt_logits = torch.empty(0)
+        per_chunk = max(1, self.prefill_tokens // width)
+        chunks = []
+        for start in range(0, len(prompts), per_chunk):
+            ids, mask = self._left_pad(prompts[start : start + per_chunk], width)
+            rows_idx = torch.arange(start, start + ids.shape[0], device=self.device)
+            chunks.append(self.fast.prefill(prompt_cache, rows_idx, ids, mask))
+        prompt_logits = torch.cat(chunks)
+        index = torch.tensor(row_to_unique, device=self.device)
+        cache = prompt_cache.select(index) if len(prompts) != len(batch) else prompt_cache
+        logits = prompt_logits[index]
+        positions = torch.tensor([len(r.prompt) for r in batch], device=self.device)
+        in_cache = list(range(len(batch)))  # batch row held by each cache row
+        alive = [True] * len(batch)
+        max_stop_len = max((len(s) for r in batch for s in r.params.stop_strings), default=0)
+        column = width
+        while True:
+            live_slots = [slot for slot, ok in enumerate(alive) if ok]
+            rows = [batch[in_cache[slot]] for slot in live_slots]
+            tokens = self._choose(rows, logits[live_slots])
+            for slot, row in zip(live_slots, rows):
+                if self._finished(row, max_stop_len):
+                    alive[slot] = False
+            if not any(alive):
+                return
+            step_tokens = torch.full((len(in_cache),), self.pad_id, dtype=torch.long)
+            step_tokens[live_slots] = tokens
+            if alive.count(False) * 4 >= len(alive):  # compact once a quarter has finished
+                keep = [slot for slot, ok in enumerate(alive) if ok]
+                keep_idx = torch.tensor(keep, device=self.device)
+                cache = cache.select(keep_idx)
+                positions = positions[keep_idx]
+                step_tokens = step_tokens[keep]
+                in_cache = [in_cache[slot] for slot in keep]
+                alive = [True] * len(keep)
+            logits = self.fast.decode(cache, step_tokens.to(self.device), positions, column)
+            positions = positions + 1
+            column += 1
+
+    # -- generic Hugging Face path --------------------------------------------------------------
+    def _decode_batch_hf(self, batch: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        prompts, row_to_unique = self._unique_prompts(batch)
+        ids, mask = self._left_pad(prompts, max(len(p) for p in prompts))
         cache = DynamicCache()
         logits = self.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
         index = torch.tensor(row_to_unique, device=self.device)
-        if len(prompts) != len(batch) or row_to_unique != list(range(len(batch))):
+        if len(prompts) != len(batch):
             cache.batch_select_indices(index)
+        logits, mask = logits[index], mask[index]
         lengths = torch.tensor([len(r.prompt) for r in batch], device=self.device)
-        return cache, logits[index], mask[index], lengths
-
-    def _decode_batch(self, batch: list[_Row]) -> None:
-        cache, logits, mask, lengths = self._prefill(batch)
         active = list(range(len(batch)))
-        temperature = torch.tensor([r.params.temperature for r in batch], dtype=torch.float32)
-        top_k = torch.tensor([r.params.top_k for r in batch], dtype=torch.long)
-        top_p = torch.tensor([r.params.top_p for r in batch], dtype=torch.float32)
         max_stop_len = max((len(s) for r in batch for s in r.params.stop_strings), default=0)
-        step = 0
-        while active:
+        while True:
             rows = [batch[i] for i in active]
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            temps = temperature[active]
-            greedy = temps <= 0
-            tokens = torch.argmax(logprobs, dim=-1)
-            if not bool(greedy.all()):
-                sampling = (~greedy).nonzero().squeeze(-1)
-                filtered = filter_logits(
-                    logprobs[sampling], temps[sampling], top_k[active][sampling],
-                    top_p[active][sampling],
-                )
-                uniforms = torch.stack(
-                    [torch.rand((), generator=rows[int(i)].generator) for i in sampling]
-                )
-                tokens[sampling] = draw(filtered, uniforms)
-            chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-            keep = []
-            step += 1
-            for pos, row in enumerate(rows):
-                token = int(tokens[pos])
-                row.out.tokens.append(token)
-                row.out.logprobs.append(float(chosen[pos]))
-                if token in row.params.stop_token_ids or self._hit_stop_string(row, max_stop_len):
-                    row.out.stop_reason = "stop"
-                elif step >= row.params.max_tokens:
-                    row.out.stop_reason = "length"
-                else:
-                    keep.append(pos)
+            tokens = self._choose(rows, logits)
+            keep = [pos for pos, row in enumerate(rows) if not self._finished(row, max_stop_len)]
             if not keep:
-                break
+                return
             if len(keep) != len(rows):
                 keep_idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(keep_idx)
@@ -231,9 +351,3 @@ class BatchedSampler:
                 use_cache=True,
             ).logits[:, -1]
             lengths = lengths + 1
-
-    def _hit_stop_string(self, row: _Row, max_stop_len: int) -> bool:
-        if not row.params.stop_strings:
-            return False
-        tail = self.tokenizer.decode(row.out.tokens[-(max_stop_len + 1):])
-        return any(stop in tail for stop in row.params.stop_strings)
