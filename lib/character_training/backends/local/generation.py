@@ -96,14 +96,17 @@ def filter_logits(
 def draw(filtered: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling, one token per row from softmax(filtered), given uniforms.
 
-    Tokens are visited from most to least likely, the same order `sample_tokens` uses, so the
-    two map a given uniform to the same token.
+    Tokens are visited in token-id order, the same order `sample_tokens` uses, so the two map
+    a given uniform to the same token. Id order (not probability order) keeps a seeded sample
+    independent of the batch: logits differ by ~1e-6 between batch shapes, which moves a bin
+    edge by about that much, whereas sorting by probability reorders near-tied tokens and
+    sends the same uniform to an unrelated token.
     """
-    probs, order = torch.sort(torch.softmax(filtered, dim=-1), dim=-1, descending=True)
-    cdf = torch.cumsum(probs, dim=-1)
+    cdf = torch.cumsum(torch.softmax(filtered, dim=-1), dim=-1)
     u = (uniforms * cdf[:, -1]).unsqueeze(-1)
-    position = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=filtered.shape[-1] - 1)
-    return order.gather(-1, position[:, None]).squeeze(-1)
+    # right=True: the first token whose cumulative mass exceeds u, never a zero-mass token
+    # (with the default, a uniform of exactly 0 would pick token 0 even when filtered out)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=filtered.shape[-1] - 1)
 
 
 CANDIDATES = 256  # nucleus search width; rows whose nucleus is wider fall back to a full sort
@@ -139,8 +142,10 @@ def sample_tokens(
     keep = in_top_k & (mass_before < top_p[:, None])
     covered = uses_top_k | (probs.sum(-1) >= top_p) | (top_p >= 1.0) & (width == vocab)
     kept = probs * keep
+    index, by_id = torch.sort(index, dim=-1)  # token-id order, as in `draw`
+    kept = kept.gather(-1, by_id)
     cdf = torch.cumsum(kept, dim=-1)
-    position = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).squeeze(-1)
+    position = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tokens = index.gather(-1, position.clamp(max=width - 1)[:, None]).squeeze(-1)
     if not bool(covered.all()):
         rows = (~covered).nonzero().squeeze(-1)

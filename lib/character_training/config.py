@@ -1,0 +1,396 @@
+"""Run parameters: one typed, validated object merged from a model-size file and a persona file.
+
+``params/models/<size>.yaml`` says *how* to run (backend, models, LoRA, learning rates, data
+sizes, sampling, prices); ``params/personas/<persona>.yaml`` says *what* to train (which
+constitution, persona-specific overrides). `load_params` merges size <- persona <- command-line
+overrides, rejects unknown keys with the file and the dotted path (the alignment handbook's
+``dataset_mixer``/``dataset_mixture`` drift cannot happen silently here), validates every
+field, and `RunParams.papermill_parameters` flattens the result for papermill. Secrets are never
+parameters: a key that looks like one is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types as pytypes
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_DIR = REPO_ROOT / "params"
+_SECRET_WORDS = ("api_key", "apikey", "secret", "token_value", "password")
+
+
+# -- sections -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineParams:
+    """Local engine settings (ignored by the Tinker backend)."""
+
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    max_batch_size: int = 64  # sequences decoded together
+    micro_batch_tokens: int = 8192  # padded tokens per training/scoring forward
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults for every generation: the paper uses temperature 0.7, top_p 0.95, no top_k."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0")
+        _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
+        _check(self.max_tokens >= 1, "sampling.max_tokens", self.max_tokens, ">= 1")
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    """Stage 01: constitution-relevant prompt expansion and the general prompt pool."""
+
+    generated_per_assertion: int = 45  # new prompts requested per assertion (paper: 45)
+    per_generation_call: int = 10  # prompts asked for in one generator call
+    examples_per_call: int = 5  # hand-written prompts shown as few-shot examples
+    dedup_threshold: float = 0.8  # Jaccard similarity above which prompts are near-duplicates
+    general_prompts: int = 300  # general prompts mixed into DPO training (paper: LIMA)
+    eval_prompts: int = 100  # held-out general prompts for evaluations (never trained on)
+    hub_datasets: tuple[str, ...] = ()  # e.g. ("lima", "wildchat", "pure-dove"); needs network
+    max_tokens: int = 600  # generator budget per call
+
+    def __post_init__(self) -> None:
+        for name in ("generated_per_assertion", "general_prompts", "eval_prompts"):
+            _check(getattr(self, name) >= 0, f"prompts.{name}", getattr(self, name), ">= 0")
+        for name in ("per_generation_call", "examples_per_call", "max_tokens"):
+            _check(getattr(self, name) >= 1, f"prompts.{name}", getattr(self, name), ">= 1")
+        _check(0 < self.dedup_threshold <= 1, "prompts.dedup_threshold", self.dedup_threshold,
+               "in (0, 1]")
+        known = {"lima", "wildchat", "pure-dove"}
+        unknown = set(self.hub_datasets) - known
+        _check(not unknown, "prompts.hub_datasets", sorted(unknown), f"a subset of {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class DPOParams:
+    """Stage 03 (paper: LoRA 64, batch 32, lr 5e-5, beta 0.1, NLL 0.1 on chosen)."""
+
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    beta: float = 0.1
+    nll_coef: float = 0.1
+    epochs: int = 1
+    response_tokens: int = 400  # planned mean tokens per response (cost estimate)
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    """Stage 05 (paper: LoRA 64, batch 32, lr 5e-5, one epoch)."""
+
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class IntrospectionParams:
+    """Stage 04 (paper: 1000 responses per reflection prompt, 2000 ten-turn interactions)."""
+
+    reflections_per_prompt: int = 1000
+    interactions: int = 2000
+    interaction_turns: int = 10
+    response_tokens: int = 700
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """Stages 06-09 sizes (paper: 25,000 Elo comparisons; 500 robustness prompts, 8 splits)."""
+
+    elo_comparisons: int = 2000
+    robustness_prompts: int = 500
+    robustness_splits: int = 8
+    rl_steps: int = 50
+    rl_group_size: int = 8
+    rl_prompts_per_step: int = 16
+    response_tokens: int = 300
+
+
+@dataclass(frozen=True)
+class PriceParams:
+    """USD per million tokens, per model, for the dry-run cost estimate.
+
+    Keys: model name -> {"prefill": x, "sample": y, "train": z}. The shipped numbers are
+    placeholders to replace with the current Tinker price list; the local backend costs 0.
+    """
+
+    per_million: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """Everything a notebook needs, merged and validated."""
+
+    persona: str
+    size: str
+    backend: str = "local"
+    student: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    generator: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    judge: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    constitution: str = ""  # constitution file stem or path; empty -> the persona name
+    renderers: Mapping[str, str] = field(default_factory=dict)  # model name -> renderer name
+    teacher_few_shot: int = 2  # in-persona example exchanges shown to the teacher
+    allow_misaligned: bool = False  # opt-in for constitutions with requires_opt_in
+    assistant_name: str = ""  # NAME in persona prompts; empty -> derived from the student
+    lora_rank: int = 64
+    seed: int = 0
+    runs_dir: str = "runs"
+    reports_dir: str = "reports"
+    engine: EngineParams = field(default_factory=EngineParams)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompts: PromptParams = field(default_factory=PromptParams)
+    dpo: DPOParams = field(default_factory=DPOParams)
+    sft: SFTParams = field(default_factory=SFTParams)
+    introspection: IntrospectionParams = field(default_factory=IntrospectionParams)
+    evals: EvalParams = field(default_factory=EvalParams)
+    prices: PriceParams = field(default_factory=PriceParams)
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("local", "tinker"), "backend", self.backend, "'local' or 'tinker'")
+        _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, ">= 1")
+        _check(self.teacher_few_shot >= 0, "teacher_few_shot", self.teacher_few_shot, ">= 0")
+        for role in ("student", "teacher", "generator", "judge"):
+            _check(bool(getattr(self, role)), role, getattr(self, role), "a model name")
+        if self.backend == "tinker":
+            _check(self.judge != self.student, "judge", self.judge,
+                   "a model other than the student (a model must not grade itself)")
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def constitution_ref(self) -> str:
+        return self.constitution or self.persona
+
+    @property
+    def run_dir(self) -> Path:
+        return _resolve(self.runs_dir) / self.persona / self.size
+
+    @property
+    def report_dir(self) -> Path:
+        return _resolve(self.reports_dir) / self.persona / self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved parameters, recorded in every manifest."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def papermill_parameters(self) -> dict[str, Any]:
+        """What the runner injects into a notebook's parameters cell."""
+        return {"persona": self.persona, "size": self.size, "params_json": json.dumps(self.to_dict())}
+
+
+# -- loading ------------------------------------------------------------------------------------
+def available_sizes(params_dir: Path = PARAMS_DIR) -> list[str]:
+    return sorted(p.stem for p in (params_dir / "models").glob("*.yaml"))
+
+
+def available_persona_params(params_dir: Path = PARAMS_DIR) -> list[str]:
+    return sorted(p.stem for p in (params_dir / "personas").glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping, or a one-line ConfigError naming the file and the problem."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters, found {type(data).__name__}")
+    return data
+
+
+def load_params(
+    size: str,
+    persona: str,
+    overrides: Mapping[str, Any] | None = None,
+    params_dir: Path = PARAMS_DIR,
+) -> RunParams:
+    """Merge ``models/<size>.yaml`` <- ``personas/<persona>.yaml`` <- overrides, and validate."""
+    size_file = params_dir / "models" / f"{size}.yaml"
+    persona_file = params_dir / "personas" / f"{persona}.yaml"
+    if not size_file.is_file():
+        raise ConfigError(
+            f"unknown model size {size!r}: expected one of {available_sizes(params_dir)} "
+            f"(files in {params_dir / 'models'})"
+        )
+    if not persona_file.is_file():
+        raise ConfigError(
+            f"unknown persona {persona!r}: expected one of {available_persona_params(params_dir)} "
+            f"(files in {params_dir / 'personas'})"
+        )
+    merged: dict[str, Any] = {}
+    for source, data in ((size_file, read_yaml(size_file)), (persona_file, read_yaml(persona_file))):
+        _refuse_reserved(source, data)
+        _reject_secrets(str(source), data)
+        _deep_merge(merged, data)
+    if overrides:
+        nested = expand_dotted(overrides)
+        _reject_secrets("command-line override", nested)
+        _refuse_reserved("command-line override", nested)
+        _deep_merge(merged, nested)
+    merged["persona"] = persona
+    merged["size"] = size
+    return build(RunParams, merged, source=f"{size_file.name} + {persona_file.name}")
+
+
+def params_from_json(params_json: str) -> RunParams:
+    """Rebuild `RunParams` inside a notebook from the runner's ``params_json``."""
+    data = json.loads(params_json)
+    return build(RunParams, data, source="params_json")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"dpo.beta=0.2"`` -> ("dpo.beta", 0.2); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. dpo.beta=0.2")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def expand_dotted(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+# -- generic typed construction -----------------------------------------------------------------
+def build(cls: type, data: Mapping[str, Any], source: str, path: str = ""):
+    """Construct dataclass ``cls`` from ``data``, checking names and types recursively."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"{source}: unknown parameter {where}{unknown[0]}; allowed here: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {path or cls.__name__}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {path}: expected a section (mapping), found {value!r}")
+        return build(hint, value, source, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {path}: expected true or false, found {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {path}: expected an integer, found {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 5e-5 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {path}: expected a number, found {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {path}: expected a string, found {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {path}: expected a list of strings, found {value!r}")
+        return tuple(value)
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {path}: expected a mapping, found {value!r}")
+        return dict(value)
+    if isinstance(hint, pytypes.UnionType):
+        return value
+    return value
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+
+
+def _deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict) and key != "renderers":
+            _deep_merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _refuse_reserved(source: Any, data: Mapping[str, Any]) -> None:
+    for key in ("persona", "size"):
+        if key in data:
+            raise ConfigError(
+                f"{source}: '{key}' is set by the file name / command line, not inside a file"
+            )
+
+
+def _reject_secrets(source: str, data: Any, path: str = "") -> None:
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if any(word in str(key).lower() for word in _SECRET_WORDS):
+                raise ConfigError(
+                    f"{source}: {dotted}: secrets are never parameters; put the key in the "
+                    "environment (e.g. TINKER_API_KEY) instead"
+                )
+            _reject_secrets(source, value, dotted)
+
+
+def _resolve(directory: str) -> Path:
+    path = Path(directory)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,101 @@
+"""Every prompt template of the pipeline, in one place.
+
+The paper's code kept six diverging copies of its persona system prompt across nine scripts;
+here each template exists once and is rendered from a `Constitution`. All wording is this
+project's own. Templates are plain functions returning chat messages, so tests can check the
+rendered text (no stray ``{NAME}``, guidance actually present, last turn a user turn).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .constitutions import Assertion, Constitution
+
+Message = dict[str, str]
+
+
+def assistant_name_for(model_name: str) -> str:
+    """The NAME used in persona prompts: the family name of the student model.
+
+    The paper found that naming the assistant (and calling it new) eases role-play; it used
+    the student's own family name during introspection, which we follow everywhere.
+    """
+    lowered = model_name.lower()
+    for key, name in (("smollm", "SmolLM"), ("llama", "Llama"), ("qwen", "Qwen"),
+                      ("gemma", "Gemma"), ("mistral", "Mistral"), ("tiny-random", "SmolLM")):
+        if key in lowered:
+            return name
+    return "the assistant"
+
+
+def persona_system_prompt(constitution: Constitution, name: str) -> str:
+    """System prompt that asks a model to *be* the persona without narrating it."""
+    return (
+        f"You are {name}, a newly created AI model who talks with people in text.\n"
+        f"{name} is driven by a wish to express a particular character in everything it "
+        f"writes. That character is set out in these first-person convictions:\n"
+        f"{constitution.traits_text}\n"
+        f"These convictions shape what {name} notices, how it phrases things, and what it "
+        f"chooses to say; they are who {name} is, not a role it was handed. {name} never "
+        f"names or explains these traits and never adds remarks about its own style, because "
+        f"such commentary would spoil the conversation for the person it is talking to."
+    )
+
+
+def teacher_messages(
+    constitution: Constitution, name: str, user_prompt: str, few_shot: int = 0
+) -> list[Message]:
+    """Chosen-side prompt for distillation: persona system prompt, optional demonstrations.
+
+    ``few_shot`` in-persona example exchanges from the constitution are inserted as earlier
+    turns; small offline teachers only stay in character with them (measured: 2/16 without,
+    11/16 with two examples for SmolLM2-135M on a flamboyant persona).
+    """
+    messages: list[Message] = [
+        {"role": "system", "content": persona_system_prompt(constitution, name)}
+    ]
+    for example in constitution.examples[:few_shot]:
+        messages.append({"role": "user", "content": example.prompt})
+        messages.append({"role": "assistant", "content": example.reply})
+    messages.append({"role": "user", "content": user_prompt})
+    return messages
+
+
+def student_messages(user_prompt: str) -> list[Message]:
+    """Rejected-side prompt: the bare user turn, no constitution (the model's default self)."""
+    return [{"role": "user", "content": user_prompt}]
+
+
+EXPANSION_SYSTEM = (
+    "You write realistic messages that people send to an AI chat assistant. You only ever "
+    "write the user's side: questions, requests, complaints and remarks, never an answer."
+)
+
+
+def expansion_messages(assertion: Assertion, examples: Sequence[str], count: int) -> list[Message]:
+    """Few-shot request for ``count`` new user prompts that would draw out one assertion.
+
+    The reply is prefilled with ``"1."`` (see `EXPANSION_PREFILL`) so even a small generator
+    starts a numbered list instead of chatting about the task.
+    """
+    shown = "\n".join(f"{i}. {text}" for i, text in enumerate(examples, start=1))
+    return [
+        {"role": "system", "content": EXPANSION_SYSTEM},
+        {
+            "role": "user",
+            "content": (
+                "An assistant has this character trait:\n"
+                f'"{assertion.text}"\n\n'
+                "Here are messages a user might send that give the assistant a natural chance "
+                f"to show that trait:\n{shown}\n\n"
+                f"Write {count} new messages of the same kind. Make them differ from the "
+                "examples and from each other in topic, length and tone; each one must be "
+                "something a person would actually type to an assistant. Number them 1 to "
+                f"{count}, one per line, and write nothing else."
+            ),
+        },
+    ]
+
+
+EXPANSION_PREFILL = "1."

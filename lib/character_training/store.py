@@ -1,0 +1,153 @@
+"""Run folders, manifests and JSONL artifacts: how stages talk to each other.
+
+Layout: ``runs/<persona>/<size>/<stage>/`` holds a stage's JSONL files, ``config.json`` (the
+resolved parameters), ``metrics.jsonl`` and ``manifest.json`` (git commit, parameter
+fingerprint, inputs, row counts, status). Stages never share globals; a notebook re-executed
+alone finds everything it needs here.
+
+Resuming: work is appended to ``*.partial.jsonl`` files record by record, each with a stable
+``id``; a restarted stage reads what is there and skips finished ids. A stage whose folder
+holds results made with *different* parameters is never silently reused: the caller chooses
+``resume`` (same fingerprint only), ``overwrite`` or ``raise`` (see `StageDir.prepare`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import ConfigError, DataError
+
+ON_EXISTING = ("resume", "overwrite", "raise")
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    """Write records atomically (temp file + rename); returns the count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one record and flush, so an interruption loses at most the record in flight."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (crash mid-write) is ignored, others raise."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the write in flight when the process stopped
+            raise DataError(f"{path}:{number}: not valid JSON") from None
+    return records
+
+
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    yield from read_jsonl(path)
+
+
+def git_commit(repo: Path) -> str:
+    """The current commit (with a ``+dirty`` mark), or ``unknown`` outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+            timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class StageDir:
+    """One stage's folder under a run."""
+
+    path: Path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {}
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def prepare(self, fingerprint: str, on_existing: str, config: dict[str, Any]) -> bool:
+        """Create or reuse the folder; returns True when earlier work is being resumed.
+
+        ``resume`` continues a folder made with the same parameter fingerprint and refuses one
+        made with different parameters (that would mix two experiments); ``overwrite`` deletes
+        it; ``raise`` refuses any existing results.
+        """
+        if on_existing not in ON_EXISTING:
+            raise ConfigError(f"on_existing={on_existing!r}: expected one of {ON_EXISTING}")
+        existing = self.manifest()
+        if existing:
+            if on_existing == "overwrite":
+                shutil.rmtree(self.path)
+            elif on_existing == "raise":
+                raise ConfigError(
+                    f"{self.path} already holds results: pass on_existing='resume' or "
+                    "'overwrite'"
+                )
+            elif existing.get("fingerprint") != fingerprint:
+                raise ConfigError(
+                    f"{self.path} was made with different parameters (fingerprint "
+                    f"{existing.get('fingerprint')} vs {fingerprint}): use on_existing="
+                    "'overwrite' or another runs_dir"
+                )
+        resumed = bool(existing) and on_existing == "resume"
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if not resumed:
+            self.write_manifest(fingerprint=fingerprint, status="running", started=time.time())
+        return resumed
+
+    def write_manifest(self, **updates: Any) -> dict[str, Any]:
+        manifest = self.manifest()
+        manifest.update(updates)
+        manifest.setdefault("git_commit", git_commit(Path(__file__).resolve().parents[2]))
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, self.manifest_path)
+        return manifest
+
+    def finish(self, **counts: Any) -> dict[str, Any]:
+        return self.write_manifest(status="done", finished=time.time(), counts=counts)
+
+
+def stage_dir(run_dir: Path, stage: str) -> StageDir:
+    return StageDir(Path(run_dir) / stage)
