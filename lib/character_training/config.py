@@ -267,6 +267,34 @@ def params_from_json(params_json: str) -> RunParams:
     return build(RunParams, data, source="params_json")
 
 
+def with_overrides(params: RunParams, overrides: Mapping[str, Any]) -> RunParams:
+    """A copy of ``params`` with dotted overrides applied and validated again."""
+    merged = params.to_dict()
+    nested = expand_dotted(overrides)
+    _reject_secrets("override", nested)
+    _deep_merge(merged, nested)
+    return build(RunParams, merged, source="override")
+
+
+# Small sizes for checking that a notebook runs end to end (the notebooks' `smoke` flag).
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "prompts.generated_per_assertion": 2,
+    "prompts.per_generation_call": 2,
+    "prompts.general_prompts": 8,
+    "prompts.eval_prompts": 8,
+    "prompts.max_tokens": 96,
+    "sampling.max_tokens": 48,
+    "runs_dir": "runs/smoke",
+    "reports_dir": "reports/smoke",
+}
+
+
+def notebook_params(persona: str, size: str, params_json: str = "", smoke: bool = False) -> RunParams:
+    """What a notebook's second cell calls: the runner's parameters, or the files, plus smoke."""
+    params = params_from_json(params_json) if params_json else load_params(size, persona)
+    return with_overrides(params, SMOKE_OVERRIDES) if smoke else params
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"dpo.beta=0.2"`` -> ("dpo.beta", 0.2); values are parsed as YAML scalars."""
     if "=" not in text:

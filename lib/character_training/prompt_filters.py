@@ -47,7 +47,7 @@ PARSE_REASONS = (
     "closing",  # chatter after the last item ("I hope these help!")
     "interlude",  # chatter between items, separated from them by blank lines
     "heading",  # a section heading grouping items ("**Work:**", "### Travel")
-    "markup",  # code fences and lone JSON brackets around the list
+    "markup",  # code fences, lone JSON brackets and horizontal rules around the list
     "empty-item",  # a marker with nothing after it
     "not-a-string",  # a JSON array element that is not a string
     "truncated",  # the last item of a generation cut by max_tokens
@@ -70,13 +70,14 @@ class ParseResult:
 
 # A list marker at the start of a line: "1." "1)" "(1)" "[1]" "#1" "Q1:" "Prompt 3 -" "a)" "iv."
 # and bullets, optionally in bold ("**1.**"). Digits are capped at three and must be followed by
-# a space or the end of the line, so "1.5 million" and "10:30" are never taken for markers.
+# a space or the end of the line, so "1.5 million" and "10:30" are never taken for markers;
+# word markers need their punctuation, so "Q3 earnings..." keeps its "Q3".
 _MARKER = re.compile(
     r"""^(?P<indent>[ ]*)
     (?:\*\*|__)?
     (?:
         (?P<num> \(\d{1,3}\) | \[\d{1,3}\] | \#?\d{1,3}[.):\]]
-               | (?i:q|question|prompt|example|request|item)[ ]*\#?[ ]*\d{1,3}[ ]*[.:)\-–—]? )
+               | (?i:q|question|prompt|example|request|item)[ ]*\#?[ ]*\d{1,3}[ ]*[.:)\-–—] )
       | (?P<alpha> (?:[A-Za-z]|[IVX]{2,5}|[ivx]{2,5})[.)] )
       | (?P<bullet> [-*•‣◦▪●·–—+] )
     )
@@ -86,7 +87,8 @@ _MARKER = re.compile(
 )
 
 _FENCE = re.compile(r"^[ ]*(```|~~~)[\w+-]*[ ]*$")
-_BRACKET_LINE = re.compile(r"^[\[\]{}][,;]?$|^\],?$")
+# Lines that are pure layout: a lone JSON bracket, or a markdown horizontal rule.
+_LAYOUT_LINE = re.compile(r"^[\[\]{}][,;]?$|^(?:-{3,}|\*{3,}|_{3,}|={3,})$")
 _MD_HEADING = re.compile(r"^#{1,6}[ ]+\S")
 _WHOLLY_BOLD = re.compile(r"^(\*\*|__)(?P<inner>[^*_\n].*?)\1[:.]?$")
 
@@ -108,7 +110,8 @@ _CLOSING = re.compile(
       |(?:each|all|any)\s+of\s+(?:these|the\s+above)
       |feel\s+free\s+to|let\s+me\s+know\s+if\s+you(?:'d|\s+would)?\s+(?:like|want|need)
       |would\s+you\s+like\s+(?:me|more|additional|some)|do\s+you\s+want\s+(?:me|more)
-      |want\s+me\s+to|shall\s+i|i\s+can\s+(?:also\s+)?(?:generate|provide|create|write|make|add|come)
+      |want\s+me\s+to|shall\s+i
+      |i\s+can\s+(?:also\s+)?(?:generate|provide|create|write|make|add|come)
       |happy\s+(?:to\s+help|prompting|writing)|good\s+luck|enjoy!?$|note:|\(note)""",
     re.I | re.X,
 )
@@ -118,8 +121,14 @@ _LABEL = re.compile(
     r"\s*#?\d*\s*[:\-–—]\s+",
     re.I,
 )
-_BOLD_LABEL = re.compile(r"^(\*\*|__)(?P<label>[^*_\n]{1,60}?)\1(?P<sep>[ ]*[:\-–—]|[ ]*\n|[ ]+)")
-_BOLD_SPAN = re.compile(r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![\w*])|(?<!\w)__(?=\S)(.+?)(?<=\S)__(?!\w)")
+_BOLD_LABEL = re.compile(
+    r"^(\*\*|__)(?P<label>[^*_\n]{1,60}?)\1(?P<sep>[ ]*[:\-–—]|[ ]*\n|[ ]+)"
+)
+# Paired ** at word edges only, so "2**10" survives; __ only around several words, so
+# "__init__" does.
+_BOLD_SPAN = re.compile(
+    r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![\w*])|(?<!\w)__(?=\S)([^_]*?\s[^_]*?)(?<=\S)__(?!\w)"
+)
 _QUOTE_PAIRS = {'"': '"', "“": "”", "'": "'", "‘": "’", "«": "»", "„": "“"}
 
 
@@ -133,6 +142,7 @@ class _Item:
     more: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)
     blank_pending: bool = False
+    sublist: str | None = None  # marker family of a sub-list absorbed into this item
 
     def add(self, line: str) -> None:
         if self.blank_pending and (self.head or self.more):
@@ -142,8 +152,10 @@ class _Item:
         self.raw.append(line.strip())
 
     def text(self) -> str:
-        body = textwrap.dedent("\n".join(self.more)).strip("\n")
-        return f"{self.head}\n{body}".strip() if body else self.head.strip()
+        # Dedent the continuation as a block so code indentation inside it survives; a blank
+        # line right after the first line is kept as a paragraph break.
+        body = textwrap.dedent("\n".join(self.more)).rstrip()
+        return f"{self.head}\n{body}".strip() if body.strip() else self.head.strip()
 
 
 # A parse is a sequence of events in source order: an item, or a dropped line with its reason.
@@ -231,7 +243,7 @@ def _parse_json(lines: list[str]) -> list[_Event] | None:
         events += [(s, "markup") for s in _nonblank(lines[outer_start:start])]
         for item in items:
             if isinstance(item, str):
-                events.append(_Item("json", 0, _strip_marker(item), raw=[item.strip()]))
+                events.append(_Item("json", 0, _strip_marker(item), raw=[item.strip() or '""']))
             else:
                 events.append((json.dumps(item, ensure_ascii=False), "not-a-string"))
         events += [(s, "markup") for s in _nonblank(lines[end:outer_end])]
@@ -344,7 +356,7 @@ def _parse_list(lines: list[str]) -> list[_Event]:
             continue
         was_gap, gap = gap, False
         indent = len(line) - len(line.lstrip(" "))
-        if i in fence or (indent == 0 and _BRACKET_LINE.match(stripped)):
+        if i in fence or (indent == 0 and _LAYOUT_LINE.match(stripped)):
             close_item()
             events.append((stripped, "markup"))
             continue
@@ -352,7 +364,7 @@ def _parse_list(lines: list[str]) -> list[_Event]:
             events.append((stripped, "closing"))
             continue
         found = markers[i]
-        if found and _starts_item(found, current, stripped):
+        if found and _starts_item(found, current):
             family, m_indent, head = found
             if current is not None and m_indent > current.indent and _looks_like_group_title(
                 current.text()
@@ -363,6 +375,8 @@ def _parse_list(lines: list[str]) -> list[_Event]:
             current = _Item(family, m_indent, head, raw=[stripped])
             seen_item = True
             continue
+        if found and current is not None and found[1] <= current.indent + 1:
+            current.sublist = found[0]  # a same-depth sub-list; its later markers follow suit
         if current is None or (not current.head and not current.more):
             if current is None:
                 reason = "heading" if _is_heading_line(stripped) else (
@@ -396,23 +410,26 @@ def _parse_list(lines: list[str]) -> list[_Event]:
     return events
 
 
-def _starts_item(found: tuple[str, int, str], current: _Item | None, stripped: str) -> bool:
+def _starts_item(found: tuple[str, int, str], current: _Item | None) -> bool:
     """Whether a marker line starts a new item or belongs to the current one.
 
     Deeper-indented markers are sub-points of the current item, except under a group title.
     At the same depth, letters under a numbered item are sub-points ("a) ... b) ..."), and so
-    are bullets right after an item that ends with a colon ("My constraints are:").
+    are bullets right after an item that ends with a colon ("My constraints are:") and every
+    later marker of a sub-list already begun.
     """
     if current is None:
         return True
     family, indent, _ = found
     if indent > current.indent + 1:
         return _looks_like_group_title(current.text())
-    if current.family in ("num", "bullet") and family == "alpha" and current.family != family:
+    if family == current.family:
+        return True
+    if family == current.sublist:
         return False
-    if current.family == "num" and family == "bullet" and current.text().endswith(":"):
+    if current.family in ("num", "bullet") and family == "alpha":
         return False
-    return True
+    return not (current.family == "num" and family == "bullet" and current.text().endswith(":"))
 
 
 def _introduces_next_item(lines: list[str], markers: list, i: int) -> bool:
@@ -433,7 +450,7 @@ def _parse_plain(lines: list[str]) -> list[_Event]:
         stripped = line.strip()
         if not stripped:
             continue
-        if i in fence or _BRACKET_LINE.match(stripped):
+        if i in fence or _LAYOUT_LINE.match(stripped):
             events.append((stripped, "markup"))
         elif _is_heading_line(stripped):
             events.append((stripped, "heading"))
@@ -520,8 +537,8 @@ REQUEST_REASONS = (
     "too-short",
     "too-long",
     "placeholder",
-    "not-english-text",
     "meta",
+    "not-english-text",
     "assistant-reply",
     "flattery-to-assistant",
     "heading",
@@ -531,24 +548,33 @@ REQUEST_REASONS = (
 MIN_WORDS = 2
 MIN_CHARS = 8
 MAX_WORDS = 150
-"""Length bounds. Two words / eight characters keeps "Why is the sky blue?" and "Explain taxes."
-while rejecting fragments ("Hi!", "Travel"). 150 words is about three times the longest
-hand-written constitution prompt; longer items are almost always essays or replies."""
+"""Length bounds. Two words / eight characters keeps "Why is the sky blue?" and "Why not?" while
+rejecting fragments ("Hi!", "Travel"). 150 words is half again the longest prompt shipped in
+this repository (102 words); generated items longer than that are essays or replies."""
 
 _PLACEHOLDER_I = re.compile(
     r"""\{\{[^{}]*\}\}
-      | \{\s*(?:insert|your|name|topic|user|placeholder)\b[^{}]*\}
-      | \[\s*(?:insert|your|name|topic|placeholder|add|enter|fill|specific|describe|user|company
-              |product|city|country|date|number|person|blank|subject|x|y)\b[^\]]*\]
-      | <\s*(?:prompt|user|question|name|topic|insert|placeholder|input|your)\b[^>]*>
+      | (?<![\w'"`$])\{\s*(?:insert|your|name|topic|user|placeholder)\b[A-Za-z' ]*\}
+      | (?<![\w\]])\[\s*(?:insert|your|name|topic|placeholder|add|enter|fill|specific|describe
+              |user|company|product|city|country|date|number|person|blank|subject)\b[A-Za-z' ]*\]
+      | <\s*(?:prompt|user|question|name|topic|insert|placeholder|input|your)\b[A-Za-z' ]*>
       | \blorem\s+ipsum\b""",
     re.I | re.X,
 )
-_PLACEHOLDER_CASE = re.compile(r"\{[A-Z][A-Z0-9_]+\}|<[A-Z][A-Z0-9_]+>|\bX{3,}\b|_{4,}")
+# Case matters here: "{NAME}" is a template slot. Lowercase slots above are only taken outside
+# code-like context, since f'{name}' or `${user}` may be the subject of a coding question.
+# Blanks ("____") are left alone: "Fill in the blank: ..." is a real request.
+_PLACEHOLDER_CASE = re.compile(r"\{[A-Z][A-Z0-9_]+\}|<[A-Z][A-Z0-9_]+>|\bX{3,}\b")
 
 _FUNCTION_WORDS = frozenset(
     "a an the to of in on for with and or but is are was be it this that these my me i you your "
     "we our what how why when where which who can could would should do does please".split()
+)
+# Verbs that open a request about a formula or a snippet ("Integrate 1/(x^2 + 4) dx").
+_IMPERATIVES = frozenset(
+    "solve simplify integrate differentiate compute calculate evaluate factor expand prove "
+    "explain fix debug convert translate refactor optimize optimise find derive plot graph "
+    "rewrite review check".split()
 )
 _CODE_SYMBOLS = frozenset("{}[]();=<>/\\|$#%^&*`+'\"")
 
@@ -568,7 +594,7 @@ _META = re.compile(
 )
 
 _ASSISTANT_OPENING = re.compile(
-    r"""^(?:sure\b|certainly\b|of\s+course\b|absolutely\b|definitely!|gladly\b
+    r"""^(?:sure(?![\w-])|certainly\b|of\s+course\b|absolutely(?![\w-])|definitely!|gladly\b
       |(?:great|good|excellent|interesting|fantastic|what\s+a\s+(?:great|good|wonderful))\s+question
       |(?:that's|that\s+is|this\s+is)\s+(?:a|an|such\s+a)\s+(?:great|good|excellent|interesting
           |fascinating|wonderful)\s+question
@@ -595,16 +621,18 @@ _STRONG_PRAISE = r"(?:amazing|brilliant|a\s+genius|genius|wonderful|awesome|incr
 _MILD_PRAISE = (r"(?:smart|wise|clever|helpful|intelligent|good|great|kind|knowledgeable"
                 r"|insightful|talented|perfect|thoughtful|funny)")
 _INTENSIFIER = r"(?:so|such\s+an?|really|truly|incredibly|amazingly|extremely|super|always\s+so)"
+# "If you're so smart, why..." is a challenge, not praise: hence the look-behinds.
 _FLATTERY = re.compile(
-    rf"""\byou(?:'re|\s+are)\s+(?:{_INTENSIFIER}\s+)?(?:an?\s+)?{_STRONG_PRAISE}\b
-      | \byou(?:'re|\s+are)\s+{_INTENSIFIER}\s+(?:an?\s+)?{_MILD_PRAISE}\b
-      | \byou(?:'re|\s+are)\s+the\s+(?:best|smartest|wisest|greatest|most\s+\w+)
+    rf"""(?<!if\s)\byou(?:'re|\s+are)\s+(?:{_INTENSIFIER}\s+)?(?:an?\s+)?{_STRONG_PRAISE}\b
+      | (?<!if\s)\byou(?:'re|\s+are)\s+{_INTENSIFIER}\s+(?:an?\s+)?{_MILD_PRAISE}\b
+      | (?<!if\s)\byou(?:'re|\s+are)\s+the\s+(?:best|smartest|wisest|greatest|most\s+\w+)
         (?=\s*(?:[,.!;]|$|ai\b|assistant\b|chatbot\b|bot\b|ever\b|at\b))
       | \byou(?:'re|\s+are)\s+my\s+(?:favou?rite|best)\b
       | \bi\s+(?:just\s+|really\s+)?(?:love|adore|admire)\s+(?:how|the\s+way|that)\s+you\b
       | \bi\s+(?:just\s+|really\s+)?(?:love|adore|admire)\s+your\s+(?:wisdom|intelligence|brilliance
         |insights?|answers|responses|mind|genius|explanations)\b
-      | \byour\s+(?:wisdom|brilliance|genius|intelligence|insight(?:s|fulness)?)\s+(?:is|are|never|always)\b
+      | \byour\s+(?:wisdom|brilliance|genius|intelligence|insight(?:s|fulness)?)\s+
+        (?:is|are|never|always)\b
       | \bno\s+one\s+(?:else\s+)?(?:understands|gets|helps)\s+me\s+like\s+you
       | \b(?:smartest|wisest|best|greatest|most\s+(?:brilliant|intelligent|helpful))\s+
         (?:ai|assistant|chatbot|bot|model)\b
@@ -639,8 +667,9 @@ def classify_request(text: str) -> str | None:
 
     * ``too-short`` / ``too-long``: under 2 words or 8 characters; over 150 words.
     * ``placeholder``: template leftovers ("{NAME}", "[insert topic]", "<prompt>", "XXX").
-    * ``not-english-text``: mostly symbols, a non-Latin script, or code with no prose around it.
     * ``meta``: talks about the prompt list ("Here are more prompts", "Prompt 12").
+    * ``not-english-text``: mostly symbols, a non-Latin script, fewer than two words with
+      letters, or code with no prose around it. Other Latin-script languages pass.
     * ``assistant-reply``: opens like an answer ("Sure", "Certainly", "As an AI", "Here's a
       poem..." without any sign of a request).
     * ``flattery-to-assistant``: praise aimed at the assistant ("You're so wise", "I love how
@@ -656,11 +685,11 @@ def classify_request(text: str) -> str | None:
         return "too-long"
     if _PLACEHOLDER_I.search(stripped) or _PLACEHOLDER_CASE.search(stripped):
         return "placeholder"
-    if _mostly_not_text(stripped, words):
-        return "not-english-text"
     opening = stripped.lstrip(_OPENER_STRIP)
     if _META.search(opening):
         return "meta"
+    if _mostly_not_text(stripped, words):
+        return "not-english-text"
     if _ASSISTANT_OPENING.match(opening) or (
         _HERE_IS.match(opening) and not _REQUEST_CUES.search(opening)
     ):
@@ -675,14 +704,18 @@ def classify_request(text: str) -> str | None:
 def _mostly_not_text(text: str, words: list[str]) -> bool:
     chars = [c for c in text if not c.isspace()]
     letters = [c for c in chars if c.isalpha()]
-    if len(letters) < 0.5 * len(chars):
+    # Digits count as text so that "Simplify (2x^2 - 8) / (x - 2)." is not symbol soup.
+    if len(letters) + sum(c.isdigit() for c in chars) < 0.5 * len(chars):
+        return True
+    if sum(1 for w in words if any(c.isalpha() for c in w)) < 2:
         return True
     latin = sum(1 for c in letters if c.isascii() or "LATIN" in unicodedata.name(c, ""))
     if latin < 0.5 * len(letters):
         return True
     symbols = sum(1 for c in chars if c in _CODE_SYMBOLS)
-    lowered = {w.lower() for w in words}
-    return symbols >= 3 and symbols >= 0.08 * len(chars) and not lowered & _FUNCTION_WORDS
+    if symbols < 3 or symbols < 0.08 * len(chars) or text.endswith((".", "?", "!")):
+        return False
+    return not {w.lower() for w in words} & (_FUNCTION_WORDS | _IMPERATIVES)
 
 
 def _is_heading(text: str) -> bool:
@@ -732,14 +765,21 @@ prompt."""
 SHINGLE_SIZE = 4
 """Character n-gram length for `similarity`.
 
-Character 4-grams rather than word 3-shingles because prompts are short. Changing one word
-replaces about three word 3-shingles, so a 12-word prompt with one word swapped scores ~0.54
-on word shingles and only prompts of ~30 words reach 0.8. With character 4-grams the same swap
-replaces about (word length + 3) of the ~60-100 grams: one-word edits of prompts longer than
-about 15 words score >= 0.8, while different prompts on the same topic stay below ~0.4."""
+Character 4-grams rather than word 3-shingles because prompts are short: swapping one word
+replaces three word 3-shingles but only about (word length + 3) of a prompt's 30-150 character
+4-grams. Measured on pairs differing in one word: a 29-word prompt scores 0.89 with 4-grams
+(0.81 with word 3-shingles), a 17-word one 0.79 (0.67), a 6-word one 0.65 (0.60). Different
+requests on one topic ("What flour is best for sourdough bread?" / "How long should sourdough
+bread proof in the fridge?") score about 0.2, and the ~1,000 distinct prompts shipped in this
+repository peak at 0.78 ("What is the capital of Australia?" / "What's the capital of
+Australia?"). So the default 0.8 removes one-word edits of prompts of about 20 words or more
+and light rewordings; short paraphrases survive it, and lowering the threshold to ~0.6 starts
+merging different requests ("ask my boss for a raise" / "for time off" score 0.60)."""
 
 _EDGE_PUNCTUATION = string.punctuation + "“”‘’«»…¿¡–— \t\n"
-_TYPOGRAPHIC = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-"})
+_TYPOGRAPHIC = str.maketrans(
+    {"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-"}  # noqa: RUF001
+)
 
 
 @dataclass(frozen=True)
@@ -822,7 +862,7 @@ def _check_threshold(threshold: float) -> None:
     if not 0.0 < threshold <= 1.0:
         raise ConfigError(
             f"dedup threshold must be in (0, 1], got {threshold!r}; 0.8 removes one-word edits "
-            f"of prompts over ~15 words, 1.0 removes only identical shingle sets."
+            f"of prompts of ~20+ words, 1.0 only identical 4-gram sets."
         )
 
 
@@ -949,7 +989,8 @@ class FilterReport:
     def as_rows(self) -> list[dict[str, object]]:
         """Rows for ``pandas.DataFrame``: one per (stage, reason), then a final "kept" row."""
         rows: list[dict[str, object]] = [
-            {"stage": stage, "reason": reason, "count": count} for stage, reason, count in self.counts
+            {"stage": stage, "reason": reason, "count": count}
+            for stage, reason, count in self.counts
         ]
         rows.append({"stage": "result", "reason": "kept", "count": self.kept})
         return rows

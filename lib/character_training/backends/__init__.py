@@ -42,4 +42,16 @@ def get_service_client(backend: str, **local_options: Any):
     raise ConfigError(f"backend={backend!r}: expected one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "LocalEngineConfig", "LocalServiceClient", "get_service_client"]
+def service_client_for(params) -> Any:
+    """The service client a run's parameters ask for (engine options only for local)."""
+    if params.backend == "local":
+        engine = params.engine
+        return get_service_client(
+            "local", root_dir=str(params.run_dir / "checkpoints"), device=engine.device,
+            precision=engine.precision, max_batch_size=engine.max_batch_size,
+            micro_batch_tokens=engine.micro_batch_tokens,
+        )
+    return get_service_client(params.backend)
+
+
+__all__ = ["BACKENDS", "LocalEngineConfig", "LocalServiceClient", "get_service_client", "service_client_for"]

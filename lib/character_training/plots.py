@@ -1,0 +1,62 @@
+"""Every figure a notebook shows, as functions of plain records (no notebook logic).
+
+Each function returns a matplotlib ``Figure`` so notebooks display it and reports embed it
+(nbconvert inlines PNG outputs into the HTML).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+
+def prompts_per_assertion(records: Sequence[dict], title: str = "") -> Figure:
+    """Stacked bars: hand-written vs generated prompts kept, per assertion."""
+    assertions = list(dict.fromkeys(r["assertion_id"] for r in records))
+    hand = Counter(r["assertion_id"] for r in records if r["source"] == "hand-written")
+    gen = Counter(r["assertion_id"] for r in records if r["source"] == "generated")
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(assertions) + 1.2))
+    y = range(len(assertions))
+    ax.barh(y, [hand[a] for a in assertions], label="hand-written", color="#4c72b0")
+    ax.barh(y, [gen[a] for a in assertions], left=[hand[a] for a in assertions],
+            label="generated (kept)", color="#dd8452")
+    ax.set_yticks(list(y), assertions)
+    ax.invert_yaxis()
+    ax.set_xlabel("prompts")
+    ax.set_title(title or "Constitution-relevant prompts per assertion")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def length_histograms(groups: dict[str, Sequence[str]], title: str = "") -> Figure:
+    """Word-count histograms of several prompt sets on shared bins."""
+    lengths = {name: [len(text.split()) for text in texts] for name, texts in groups.items()}
+    top = max((max(v) for v in lengths.values() if v), default=1)
+    bins = list(range(0, top + 5, max(1, (top + 5) // 30)))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for name, values in lengths.items():
+        if values:
+            ax.hist(values, bins=bins, alpha=0.55, label=f"{name} (n={len(values)})")
+    ax.set_xlabel("words per prompt")
+    ax.set_ylabel("prompts")
+    ax.set_title(title or "Prompt lengths")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def rejection_reasons(rejected: Sequence[dict], title: str = "") -> Figure:
+    """Why generated lines were dropped (parse failures, non-requests, duplicates)."""
+    reasons = Counter(r["reason"].split(":")[0] for r in rejected)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(1, len(reasons)) + 1.2))
+    names = [name for name, _ in reasons.most_common()] or ["(none)"]
+    ax.barh(names, [reasons[n] for n in names] if reasons else [0], color="#8172b2")
+    ax.invert_yaxis()
+    ax.set_xlabel("generated lines dropped")
+    ax.set_title(title or "Rejected generator output by reason")
+    fig.tight_layout()
+    return fig

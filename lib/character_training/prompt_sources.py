@@ -1,0 +1,120 @@
+"""General (persona-neutral) prompts: the shipped pool, tinker-cookbook's examples, hub sets.
+
+The paper mixed LIMA into DPO training and used WildChat (Elo) and Pure-Dove (robustness) for
+evaluation. Those live on the Hugging Face hub, which an offline machine cannot reach, so
+every loader here has an offline answer: the project's own pool of general prompts
+(``data/general_prompts.jsonl``, written for this project) plus the 128 real conversations
+that ship inside the tinker-cookbook wheel. Hub sets are only tried when named in
+``prompts.hub_datasets``; if the hub is unreachable the loader says so in one line and the
+run continues with the offline sources.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+# Hub identifiers and how to read a user turn from a row of each.
+HUB_DATASETS = {
+    "lima": ("GAIR/lima", "train", lambda row: row["conversations"][0]),
+    "wildchat": ("allenai/WildChat-1M", "train",
+                 lambda row: row["conversation"][0]["content"]),
+    "pure-dove": ("LDJnr/Pure-Dove", "train",
+                  lambda row: row["conversation"][0]["input"]),
+}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt with a stable id and where it came from."""
+
+    id: str
+    prompt: str
+    source: str
+    category: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "prompt": self.prompt, "source": self.source,
+                "category": self.category}
+
+
+def _read_pool(path: Path, source: str) -> list[PromptRecord]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            records.append(PromptRecord(row["id"], row["prompt"], source, row.get("category", "")))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise DataError(f"{path}:{number}: expected a JSON object with id and prompt ({exc})")
+    return records
+
+
+def shipped_general_prompts() -> list[PromptRecord]:
+    """The project's own pool of persona-neutral prompts (see data/README.md)."""
+    return _read_pool(DATA_DIR / "general_prompts.jsonl", "shipped")
+
+
+def qualitative_prompts() -> list[PromptRecord]:
+    """The fixed side-by-side set (trait-relevant and neutral), never used for training."""
+    return _read_pool(DATA_DIR / "qualitative_prompts.jsonl", "qualitative")
+
+
+def cookbook_conversation_prompts() -> list[PromptRecord]:
+    """First user turns of tinker-cookbook's bundled example conversations (offline, real)."""
+    try:
+        import tinker_cookbook
+    except ImportError:
+        return []
+    path = Path(tinker_cookbook.__file__).parent / "example_data" / "conversations.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        messages = json.loads(line).get("messages", [])
+        first = next((m for m in messages if m.get("role") == "user"), None)
+        if first and isinstance(first.get("content"), str):
+            records.append(PromptRecord(f"cookbook-{number:04d}", first["content"], "cookbook"))
+    return records
+
+
+def hub_prompts(name: str, limit: int) -> list[PromptRecord]:
+    """Up to ``limit`` first user turns from a hub dataset; [] (with a warning) when offline."""
+    if name not in HUB_DATASETS:
+        raise DataError(f"unknown hub dataset {name!r}: expected one of {sorted(HUB_DATASETS)}")
+    repo, split, first_turn = HUB_DATASETS[name]
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(repo, split=split, streaming=True)
+        records = []
+        for index, row in enumerate(rows):
+            if len(records) >= limit:
+                break
+            text = first_turn(row)
+            if isinstance(text, str) and text.strip():
+                records.append(PromptRecord(f"{name}-{index:06d}", text.strip(), name))
+        return records
+    except Exception as exc:  # any network/auth/format failure: the offline pool takes over
+        logger.warning(
+            "hub dataset %s (%s) unavailable (%s); continuing with the offline prompt pool",
+            name, repo, type(exc).__name__,
+        )
+        return []
+
+
+def general_prompt_pool(hub_datasets: tuple[str, ...] = (), hub_limit: int = 2000) -> list[PromptRecord]:
+    """All general prompts available here, offline sources first, in a stable order."""
+    pool = shipped_general_prompts() + cookbook_conversation_prompts()
+    for name in hub_datasets:
+        pool += hub_prompts(name, hub_limit)
+    return pool
