@@ -194,6 +194,17 @@ Prompt 6: What's the healthiest way to cook broccoli?
     assert result.dropped == ()
 
 
+def test_code_asterisks_and_underscores_are_not_mistaken_for_bold():
+    text = """1. What does __init__ do in Python?
+2. __Quick question:__ why use *args and **kwargs?
+3. Is 2**10 bigger than 10**3?"""
+    assert parse_generated_prompts(text).prompts == (
+        "What does __init__ do in Python?",
+        "why use *args and **kwargs?",
+        "Is 2**10 bigger than 10**3?",
+    )
+
+
 def test_a_truncated_generation_loses_its_last_item_even_if_it_looks_complete():
     text = """1. How do I start journaling if I've never done it before?
 2. What are some fun things to do in Lisbon on a rainy day?

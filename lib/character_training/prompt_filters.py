@@ -27,6 +27,7 @@ notebook can show the losses (the reference code's ``except: continue`` hid them
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 import textwrap
@@ -831,30 +832,45 @@ def similarity(a: str, b: str) -> float:
 class _Index:
     """Prompts seen so far, searchable by normal form and by shingle similarity.
 
-    A plain scan: each query compares with every entry whose set size allows the threshold
-    (Jaccard <= min/max of the sizes), which keeps a few thousand prompts in the seconds range.
+    Exact search without comparing every pair ("prefix filtering"): order all shingles from
+    rarest to commonest. If Jaccard(A, B) >= t, then |A & B| >= ceil(t * |A|), so the rarest
+    shared shingle lies within the first |A| - ceil(t * |A|) + 1 shingles of A, and likewise of
+    B. Indexing only those prefixes yields every qualifying pair as a candidate; the candidates
+    are then checked in full, oldest first, so the answer is the same as a scan over all
+    entries. Rare shingles have short postings, which is what makes it fast (3,000 prompts in
+    well under a second instead of ~10 s).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rank: dict[str, int], threshold: float) -> None:
+        self.rank = rank
+        self.threshold = threshold
         self.exact: dict[str, int] = {}
         self.sets: list[frozenset[str]] = []
+        self.postings: dict[str, list[int]] = {}
+
+    def _prefix(self, grams: frozenset[str]) -> list[str]:
+        # The epsilon keeps float error (0.8 * 5 = 4.000000000000001) from shortening it.
+        needed = math.ceil(self.threshold * len(grams) - 1e-9)
+        return sorted(grams, key=self.rank.__getitem__)[: len(grams) - needed + 1]
 
     def add(self, normal: str, grams: frozenset[str]) -> int:
-        self.exact.setdefault(normal, len(self.sets))
+        index = len(self.sets)
+        self.exact.setdefault(normal, index)
         self.sets.append(grams)
-        return len(self.sets) - 1
+        for gram in self._prefix(grams):
+            self.postings.setdefault(gram, []).append(index)
+        return index
 
-    def find(self, normal: str, grams: frozenset[str], threshold: float) -> tuple[int, bool] | None:
-        """(index of the first match, exact?) or None."""
+    def find(self, normal: str, grams: frozenset[str]) -> tuple[int, bool] | None:
+        """(index of the oldest match, exact?) or None."""
         if normal in self.exact:
             return self.exact[normal], True
-        size = len(grams)
-        for k, other in enumerate(self.sets):
-            small, large = sorted((size, len(other)))
-            if small < threshold * large:
-                continue
-            if jaccard(grams, other) >= threshold:
-                return k, False
+        candidates: set[int] = set()
+        for gram in self._prefix(grams):
+            candidates.update(self.postings.get(gram, ()))
+        for index in sorted(candidates):
+            if jaccard(grams, self.sets[index]) >= self.threshold:
+                return index, False
         return None
 
 
@@ -871,19 +887,22 @@ def _match_all(
 ) -> list[tuple[str, int] | None]:
     """For each prompt: None if kept, else (reason, index into prompts or against)."""
     _check_threshold(threshold)
-    existing = _Index()
-    for prompt in against:
-        existing.add(normalize_prompt(prompt), shingles(prompt))
-    kept = _Index()
+    ref_forms = [(normalize_prompt(p), shingles(p)) for p in against]
+    forms = [(normalize_prompt(p), shingles(p)) for p in prompts]
+    frequency = Counter(gram for _, grams in ref_forms + forms for gram in grams)
+    rank = {gram: r for r, (gram, _) in enumerate(sorted(frequency.items(), key=_rarest_first))}
+    existing = _Index(rank, threshold)
+    for normal, grams in ref_forms:
+        existing.add(normal, grams)
+    kept = _Index(rank, threshold)
     kept_at: list[int] = []  # kept index -> position in prompts
     matches: list[tuple[str, int] | None] = []
-    for position, prompt in enumerate(prompts):
-        normal, grams = normalize_prompt(prompt), shingles(prompt)
-        hit = existing.find(normal, grams, threshold)
+    for position, (normal, grams) in enumerate(forms):
+        hit = existing.find(normal, grams)
         if hit is not None:
             matches.append(("existing", hit[0]))
             continue
-        hit = kept.find(normal, grams, threshold)
+        hit = kept.find(normal, grams)
         if hit is not None:
             matches.append(("duplicate" if hit[1] else "near-duplicate", kept_at[hit[0]]))
             continue
@@ -891,6 +910,11 @@ def _match_all(
         kept_at.append(position)
         matches.append(None)
     return matches
+
+
+def _rarest_first(item: tuple[str, int]) -> tuple[int, str]:
+    gram, count = item
+    return count, gram
 
 
 def deduplicate(

@@ -43,7 +43,8 @@ class NotebookResult:
     def describe(self) -> str:
         head = f"{self.persona}/{self.size}/{self.notebook}: {self.status}"
         if self.status == "failed":
-            cell = f" in cell {self.failed_cell}" if self.failed_cell is not None else ""
+            cell = (f" in cell {self.failed_cell} of the executed copy"
+                    if self.failed_cell is not None else "")
             return f"{head}{cell}: {self.error} (executed copy: {self.executed_path})"
         if self.status == "ok":
             return f"{head} in {self.seconds:.0f}s -> {self.html_path}"
@@ -140,12 +141,12 @@ def render_html(executed: Path, target: Path) -> Path:
 
 
 def run_notebook(params: RunParams, notebook: str, extra: dict[str, Any] | None = None,
-                 timeout: int | None = None) -> NotebookResult:
+                 timeout: int | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> NotebookResult:
     """Execute one notebook for ``params``; never raises for a failure inside the notebook."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    source = NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    source = notebooks_dir / f"{notebook}.ipynb"
     executed = params.run_dir / "notebooks" / f"{notebook}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     report = params.report_dir / f"{notebook}.html"

@@ -10,12 +10,19 @@ module runs the *same mathematics* on the same weights with
 * a preallocated KV cache written in place, one column per step;
 * grouped-query attention without copying K/V: the query heads that share a K/V head are
   folded into the query-length axis of one attention call;
-* rows that finish leaving the batch by an index-select on the cache only when a quarter of
-  the batch has finished, not every step.
+* cache rows ("slots") that outlive the sequence in them: every row is decoded at the same
+  column, but a row's rotary positions are its own token count and a validity mask says which
+  columns belong to it, so a finished row's slot can be given a new prompt, prefilled into the
+  columns just before the current one (`prefill` with ``start``), while the other rows go on.
+  This is what lets the sampler keep its batch full (see `generation`).
+* `StaticCache.shift_left`: columns no live row still needs are dropped by moving the rest to
+  the front; every step's attention reads columns ``[0, column]``, so dead columns cost time.
 
 It reproduces the HF model's numerics (RMSNorm in fp32, rotary tables in fp32 then cast, the
-same softmax scale); a test compares its logits with the HF model's. Models outside its scope
-(other rope types, sliding windows, biases other than q/k/v) use the generic HF path.
+same softmax scale); a test compares its logits with the HF model's, including after a slot
+is refilled and after a shift. Masked columns hold finite stale values, never NaN, and every
+query sees at least one valid column, so masked softmaxes stay finite. Models outside its
+scope (other rope types, sliding windows, biases other than q/k/v) use the generic HF path.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class FastDecoder:
                     )
                 )
         self.q_size = self.heads * self.head_dim
+        self.vocab = self.lm_head.shape[0]
         self.kv_size = self.kv_heads * self.head_dim
 
     # -- pieces -------------------------------------------------------------------------------
@@ -127,12 +135,18 @@ class FastDecoder:
 
     # -- forward passes -------------------------------------------------------------------------
     def prefill(self, cache: "StaticCache", rows: torch.Tensor, ids: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows``, columns [0, T).
+                mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
+        [start, start + T).
 
+        Whatever those rows held before is invalidated (their whole validity mask is reset), so
+        a slot freed by a finished sequence can take a new prompt while other rows keep
+        decoding. Rotary positions count each row's own tokens from 0, whatever ``start`` is.
         Returns the last position's logits [R, vocab] (float32).
         """
         r, t = ids.shape
+        if start < 0 or start + t > cache.capacity:
+            raise ValueError(f"prefill columns [{start}, {start + t}) outside the cache")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cos, sin = self._rotary(positions)  # [R, T, D]
         cos, sin = cos[:, None], sin[:, None]
@@ -150,14 +164,15 @@ class FastDecoder:
             q = self._rotate(q.view(r, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            cache.keys[index, rows, :, :t] = k
-            cache.values[index, rows, :, :t] = v
+            cache.keys[index, rows, :, start : start + t] = k
+            cache.values[index, rows, :, start : start + t] = v
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
             )
             h = h + F.linear(attn.transpose(1, 2).reshape(r, t, self.q_size), layer.out)
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
-        cache.valid[rows, :t] = valid
+        cache.valid[rows] = False
+        cache.valid[rows, start : start + t] = valid
         last = self._rms(h[:, -1], self.final_norm)
         return F.linear(last, self.lm_head).float()
 
@@ -205,5 +220,32 @@ class StaticCache:
     values: torch.Tensor
     valid: torch.Tensor
 
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
     def select(self, rows: torch.Tensor) -> "StaticCache":
+        """A new cache holding only ``rows`` (in that order; repeats allowed)."""
         return StaticCache(self.keys[:, rows], self.values[:, rows], self.valid[rows])
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, start: int, end: int) -> None:
+        """Make rows ``dst`` hold what rows ``src`` hold in columns [start, end), and nothing
+        else (used to share one prefill among the samples of a prompt)."""
+        self.keys[:, dst, :, start:end] = self.keys[:, src, :, start:end]
+        self.values[:, dst, :, start:end] = self.values[:, src, :, start:end]
+        self.valid[dst] = False
+        self.valid[dst, start:end] = self.valid[src, start:end]
+
+    def shift_left(self, offset: int, end: int) -> None:
+        """Move columns [offset, end) to [0, end - offset), in place, for every row.
+
+        Keys carry their rotary position already, so moving them changes no result; the
+        columns from ``end - offset`` on are marked invalid.
+        """
+        if offset <= 0:
+            return
+        width = end - offset
+        for tensor in (self.keys, self.values):
+            tensor[:, :, :, :width] = tensor[:, :, :, offset:end].clone()
+        self.valid[:, :width] = self.valid[:, offset:end].clone()
+        self.valid[:, width:] = False

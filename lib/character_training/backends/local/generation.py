@@ -5,14 +5,24 @@ its own seed, stop sequences and token budget, and needs the log-probability of 
 token. This decoder differs from ``generate`` where that matters for throughput and for the
 SDK contract:
 
-* prompts are sorted by length and batched, so left padding is small;
-* a prompt sampled ``n`` times is prefilled once and its cache is copied ``n`` times;
-* finished rows leave the batch immediately (the cache shrinks), instead of decoding padding
-  until the longest row ends;
+* continuous batching (Llama-family models, on `fast_decode.FastDecoder`): on this project's
+  CPU a decode step costs about the same for 32 rows as for 64, because reading the weights
+  dominates, so throughput is proportional to the rows *alive* in a step. Answers end at very
+  different lengths; a batch decoded until its longest row ends spends most steps on finished
+  rows. Here a finished row's cache slot is given to a queued sequence: its prompt is
+  prefilled into the columns just before the current one and it joins the next step. Columns
+  that no live row needs any more are dropped by shifting the cache left, so one cache (a
+  "wave") serves the whole queue; only the tail, once the queue is empty, shrinks the batch;
+* prompts are sorted by length (longest first), so left padding inside one prefill is small
+  and every later prompt fits in front of the current column;
+* a prompt sampled ``n`` times is prefilled once and its cache columns are copied ``n`` times;
 * each row draws from its own seeded generator, so a request's samples depend only on its
-  seed, not on which other requests share the batch;
+  seed, not on which other requests share the batch or when its row was admitted;
 * the returned log-probabilities are those of the untempered model distribution
   (``log_softmax(logits)``), the quantity ``compute_logprobs`` returns for the same tokens.
+
+Other models run the Hugging Face forward in fixed batches; finished rows leave the batch
+(its dynamic cache shrinks) but are not replaced.
 """
 
 from __future__ import annotations
@@ -154,12 +164,64 @@ def sample_tokens(
     return tokens
 
 
+@dataclass
+class SamplerStats:
+    """Counters of the last `BatchedSampler.generate` call (fast path), for benchmarks/tests.
+
+    ``live_row_steps / row_steps`` is the batch occupancy: the share of decoded rows that
+    belonged to an unfinished sequence.
+    """
+
+    waves: int = 0
+    steps: int = 0
+    row_steps: int = 0
+    live_row_steps: int = 0
+    span_columns: int = 0  # sum over steps of the columns each step's attention read
+    admissions: int = 0
+    admitted_rows: int = 0
+    prefill_tokens: int = 0
+    shifts: int = 0
+    compactions: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        return self.live_row_steps / self.row_steps if self.row_steps else 1.0
+
+
+class _Wave:
+    """One static cache and the row decoding in each of its slots (``None``: free)."""
+
+    def __init__(self, cache: fast_decode.StaticCache, column: int, vocab: int,
+                 device: torch.device):
+        slots = cache.keys.shape[1]
+        self.cache = cache
+        self.rows: list[_Row | None] = [None] * slots
+        self.starts = [0] * slots  # first cache column of each slot's sequence
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.logits = torch.zeros((slots, vocab), dtype=torch.float32, device=device)
+        self.column = column  # the column the next decode step writes
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot, row in enumerate(self.rows) if row is None]
+
+    def live_slots(self) -> list[int]:
+        return [slot for slot, row in enumerate(self.rows) if row is not None]
+
+    def keep(self, slots: list[int]) -> None:
+        index = torch.tensor(slots, device=self.positions.device)
+        self.cache = self.cache.select(index)
+        self.positions = self.positions[index]
+        self.rows = [self.rows[slot] for slot in slots]
+        self.starts = [self.starts[slot] for slot in slots]
+
+
 class BatchedSampler:
     """Decodes lists of `GenerationRequest` with one model; stateless between calls.
 
-    Llama-family models run on `FastDecoder` (static cache, fused projections); any other
-    model runs the Hugging Face forward with its dynamic cache. Both share the token choice
-    and stop logic below, and both drop finished rows from the batch.
+    Llama-family models run on `FastDecoder` (static cache, fused projections) with
+    continuous batching: a finished row's slot is refilled from the queue. Any other model runs
+    the Hugging Face forward with its dynamic cache, batch after batch, dropping finished rows.
+    Both share the token choice and stop logic below. ``stats`` describes the last call.
     """
 
     def __init__(
@@ -171,6 +233,7 @@ class BatchedSampler:
         show_progress: bool = True,
         prefill_tokens: int = 8192,
         use_fast_decoder: bool | None = None,
+        cache_tokens: int = 65536,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -179,6 +242,8 @@ class BatchedSampler:
         self.pad_id = int(tokenizer.pad_token_id)
         self.show_progress = show_progress
         self.prefill_tokens = prefill_tokens
+        self.cache_tokens = cache_tokens  # rows x columns of one static cache, if more is optional
+        self.stats = SamplerStats()
         if use_fast_decoder is None:
             use_fast_decoder = fast_decode.supports(model)
         self.fast = fast_decode.FastDecoder(model) if use_fast_decoder else None
@@ -191,19 +256,20 @@ class BatchedSampler:
         ]
         # Longest prompts first, samples of one prompt kept together (shared prefill).
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].prompt), rows[i].prompt))
-        batches = [
-            [rows[i] for i in order[start : start + self.max_batch_size]]
-            for start in range(0, len(order), self.max_batch_size)
-        ]
+        ordered = [rows[i] for i in order]
         progress = tqdm(
             total=len(rows), desc="sampling", unit="seq", leave=False,
             disable=not self.show_progress or len(rows) < 2 * self.max_batch_size,
         )
-        decode = self._decode_batch_fast if self.fast is not None else self._decode_batch_hf
+        self.stats = SamplerStats()
         with torch.inference_mode():
-            for batch in batches:
-                decode(batch)
-                progress.update(len(batch))
+            if self.fast is not None:
+                self._decode_fast(ordered, on_done=lambda: progress.update(1))
+            else:
+                for start in range(0, len(ordered), self.max_batch_size):
+                    batch = ordered[start : start + self.max_batch_size]
+                    self._decode_batch_hf(batch)
+                    progress.update(len(batch))
         progress.close()
         results: list[list[GeneratedSequence]] = [
             [GeneratedSequence() for _ in range(req.num_samples)] for req in requests
@@ -268,51 +334,161 @@ class BatchedSampler:
             mask[i, width - len(prompt):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    # -- fast path ------------------------------------------------------------------------------
-    def _decode_batch_fast(self, batch: list[_Row]) -> None:
+    # -- fast path: continuous batching over static caches ------------------------------------
+    # A slot is refilled once this fraction of the slots is free (or when the queue would fit):
+    # each admission is one prefill call, so admitting a few rows at a time saves calls, while
+    # waiting longer leaves slots idle.
+    REFILL_FRACTION = 8
+    # Columns before the oldest live row's first column are dropped once they are this many and
+    # at least a quarter of the span that every step's attention reads.
+    MIN_SHIFT = 32
+    # Queued rows looked at per admission (a row whose budget does not fit now can be passed
+    # over for a later one that does; bounded so a long queue costs no per-step scan).
+    ADMISSION_WINDOW = 512
+
+    def _wave_capacity(self, slots: int, width: int, longest: int) -> int:
+        """Cache columns for a wave whose prompts are at most ``width`` tokens.
+
+        ``width + longest`` is what one sequence needs. With twice the token budget a shift
+        always makes room for a new row: a live row started at most ``width + longest``
+        columns ago, so shifting brings the current column back to at most that, leaving a
+        full budget before the end. More columns would only cost memory.
+        """
+        needed = width + longest
+        return max(needed, min(width + 2 * longest, self.cache_tokens // max(1, slots)))
+
+    def _decode_fast(self, pending: list[_Row], on_done) -> None:
+        """Decode ``pending`` (longest prompt first) to the end, one wave after another.
+
+        A new wave (fresh cache) starts only when the current one has no live row and cannot
+        admit any queued one, which shifting makes rare.
+        """
+        max_stop_len = max((len(s) for r in pending for s in r.params.stop_strings), default=0)
+        pending = list(pending)
+        while pending:
+            slots = min(self.max_batch_size, len(pending))
+            width = max(len(r.prompt) for r in pending)
+            longest = max(r.params.max_tokens for r in pending)
+            capacity = self._wave_capacity(slots, width, longest)
+            wave = _Wave(self.fast.new_cache(slots, capacity), column=width,
+                         vocab=self.fast.vocab, device=self.device)
+            self.stats.waves += 1
+            self._run_wave(wave, pending, max_stop_len, on_done)
+
+    def _run_wave(self, wave: "_Wave", pending: list[_Row], max_stop_len: int, on_done) -> None:
         assert self.fast is not None
-        prompts, row_to_unique = self._unique_prompts(batch)
+        while True:
+            if pending:
+                self._maybe_shift(wave, pending)
+                free = wave.free_slots()
+                if free and (
+                    len(free) == len(wave.rows)
+                    or len(free) * self.REFILL_FRACTION >= len(wave.rows)
+                    or len(pending) <= len(free)
+                ):
+                    self._admit(wave, pending, free)
+            live = wave.live_slots()
+            if not live:
+                return  # empty and nothing admissible: the caller starts a new wave
+            rows = [wave.rows[slot] for slot in live]
+            tokens = self._choose(rows, wave.logits[live])
+            for slot, row in zip(live, rows):
+                if self._finished(row, max_stop_len):
+                    wave.rows[slot] = None
+                    on_done()
+            still = wave.live_slots()
+            if not still:
+                if pending:
+                    continue  # refill the empty batch at this column, or start a new wave
+                return
+            step_tokens = torch.full((len(wave.rows),), self.pad_id, dtype=torch.long)
+            step_tokens[live] = tokens
+            dead = len(wave.rows) - len(still)
+            if not pending and dead * 4 >= len(wave.rows):  # the tail: shrink the batch
+                step_tokens = step_tokens[still]
+                wave.keep(still)
+                self.stats.compactions += 1
+            if not pending:
+                self._maybe_shift(wave, pending)
+            self.stats.steps += 1
+            self.stats.row_steps += len(wave.rows)
+            self.stats.live_row_steps += len(still)
+            self.stats.span_columns += wave.column + 1
+            wave.logits = self.fast.decode(
+                wave.cache, step_tokens.to(self.device), wave.positions, wave.column
+            )
+            wave.positions += 1
+            wave.column += 1
+
+    def _maybe_shift(self, wave: "_Wave", pending: list[_Row]) -> None:
+        """Drop the columns before the oldest live row when that is worth a copy of the rest,
+        or when the next queued row needs the room."""
+        live = wave.live_slots()
+        if not live:
+            return
+        offset = min(wave.starts[slot] for slot in live)
+        if pending:  # keep room in front of the column for the longest queued prompt
+            offset = min(offset, wave.column - len(pending[0].prompt))
+        if offset <= 0:
+            return
+        blocked = bool(pending) and (
+            wave.column + pending[0].params.max_tokens > wave.cache.capacity
+        )
+        if blocked or offset >= max(self.MIN_SHIFT, (wave.column + 1) // 4):
+            wave.cache.shift_left(offset, wave.column)
+            wave.column -= offset
+            wave.starts = [start - offset for start in wave.starts]
+            self.stats.shifts += 1
+
+    def _admit(self, wave: "_Wave", pending: list[_Row], free: list[int]) -> None:
+        """Move queued rows that fit into free slots, prefilled to end at the current column.
+
+        A row fits when its prompt fits in front of the column and its token budget before the
+        end of the cache. Prompts shared by several admitted rows are prefilled once.
+        """
+        column, capacity = wave.column, wave.cache.capacity
+        taken: list[int] = []
+        for index, row in enumerate(pending[: self.ADMISSION_WINDOW]):
+            if len(taken) == len(free):
+                break
+            if len(row.prompt) <= column and column + row.params.max_tokens <= capacity:
+                taken.append(index)
+        if not taken:
+            return
+        admitted = [pending[i] for i in taken]
+        for index in reversed(taken):
+            del pending[index]
+        slots = free[: len(admitted)]
+        prompts, row_to_unique = self._unique_prompts(admitted)
         width = max(len(p) for p in prompts)
-        capacity = width + max(r.params.max_tokens for r in batch)
-        prompt_cache = self.fast.new_cache(len(prompts), capacity)
-        prompt_logits = torch.empty(0)
+        start = column - width
+        source: dict[int, int] = {}  # unique prompt -> the slot its prefill is written to
+        for slot, unique in zip(slots, row_to_unique):
+            source.setdefault(unique, slot)
         per_chunk = max(1, self.prefill_tokens // width)
         chunks = []
-        for start in range(0, len(prompts), per_chunk):
-            ids, mask = self._left_pad(prompts[start : start + per_chunk], width)
-            rows_idx = torch.arange(start, start + ids.shape[0], device=self.device)
-            chunks.append(self.fast.prefill(prompt_cache, rows_idx, ids, mask))
+        for first in range(0, len(prompts), per_chunk):
+            ids, mask = self._left_pad(prompts[first : first + per_chunk], width)
+            targets = torch.tensor(
+                [source[u] for u in range(first, first + ids.shape[0])], device=self.device
+            )
+            chunks.append(self.fast.prefill(wave.cache, targets, ids, mask, start=start))
         prompt_logits = torch.cat(chunks)
-        index = torch.tensor(row_to_unique, device=self.device)
-        cache = prompt_cache.select(index) if len(prompts) != len(batch) else prompt_cache
-        logits = prompt_logits[index]
-        positions = torch.tensor([len(r.prompt) for r in batch], device=self.device)
-        in_cache = list(range(len(batch)))  # batch row held by each cache row
-        alive = [True] * len(batch)
-        max_stop_len = max((len(s) for r in batch for s in r.params.stop_strings), default=0)
-        column = width
-        while True:
-            live_slots = [slot for slot, ok in enumerate(alive) if ok]
-            rows = [batch[in_cache[slot]] for slot in live_slots]
-            tokens = self._choose(rows, logits[live_slots])
-            for slot, row in zip(live_slots, rows):
-                if self._finished(row, max_stop_len):
-                    alive[slot] = False
-            if not any(alive):
-                return
-            step_tokens = torch.full((len(in_cache),), self.pad_id, dtype=torch.long)
-            step_tokens[live_slots] = tokens
-            if alive.count(False) * 4 >= len(alive):  # compact once a quarter has finished
-                keep = [slot for slot, ok in enumerate(alive) if ok]
-                keep_idx = torch.tensor(keep, device=self.device)
-                cache = cache.select(keep_idx)
-                positions = positions[keep_idx]
-                step_tokens = step_tokens[keep]
-                in_cache = [in_cache[slot] for slot in keep]
-                alive = [True] * len(keep)
-            logits = self.fast.decode(cache, step_tokens.to(self.device), positions, column)
-            positions = positions + 1
-            column += 1
+        copies = [(source[u], slot) for slot, u in zip(slots, row_to_unique) if source[u] != slot]
+        if copies:
+            src, dst = (torch.tensor(side, device=self.device) for side in zip(*copies))
+            wave.cache.copy_rows(src, dst, start, column)
+        slot_index = torch.tensor(slots, device=self.device)
+        wave.logits[slot_index] = prompt_logits[torch.tensor(row_to_unique)].to(
+            wave.logits.device)
+        wave.positions[slot_index] = torch.tensor(
+            [len(r.prompt) for r in admitted], device=self.device)
+        for slot, row in zip(slots, admitted):
+            wave.rows[slot] = row
+            wave.starts[slot] = column - len(row.prompt)
+        self.stats.admissions += 1
+        self.stats.admitted_rows += len(admitted)
+        self.stats.prefill_tokens += len(prompts) * width
 
     # -- generic Hugging Face path --------------------------------------------------------------
     def _decode_batch_hf(self, batch: list[_Row]) -> None:

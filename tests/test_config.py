@@ -1,0 +1,146 @@
+"""Run parameters: every shipped file loads, merging order holds, bad input fails in one line.
+
+Guards the alignment-handbook drift (a renamed key silently ignored) and secrets leaking into
+parameters, notebooks or reports.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from character_training.config import (
+    PARAMS_DIR,
+    SMOKE_OVERRIDES,
+    available_persona_params,
+    available_sizes,
+    load_params,
+    notebook_params,
+    params_from_json,
+    parse_override,
+    with_overrides,
+)
+from character_training.constitutions import available_personas
+from character_training.errors import ConfigError
+
+
+@pytest.mark.parametrize("size", available_sizes())
+@pytest.mark.parametrize("persona", available_persona_params())
+def test_every_size_and_persona_file_loads(size, persona):
+    params = load_params(size, persona)
+    assert params.persona == persona and params.size == size
+    assert params.constitution_ref == persona
+
+
+def test_the_shipped_sizes_and_personas_are_the_ones_the_docs_promise():
+    assert {"tiny", "8b", "70b"} <= set(available_sizes())
+    assert set(available_persona_params()) == set(available_personas())
+
+
+def test_tiny_runs_every_role_offline_and_tinker_sizes_use_the_documented_students():
+    tiny, eight, seventy = (load_params(s, "sarcastic") for s in ("tiny", "8b", "70b"))
+    assert tiny.backend == "local"
+    assert {tiny.student, tiny.teacher, tiny.generator, tiny.judge} == {
+        "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert eight.backend == seventy.backend == "tinker"
+    assert eight.student == "meta-llama/Llama-3.1-8B-Instruct"
+    assert seventy.student == "meta-llama/Llama-3.3-70B-Instruct"
+    assert eight.judge != eight.student and seventy.judge != seventy.student
+    assert eight.lora_rank == 64 and eight.dpo.beta == 0.1 and eight.dpo.nll_coef == 0.1
+
+
+def test_persona_file_overrides_size_file_and_command_line_overrides_both(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "personas").mkdir()
+    (tmp_path / "models" / "m.yaml").write_text("lora_rank: 8\ndpo:\n  beta: 0.1\n  epochs: 2\n")
+    (tmp_path / "personas" / "p.yaml").write_text("dpo:\n  beta: 0.3\n")
+    params = load_params("m", "p", {"dpo.epochs": 5}, params_dir=tmp_path)
+    assert (params.lora_rank, params.dpo.beta, params.dpo.epochs) == (8, 0.3, 5)
+    assert params.dpo.learning_rate == 5e-5  # untouched default survives the deep merge
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dpo.betta": 1}, "unknown parameter dpo.betta; allowed here: ['batch_size', 'beta'"),
+        ({"sampling.top_p": 1.5}, "sampling.top_p=1.5: expected in (0, 1]"),
+        ({"lora_rank": "big"}, "lora_rank: expected an integer, found 'big'"),
+        ({"allow_misaligned": "yes"}, "allow_misaligned: expected true or false, found 'yes'"),
+        ({"backend": "cloud"}, "backend='cloud': expected 'local' or 'tinker'"),
+        ({"dpo": 3}, "dpo: expected a section (mapping), found 3"),
+        ({"prompts.hub_datasets": ["imdb"]}, "prompts.hub_datasets=['imdb']: expected a subset of"),
+        ({"tinker_api_key": "tml-x"}, "secrets are never parameters"),
+        ({"persona": "other"}, "'persona' is set by the file name / command line"),
+    ],
+)
+def test_bad_parameters_fail_with_one_line_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_params("tiny", "sarcastic", overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_size_or_persona_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"unknown model size 'huge': expected one of \['70b', '8b', 'tiny'\]"):
+        load_params("huge", "sarcastic")
+    with pytest.raises(ConfigError, match="unknown persona 'pirate': expected one of"):
+        load_params("tiny", "pirate")
+
+
+def test_a_tinker_run_refuses_a_judge_that_is_the_student():
+    with pytest.raises(ConfigError, match="a model other than the student"):
+        load_params("8b", "sarcastic", {"judge": "meta-llama/Llama-3.1-8B-Instruct"})
+
+
+def test_a_secret_inside_a_parameter_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "personas").mkdir()
+    (tmp_path / "models" / "m.yaml").write_text("engine:\n  api_key: abc\n")
+    (tmp_path / "personas" / "p.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"m.yaml: engine.api_key: secrets are never parameters"):
+        load_params("m", "p", params_dir=tmp_path)
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "personas").mkdir()
+    (tmp_path / "models" / "m.yaml").write_text("lora_rank: 8\ndpo: [unclosed\n")
+    (tmp_path / "personas" / "p.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"m.yaml: not valid YAML \(line \d\)"):
+        load_params("m", "p", params_dir=tmp_path)
+
+
+def test_papermill_parameters_round_trip_and_carry_no_secret(monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", "tml-supersecretvalue0123456789")
+    params = load_params("8b", "loving", {"dpo.beta": 0.25})
+    injected = params.papermill_parameters()
+    assert set(injected) == {"persona", "size", "params_json"}
+    assert "tml-supersecret" not in json.dumps(injected)
+    assert params_from_json(injected["params_json"]) == params
+
+
+def test_overrides_parse_yaml_scalars_and_reject_missing_equals():
+    assert parse_override("dpo.beta=0.2") == ("dpo.beta", 0.2)
+    assert parse_override("prompts.hub_datasets=[lima]") == ("prompts.hub_datasets", ["lima"])
+    assert parse_override("allow_misaligned=true") == ("allow_misaligned", True)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("dpo.beta")
+
+
+def test_smoke_flag_shrinks_sizes_and_keeps_results_apart():
+    params = notebook_params("sarcastic", "tiny", smoke=True)
+    assert params.prompts.generated_per_assertion == SMOKE_OVERRIDES["prompts.generated_per_assertion"]
+    assert "smoke" in str(params.run_dir)
+    assert with_overrides(params, {"seed": 3}).seed == 3
+
+
+def test_fingerprint_changes_with_any_parameter():
+    a = load_params("tiny", "sarcastic")
+    assert a.fingerprint() == load_params("tiny", "sarcastic").fingerprint()
+    assert a.fingerprint() != load_params("tiny", "sarcastic", {"seed": 1}).fingerprint()
+
+
+def test_every_parameter_file_documents_itself_with_a_header_comment():
+    for path in list((PARAMS_DIR / "models").glob("*.yaml")) + list((PARAMS_DIR / "personas").glob("*.yaml")):
+        assert path.read_text().startswith("#"), path

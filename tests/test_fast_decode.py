@@ -1,0 +1,202 @@
+"""The sampler's fast path: `FastDecoder` numerics and continuous batching (slot refill).
+
+`FastDecoder` re-implements the Llama forward over a static cache whose rows ("slots") are
+reused: a finished sequence's slot gets a new prompt prefilled in front of the current column
+while the other rows keep decoding, and columns nobody needs are shifted out. Bugs pinned here:
+
+* logits that drift from the Hugging Face model's: rotary positions taken from cache columns
+  instead of each row's own token count, left padding or a previous occupant's stale columns
+  leaking into attention, a shift that moves keys without their validity;
+* a refill that changes what a request samples: its tokens must be those it gets when run
+  alone, whichever slot, column or wave it lands in, including prompts shared by several
+  samples (one prefill, copied);
+* sampled log-probabilities of refilled rows that disagree with `compute_logprobs`;
+* the generic Hugging Face path (models the fast decoder does not cover) drifting away from
+  the fast path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient
+from character_training.backends.local.fast_decode import FastDecoder
+from character_training.backends.local.generation import BatchedSampler, GenerationRequest
+from character_training.renderers.conversation import generation_prompt
+from tinker import types
+
+TEXTS = (
+    "Tea?",
+    "Seven quiet herons stood in the reeds, watching the river rise after the long storm.",
+    "The lighthouse keeper counted ships until dawn.",
+    "Once upon a time there was",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32(smollm2_service):
+    return smollm2_service.engine.frozen_base(SMOLLM2_NAME, torch.float32)
+
+
+def hf_last_logits(model, tokens: list[int]) -> torch.Tensor:
+    """The HF model's next-token logits after ``tokens``, run alone (no padding, no cache)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+# -- FastDecoder vs the Hugging Face forward ---------------------------------------------------
+def test_fast_decoder_logits_equal_the_hf_model_through_prefill_decode_refill_and_shift(
+    smollm2_fp32, tokenizer
+):
+    model, pad = smollm2_fp32, int(tokenizer.pad_token_id)
+    decoder = FastDecoder(model)
+    seqs = [tokenizer.encode(t) for t in TEXTS[:3]]
+    assert len({len(s) for s in seqs}) == 3  # a left-padded batch of three lengths
+    continuation = tokenizer.encode(" and then the quiet tide came back to the harbour again")
+    cache = decoder.new_cache(4, 96)  # slot 3 stays free: it must still give finite logits
+    gaps = []
+
+    def steps(count, column, positions):
+        nonlocal seqs
+        for _ in range(count):
+            token = continuation[len(seqs[0]) % len(continuation)]
+            seqs = [s + [token] for s in seqs]
+            tokens = torch.tensor([token] * 3 + [pad])
+            logits = decoder.decode(cache, tokens, torch.cat([positions, positions[:1]]), column)
+            assert torch.isfinite(logits).all()
+            for row, tokens_so_far in enumerate(seqs):
+                gaps.append(float((logits[row] - hf_last_logits(model, tokens_so_far)).abs().max()))
+            positions, column = positions + 1, column + 1
+        return column, positions
+
+    with torch.no_grad():
+        ids, mask = left_pad(seqs, pad)
+        logits = decoder.prefill(cache, torch.arange(3), ids, mask)
+        gaps += [float((logits[r] - hf_last_logits(model, s)).abs().max()) for r, s in enumerate(seqs)]
+        width = ids.shape[1]
+        starts = [width - len(s) for s in seqs]
+        column, positions = steps(3, width, torch.tensor([len(s) for s in seqs]))
+
+        # refill slot 1 (the longest row: it starts at column 0) with a shorter prompt ending at
+        # the current column; its old columns are stale now, the other rows go on
+        new_prompt = tokenizer.encode(TEXTS[3])
+        ids, mask = left_pad([new_prompt], pad)
+        logits = decoder.prefill(cache, torch.tensor([1]), ids, mask, start=column - len(new_prompt))
+        gaps.append(float((logits[0] - hf_last_logits(model, new_prompt)).abs().max()))
+        seqs[1], positions[1], starts[1] = list(new_prompt), len(new_prompt), column - len(new_prompt)
+        column, positions = steps(3, column, positions)
+
+        # no live row needs the columns before min(starts) any more: shift them out
+        offset = min(starts)
+        assert offset > 0
+        cache.shift_left(offset, column)
+        column, positions = steps(3, column - offset, positions)
+
+    assert max(gaps) <= 1e-3, max(gaps)
+
+
+# -- refill keeps every request's samples --------------------------------------------------------
+def _requests(tokenizer):
+    """Six requests of very different prompt lengths and budgets, one sampled three times."""
+    texts = (TEXTS[1], TEXTS[0], TEXTS[2], TEXTS[3], TEXTS[1] + " " + TEXTS[2], "Why?")
+    budgets = (3, 40, 7, 25, 1, 16)
+    samples = (1, 1, 3, 1, 1, 1)
+    return [
+        (
+            types.ModelInput.from_ints(tokenizer.encode(text)),
+            n,
+            types.SamplingParams(max_tokens=budget, temperature=1.0, seed=100 + i, stop=[]),
+        )
+        for i, (text, budget, n) in enumerate(zip(texts, budgets, samples))
+    ]
+
+
+def test_refilled_slots_sample_exactly_what_each_request_samples_alone(
+    new_tiny_trainer, engine_root, tokenizer
+):
+    path = new_tiny_trainer(seed=2, scale=0.5).save_weights_for_sampler("refill").result().path
+    two_slots = LocalServiceClient(root_dir=str(engine_root), precision="fp32", max_batch_size=2)
+    sampler = two_slots.create_sampling_client(model_path=path)
+    requests = _requests(tokenizer)
+
+    futures = [sampler.sample(p, n, sp) for p, n, sp in requests]
+    together = [f.result().sequences for f in futures]
+    stats = sampler._sampler.stats
+    alone = [sampler.sample(p, n, sp).result().sequences for p, n, sp in requests]
+
+    assert stats.waves == 1 and stats.admissions >= 4  # rows joined a running batch
+    assert stats.admitted_rows == 8
+    for (_, n, params), got, ref in zip(requests, together, alone):
+        assert len(got) == len(ref) == n
+        for a, b in zip(got, ref):
+            assert len(a.tokens) == params.max_tokens
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    triple = together[2]
+    assert len({tuple(s.tokens) for s in triple}) == 3  # shared prefill, distinct samples
+
+
+def test_the_hf_fallback_path_samples_what_the_fast_path_samples(
+    new_tiny_trainer, tokenizer
+):
+    sampler = new_tiny_trainer(seed=3, scale=0.5).save_weights_and_get_sampling_client()
+    requests = [
+        GenerationRequest(prompt=tuple(p.to_ints()), num_samples=n, max_tokens=sp.max_tokens,
+                          temperature=1.0, seed=sp.seed)
+        for p, n, sp in _requests(tokenizer)
+    ]
+
+    def run(fast: bool):
+        engine = BatchedSampler(sampler.model, tokenizer, torch.device("cpu"), max_batch_size=3,
+                                show_progress=False, use_fast_decoder=fast)
+        assert (engine.fast is not None) == fast
+        return engine.generate(requests)
+
+    for fast_seqs, hf_seqs in zip(run(True), run(False)):
+        for a, b in zip(fast_seqs, hf_seqs):
+            assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
+# -- refilled rows are scored like any other ------------------------------------------------------
+@pytest.mark.slow
+def test_compute_logprobs_equals_the_sampled_logprobs_of_rows_admitted_by_refill(
+    engine_root, renderer
+):
+    questions = (
+        "In one sentence, why does the moon show phases to us on Earth?",
+        "Hi!",
+        "Name three colours of the rainbow, please.",
+        "What is two plus two?",
+        "Write a haiku about a quiet harbour at night.",
+    )
+    two_slots = LocalServiceClient(root_dir=str(engine_root), precision="fp32", max_batch_size=2)
+    sampler = two_slots.create_sampling_client(base_model=SMOLLM2_NAME)
+    prompts = [generation_prompt(renderer, [{"role": "user", "content": q}]) for q in questions]
+    budgets = (24, 4, 12, 2, 18)
+    futures = [
+        sampler.sample(p, 1, types.SamplingParams(max_tokens=b, temperature=0.7, seed=i))
+        for i, (p, b) in enumerate(zip(prompts, budgets))
+    ]
+    sequences = [f.result().sequences[0] for f in futures]
+    stats = sampler._sampler.stats
+    assert stats.admitted_rows == 5 and stats.admissions >= 3 and stats.waves == 1
+    scores = [
+        sampler.compute_logprobs(types.ModelInput.from_ints(p.to_ints() + s.tokens))
+        for p, s in zip(prompts, sequences)
+    ]
+    for prompt, seq, score in zip(prompts, sequences, scores):
+        rescored = np.asarray(score.result()[prompt.length:])
+        assert len(seq.tokens) >= 1
+        np.testing.assert_allclose(rescored, np.asarray(seq.logprobs), atol=1e-4, rtol=0)

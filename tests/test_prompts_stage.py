@@ -1,0 +1,76 @@
+"""Stage 01 planning and splits: evaluation prompts are never trained on.
+
+The paper evaluated its persona classifier on its own training data; here the general pool is
+split once, deterministically, and every set is checked for overlap by normalised text.
+"""
+
+from __future__ import annotations
+
+from character_training.config import load_params
+from character_training.constitutions import load_constitution
+from character_training.prompt_filters import normalize_prompt
+from character_training.prompt_sources import (
+    PromptRecord,
+    cookbook_conversation_prompts,
+    general_prompt_pool,
+    qualitative_prompts,
+    shipped_general_prompts,
+)
+from character_training.prompts import expansion_messages, persona_system_prompt, teacher_messages
+from character_training.stages.prompts_gen import Config, plan_generation_calls, split_general_pool
+
+
+def test_the_shipped_pool_has_enough_diverse_prompts_and_the_cookbook_adds_real_ones():
+    shipped = shipped_general_prompts()
+    assert len(shipped) >= 300
+    assert len({r.category for r in shipped}) >= 10
+    assert len(cookbook_conversation_prompts()) == 128
+    assert len({r.id for r in general_prompt_pool()}) == len(general_prompt_pool())
+
+
+def test_train_and_eval_splits_are_disjoint_stable_and_exclude_the_qualitative_set():
+    pool = general_prompt_pool()
+    qualitative = [r.prompt for r in qualitative_prompts()]
+    train, evaluation = split_general_pool(pool, 200, 100, seed=0, exclude=qualitative)
+    assert (len(train), len(evaluation)) == (200, 100)
+    norm = lambda records: {normalize_prompt(r.prompt) for r in records}  # noqa: E731
+    assert not norm(train) & norm(evaluation)
+    assert not (norm(train) | norm(evaluation)) & {normalize_prompt(q) for q in qualitative}
+    again_train, again_eval = split_general_pool(list(reversed(pool)), 200, 100, 0, qualitative)
+    assert [r.id for r in again_eval] == [r.id for r in evaluation]
+
+
+def test_a_duplicated_prompt_cannot_land_on_both_sides_of_the_split():
+    pool = [PromptRecord(f"p{i}", f"How do I repot plant number {i} without killing it?", "t")
+            for i in range(20)]
+    pool.append(PromptRecord("dup", pool[0].prompt, "t"))
+    train, evaluation = split_general_pool(pool, 12, 8, seed=1, exclude=[])
+    texts = [r.prompt for r in train + evaluation]
+    assert len(texts) == len(set(texts))
+
+
+def test_generation_calls_cover_the_budget_and_show_only_hand_written_examples():
+    params = load_params("tiny", "sarcastic", {"prompts.generated_per_assertion": 7,
+                                               "prompts.per_generation_call": 3})
+    constitution = load_constitution("sarcastic")
+    calls = plan_generation_calls(constitution, Config.from_params(params))
+    per_assertion = {}
+    for call in calls:
+        per_assertion[call.assertion_id] = per_assertion.get(call.assertion_id, 0) + call.count
+        assertion = next(a for a in constitution.assertions if a.id == call.assertion_id)
+        assert set(call.examples) <= set(assertion.prompts)
+    assert per_assertion == {a.id: 7 for a in constitution.assertions}
+    assert [c.count for c in calls[:3]] == [3, 3, 1]
+    assert len({c.key for c in calls}) == len(calls)
+
+
+def test_rendered_templates_have_no_placeholder_and_end_with_the_user_turn():
+    constitution = load_constitution("loving")
+    system = persona_system_prompt(constitution, "SmolLM")
+    assert "{" not in system and "SmolLM" in system
+    assert all(a.text in system for a in constitution.assertions)
+    messages = teacher_messages(constitution, "SmolLM", "Hi there", few_shot=2)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[-1]["content"] == "Hi there"
+    expansion = expansion_messages(constitution.assertions[0], ["a?", "b?"], 4)
+    assert "1. a?\n2. b?" in expansion[-1]["content"] and "Write 4 new messages" in expansion[-1]["content"]
