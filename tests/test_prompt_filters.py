@@ -12,6 +12,7 @@ the reason, for realistic messy generations written out below.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,11 @@ from character_training.prompt_filters import (
     classify_request,
     deduplicate,
     filter_requests,
+    jaccard,
     near_duplicate_groups,
     normalize_prompt,
     parse_generated_prompts,
+    shingles,
     similarity,
 )
 
@@ -551,6 +554,46 @@ def test_order_is_preserved_and_the_first_occurrence_wins():
     result = deduplicate(prompts)
     assert result.kept == ("B: how do magnets work?", "A question about tides?")
     assert result.removed == (("b: How do magnets work", "B: how do magnets work?"),)
+
+
+def naive_dedup(prompts, against, threshold):
+    """Reference: compare each prompt with all of ``against``, then with every earlier kept
+    prompt; within each, an exact (normal-form) match wins over the oldest similar one."""
+
+    def first_match(candidates, normal, grams):
+        exact = [c for c in candidates if normalize_prompt(c) == normal]
+        similar = [c for c in candidates if jaccard(grams, shingles(c)) >= threshold]
+        return (exact or similar or [None])[0]
+
+    kept, removed = [], []
+    for prompt in prompts:
+        normal, grams = normalize_prompt(prompt), shingles(prompt)
+        hit = first_match(against, normal, grams)
+        if hit is None:
+            hit = first_match(kept, normal, grams)
+        if hit is None:
+            kept.append(prompt)
+        else:
+            removed.append((prompt, hit))
+    return tuple(kept), tuple(removed)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8, 1.0])
+def test_the_indexed_search_finds_exactly_what_comparing_every_pair_finds(threshold):
+    rng = random.Random(threshold)
+    words = ("how do i can you why is the my best way to cook learn fix write plan a trip "
+             "python bread dog email boss poem budget for with at home quickly today").split()
+    seeds = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) for _ in range(40)]
+
+    def variant() -> str:
+        tokens = rng.choice(seeds).split()
+        for _ in range(rng.randint(0, 2)):
+            tokens[rng.randrange(len(tokens))] = rng.choice(words)
+        return " ".join(tokens) + rng.choice(["", "?", "!"])
+
+    prompts, against = [variant() for _ in range(150)], [variant() for _ in range(10)]
+    result = deduplicate(prompts, threshold=threshold, against=against)
+    assert (result.kept, result.removed) == naive_dedup(prompts, against, threshold)
 
 
 def test_near_duplicate_groups_list_the_kept_index_first():

@@ -779,7 +779,7 @@ merging different requests ("ask my boss for a raise" / "for time off" score 0.6
 
 _EDGE_PUNCTUATION = string.punctuation + "“”‘’«»…¿¡–— \t\n"
 _TYPOGRAPHIC = str.maketrans(
-    {"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-"}  # noqa: RUF001
+    {"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-"}
 )
 
 
@@ -922,9 +922,11 @@ def deduplicate(
 ) -> DedupResult:
     """Keep the first of each group of similar prompts, and nothing similar to ``against``.
 
-    Greedy and order-preserving: a prompt is compared with the prompts kept before it (not the
-    removed ones) and with ``against``; it goes if its normal form equals one of theirs or its
-    `similarity` reaches ``threshold``. See `SHINGLE_SIZE` for what 0.8 catches.
+    Greedy and order-preserving: a prompt is compared with ``against`` first, then with the
+    prompts kept before it (not the removed ones); it goes if its normal form equals one of
+    theirs or its `similarity` reaches ``threshold``. The prompt named as the one it duplicates
+    is an exact (normal-form) match when there is one, else the oldest similar one. See
+    `SHINGLE_SIZE` for what 0.8 catches.
     """
     matches = _match_all(prompts, threshold, against)
     kept: list[str] = []
