@@ -74,3 +74,19 @@ def test_rendered_templates_have_no_placeholder_and_end_with_the_user_turn():
     assert messages[-1]["content"] == "Hi there"
     expansion = expansion_messages(constitution.assertions[0], ["a?", "b?"], 4)
     assert "1. a?\n2. b?" in expansion[-1]["content"] and "Write 4 new messages" in expansion[-1]["content"]
+
+
+def test_an_unreachable_hub_dataset_warns_in_one_line_and_returns_nothing(monkeypatch, caplog):
+    from character_training.errors import DataError
+    from character_training.prompt_sources import hub_prompts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with caplog.at_level("WARNING"):
+        assert hub_prompts("lima", 10) == []
+    assert "hub dataset lima (GAIR/lima) unavailable" in caplog.text
+    assert "offline prompt pool" in caplog.text
+    import pytest
+
+    with pytest.raises(DataError, match="unknown hub dataset 'imdb'"):
+        hub_prompts("imdb", 1)
