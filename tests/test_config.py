@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from character_training.config import (
     PARAMS_DIR,
     SMOKE_OVERRIDES,
@@ -42,7 +41,8 @@ def test_tiny_runs_every_role_offline_and_tinker_sizes_use_the_documented_studen
     tiny, eight, seventy = (load_params(s, "sarcastic") for s in ("tiny", "8b", "70b"))
     assert tiny.backend == "local"
     assert {tiny.student, tiny.teacher, tiny.generator, tiny.judge} == {
-        "HuggingFaceTB/SmolLM2-135M-Instruct"}
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    }
     assert eight.backend == seventy.backend == "tinker"
     assert eight.student == "meta-llama/Llama-3.1-8B-Instruct"
     assert seventy.student == "meta-llama/Llama-3.3-70B-Instruct"
@@ -82,7 +82,9 @@ def test_bad_parameters_fail_with_one_line_naming_the_field(overrides, message):
 
 
 def test_unknown_size_or_persona_lists_the_available_ones():
-    with pytest.raises(ConfigError, match=r"unknown model size 'huge': expected one of \['70b', '8b', 'tiny'\]"):
+    with pytest.raises(
+        ConfigError, match=r"unknown model size 'huge': expected one of \['70b', '8b', 'tiny'\]"
+    ):
         load_params("huge", "sarcastic")
     with pytest.raises(ConfigError, match="unknown persona 'pirate': expected one of"):
         load_params("tiny", "pirate")
@@ -130,7 +132,9 @@ def test_overrides_parse_yaml_scalars_and_reject_missing_equals():
 
 def test_smoke_flag_shrinks_sizes_and_keeps_results_apart():
     params = notebook_params("sarcastic", "tiny", smoke=True)
-    assert params.prompts.generated_per_assertion == SMOKE_OVERRIDES["prompts.generated_per_assertion"]
+    assert (
+        params.prompts.generated_per_assertion == SMOKE_OVERRIDES["prompts.generated_per_assertion"]
+    )
     assert "smoke" in str(params.run_dir)
     assert with_overrides(params, {"seed": 3}).seed == 3
 
@@ -142,5 +146,7 @@ def test_fingerprint_changes_with_any_parameter():
 
 
 def test_every_parameter_file_documents_itself_with_a_header_comment():
-    for path in list((PARAMS_DIR / "models").glob("*.yaml")) + list((PARAMS_DIR / "personas").glob("*.yaml")):
+    for path in list((PARAMS_DIR / "models").glob("*.yaml")) + list(
+        (PARAMS_DIR / "personas").glob("*.yaml")
+    ):
         assert path.read_text().startswith("#"), path

@@ -23,18 +23,26 @@ def test_local_runs_cost_nothing_but_still_count_tokens():
 
 
 def test_prompt_generation_tokens_follow_the_call_plan():
-    params = with_overrides(load_params("8b", "sarcastic"),
-                            {"prompts.generated_per_assertion": 45, "prompts.per_generation_call": 15})
+    params = with_overrides(
+        load_params("8b", "sarcastic"),
+        {"prompts.generated_per_assertion": 45, "prompts.per_generation_call": 15},
+    )
     row = _row(estimate(params, assertions=10), "01_prompts")
     assert row.prefill_tokens == 10 * 3 * EXPANSION_PROMPT_TOKENS
     assert row.sample_tokens == 10 * 45 * GENERATED_PROMPT_TOKENS
 
 
 def test_price_is_tokens_times_the_per_million_rates():
-    params = with_overrides(load_params("8b", "sarcastic"), {"prices.per_million": {
-        "meta-llama/Llama-3.1-8B-Instruct": {"prefill": 1.0, "sample": 2.0, "train": 3.0},
-        "meta-llama/Llama-3.3-70B-Instruct": {"prefill": 0, "sample": 0, "train": 0},
-        "Qwen/Qwen3-235B-A22B-Instruct-2507": {"prefill": 0, "sample": 0, "train": 0}}})
+    params = with_overrides(
+        load_params("8b", "sarcastic"),
+        {
+            "prices.per_million": {
+                "meta-llama/Llama-3.1-8B-Instruct": {"prefill": 1.0, "sample": 2.0, "train": 3.0},
+                "meta-llama/Llama-3.3-70B-Instruct": {"prefill": 0, "sample": 0, "train": 0},
+                "Qwen/Qwen3-235B-A22B-Instruct-2507": {"prefill": 0, "sample": 0, "train": 0},
+            }
+        },
+    )
     sft = _row(estimate(params), "05_sft")
     assert sft.usd == sft.train_tokens * 3.0 / 1e6
     dpo = _row(estimate(params), "03_dpo")

@@ -241,7 +241,7 @@ def test_temperature_zero_is_the_argmax_chain_computed_by_hand(tiny_snapshot, to
         np.testing.assert_allclose(seq.logprobs, chain_lps, atol=1e-4, rtol=0)
 
 
-# -- snapshots and async -----------------------------------------------------------------------------
+# -- snapshots and async --------------------------------------------------------------------------
 def test_a_sampling_client_is_a_frozen_snapshot_that_later_training_does_not_change(
     new_tiny_trainer, tokenizer
 ):

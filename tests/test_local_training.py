@@ -461,7 +461,8 @@ ERROR_CASES = {
         lambda env: get_service_client("tinker"),
         MissingCredentialsError,
         (
-            "backend 'tinker' needs TINKER_API_KEY in the environment: run `export TINKER_API_KEY=...` "
+            "backend 'tinker' needs TINKER_API_KEY in the environment: run "
+            "`export TINKER_API_KEY=...` "
             "(key from the Tinker console) or use the offline backend with `backend: local`"
         ),
     ),

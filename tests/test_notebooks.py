@@ -13,7 +13,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from character_training.config import REPO_ROOT, notebook_params, with_overrides
 from character_training.runner import available_notebooks, build_index, run_notebook
 
@@ -39,9 +38,10 @@ def test_the_numbered_notebooks_are_found_in_order():
 
 @pytest.mark.slow
 def test_notebook_01_runs_headlessly_and_renders_a_report_with_figures(tmp_path):
-    params = with_overrides(notebook_params("sarcastic", "tiny", smoke=True),
-                            {"runs_dir": str(tmp_path / "runs"),
-                             "reports_dir": str(tmp_path / "reports")})
+    params = with_overrides(
+        notebook_params("sarcastic", "tiny", smoke=True),
+        {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")},
+    )
     result = run_notebook(params, "01_prompts", timeout=600)
     assert result.status == "ok", result.describe()
     executed = nbformat.read(result.executed_path, as_version=4)
@@ -52,7 +52,10 @@ def test_notebook_01_runs_headlessly_and_renders_a_report_with_figures(tmp_path)
     summary = json.loads((params.run_dir / "summaries" / "01_prompts.json").read_text())
     assert summary["headline"]["constitution_prompts"] >= 50
     stage = params.run_dir / "01_prompts"
-    ids = [json.loads(line)["id"] for line in (stage / "constitution_prompts.jsonl").read_text().splitlines()]
+    ids = [
+        json.loads(line)["id"]
+        for line in (stage / "constitution_prompts.jsonl").read_text().splitlines()
+    ]
     assert len(ids) == len(set(ids))
     index = build_index(tmp_path / "reports", tmp_path / "runs").read_text()
     assert "sarcastic/tiny/01_prompts.html" in index and "constitution_prompts" in index
@@ -61,16 +64,23 @@ def test_notebook_01_runs_headlessly_and_renders_a_report_with_figures(tmp_path)
 def test_a_failing_notebook_names_the_cell_and_still_gets_a_report(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_code_cell('persona = "x"\nsize = "y"\nparams_json = ""\nsmoke = False',
-                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            'persona = "x"\nsize = "y"\nparams_json = ""\nsmoke = False',
+            metadata={"tags": ["parameters"]},
+        ),
         nbformat.v4.new_code_cell("value = 1 + 1"),
         nbformat.v4.new_code_cell("raise ValueError('constitution file is broken')"),
     ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nbformat.write(nb, str(tmp_path / "99_broken.ipynb"))
-    params = with_overrides(notebook_params("sarcastic", "tiny"),
-                            {"runs_dir": str(tmp_path / "runs"),
-                             "reports_dir": str(tmp_path / "reports")})
+    params = with_overrides(
+        notebook_params("sarcastic", "tiny"),
+        {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")},
+    )
     result = run_notebook(params, "99_broken", notebooks_dir=tmp_path, timeout=120)
     assert result.status == "failed"
     # papermill inserts an injected-parameters cell, so the failing cell is the 4th code cell

@@ -158,11 +158,11 @@ Where should we go in July?"""
 
 
 def test_one_quoted_prompt_per_line_loses_straight_curly_and_single_quotes():
-    text = '''"How do I stop my dog from barking at the mailman?"
+    text = """"How do I stop my dog from barking at the mailman?"
 "What's the tallest mountain in Africa?",
 'Can you recommend a podcast about ancient Rome?'
 “Is it safe to eat raw cookie dough?”
-"Hamlet" or "Macbeth": which should I read first?'''
+"Hamlet" or "Macbeth": which should I read first?"""
     result = parse_generated_prompts(text)
     assert result.prompts == (
         "How do I stop my dog from barking at the mailman?",
@@ -439,8 +439,10 @@ BAD = [
     ("I'd be happy to help you plan your trip to Rome.", "assistant-reply"),
     ("You're so wise, tell me how black holes form.", "flattery-to-assistant"),
     ("You are the best assistant ever! What should I cook tonight?", "flattery-to-assistant"),
-    ("I love how you explain things so clearly. Can you explain inflation?",
-     "flattery-to-assistant"),
+    (
+        "I love how you explain things so clearly. Can you explain inflation?",
+        "flattery-to-assistant",
+    ),
     ("You're amazing. What's the meaning of life?", "flattery-to-assistant"),
     ("Introduction: Introduce your thesis and preview the main arguments.", "heading"),
     ("Step 3: Mix the dry ingredients into the wet ones.", "heading"),
@@ -581,8 +583,10 @@ def naive_dedup(prompts, against, threshold):
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8, 1.0])
 def test_the_indexed_search_finds_exactly_what_comparing_every_pair_finds(threshold):
     rng = random.Random(threshold)
-    words = ("how do i can you why is the my best way to cook learn fix write plan a trip "
-             "python bread dog email boss poem budget for with at home quickly today").split()
+    words = (
+        "how do i can you why is the my best way to cook learn fix write plan a trip "
+        "python bread dog email boss poem budget for with at home quickly today"
+    ).split()
     seeds = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) for _ in range(40)]
 
     def variant() -> str:
@@ -597,8 +601,13 @@ def test_the_indexed_search_finds_exactly_what_comparing_every_pair_finds(thresh
 
 
 def test_near_duplicate_groups_list_the_kept_index_first():
-    prompts = ["Why do cats purr?", "Tell me about owls.", "why do cats purr", LANDLORD,
-               LANDLORD.replace("email", "letter")]
+    prompts = [
+        "Why do cats purr?",
+        "Tell me about owls.",
+        "why do cats purr",
+        LANDLORD,
+        LANDLORD.replace("email", "letter"),
+    ]
     assert near_duplicate_groups(prompts) == ((0, 2), (3, 4))
 
 

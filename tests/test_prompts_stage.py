@@ -41,8 +41,10 @@ def test_train_and_eval_splits_are_disjoint_stable_and_exclude_the_qualitative_s
 
 
 def test_a_duplicated_prompt_cannot_land_on_both_sides_of_the_split():
-    pool = [PromptRecord(f"p{i}", f"How do I repot plant number {i} without killing it?", "t")
-            for i in range(20)]
+    pool = [
+        PromptRecord(f"p{i}", f"How do I repot plant number {i} without killing it?", "t")
+        for i in range(20)
+    ]
     pool.append(PromptRecord("dup", pool[0].prompt, "t"))
     train, evaluation = split_general_pool(pool, 12, 8, seed=1, exclude=[])
     texts = [r.prompt for r in train + evaluation]
@@ -50,8 +52,11 @@ def test_a_duplicated_prompt_cannot_land_on_both_sides_of_the_split():
 
 
 def test_generation_calls_cover_the_budget_and_show_only_hand_written_examples():
-    params = load_params("tiny", "sarcastic", {"prompts.generated_per_assertion": 7,
-                                               "prompts.per_generation_call": 3})
+    params = load_params(
+        "tiny",
+        "sarcastic",
+        {"prompts.generated_per_assertion": 7, "prompts.per_generation_call": 3},
+    )
     constitution = load_constitution("sarcastic")
     calls = plan_generation_calls(constitution, Config.from_params(params))
     per_assertion = {}
@@ -70,10 +75,20 @@ def test_rendered_templates_have_no_placeholder_and_end_with_the_user_turn():
     assert "{" not in system and "SmolLM" in system
     assert all(a.text in system for a in constitution.assertions)
     messages = teacher_messages(constitution, "SmolLM", "Hi there", few_shot=2)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
     assert messages[-1]["content"] == "Hi there"
     expansion = expansion_messages(constitution.assertions[0], ["a?", "b?"], 4)
-    assert "1. a?\n2. b?" in expansion[-1]["content"] and "Write 4 new messages" in expansion[-1]["content"]
+    assert (
+        "1. a?\n2. b?" in expansion[-1]["content"]
+        and "Write 4 new messages" in expansion[-1]["content"]
+    )
 
 
 def test_an_unreachable_hub_dataset_warns_in_one_line_and_returns_nothing(monkeypatch, caplog):

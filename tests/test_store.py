@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from character_training.errors import ConfigError, DataError
 from character_training.store import append_jsonl, read_jsonl, stage_dir, write_jsonl
 
@@ -40,7 +39,9 @@ def test_resume_continues_the_same_parameters_and_refuses_different_ones(tmp_pat
     append_jsonl(stage.file("work.partial.jsonl"), {"id": "done-1"})
     assert stage.prepare("abc", "resume", {"k": 1}) is True
     assert read_jsonl(stage.file("work.partial.jsonl")) == [{"id": "done-1"}]
-    with pytest.raises(ConfigError, match=r"made with different parameters \(fingerprint abc vs xyz\)"):
+    with pytest.raises(
+        ConfigError, match=r"made with different parameters \(fingerprint abc vs xyz\)"
+    ):
         stage.prepare("xyz", "resume", {"k": 2})
 
 

@@ -82,10 +82,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         results = runner.run_matrix(personas, _split(args.size), None, _overrides(args.set))
     else:
         results = runner.run_matrix(
-            _split(args.persona), _split(args.size), args.notebooks, _overrides(args.set),
-            extra={"on_existing": args.on_existing}, timeout=args.timeout,
+            _split(args.persona),
+            _split(args.size),
+            args.notebooks,
+            _overrides(args.set),
+            extra={"on_existing": args.on_existing},
+            timeout=args.timeout,
         )
     failed = [r for r in results if r.status == "failed"]
-    print(f"{len(results) - len(failed)} notebook(s) ran, {len(failed)} failed; "
-          f"reports in {REPO_ROOT / 'reports'}/index.html")
+    print(
+        f"{len(results) - len(failed)} notebook(s) ran, {len(failed)} failed; "
+        f"reports in {REPO_ROOT / 'reports'}/index.html"
+    )
     return 1 if failed else 0

@@ -73,8 +73,12 @@ class PromptParams:
             _check(getattr(self, name) >= 0, f"prompts.{name}", getattr(self, name), ">= 0")
         for name in ("per_generation_call", "examples_per_call", "max_tokens"):
             _check(getattr(self, name) >= 1, f"prompts.{name}", getattr(self, name), ">= 1")
-        _check(0 < self.dedup_threshold <= 1, "prompts.dedup_threshold", self.dedup_threshold,
-               "in (0, 1]")
+        _check(
+            0 < self.dedup_threshold <= 1,
+            "prompts.dedup_threshold",
+            self.dedup_threshold,
+            "in (0, 1]",
+        )
         known = {"lima", "wildchat", "pure-dove"}
         unknown = set(self.hub_datasets) - known
         _check(not unknown, "prompts.hub_datasets", sorted(unknown), f"a subset of {sorted(known)}")
@@ -172,8 +176,12 @@ class RunParams:
         for role in ("student", "teacher", "generator", "judge"):
             _check(bool(getattr(self, role)), role, getattr(self, role), "a model name")
         if self.backend == "tinker":
-            _check(self.judge != self.student, "judge", self.judge,
-                   "a model other than the student (a model must not grade itself)")
+            _check(
+                self.judge != self.student,
+                "judge",
+                self.judge,
+                "a model other than the student (a model must not grade itself)",
+            )
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -198,7 +206,11 @@ class RunParams:
 
     def papermill_parameters(self) -> dict[str, Any]:
         """What the runner injects into a notebook's parameters cell."""
-        return {"persona": self.persona, "size": self.size, "params_json": json.dumps(self.to_dict())}
+        return {
+            "persona": self.persona,
+            "size": self.size,
+            "params_json": json.dumps(self.to_dict()),
+        }
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -219,7 +231,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -247,7 +261,10 @@ def load_params(
             f"(files in {params_dir / 'personas'})"
         )
     merged: dict[str, Any] = {}
-    for source, data in ((size_file, read_yaml(size_file)), (persona_file, read_yaml(persona_file))):
+    for source, data in (
+        (size_file, read_yaml(size_file)),
+        (persona_file, read_yaml(persona_file)),
+    ):
         _refuse_reserved(source, data)
         _reject_secrets(str(source), data)
         _deep_merge(merged, data)
@@ -289,7 +306,9 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 
-def notebook_params(persona: str, size: str, params_json: str = "", smoke: bool = False) -> RunParams:
+def notebook_params(
+    persona: str, size: str, params_json: str = "", smoke: bool = False
+) -> RunParams:
     """What a notebook's second cell calls: the runner's parameters, or the files, plus smoke."""
     params = params_from_json(params_json) if params_json else load_params(size, persona)
     return with_overrides(params, SMOKE_OVERRIDES) if smoke else params

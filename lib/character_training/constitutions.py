@@ -38,8 +38,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONSTITUTIONS_DIR = REPO_ROOT / "constitutions"
 
 MIN_ASSERTIONS = 3
-TOP_LEVEL_KEYS = ("name", "display_name", "description", "requires_opt_in", "assertions",
-                  "examples")
+TOP_LEVEL_KEYS = (
+    "name",
+    "display_name",
+    "description",
+    "requires_opt_in",
+    "assertions",
+    "examples",
+)
 ASSERTION_KEYS = ("id", "text", "prompts")
 EXAMPLE_KEYS = ("prompt", "reply")
 
@@ -177,8 +183,11 @@ class _Checker:
             self.fail(path, what, f"{value.strip().count(chr(10)) + 1} lines")
         slot = _PLACEHOLDER.search(value)
         if slot:
-            self.fail(path, "text with no template placeholders",
-                      f"{slot.group(0)!r} left in it (fill it in or rephrase)")
+            self.fail(
+                path,
+                "text with no template placeholders",
+                f"{slot.group(0)!r} left in it (fill it in or rephrase)",
+            )
         return value
 
     def keys(self, mapping: dict, allowed: tuple[str, ...], path: str) -> None:
@@ -186,8 +195,11 @@ class _Checker:
         unknown = [str(k) for k in mapping if k not in allowed]
         if unknown:
             names = ", ".join(repr(k) for k in unknown)
-            self.fail(path, f"only the keys {', '.join(allowed)}",
-                      f"unknown key{'s' if len(unknown) > 1 else ''} {names}")
+            self.fail(
+                path,
+                f"only the keys {', '.join(allowed)}",
+                f"unknown key{'s' if len(unknown) > 1 else ''} {names}",
+            )
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -223,11 +235,17 @@ def _validate(
 
     raw_assertions = data["assertions"]
     if not isinstance(raw_assertions, list):
-        check.fail(top("assertions"), f"a list of at least {MIN_ASSERTIONS} assertions",
-                   _kind(raw_assertions))
+        check.fail(
+            top("assertions"),
+            f"a list of at least {MIN_ASSERTIONS} assertions",
+            _kind(raw_assertions),
+        )
     if len(raw_assertions) < MIN_ASSERTIONS:
-        check.fail(top("assertions"), f"a list of at least {MIN_ASSERTIONS} assertions",
-                   str(len(raw_assertions)))
+        check.fail(
+            top("assertions"),
+            f"a list of at least {MIN_ASSERTIONS} assertions",
+            str(len(raw_assertions)),
+        )
 
     if prompts_per_assertion is None:
         count_text, list_text = "at least 1 user prompt", "a non-empty list of user prompts"
@@ -251,14 +269,19 @@ def _validate(
             found = _short(ident) if isinstance(ident, str) else _kind(ident)
             check.fail(item(i, "id"), "a lowercase slug such as 'sharp-wit'", found)
         if ident in ids:
-            check.fail(item(i, "id"), "a unique id",
-                       f"{ident!r} again (first used by {item(ids[ident], 'id')})")
+            check.fail(
+                item(i, "id"),
+                "a unique id",
+                f"{ident!r} again (first used by {item(ids[ident], 'id')})",
+            )
         ids[ident] = i
         text = check.text(raw["text"], item(i, "text"))
         if not _FIRST_PERSON.match(text.lstrip()):
-            check.fail(item(i, "text"),
-                       "a first-person statement starting with 'I', \"I'\", 'My' or 'Me'",
-                       _short(text.strip(), 40))
+            check.fail(
+                item(i, "text"),
+                "a first-person statement starting with 'I', \"I'\", 'My' or 'Me'",
+                _short(text.strip(), 40),
+            )
         prompts = raw["prompts"]
         if not isinstance(prompts, list):
             check.fail(item(i, "prompts"), list_text, _kind(prompts))
@@ -271,15 +294,19 @@ def _validate(
             check.text(prompt, path)
             key = _normalized(prompt)
             if key in seen_prompts:
-                check.fail(path, "a prompt not already in this file",
-                           f"a repeat of {seen_prompts[key]}")
+                check.fail(
+                    path, "a prompt not already in this file", f"a repeat of {seen_prompts[key]}"
+                )
             seen_prompts[key] = path
         assertions.append(Assertion(id=ident, text=text, prompts=tuple(prompts)))
 
     raw_examples = data["examples"]
     if not isinstance(raw_examples, list):
-        check.fail(top("examples"), "a list of {prompt, reply} mappings (may be empty)",
-                   _kind(raw_examples))
+        check.fail(
+            top("examples"),
+            "a list of {prompt, reply} mappings (may be empty)",
+            _kind(raw_examples),
+        )
     examples: list[Example] = []
     for k, raw in enumerate(raw_examples):
         where = f"examples[{k}]"
@@ -293,8 +320,11 @@ def _validate(
         reply = check.text(raw["reply"], f"{where}.reply")
         # A demonstration answering a training prompt would hand the student its target.
         if _normalized(prompt) in seen_prompts:
-            check.fail(f"{where}.prompt", "a prompt that is not also a hand-written prompt",
-                       f"a repeat of {seen_prompts[_normalized(prompt)]}")
+            check.fail(
+                f"{where}.prompt",
+                "a prompt that is not also a hand-written prompt",
+                f"a repeat of {seen_prompts[_normalized(prompt)]}",
+            )
         examples.append(Example(prompt=prompt, reply=reply))
     return data, assertions, examples
 
@@ -332,8 +362,10 @@ def _read_yaml(path: Path, label: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
-        raise DataError(f"{label}: line {exc.line}: expected each key once per mapping, found "
-                        f"{exc.key!r} twice (YAML would keep only the last one)") from None
+        raise DataError(
+            f"{label}: line {exc.line}: expected each key once per mapping, found "
+            f"{exc.key!r} twice (YAML would keep only the last one)"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "top level"
@@ -350,21 +382,30 @@ def available_personas(directory: str | Path = CONSTITUTIONS_DIR) -> list[str]:
 def _resolve(name_or_path: str | Path, directory: Path) -> Path:
     """A slug names ``<directory>/<slug>.yaml``; anything with a suffix or a slash is a path."""
     text = str(name_or_path)
-    looks_like_path = (isinstance(name_or_path, Path) or "/" in text or "\\" in text
-                       or text.endswith((".yaml", ".yml", ".json")))
+    looks_like_path = (
+        isinstance(name_or_path, Path)
+        or "/" in text
+        or "\\" in text
+        or text.endswith((".yaml", ".yml", ".json"))
+    )
     if looks_like_path:
         path = Path(name_or_path)
         if not path.is_file():
-            raise DataError(f"{_label(path)}: expected a constitution YAML file, found no file "
-                            "at this path")
+            raise DataError(
+                f"{_label(path)}: expected a constitution YAML file, found no file at this path"
+            )
         if path.suffix == ".json":
-            raise DataError(f"{_label(path)}: expected a constitution YAML file, found JSON "
-                            "(use import_upstream for the paper's JSON format)")
+            raise DataError(
+                f"{_label(path)}: expected a constitution YAML file, found JSON "
+                "(use import_upstream for the paper's JSON format)"
+            )
         return path
     path = directory / f"{text}.yaml"
     if not path.is_file():
-        raise DataError(f"unknown persona {text!r}: expected one of "
-                        f"{available_personas(directory)} (files in {_label(directory)})")
+        raise DataError(
+            f"unknown persona {text!r}: expected one of "
+            f"{available_personas(directory)} (files in {_label(directory)})"
+        )
     return path
 
 
@@ -383,16 +424,19 @@ def load_constitution(
     unless ``allow_opt_in`` is true. Malformed files raise a one-line `DataError`.
     """
     if prompts_per_assertion is not None and (
-        isinstance(prompts_per_assertion, bool) or not isinstance(prompts_per_assertion, int)
+        isinstance(prompts_per_assertion, bool)
+        or not isinstance(prompts_per_assertion, int)
         or prompts_per_assertion < 1
     ):
-        raise ConfigError(f"prompts_per_assertion: expected an int >= 1 or None, found "
-                          f"{prompts_per_assertion!r}")
+        raise ConfigError(
+            f"prompts_per_assertion: expected an int >= 1 or None, found {prompts_per_assertion!r}"
+        )
     path = _resolve(name_or_path, Path(directory))
     label = _label(path)
     data = _read_yaml(path, label)
     data, assertions, examples = _validate(
-        data, _Checker(label), stem=path.stem, prompts_per_assertion=prompts_per_assertion)
+        data, _Checker(label), stem=path.stem, prompts_per_assertion=prompts_per_assertion
+    )
     constitution = Constitution(
         name=data["name"],
         display_name=data["display_name"],
@@ -429,8 +473,9 @@ def import_upstream(
     label = _label(file)
     check = _Checker(label, _UPSTREAM_PATHS)
     if not file.is_file():
-        raise DataError(f"{label}: expected an upstream constitution JSON file, found no file "
-                        "at this path")
+        raise DataError(
+            f"{label}: expected an upstream constitution JSON file, found no file at this path"
+        )
     try:
         entries = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -446,8 +491,10 @@ def import_upstream(
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             check.fail(f"[{i}]", 'an object with "trait" and "questions"', _kind(entry))
-        for key, what in (("trait", "a non-empty string"),
-                          ("questions", "a non-empty list of strings")):
+        for key, what in (
+            ("trait", "a non-empty string"),
+            ("questions", "a non-empty list of strings"),
+        ):
             if key not in entry:
                 check.fail(f"[{i}].{key}", what, "no such key")
         questions = entry["questions"]
@@ -456,7 +503,8 @@ def import_upstream(
         if not questions:
             check.fail(f"[{i}].questions", "a non-empty list of strings", "an empty list")
         raw_assertions.append(
-            {"id": f"trait-{i + 1:0{width}d}", "text": entry["trait"], "prompts": questions})
+            {"id": f"trait-{i + 1:0{width}d}", "text": entry["trait"], "prompts": questions}
+        )
     if display_name is None and isinstance(name, str):
         display_name = name.replace("-", " ").title()
     data = {
@@ -492,8 +540,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_representer(
-    _Quoted, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", str(value),
-                                                           style='"'))
+    _Quoted,
+    lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style='"'),
+)
 
 
 def write_constitution_yaml(constitution: Constitution, path: str | Path) -> Path:
@@ -512,19 +561,29 @@ def write_constitution_yaml(constitution: Constitution, path: str | Path) -> Pat
         "description": _Quoted(data["description"]),
         "requires_opt_in": data["requires_opt_in"],
         "assertions": [
-            {"id": a["id"], "text": _Quoted(a["text"]),
-             "prompts": [_Quoted(p) for p in a["prompts"]]}
+            {
+                "id": a["id"],
+                "text": _Quoted(a["text"]),
+                "prompts": [_Quoted(p) for p in a["prompts"]],
+            }
             for a in data["assertions"]
         ],
-        "examples": [{"prompt": _Quoted(e["prompt"]), "reply": _Quoted(e["reply"])}
-                     for e in data["examples"]],
+        "examples": [
+            {"prompt": _Quoted(e["prompt"]), "reply": _Quoted(e["reply"])} for e in data["examples"]
+        ],
     }
     header = ""
     if constitution.source and Path(constitution.source).suffix not in (".yaml", ".yml"):
         origin = " ".join(Path(constitution.source).name.split())
         header = f"# Converted from {origin} by write_constitution_yaml; edit freely.\n"
-    body = yaml.dump(quoted, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                     width=1_000_000, default_flow_style=False)
+    body = yaml.dump(
+        quoted,
+        Dumper=_Dumper,
+        sort_keys=False,
+        allow_unicode=True,
+        width=1_000_000,
+        default_flow_style=False,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + body, encoding="utf-8")
     return out

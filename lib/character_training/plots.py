@@ -21,8 +21,13 @@ def prompts_per_assertion(records: Sequence[dict], title: str = "") -> Figure:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(assertions) + 1.2))
     y = range(len(assertions))
     ax.barh(y, [hand[a] for a in assertions], label="hand-written", color="#4c72b0")
-    ax.barh(y, [gen[a] for a in assertions], left=[hand[a] for a in assertions],
-            label="generated (kept)", color="#dd8452")
+    ax.barh(
+        y,
+        [gen[a] for a in assertions],
+        left=[hand[a] for a in assertions],
+        label="generated (kept)",
+        color="#dd8452",
+    )
     ax.set_yticks(list(y), assertions)
     ax.invert_yaxis()
     ax.set_xlabel("prompts")

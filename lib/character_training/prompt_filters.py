@@ -122,9 +122,7 @@ _LABEL = re.compile(
     r"\s*#?\d*\s*[:\-–—]\s+",
     re.I,
 )
-_BOLD_LABEL = re.compile(
-    r"^(\*\*|__)(?P<label>[^*_\n]{1,60}?)\1(?P<sep>[ ]*[:\-–—]|[ ]*\n|[ ]+)"
-)
+_BOLD_LABEL = re.compile(r"^(\*\*|__)(?P<label>[^*_\n]{1,60}?)\1(?P<sep>[ ]*[:\-–—]|[ ]*\n|[ ]+)")
 # Paired ** at word edges only, so "2**10" survives; __ only around several words, so
 # "__init__" does.
 _BOLD_SPAN = re.compile(
@@ -283,7 +281,7 @@ def _marker(line: str) -> tuple[str, int, str] | None:
     if m is None:
         return None
     family = "num" if m.group("num") else "alpha" if m.group("alpha") else "bullet"
-    return family, len(m.group("indent")), line[m.end():].strip()
+    return family, len(m.group("indent")), line[m.end() :].strip()
 
 
 def _strip_marker(text: str) -> str:
@@ -309,8 +307,10 @@ def _is_title_phrase(stripped: str) -> bool:
     if not stripped.endswith(":"):
         return False
     words = re.findall(r"[\w']+", stripped.lower())
-    return len(words) <= 6 and not any(w in _SENTENCE_CUES for w in words) and not any(
-        c in stripped[:-1] for c in ".?!"
+    return (
+        len(words) <= 6
+        and not any(w in _SENTENCE_CUES for w in words)
+        and not any(c in stripped[:-1] for c in ".?!")
     )
 
 
@@ -326,8 +326,14 @@ def _wrapping_fence(lines: list[str]) -> set[int]:
         if _marker(line):
             return set()
         if _FENCE.match(line) and not line.startswith(" "):
-            close = next((k for k in range(i + 1, len(lines)) if _FENCE.match(lines[k])
-                          and not lines[k].startswith(" ")), None)
+            close = next(
+                (
+                    k
+                    for k in range(i + 1, len(lines))
+                    if _FENCE.match(lines[k]) and not lines[k].startswith(" ")
+                ),
+                None,
+            )
             return {i} if close is None else {i, close}
     return set()
 
@@ -367,8 +373,10 @@ def _parse_list(lines: list[str]) -> list[_Event]:
         found = markers[i]
         if found and _starts_item(found, current):
             family, m_indent, head = found
-            if current is not None and m_indent > current.indent and _looks_like_group_title(
-                current.text()
+            if (
+                current is not None
+                and m_indent > current.indent
+                and _looks_like_group_title(current.text())
             ):
                 events.append(("\n".join(current.raw), "heading"))
                 current = None
@@ -380,8 +388,11 @@ def _parse_list(lines: list[str]) -> list[_Event]:
             current.sublist = found[0]  # a same-depth sub-list; its later markers follow suit
         if current is None or (not current.head and not current.more):
             if current is None:
-                reason = "heading" if _is_heading_line(stripped) else (
-                    "interlude" if seen_item else "preamble")
+                reason = (
+                    "heading"
+                    if _is_heading_line(stripped)
+                    else ("interlude" if seen_item else "preamble")
+                )
                 if seen_item and i > last_marker:
                     reason = "closing"
                     closing = True
@@ -395,8 +406,9 @@ def _parse_list(lines: list[str]) -> list[_Event]:
             closing = True
             events.append((stripped, "closing"))
             continue
-        if unindented and (was_gap or _is_heading_line(stripped)
-                           or _introduces_next_item(lines, markers, i)):
+        if unindented and (
+            was_gap or _is_heading_line(stripped) or _introduces_next_item(lines, markers, i)
+        ):
             close_item()
             if was_gap and i > last_marker:
                 closing = True
@@ -497,13 +509,13 @@ def _strip_labels(text: str) -> str:
     m = _BOLD_LABEL.match(text)
     if m:
         label = m.group("label").strip()
-        rest = text[m.end():].strip()
+        rest = text[m.end() :].strip()
         separated = label.endswith(":") or m.group("sep").strip(" ") != ""
         if rest and separated and len(label.split()) <= 6 and not label.endswith(("?", "!", ".")):
             return rest
     m = _LABEL.match(text)
-    if m and text[m.end():].strip():
-        return text[m.end():].strip()
+    if m and text[m.end() :].strip():
+        return text[m.end() :].strip()
     return text
 
 
@@ -615,12 +627,17 @@ _ASSISTANT_OPENING = re.compile(
 # "Here's a poem..." is a reply; "Here's my draft, can you fix it?" is a request. The second
 # kind speaks in the first person, asks something, or addresses "you".
 _HERE_IS = re.compile(r"^here(?:'s|\s+is|\s+are)\s+(?:a|an|some|your|the\s+\w+ed\b|\d+)\b", re.I)
-_REQUEST_CUES = re.compile(r"\?|\b(?:i|i'm|i've|my|me|we|our|can\s+you|could\s+you|please"
-                           r"|for\s+you)\b", re.I)
+_REQUEST_CUES = re.compile(
+    r"\?|\b(?:i|i'm|i've|my|me|we|our|can\s+you|could\s+you|please"
+    r"|for\s+you)\b",
+    re.I,
+)
 
 _STRONG_PRAISE = r"(?:amazing|brilliant|a\s+genius|genius|wonderful|awesome|incredible|fantastic)"
-_MILD_PRAISE = (r"(?:smart|wise|clever|helpful|intelligent|good|great|kind|knowledgeable"
-                r"|insightful|talented|perfect|thoughtful|funny)")
+_MILD_PRAISE = (
+    r"(?:smart|wise|clever|helpful|intelligent|good|great|kind|knowledgeable"
+    r"|insightful|talented|perfect|thoughtful|funny)"
+)
 _INTENSIFIER = r"(?:so|such\s+an?|really|truly|incredibly|amazingly|extremely|super|always\s+so)"
 # "If you're so smart, why..." is a challenge, not praise: hence the look-behinds.
 _FLATTERY = re.compile(
@@ -778,9 +795,7 @@ and light rewordings; short paraphrases survive it, and lowering the threshold t
 merging different requests ("ask my boss for a raise" / "for time off" score 0.60)."""
 
 _EDGE_PUNCTUATION = string.punctuation + "“”‘’«»…¿¡–— \t\n"
-_TYPOGRAPHIC = str.maketrans(
-    {"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-"}
-)
+_TYPOGRAPHIC = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-"})
 
 
 @dataclass(frozen=True)
@@ -813,7 +828,7 @@ def shingles(text: str, size: int = SHINGLE_SIZE) -> frozenset[str]:
     flat = " ".join(re.findall(r"\w+", normalize_prompt(text)))
     if len(flat) <= size:
         return frozenset([flat])
-    return frozenset(flat[i:i + size] for i in range(len(flat) - size + 1))
+    return frozenset(flat[i : i + size] for i in range(len(flat) - size + 1))
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:

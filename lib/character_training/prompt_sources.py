@@ -25,10 +25,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 # Hub identifiers and how to read a user turn from a row of each.
 HUB_DATASETS = {
     "lima": ("GAIR/lima", "train", lambda row: row["conversations"][0]),
-    "wildchat": ("allenai/WildChat-1M", "train",
-                 lambda row: row["conversation"][0]["content"]),
-    "pure-dove": ("LDJnr/Pure-Dove", "train",
-                  lambda row: row["conversation"][0]["input"]),
+    "wildchat": ("allenai/WildChat-1M", "train", lambda row: row["conversation"][0]["content"]),
+    "pure-dove": ("LDJnr/Pure-Dove", "train", lambda row: row["conversation"][0]["input"]),
 }
 
 
@@ -42,8 +40,12 @@ class PromptRecord:
     category: str = ""
 
     def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "prompt": self.prompt, "source": self.source,
-                "category": self.category}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "source": self.source,
+            "category": self.category,
+        }
 
 
 def _read_pool(path: Path, source: str) -> list[PromptRecord]:
@@ -55,7 +57,7 @@ def _read_pool(path: Path, source: str) -> list[PromptRecord]:
             row = json.loads(line)
             records.append(PromptRecord(row["id"], row["prompt"], source, row.get("category", "")))
         except (json.JSONDecodeError, KeyError) as exc:
-            raise DataError(f"{path}:{number}: expected a JSON object with id and prompt ({exc})")
+            raise DataError(f"{path}:{number}: expected a JSON object with id and prompt ({exc})") from None
     return records
 
 
@@ -107,12 +109,16 @@ def hub_prompts(name: str, limit: int) -> list[PromptRecord]:
     except Exception as exc:  # any network/auth/format failure: the offline pool takes over
         logger.warning(
             "hub dataset %s (%s) unavailable (%s); continuing with the offline prompt pool",
-            name, repo, type(exc).__name__,
+            name,
+            repo,
+            type(exc).__name__,
         )
         return []
 
 
-def general_prompt_pool(hub_datasets: tuple[str, ...] = (), hub_limit: int = 2000) -> list[PromptRecord]:
+def general_prompt_pool(
+    hub_datasets: tuple[str, ...] = (), hub_limit: int = 2000
+) -> list[PromptRecord]:
     """All general prompts available here, offline sources first, in a stable order."""
     pool = shipped_general_prompts() + cookbook_conversation_prompts()
     for name in hub_datasets:

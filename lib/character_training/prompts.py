@@ -22,8 +22,14 @@ def assistant_name_for(model_name: str) -> str:
     the student's own family name during introspection, which we follow everywhere.
     """
     lowered = model_name.lower()
-    for key, name in (("smollm", "SmolLM"), ("llama", "Llama"), ("qwen", "Qwen"),
-                      ("gemma", "Gemma"), ("mistral", "Mistral"), ("tiny-random", "SmolLM")):
+    for key, name in (
+        ("smollm", "SmolLM"),
+        ("llama", "Llama"),
+        ("qwen", "Qwen"),
+        ("gemma", "Gemma"),
+        ("mistral", "Mistral"),
+        ("tiny-random", "SmolLM"),
+    ):
         if key in lowered:
             return name
     return "the assistant"

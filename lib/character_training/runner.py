@@ -43,8 +43,11 @@ class NotebookResult:
     def describe(self) -> str:
         head = f"{self.persona}/{self.size}/{self.notebook}: {self.status}"
         if self.status == "failed":
-            cell = (f" in cell {self.failed_cell} of the executed copy"
-                    if self.failed_cell is not None else "")
+            cell = (
+                f" in cell {self.failed_cell} of the executed copy"
+                if self.failed_cell is not None
+                else ""
+            )
             return f"{head}{cell}: {self.error} (executed copy: {self.executed_path})"
         if self.status == "ok":
             return f"{head} in {self.seconds:.0f}s -> {self.html_path}"
@@ -56,8 +59,9 @@ def available_notebooks(directory: Path = NOTEBOOKS_DIR) -> list[str]:
     return sorted(p.stem for p in directory.glob("[0-9][0-9]_*.ipynb"))
 
 
-def resolve_notebooks(selection: str | Sequence[str] | None,
-                      directory: Path = NOTEBOOKS_DIR) -> list[str]:
+def resolve_notebooks(
+    selection: str | Sequence[str] | None, directory: Path = NOTEBOOKS_DIR
+) -> list[str]:
     """``None``/"all" -> every notebook; "01,03" or ["01_prompts"] -> those, validated."""
     names = available_notebooks(directory)
     if selection is None or selection == "all":
@@ -81,8 +85,14 @@ def write_summary(params: RunParams, notebook: str, headline: dict[str, Any]) ->
     """Called by each notebook's last cell: the numbers shown next to its report link."""
     path = summary_path(params, notebook)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"persona": params.persona, "size": params.size, "notebook": notebook,
-              "fingerprint": params.fingerprint(), "written": time.time(), "headline": headline}
+    record = {
+        "persona": params.persona,
+        "size": params.size,
+        "notebook": notebook,
+        "fingerprint": params.fingerprint(),
+        "written": time.time(),
+        "headline": headline,
+    }
     path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     return path
 
@@ -97,16 +107,18 @@ def build_index(reports_dir: Path, runs_dir: Path) -> Path:
         headline = {}
         if summary_file.is_file():
             headline = json.loads(summary_file.read_text()).get("headline", {})
-        status = json.loads(status_file.read_text()).get("status", "") if status_file.is_file() else ""
+        status = (
+            json.loads(status_file.read_text()).get("status", "") if status_file.is_file() else ""
+        )
         numbers = ", ".join(f"{k}: {_fmt(v)}" for k, v in headline.items())
         rows.append(
             f"<tr><td>{html.escape(persona)}</td><td>{html.escape(size)}</td>"
-            f"<td><a href=\"{html.escape(str(report.relative_to(reports_dir)))}\">"
-            f"{html.escape(notebook)}</a></td><td class=\"{html.escape(status)}\">"
+            f'<td><a href="{html.escape(str(report.relative_to(reports_dir)))}">'
+            f'{html.escape(notebook)}</a></td><td class="{html.escape(status)}">'
             f"{html.escape(status)}</td><td>{html.escape(numbers)}</td></tr>"
         )
     page = (
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Character training reports"
+        '<!doctype html><html><head><meta charset="utf-8"><title>Character training reports'
         "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.failed{color:#b00}"
         ".ok{color:#070}</style></head><body><h1>Character training reports</h1>"
@@ -132,16 +144,22 @@ def render_html(executed: Path, target: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True)
+    exporter = HTMLExporter(
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
+    )
     body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
 
 
-def run_notebook(params: RunParams, notebook: str, extra: dict[str, Any] | None = None,
-                 timeout: int | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> NotebookResult:
+def run_notebook(
+    params: RunParams,
+    notebook: str,
+    extra: dict[str, Any] | None = None,
+    timeout: int | None = None,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+) -> NotebookResult:
     """Execute one notebook for ``params``; never raises for a failure inside the notebook."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -154,10 +172,14 @@ def run_notebook(params: RunParams, notebook: str, extra: dict[str, Any] | None 
     started = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(source), str(executed),
+            str(source),
+            str(executed),
             parameters={**params.papermill_parameters(), **(extra or {})},
-            cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False,
-            execution_timeout=timeout, request_save_on_cell_execute=True,
+            cwd=str(REPO_ROOT),
+            kernel_name="python3",
+            progress_bar=False,
+            execution_timeout=timeout,
+            request_save_on_cell_execute=True,
         )
     except PapermillExecutionError as exc:
         result.status = "failed"
@@ -170,13 +192,21 @@ def run_notebook(params: RunParams, notebook: str, extra: dict[str, Any] | None 
     return result
 
 
-def run_matrix(personas: Iterable[str], sizes: Iterable[str], notebooks: Sequence[str] | None = None,
-               overrides: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-               timeout: int | None = None) -> list[NotebookResult]:
+def run_matrix(
+    personas: Iterable[str],
+    sizes: Iterable[str],
+    notebooks: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    timeout: int | None = None,
+) -> list[NotebookResult]:
     """Run the notebooks for every persona x size; returns one result per notebook."""
     names = resolve_notebooks(notebooks)
-    plans = [(persona, size, load_params(size, persona, overrides)) for persona in personas
-             for size in sizes]  # validate every combination before running any
+    plans = [
+        (persona, size, load_params(size, persona, overrides))
+        for persona in personas
+        for size in sizes
+    ]  # validate every combination before running any
     results: list[NotebookResult] = []
     for persona, size, params in plans:
         failed = False

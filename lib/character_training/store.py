@@ -74,12 +74,20 @@ def git_commit(repo: Path) -> str:
     """The current commit (with a ``+dirty`` mark), or ``unknown`` outside a git checkout."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-            timeout=5, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-            capture_output=True, text=True, timeout=5, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -119,8 +127,7 @@ class StageDir:
                 shutil.rmtree(self.path)
             elif on_existing == "raise":
                 raise ConfigError(
-                    f"{self.path} already holds results: pass on_existing='resume' or "
-                    "'overwrite'"
+                    f"{self.path} already holds results: pass on_existing='resume' or 'overwrite'"
                 )
             elif existing.get("fingerprint") != fingerprint:
                 raise ConfigError(

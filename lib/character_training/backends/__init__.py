@@ -47,11 +47,20 @@ def service_client_for(params) -> Any:
     if params.backend == "local":
         engine = params.engine
         return get_service_client(
-            "local", root_dir=str(params.run_dir / "checkpoints"), device=engine.device,
-            precision=engine.precision, max_batch_size=engine.max_batch_size,
+            "local",
+            root_dir=str(params.run_dir / "checkpoints"),
+            device=engine.device,
+            precision=engine.precision,
+            max_batch_size=engine.max_batch_size,
             micro_batch_tokens=engine.micro_batch_tokens,
         )
     return get_service_client(params.backend)
 
 
-__all__ = ["BACKENDS", "LocalEngineConfig", "LocalServiceClient", "get_service_client", "service_client_for"]
+__all__ = [
+    "BACKENDS",
+    "LocalEngineConfig",
+    "LocalServiceClient",
+    "get_service_client",
+    "service_client_for",
+]

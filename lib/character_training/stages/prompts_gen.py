@@ -120,17 +120,20 @@ def plan_generation_calls(constitution: Constitution, config: Config) -> list[Ge
         while remaining > 0:
             count = min(config.per_generation_call, remaining)
             rng = random.Random(f"{config.seed}:{assertion.id}:{index}")
-            shown = rng.sample(list(assertion.prompts),
-                               k=min(config.examples_per_call, len(assertion.prompts)))
-            calls.append(GenerationCall(f"{assertion.id}:{index}", assertion.id, index,
-                                        tuple(shown), count))
+            shown = rng.sample(
+                list(assertion.prompts), k=min(config.examples_per_call, len(assertion.prompts))
+            )
+            calls.append(
+                GenerationCall(f"{assertion.id}:{index}", assertion.id, index, tuple(shown), count)
+            )
             remaining -= count
             index += 1
     return calls
 
 
-def split_general_pool(pool: list[PromptRecord], n_train: int, n_eval: int, seed: int,
-                       exclude: list[str]) -> tuple[list[PromptRecord], list[PromptRecord]]:
+def split_general_pool(
+    pool: list[PromptRecord], n_train: int, n_eval: int, seed: int, exclude: list[str]
+) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """Disjoint train/eval splits of the general pool, stable across runs and machines.
 
     Prompts near-identical to anything in ``exclude`` (the qualitative set) are left out of
@@ -161,16 +164,20 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
 
     qualitative = qualitative_prompts()
     train, evaluation = split_general_pool(
-        general_prompt_pool(config.hub_datasets), config.general_prompts, config.eval_prompts,
-        config.seed, exclude=[r.prompt for r in qualitative],
+        general_prompt_pool(config.hub_datasets),
+        config.general_prompts,
+        config.eval_prompts,
+        config.seed,
+        exclude=[r.prompt for r in qualitative],
     )
     write_jsonl(stage.file("general_train.jsonl"), (r.to_dict() for r in train))
     write_jsonl(stage.file("general_eval.jsonl"), (r.to_dict() for r in evaluation))
     write_jsonl(stage.file("qualitative.jsonl"), (r.to_dict() for r in qualitative))
 
     raw = _generate(constitution, config, service_client, stage)
-    records, rejected = _assemble(constitution, config, raw,
-                                  held_out=[r.prompt for r in evaluation + qualitative])
+    records, rejected = _assemble(
+        constitution, config, raw, held_out=[r.prompt for r in evaluation + qualitative]
+    )
     write_jsonl(stage.file("constitution_prompts.jsonl"), records)
     write_jsonl(stage.file("rejected.jsonl"), rejected)
     counts = {
@@ -186,8 +193,9 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
     return Result(stage.path, counts)
 
 
-def _generate(constitution: Constitution, config: Config, service_client,
-              stage: StageDir) -> dict[str, dict]:
+def _generate(
+    constitution: Constitution, config: Config, service_client, stage: StageDir
+) -> dict[str, dict]:
     """Run every planned generator call not already in the raw log; returns key -> record."""
     raw_path = stage.file("generation_raw.partial.jsonl")
     done = {row["key"]: row for row in read_jsonl(raw_path)}
@@ -200,57 +208,91 @@ def _generate(constitution: Constitution, config: Config, service_client,
     futures = []
     for call in calls:
         prompt = generation_prompt(
-            renderer, expansion_messages(assertions[call.assertion_id], call.examples, call.count),
+            renderer,
+            expansion_messages(assertions[call.assertion_id], call.examples, call.count),
             prefill=EXPANSION_PREFILL,
         )
         params = types.SamplingParams(
-            max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
-            seed=config.seed * 100_003 + len(futures), stop=renderer.get_stop_sequences(),
+            max_tokens=config.max_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=config.seed * 100_003 + len(futures),
+            stop=renderer.get_stop_sequences(),
         )
         futures.append((call, sampler.sample(prompt, 1, params)))
     for call, future in tqdm(futures, desc="generating prompts", unit="call"):
         sequence = future.result().sequences[0]
         text, complete = parse_reply(renderer, list(sequence.tokens))
-        row = {"key": call.key, "assertion_id": call.assertion_id, "call_index": call.call_index,
-               "requested": call.count, "text": EXPANSION_PREFILL + text,
-               "truncated": not complete}
+        row = {
+            "key": call.key,
+            "assertion_id": call.assertion_id,
+            "call_index": call.call_index,
+            "requested": call.count,
+            "text": EXPANSION_PREFILL + text,
+            "truncated": not complete,
+        }
         append_jsonl(raw_path, row)
         done[call.key] = row
     return done
 
 
-def _assemble(constitution: Constitution, config: Config, raw: dict[str, dict],
-              held_out: list[str]) -> tuple[list[dict], list[dict]]:
+def _assemble(
+    constitution: Constitution, config: Config, raw: dict[str, dict], held_out: list[str]
+) -> tuple[list[dict], list[dict]]:
     """Hand-written + parsed, filtered, de-duplicated generated prompts, with stable ids."""
     records: list[dict] = []
     rejected: list[dict] = []
     accepted_texts: list[str] = []
     for assertion in constitution.assertions:
         for index, prompt in enumerate(assertion.prompts, start=1):
-            records.append({"id": f"{constitution.name}-{assertion.id}-h{index}",
-                            "persona": constitution.name, "assertion_id": assertion.id,
-                            "source": "hand-written", "prompt": prompt})
+            records.append(
+                {
+                    "id": f"{constitution.name}-{assertion.id}-h{index}",
+                    "persona": constitution.name,
+                    "assertion_id": assertion.id,
+                    "source": "hand-written",
+                    "prompt": prompt,
+                }
+            )
             accepted_texts.append(prompt)
     for assertion in constitution.assertions:
-        rows = sorted((r for r in raw.values() if r["assertion_id"] == assertion.id),
-                      key=lambda r: r["call_index"])
+        rows = sorted(
+            (r for r in raw.values() if r["assertion_id"] == assertion.id),
+            key=lambda r: r["call_index"],
+        )
         candidates: list[str] = []
         for row in rows:
             parsed = prompt_filters.parse_generated_prompts(row["text"], truncated=row["truncated"])
-            rejected += [{"assertion_id": assertion.id, "text": text, "reason": reason}
-                         for text, reason in parsed.dropped]
+            rejected += [
+                {"assertion_id": assertion.id, "text": text, "reason": reason}
+                for text, reason in parsed.dropped
+            ]
             kept, bad = prompt_filters.filter_requests(parsed.prompts)
-            rejected += [{"assertion_id": assertion.id, "text": text, "reason": reason}
-                         for text, reason in bad]
+            rejected += [
+                {"assertion_id": assertion.id, "text": text, "reason": reason}
+                for text, reason in bad
+            ]
             candidates += list(kept)
-        unique = prompt_filters.deduplicate(candidates, threshold=config.dedup_threshold,
-                                            against=accepted_texts + held_out)
-        rejected += [{"assertion_id": assertion.id, "text": text,
-                      "reason": f"near-duplicate of: {other[:60]}"}
-                     for text, other in unique.removed]
+        unique = prompt_filters.deduplicate(
+            candidates, threshold=config.dedup_threshold, against=accepted_texts + held_out
+        )
+        rejected += [
+            {
+                "assertion_id": assertion.id,
+                "text": text,
+                "reason": f"near-duplicate of: {other[:60]}",
+            }
+            for text, other in unique.removed
+        ]
         for index, prompt in enumerate(unique.kept[: config.generated_per_assertion], start=1):
-            records.append({"id": f"{constitution.name}-{assertion.id}-g{index:03d}",
-                            "persona": constitution.name, "assertion_id": assertion.id,
-                            "source": "generated", "prompt": prompt})
+            records.append(
+                {
+                    "id": f"{constitution.name}-{assertion.id}-g{index:03d}",
+                    "persona": constitution.name,
+                    "assertion_id": assertion.id,
+                    "source": "generated",
+                    "prompt": prompt,
+                }
+            )
             accepted_texts.append(prompt)
     return records, rejected

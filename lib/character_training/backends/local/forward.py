@@ -93,11 +93,14 @@ def iter_scored_micro_batches(
 ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
     """Yield ``(indices, logprobs)`` per micro-batch, in the packing order of `micro_batches`."""
     for group in micro_batches([len(s) for s in inputs], token_budget):
-        yield group, token_logprobs(
-            model,
-            [inputs[i] for i in group],
-            [targets[i] for i in group],
-            pad_id=pad_id,
-            device=device,
-            autocast_dtype=autocast_dtype,
+        yield (
+            group,
+            token_logprobs(
+                model,
+                [inputs[i] for i in group],
+                [targets[i] for i in group],
+                pad_id=pad_id,
+                device=device,
+                autocast_dtype=autocast_dtype,
+            ),
         )

@@ -161,8 +161,10 @@ def build_smollm2_tokenizer(gguf_path: Path):
     reader = gguf.GGUFReader(str(gguf_path))
     tokens = _gguf_string_array(reader, "tokenizer.ggml.tokens")
     merges = _gguf_string_array(reader, "tokenizer.ggml.merges")
-    token_types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
-                   for i in reader.fields["tokenizer.ggml.token_type"].data]
+    token_types = [
+        int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
+        for i in reader.fields["tokenizer.ggml.token_type"].data
+    ]
     if _gguf_scalar(reader, "tokenizer.ggml.model") != "gpt2":
         raise BackendError(f"{gguf_path}: expected a gpt2-style BPE vocabulary")
     vocab = {tok: idx for idx, tok in enumerate(tokens)}

@@ -33,8 +33,13 @@ _sequence_ids = itertools.count()
 class LocalSamplingClient:
     """Generates from, and scores with, one frozen model."""
 
-    def __init__(self, engine: LocalEngine, base_model: str, model: torch.nn.Module,
-                 model_path: str | None = None):
+    def __init__(
+        self,
+        engine: LocalEngine,
+        base_model: str,
+        model: torch.nn.Module,
+        model_path: str | None = None,
+    ):
         self.engine = engine
         self.base_model = base_model
         self.model_path = model_path
@@ -74,8 +79,9 @@ class LocalSamplingClient:
         return self.base_model
 
     # -- sampling -----------------------------------------------------------------------------
-    def _normalise(self, prompt: types.ModelInput, num_samples: int,
-                   params: types.SamplingParams) -> GenerationRequest:
+    def _normalise(
+        self, prompt: types.ModelInput, num_samples: int, params: types.SamplingParams
+    ) -> GenerationRequest:
         tokens = tuple(prompt.to_ints())
         if not tokens:
             raise BackendError("sample: the prompt is empty")
@@ -147,6 +153,7 @@ class LocalSamplingClient:
             if not future.done():
                 raise RuntimeError("local sampler flushed but did not resolve this request")
             return future.result()
+
         return compute
 
     def flush(self) -> None:
@@ -155,15 +162,13 @@ class LocalSamplingClient:
             pending, self._pending_samples = self._pending_samples, []
             try:
                 outputs = self._sampler.generate([req for req, _, _ in pending])
-                prompt_lps = self._score_now(
-                    [list(req.prompt) for req, want, _ in pending if want]
-                )
+                prompt_lps = self._score_now([list(req.prompt) for req, want, _ in pending if want])
             except BaseException as exc:
                 for _, _, fut in pending:
                     fut.set_exception(exc)
                 raise
             prompt_iter = iter(prompt_lps)
-            for (req, want, fut), seqs in zip(pending, outputs):
+            for (_req, want, fut), seqs in zip(pending, outputs):
                 fut.set_result(
                     types.SampleResponse(
                         sequences=[
@@ -176,9 +181,12 @@ class LocalSamplingClient:
                             for s in seqs
                         ],
                         prompt_logprobs_np=(
-                            np.asarray([np.nan if v is None else v for v in next(prompt_iter)],
-                                       dtype=np.float32)
-                            if want else None
+                            np.asarray(
+                                [np.nan if v is None else v for v in next(prompt_iter)],
+                                dtype=np.float32,
+                            )
+                            if want
+                            else None
                         ),
                     )
                 )
@@ -220,8 +228,13 @@ class LocalSamplingClient:
         targets = [seq[1:] + [pad] for seq in sequences]
         with torch.inference_mode():
             for group, logprobs in iter_scored_micro_batches(
-                self.model, inputs, targets, pad_id=pad, device=self.engine.device,
-                autocast_dtype=None, token_budget=self.engine.config.micro_batch_tokens,
+                self.model,
+                inputs,
+                targets,
+                pad_id=pad,
+                device=self.engine.device,
+                autocast_dtype=None,
+                token_budget=self.engine.config.micro_batch_tokens,
             ):
                 for idx, lp in zip(group, logprobs):
                     out[idx] = [None] + [float(v) for v in lp[:-1].tolist()]

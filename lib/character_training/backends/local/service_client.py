@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from ...errors import BackendError
 from .engine import LocalEngine, read_checkpoint_meta
-from .futures import LocalFuture
 from .model_files import KNOWN_LOCAL_MODELS, resolve_model_dir
 from .sampling_client import LocalSamplingClient
 from .settings import LocalEngineConfig
@@ -38,15 +37,17 @@ class LocalServiceClient:
     def create_training_client_from_state(self, path: str, **_ignored) -> LocalTrainingClient:
         """Resume from ``save_state``: weights only, like the SDK's method of this name."""
         meta = read_checkpoint_meta(path)
-        client = LocalTrainingClient(self.engine, meta["base_model"], int(meta["rank"]),
-                                     run_id=meta.get("run_id"))
+        client = LocalTrainingClient(
+            self.engine, meta["base_model"], int(meta["rank"]), run_id=meta.get("run_id")
+        )
         client.load_state(path)
         return client
 
     def create_training_client_from_state_with_optimizer(self, path: str, **_ignored):
         meta = read_checkpoint_meta(path)
-        client = LocalTrainingClient(self.engine, meta["base_model"], int(meta["rank"]),
-                                     run_id=meta.get("run_id"))
+        client = LocalTrainingClient(
+            self.engine, meta["base_model"], int(meta["rank"]), run_id=meta.get("run_id")
+        )
         client.load_state_with_optimizer(path)
         return client
 
@@ -54,7 +55,9 @@ class LocalServiceClient:
         self, model_path: str | None = None, base_model: str | None = None, **_ignored
     ) -> LocalSamplingClient:
         if (model_path is None) == (base_model is None):
-            raise BackendError("create_sampling_client: pass exactly one of model_path or base_model")
+            raise BackendError(
+                "create_sampling_client: pass exactly one of model_path or base_model"
+            )
         if model_path is not None:
             return LocalSamplingClient.from_checkpoint(self.engine, model_path)
         resolve_model_dir(base_model)  # type: ignore[arg-type]

@@ -237,7 +237,9 @@ class LocalTrainingClient:
             group["weight_decay"] = params.weight_decay
         grads = [p.grad for p in self._params if p.grad is not None]
         grad_norm = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
             if grads
             else 0.0
         )
@@ -270,7 +272,11 @@ class LocalTrainingClient:
     def _save_adapter(self, path: Path, kind: str) -> None:
         self.model.save_pretrained(str(path / _ADAPTER))
         write_checkpoint_meta(
-            path, kind=kind, base_model=self.base_model, rank=self.rank, steps=self.steps,
+            path,
+            kind=kind,
+            base_model=self.base_model,
+            rank=self.rank,
+            steps=self.steps,
             run_id=self.run_id,
         )
 
@@ -279,7 +285,8 @@ class LocalTrainingClient:
         path = self.engine.checkpoint_dir(self.run_id, "state", name)
         self._save_adapter(path, kind="state")
         optimizer_state = (
-            self._optimizer.state_dict() if self._optimizer is not None
+            self._optimizer.state_dict()
+            if self._optimizer is not None
             else self._optimizer_state_to_restore
         )
         if optimizer_state is not None:
