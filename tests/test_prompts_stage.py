@@ -6,6 +6,7 @@ split once, deterministically, and every set is checked for overlap by normalise
 
 from __future__ import annotations
 
+import pytest
 from character_training.config import load_params
 from character_training.constitutions import load_constitution
 from character_training.prompt_filters import normalize_prompt
@@ -105,3 +106,54 @@ def test_an_unreachable_hub_dataset_warns_in_one_line_and_returns_nothing(monkey
 
     with pytest.raises(DataError, match="unknown hub dataset 'imdb'"):
         hub_prompts("imdb", 1)
+
+
+def test_stage_01_resumes_an_interrupted_run_issuing_only_the_missing_generator_calls(tmp_path):
+    """Kill the stage after some generator calls: the rerun must reuse them, not redo them."""
+    from character_training.backends import get_service_client
+    from character_training.config import with_overrides
+    from character_training.errors import ConfigError
+    from character_training.stages import prompts_gen
+    from character_training.store import read_jsonl, write_jsonl
+
+    params = with_overrides(
+        load_params("tiny", "sarcastic"),
+        {
+            "generator": "tiny-random",
+            "runs_dir": str(tmp_path),
+            "prompts.max_tokens": 24,
+            "prompts.generated_per_assertion": 4,
+            "prompts.per_generation_call": 2,
+            "prompts.general_prompts": 10,
+            "prompts.eval_prompts": 5,
+        },
+    )
+    service = get_service_client("local", root_dir=str(tmp_path / "ckpt"), precision="fp32")
+    calls: list[int] = []
+    real_factory = service.create_sampling_client
+
+    def counting_factory(**kwargs):
+        client = real_factory(**kwargs)
+        real_sample = client.sample
+
+        def sample(*args, **kw):
+            calls.append(1)
+            return real_sample(*args, **kw)
+
+        client.sample = sample
+        return client
+
+    service.create_sampling_client = counting_factory
+    first = prompts_gen.run(params, service)
+    assert len(calls) == first.counts["generator_calls"] == 20  # 10 assertions x 2 calls
+    raw = first.stage_dir / "generation_raw.partial.jsonl"
+    rows = read_jsonl(raw)
+    write_jsonl(raw, rows[:13])  # as if the process died after 13 calls
+    calls.clear()
+    second = prompts_gen.run(params, service)
+    assert len(calls) == 7
+    assert second.counts["generator_calls"] == 20
+    assert read_jsonl(raw)[:13] == rows[:13]  # finished work kept as it was
+    changed = with_overrides(params, {"seed": 5})
+    with pytest.raises(ConfigError, match="different parameters"):
+        prompts_gen.run(changed, service)
