@@ -157,3 +157,12 @@ def test_stage_01_resumes_an_interrupted_run_issuing_only_the_missing_generator_
     changed = with_overrides(params, {"seed": 5})
     with pytest.raises(ConfigError, match="different parameters"):
         prompts_gen.run(changed, service)
+
+
+def test_resolve_client_unwraps_sdk_client_futures_and_passes_local_clients_through():
+    from character_training.backends import resolve_client
+    from character_training.backends.local.futures import LocalFuture
+
+    sentinel = object()
+    assert resolve_client(sentinel) is sentinel
+    assert resolve_client(LocalFuture.completed(sentinel)) is sentinel

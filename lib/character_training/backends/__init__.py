@@ -42,6 +42,21 @@ def get_service_client(backend: str, **local_options: Any):
     raise ConfigError(f"backend={backend!r}: expected one of {BACKENDS}")
 
 
+def resolve_client(client_or_future: Any) -> Any:
+    """The client itself, whichever backend made it.
+
+    Tinker SDK >= 0.38 returns *futures* of clients from ``create_sampling_client``,
+    ``create_lora_training_client`` and ``save_weights_and_get_sampling_client`` (using the
+    future as the client still works but is deprecated); the local engine returns the client.
+    Pipeline code passes every such return value through this function.
+    """
+    from tinker.lib.public_interfaces.api_future import APIFuture
+
+    if isinstance(client_or_future, APIFuture):
+        return client_or_future.result()
+    return client_or_future
+
+
 def service_client_for(params) -> Any:
     """The service client a run's parameters ask for (engine options only for local)."""
     if params.backend == "local":

@@ -27,6 +27,7 @@ from tinker import types
 from tqdm.auto import tqdm
 
 from .. import prompt_filters
+from ..backends import resolve_client
 from ..config import RunParams
 from ..constitutions import Constitution, load_constitution
 from ..prompt_sources import PromptRecord, general_prompt_pool, qualitative_prompts
@@ -203,7 +204,7 @@ def _generate(
     if not calls:
         return done
     assertions = {a.id: a for a in constitution.assertions}
-    sampler = service_client.create_sampling_client(base_model=config.generator)
+    sampler = resolve_client(service_client.create_sampling_client(base_model=config.generator))
     renderer = get_renderer(config.generator_renderer, sampler.get_tokenizer())
     futures = []
     for call in calls:
