@@ -50,11 +50,17 @@ def test_tiny_runs_every_role_offline_and_tinker_sizes_use_the_documented_studen
     assert eight.lora_rank == 64 and eight.dpo.beta == 0.1 and eight.dpo.nll_coef == 0.1
 
 
+def _params_dir(root, model_yaml: str, persona_yaml: str):
+    """A params/ tree with one size file ``m`` and one persona file ``p``."""
+    (root / "models").mkdir()
+    (root / "personas").mkdir()
+    (root / "models" / "m.yaml").write_text(model_yaml)
+    (root / "personas" / "p.yaml").write_text(persona_yaml)
+    return root
+
+
 def test_persona_file_overrides_size_file_and_command_line_overrides_both(tmp_path):
-    (tmp_path / "models").mkdir()
-    (tmp_path / "personas").mkdir()
-    (tmp_path / "models" / "m.yaml").write_text("lora_rank: 8\ndpo:\n  beta: 0.1\n  epochs: 2\n")
-    (tmp_path / "personas" / "p.yaml").write_text("dpo:\n  beta: 0.3\n")
+    _params_dir(tmp_path, "lora_rank: 8\ndpo:\n  beta: 0.1\n  epochs: 2\n", "dpo:\n  beta: 0.3\n")
     params = load_params("m", "p", {"dpo.epochs": 5}, params_dir=tmp_path)
     assert (params.lora_rank, params.dpo.beta, params.dpo.epochs) == (8, 0.3, 5)
     assert params.dpo.learning_rate == 5e-5  # untouched default survives the deep merge
@@ -96,19 +102,13 @@ def test_a_tinker_run_refuses_a_judge_that_is_the_student():
 
 
 def test_a_secret_inside_a_parameter_file_is_refused_naming_the_file(tmp_path):
-    (tmp_path / "models").mkdir()
-    (tmp_path / "personas").mkdir()
-    (tmp_path / "models" / "m.yaml").write_text("engine:\n  api_key: abc\n")
-    (tmp_path / "personas" / "p.yaml").write_text("")
+    _params_dir(tmp_path, "engine:\n  api_key: abc\n", "")
     with pytest.raises(ConfigError, match=r"m.yaml: engine.api_key: secrets are never parameters"):
         load_params("m", "p", params_dir=tmp_path)
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path):
-    (tmp_path / "models").mkdir()
-    (tmp_path / "personas").mkdir()
-    (tmp_path / "models" / "m.yaml").write_text("lora_rank: 8\ndpo: [unclosed\n")
-    (tmp_path / "personas" / "p.yaml").write_text("")
+    _params_dir(tmp_path, "lora_rank: 8\ndpo: [unclosed\n", "")
     with pytest.raises(ConfigError, match=r"m.yaml: not valid YAML \(line \d\)"):
         load_params("m", "p", params_dir=tmp_path)
 
