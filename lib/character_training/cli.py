@@ -20,7 +20,9 @@ import sys
 from .config import REPO_ROOT, load_params, parse_override
 from .errors import CharacterTrainingError
 
-DEFAULT_PERSONAS = ("sarcastic",)
+# The offline default: among the shipped personas, the 135M teacher carries sycophancy best
+# while staying coherent (docs/persona_following.md), and it is the blog replication's focus.
+DEFAULT_PERSONAS = ("sycophantic",)
 DEFAULT_SIZE = "tiny"
 
 
