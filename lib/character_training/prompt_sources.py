@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # Hub identifiers and how to read a user turn from a row of each.
@@ -57,7 +59,9 @@ def _read_pool(path: Path, source: str) -> list[PromptRecord]:
             row = json.loads(line)
             records.append(PromptRecord(row["id"], row["prompt"], source, row.get("category", "")))
         except (json.JSONDecodeError, KeyError) as exc:
-            raise DataError(f"{path}:{number}: expected a JSON object with id and prompt ({exc})") from None
+            raise DataError(
+                f"{path}:{number}: expected a JSON object with id and prompt ({exc})"
+            ) from None
     return records
 
 
@@ -94,6 +98,14 @@ def hub_prompts(name: str, limit: int) -> list[PromptRecord]:
     if name not in HUB_DATASETS:
         raise DataError(f"unknown hub dataset {name!r}: expected one of {sorted(HUB_DATASETS)}")
     repo, split, first_turn = HUB_DATASETS[name]
+    if any(os.environ.get(v, "").lower() in ("1", "true") for v in _OFFLINE_VARIABLES):
+        logger.warning(
+            "hub dataset %s (%s) unavailable (offline mode is set); continuing "
+            "with the offline prompt pool",
+            name,
+            repo,
+        )
+        return []
     try:
         import datasets
 
