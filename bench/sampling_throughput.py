@@ -6,13 +6,21 @@ top_p, token budget, stop at end-of-turn) and the same batch size. Throughput co
 tokens each side actually generated up to and including its stop token, so padding that
 `generate` keeps decoding for finished rows is not counted in its favour or against the engine.
 
+The engine decodes with continuous batching (a finished row's slot is refilled from the queue),
+so its batch size is the number of rows decoded together, as for `generate`; the record also
+gives its batch occupancy (share of decoded rows that were unfinished). With ``--repeats N``
+the two sides alternate N times and the totals are compared, so a change in machine load
+during the run hits both; the 1-minute load average is recorded around each side.
+
 Usage: python bench/sampling_throughput.py [--prompts 64] [--batch-size 32] [--max-tokens 128]
+                                           [--repeats 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -23,12 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from tinker import types  # noqa: E402
-
-from character_training.backends.local import LocalServiceClient, SMOLLM2_NAME  # noqa: E402
+from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient  # noqa: E402
 from character_training.metrics import JsonlLogger  # noqa: E402
 from character_training.renderers import get_renderer  # noqa: E402
 from character_training.renderers.conversation import generation_prompt  # noqa: E402
+from tinker import types  # noqa: E402
 
 
 def example_prompts(count: int) -> list[list[dict]]:
@@ -87,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate engine and generate runs this many times")
     parser.add_argument("--single-prompt-peer", action="store_true",
                         help="also time generate() one prompt at a time (slow)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling.jsonl"))
@@ -95,6 +104,7 @@ def main() -> None:
     service = LocalServiceClient(root_dir=str(ROOT / "runs" / ".bench"),
                                  precision=args.precision, max_batch_size=args.batch_size)
     client = service.create_sampling_client(base_model=SMOLLM2_NAME)
+    client._sampler.show_progress = False  # keep the output to the record
     tokenizer = client.get_tokenizer()
     renderer = get_renderer("smollm2", tokenizer)
     prompts = [generation_prompt(renderer, m) for m in example_prompts(args.prompts)]
@@ -105,9 +115,19 @@ def main() -> None:
     run_engine(client, prompts[: min(4, len(prompts))], params)  # warm-up both paths
     run_generate(client.model, tokenizer, prompts[:2], 2, params, eos_id)
 
-    engine_tokens, engine_s = run_engine(client, prompts, params)
-    peer_tokens, peer_s = run_generate(client.model, tokenizer, prompts, args.batch_size,
+    engine_tokens = peer_tokens = 0
+    engine_s = peer_s = 0.0
+    loads: dict[str, list[float]] = {"engine": [], "generate": []}
+    for _ in range(args.repeats):
+        loads["engine"].append(os.getloadavg()[0])
+        tokens, seconds = run_engine(client, prompts, params)
+        engine_tokens, engine_s = engine_tokens + tokens, engine_s + seconds
+        stats = client._sampler.stats
+        loads["generate"].append(os.getloadavg()[0])
+        tokens, seconds = run_generate(client.model, tokenizer, prompts, args.batch_size,
                                        params, eos_id)
+        peer_tokens, peer_s = peer_tokens + tokens, peer_s + seconds
+    loads["generate"].append(os.getloadavg()[0])
     record = {
         "bench": "sampling_throughput",
         "model": SMOLLM2_NAME,
@@ -122,6 +142,15 @@ def main() -> None:
         "generate_seconds": round(peer_s, 2),
         "generate_tok_per_s": round(peer_tokens / peer_s, 1),
         "ratio_vs_generate_same_batch": round((engine_tokens / engine_s) / (peer_tokens / peer_s), 2),
+        "repeats": args.repeats,
+        "engine_occupancy": round(stats.occupancy, 3),
+        "engine_steps": stats.steps,
+        "engine_mean_span": round(stats.span_columns / max(1, stats.steps), 1),
+        "engine_waves": stats.waves,
+        "engine_admissions": stats.admissions,
+        "engine_shifts": stats.shifts,
+        "load_avg_1m_engine_start": [round(v, 2) for v in loads["engine"]],
+        "load_avg_1m_generate_start_end": [round(v, 2) for v in loads["generate"]],
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }

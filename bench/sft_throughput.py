@@ -32,13 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from tinker import types  # noqa: E402
-
-from character_training.backends.local import LocalServiceClient, SMOLLM2_NAME  # noqa: E402
+from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient  # noqa: E402
 from character_training.backends.local.forward import autocast_context  # noqa: E402
 from character_training.metrics import JsonlLogger  # noqa: E402
 from character_training.renderers import get_renderer  # noqa: E402
 from character_training.renderers.conversation import supervised_datum  # noqa: E402
+from tinker import types  # noqa: E402
 
 RANK = 8
 ADAM = types.AdamParams(learning_rate=1e-4)  # betas 0.9/0.95, eps 1e-12, no weight decay

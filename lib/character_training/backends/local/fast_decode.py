@@ -245,7 +245,10 @@ class StaticCache:
         if offset <= 0:
             return
         width = end - offset
+        overlap = offset < width
         for tensor in (self.keys, self.values):
-            tensor[:, :, :, :width] = tensor[:, :, :, offset:end].clone()
+            for layer in tensor:  # one layer at a time bounds the temporary copy
+                moved = layer[:, :, offset:end]
+                layer[:, :, :width] = moved.clone() if overlap else moved
         self.valid[:, :width] = self.valid[:, offset:end].clone()
         self.valid[:, width:] = False
