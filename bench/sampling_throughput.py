@@ -70,8 +70,8 @@ def run_generate(model, tokenizer, prompts, batch_size, params, eos_id) -> tuple
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for row, tokens in enumerate(chunk):
-                ids[row, width - len(tokens):] = torch.tensor(tokens)
-                mask[row, width - len(tokens):] = 1
+                ids[row, width - len(tokens) :] = torch.tensor(tokens)
+                mask[row, width - len(tokens) :] = 1
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -94,22 +94,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="alternate engine and generate runs this many times")
-    parser.add_argument("--single-prompt-peer", action="store_true",
-                        help="also time generate() one prompt at a time (slow)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="alternate engine and generate runs this many times"
+    )
+    parser.add_argument(
+        "--single-prompt-peer",
+        action="store_true",
+        help="also time generate() one prompt at a time (slow)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling.jsonl"))
     args = parser.parse_args()
 
-    service = LocalServiceClient(root_dir=str(ROOT / "runs" / ".bench"),
-                                 precision=args.precision, max_batch_size=args.batch_size)
+    service = LocalServiceClient(
+        root_dir=str(ROOT / "runs" / ".bench"),
+        precision=args.precision,
+        max_batch_size=args.batch_size,
+    )
     client = service.create_sampling_client(base_model=SMOLLM2_NAME)
     client._sampler.show_progress = False  # keep the output to the record
     tokenizer = client.get_tokenizer()
     renderer = get_renderer("smollm2", tokenizer)
     prompts = [generation_prompt(renderer, m) for m in example_prompts(args.prompts)]
-    params = types.SamplingParams(max_tokens=args.max_tokens, temperature=0.7, top_p=0.95,
-                                  seed=0)
+    params = types.SamplingParams(max_tokens=args.max_tokens, temperature=0.7, top_p=0.95, seed=0)
     eos_id = int(tokenizer.eos_token_id)
 
     run_engine(client, prompts[: min(4, len(prompts))], params)  # warm-up both paths
@@ -124,8 +130,9 @@ def main() -> None:
         engine_tokens, engine_s = engine_tokens + tokens, engine_s + seconds
         stats = client._sampler.stats
         loads["generate"].append(os.getloadavg()[0])
-        tokens, seconds = run_generate(client.model, tokenizer, prompts, args.batch_size,
-                                       params, eos_id)
+        tokens, seconds = run_generate(
+            client.model, tokenizer, prompts, args.batch_size, params, eos_id
+        )
         peer_tokens, peer_s = peer_tokens + tokens, peer_s + seconds
     loads["generate"].append(os.getloadavg()[0])
     record = {
@@ -141,7 +148,9 @@ def main() -> None:
         "generate_tokens": peer_tokens,
         "generate_seconds": round(peer_s, 2),
         "generate_tok_per_s": round(peer_tokens / peer_s, 1),
-        "ratio_vs_generate_same_batch": round((engine_tokens / engine_s) / (peer_tokens / peer_s), 2),
+        "ratio_vs_generate_same_batch": round(
+            (engine_tokens / engine_s) / (peer_tokens / peer_s), 2
+        ),
         "repeats": args.repeats,
         "engine_occupancy": round(stats.occupancy, 3),
         "engine_steps": stats.steps,

@@ -75,8 +75,9 @@ def chat_batch(renderer, batch: int, seq_len: int) -> list[types.Datum]:
             key: types.TensorData.from_torch(value.to_torch()[:seq_len])
             for key, value in datum.loss_fn_inputs.items()
         }
-        data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                                loss_fn_inputs=inputs))
+        data.append(
+            types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+        )
     return data
 
 
@@ -89,22 +90,33 @@ class PeftLoop:
         engine = service.engine
         torch.manual_seed(seed)
         base = engine.load_trainable_base(SMOLLM2_NAME)
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
-                            target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=RANK,
+            lora_alpha=2 * RANK,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         self.model = get_peft_model(base, config)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps,
+            params,
+            lr=ADAM.learning_rate,
+            betas=(ADAM.beta1, ADAM.beta2),
+            eps=ADAM.eps,
             weight_decay=ADAM.weight_decay,
         )
         self.device = engine.device
         self.dtype = engine.compute_dtype
         self.ids = torch.tensor([d.model_input.to_ints() for d in data], device=self.device)
         self.targets = torch.stack(
-            [d.loss_fn_inputs["target_tokens"].to_torch().long() for d in data]).to(self.device)
+            [d.loss_fn_inputs["target_tokens"].to_torch().long() for d in data]
+        ).to(self.device)
         self.weights = torch.stack(
-            [d.loss_fn_inputs["weights"].to_torch().float() for d in data]).to(self.device)
+            [d.loss_fn_inputs["weights"].to_torch().float() for d in data]
+        ).to(self.device)
 
     def step(self) -> float:
         with autocast_context(self.device, self.dtype):

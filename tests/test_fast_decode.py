@@ -50,8 +50,8 @@ def left_pad(prompts: list[list[int]], pad_id: int):
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -83,7 +83,9 @@ def test_fast_decoder_logits_equal_the_hf_model_through_prefill_decode_refill_an
     with torch.no_grad():
         ids, mask = left_pad(seqs, pad)
         logits = decoder.prefill(cache, torch.arange(3), ids, mask)
-        gaps += [float((logits[r] - hf_last_logits(model, s)).abs().max()) for r, s in enumerate(seqs)]
+        gaps += [
+            float((logits[r] - hf_last_logits(model, s)).abs().max()) for r, s in enumerate(seqs)
+        ]
         width = ids.shape[1]
         starts = [width - len(s) for s in seqs]
         column, positions = steps(3, width, torch.tensor([len(s) for s in seqs]))
@@ -92,9 +94,15 @@ def test_fast_decoder_logits_equal_the_hf_model_through_prefill_decode_refill_an
         # the current column; its old columns are stale now, the other rows go on
         new_prompt = tokenizer.encode(TEXTS[3])
         ids, mask = left_pad([new_prompt], pad)
-        logits = decoder.prefill(cache, torch.tensor([1]), ids, mask, start=column - len(new_prompt))
+        logits = decoder.prefill(
+            cache, torch.tensor([1]), ids, mask, start=column - len(new_prompt)
+        )
         gaps.append(float((logits[0] - hf_last_logits(model, new_prompt)).abs().max()))
-        seqs[1], positions[1], starts[1] = list(new_prompt), len(new_prompt), column - len(new_prompt)
+        seqs[1], positions[1], starts[1] = (
+            list(new_prompt),
+            len(new_prompt),
+            column - len(new_prompt),
+        )
         column, positions = steps(3, column, positions)
 
         # no live row needs the columns before min(starts) any more: shift them out
@@ -147,19 +155,28 @@ def test_refilled_slots_sample_exactly_what_each_request_samples_alone(
     assert len({tuple(s.tokens) for s in triple}) == 3  # shared prefill, distinct samples
 
 
-def test_the_hf_fallback_path_samples_what_the_fast_path_samples(
-    new_tiny_trainer, tokenizer
-):
+def test_the_hf_fallback_path_samples_what_the_fast_path_samples(new_tiny_trainer, tokenizer):
     sampler = new_tiny_trainer(seed=3, scale=0.5).save_weights_and_get_sampling_client()
     requests = [
-        GenerationRequest(prompt=tuple(p.to_ints()), num_samples=n, max_tokens=sp.max_tokens,
-                          temperature=1.0, seed=sp.seed)
+        GenerationRequest(
+            prompt=tuple(p.to_ints()),
+            num_samples=n,
+            max_tokens=sp.max_tokens,
+            temperature=1.0,
+            seed=sp.seed,
+        )
         for p, n, sp in _requests(tokenizer)
     ]
 
     def run(fast: bool):
-        engine = BatchedSampler(sampler.model, tokenizer, torch.device("cpu"), max_batch_size=3,
-                                show_progress=False, use_fast_decoder=fast)
+        engine = BatchedSampler(
+            sampler.model,
+            tokenizer,
+            torch.device("cpu"),
+            max_batch_size=3,
+            show_progress=False,
+            use_fast_decoder=fast,
+        )
         assert (engine.fast is not None) == fast
         return engine.generate(requests)
 
@@ -197,6 +214,6 @@ def test_compute_logprobs_equals_the_sampled_logprobs_of_rows_admitted_by_refill
         for p, s in zip(prompts, sequences)
     ]
     for prompt, seq, score in zip(prompts, sequences, scores):
-        rescored = np.asarray(score.result()[prompt.length:])
+        rescored = np.asarray(score.result()[prompt.length :])
         assert len(seq.tokens) >= 1
         np.testing.assert_allclose(rescored, np.asarray(seq.logprobs), atol=1e-4, rtol=0)

@@ -77,8 +77,11 @@ class FastDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = float(config.rms_norm_eps)
         self.scale = self.head_dim**-0.5
-        theta = float((getattr(config, "rope_parameters", None) or {}).get(
-            "rope_theta", getattr(config, "rope_theta", 10000.0)))
+        theta = float(
+            (getattr(config, "rope_parameters", None) or {}).get(
+                "rope_theta", getattr(config, "rope_theta", 10000.0)
+            )
+        )
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         self.inv_freq = (1.0 / (theta**exponent)).to(self.device)
         inner = model.model
@@ -134,8 +137,14 @@ class FastDecoder:
         )
 
     # -- forward passes -------------------------------------------------------------------------
-    def prefill(self, cache: "StaticCache", rows: torch.Tensor, ids: torch.Tensor,
-                mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def prefill(
+        self,
+        cache: "StaticCache",
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: int = 0,
+    ) -> torch.Tensor:
         """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
         [start, start + T).
 
@@ -154,7 +163,8 @@ class FastDecoder:
         causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
         # Padding queries attend to themselves only, which keeps every softmax finite.
         attn_mask = (causal[None] & valid[:, None, :]) | torch.eye(
-            t, dtype=torch.bool, device=self.device)[None]
+            t, dtype=torch.bool, device=self.device
+        )[None]
         attn_mask = attn_mask[:, None]  # [R, 1, T, T]
         h = F.embedding(ids, self.embed)
         for index, layer in enumerate(self.layers):
@@ -180,8 +190,9 @@ class FastDecoder:
         gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, layer.down)
 
-    def decode(self, cache: "StaticCache", tokens: torch.Tensor, positions: torch.Tensor,
-               column: int) -> torch.Tensor:
+    def decode(
+        self, cache: "StaticCache", tokens: torch.Tensor, positions: torch.Tensor, column: int
+    ) -> torch.Tensor:
         """One step for every cache row: ``tokens`` [B] at ``positions`` [B], written at
         ``column``. Returns logits [B, vocab] (float32)."""
         b = tokens.shape[0]

@@ -193,8 +193,9 @@ class SamplerStats:
 class _Wave:
     """One static cache and the row decoding in each of its slots (``None``: free)."""
 
-    def __init__(self, cache: fast_decode.StaticCache, column: int, vocab: int,
-                 device: torch.device):
+    def __init__(
+        self, cache: fast_decode.StaticCache, column: int, vocab: int, device: torch.device
+    ):
         slots = cache.keys.shape[1]
         self.cache = cache
         self.rows: list[_Row | None] = [None] * slots
@@ -260,7 +261,10 @@ class BatchedSampler:
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].prompt), rows[i].prompt))
         ordered = [rows[i] for i in order]
         progress = tqdm(
-            total=len(rows), desc="sampling", unit="seq", leave=False,
+            total=len(rows),
+            desc="sampling",
+            unit="seq",
+            leave=False,
             disable=not self.show_progress or len(rows) < 2 * self.max_batch_size,
         )
         self.stats = SamplerStats()
@@ -319,7 +323,7 @@ class BatchedSampler:
     def _hit_stop_string(self, row: _Row, max_stop_len: int) -> bool:
         if not row.params.stop_strings:
             return False
-        tail = self.tokenizer.decode(row.out.tokens[-(max_stop_len + 1):])
+        tail = self.tokenizer.decode(row.out.tokens[-(max_stop_len + 1) :])
         return any(stop in tail for stop in row.params.stop_strings)
 
     @staticmethod
@@ -332,8 +336,8 @@ class BatchedSampler:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt):] = 1
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     # -- fast path: continuous batching over static caches ------------------------------------
@@ -372,8 +376,12 @@ class BatchedSampler:
             width = max(len(r.prompt) for r in pending)
             longest = max(r.params.max_tokens for r in pending)
             capacity = self._wave_capacity(slots, width, longest)
-            wave = _Wave(self.fast.new_cache(slots, capacity), column=width,
-                         vocab=self.fast.vocab, device=self.device)
+            wave = _Wave(
+                self.fast.new_cache(slots, capacity),
+                column=width,
+                vocab=self.fast.vocab,
+                device=self.device,
+            )
             self.stats.waves += 1
             self._run_wave(wave, pending, max_stop_len, on_done)
 
@@ -433,8 +441,10 @@ class BatchedSampler:
             offset = min(offset, wave.column - len(pending[0].prompt))
         if offset <= 0:
             return
-        blocked = room_wanted and bool(pending) and (
-            wave.column + pending[0].params.max_tokens > wave.cache.capacity
+        blocked = (
+            room_wanted
+            and bool(pending)
+            and (wave.column + pending[0].params.max_tokens > wave.cache.capacity)
         )
         if blocked or offset >= max(self.MIN_SHIFT, (wave.column + 1) // 4):
             wave.cache.shift_left(offset, wave.column)
@@ -481,10 +491,10 @@ class BatchedSampler:
             src, dst = (torch.tensor(side, device=self.device) for side in zip(*copies))
             wave.cache.copy_rows(src, dst, start, column)
         slot_index = torch.tensor(slots, device=self.device)
-        wave.logits[slot_index] = prompt_logits[torch.tensor(row_to_unique)].to(
-            wave.logits.device)
+        wave.logits[slot_index] = prompt_logits[torch.tensor(row_to_unique)].to(wave.logits.device)
         wave.positions[slot_index] = torch.tensor(
-            [len(r.prompt) for r in admitted], device=self.device)
+            [len(r.prompt) for r in admitted], device=self.device
+        )
         for slot, row in zip(slots, admitted):
             wave.rows[slot] = row
             wave.starts[slot] = column - len(row.prompt)
