@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,6 +202,9 @@ def run_matrix(
     timeout: int | None = None,
 ) -> list[NotebookResult]:
     """Run the notebooks for every persona x size; returns one result per notebook."""
+    # Kernels inherit this: torch's OpenMP threads otherwise busy-wait, and on a shared CPU
+    # that made decode steps up to 10x slower (measured); sleeping threads cost little here.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     names = resolve_notebooks(notebooks)
     plans = [
         (persona, size, load_params(size, persona, overrides))
