@@ -114,11 +114,12 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
 
 
 def test_papermill_parameters_round_trip_and_carry_no_secret(monkeypatch):
-    monkeypatch.setenv("TINKER_API_KEY", "tml-supersecretvalue0123456789")
+    fake_key = "tml-" + "supersecret" * 3  # built at run time so no key-like literal is tracked
+    monkeypatch.setenv("TINKER_API_KEY", fake_key)
     params = load_params("8b", "loving", {"dpo.beta": 0.25})
     injected = params.papermill_parameters()
     assert set(injected) == {"persona", "size", "params_json"}
-    assert "tml-supersecret" not in json.dumps(injected)
+    assert fake_key not in json.dumps(injected) and "supersecret" not in json.dumps(injected)
     assert params_from_json(injected["params_json"]) == params
 
 
