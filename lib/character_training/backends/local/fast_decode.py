@@ -16,7 +16,9 @@ module runs the *same mathematics* on the same weights with
   columns just before the current one (`prefill` with ``start``), while the other rows go on.
   This is what lets the sampler keep its batch full (see `generation`).
 * `StaticCache.shift_left`: columns no live row still needs are dropped by moving the rest to
-  the front; every step's attention reads columns ``[0, column]``, so dead columns cost time.
+  the front; every step's attention reads columns ``[0, column]``, so dead columns cost time;
+* once nothing is left to refill with, finished rows leave the batch by an index-select on the
+  cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step.
 
 It reproduces the HF model's numerics (RMSNorm in fp32, rotary tables in fp32 then cast, the
 same softmax scale); a test compares its logits with the HF model's, including after a slot

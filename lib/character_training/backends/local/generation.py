@@ -5,16 +5,18 @@ its own seed, stop sequences and token budget, and needs the log-probability of 
 token. This decoder differs from ``generate`` where that matters for throughput and for the
 SDK contract:
 
-* continuous batching (Llama-family models, on `fast_decode.FastDecoder`): on a CPU, decoding
-  is bound by memory traffic, and most of a step's cost is reading the weights once, whatever
-  the number of rows (SmolLM2-135M in bf16 on this project's 2-core CPU: ~70 ms for 8 rows,
-  ~105 ms for 32, ~190 ms for 64), so throughput grows with the rows *alive* in each step.
-  Answers end at very different lengths; a batch decoded until its longest row ends spends
-  most of its steps on finished rows. Here a finished row's cache slot is given to a queued
-  sequence: its prompt is prefilled into the columns just before the current one and it joins
-  the next step. Columns that no live row needs any more are dropped by shifting the cache
-  left (every step's attention reads all columns up to the current one), so one cache (a
-  "wave") serves the whole queue; only the tail, once the queue is empty, shrinks the batch;
+* continuous batching (Llama-family models, on `fast_decode.FastDecoder`): a decode step has
+  a large fixed cost, reading every weight once, plus a cost per row (SmolLM2-135M in bf16 on
+  this project's 2-core CPU: ~70 ms for 8 rows, ~105 ms for 32, ~190 ms for 64). A batch
+  decoded until its longest row ends pays the fixed cost for fewer and fewer live rows (and
+  the per-row cost of finished rows until they are dropped), once per batch. Here a finished
+  row's cache slot is given to a queued sequence: its prompt is prefilled into the columns
+  just before the current one and it joins the next step, so the batch stays full and the
+  half-empty tail comes once per queue instead of once per batch. The price: every row's
+  attention reads all columns from the oldest live row's first one (masked where they are
+  not its own), so columns that no live row needs are dropped by shifting the cache left;
+  one cache (a "wave") then serves the whole queue, and only the tail, once the queue is
+  empty, shrinks the batch;
 * prompts are sorted by length (longest first), so left padding inside one prefill is small
   and every later prompt fits in front of the current column;
 * a prompt sampled ``n`` times is prefilled once and its cache columns are copied ``n`` times;
