@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types as pytypes
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,8 +391,6 @@ def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {path}: expected a mapping, found {value!r}")
         return dict(value)
-    if isinstance(hint, pytypes.UnionType):
-        return value
     return value
 
 

@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from .errors import ConfigError, DataError
 
@@ -64,10 +64,6 @@ def read_jsonl(path: Path) -> list[dict]:
                 break  # the write in flight when the process stopped
             raise DataError(f"{path}:{number}: not valid JSON") from None
     return records
-
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    yield from read_jsonl(path)
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -235,16 +235,10 @@ class LocalTrainingClient:
             group["betas"] = (params.beta1, params.beta2)
             group["eps"] = params.eps
             group["weight_decay"] = params.weight_decay
-        grads = [p.grad for p in self._params if p.grad is not None]
-        grad_norm = (
-            float(
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            )
-            if grads
-            else 0.0
-        )
-        if params.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, params.grad_clip_norm)
+        # One pass computes the global norm (reported) and clips; without a limit the scale
+        # factor is exactly 1, so the gradients are untouched.
+        max_norm = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.steps += 1
