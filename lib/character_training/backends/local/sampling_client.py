@@ -224,12 +224,11 @@ class LocalSamplingClient:
             return []
         out: list[list[float | None]] = [[] for _ in sequences]
         pad = int(self._tokenizer.pad_token_id)
-        inputs = [seq for seq in sequences]
         targets = [seq[1:] + [pad] for seq in sequences]
         with torch.inference_mode():
             for group, logprobs in iter_scored_micro_batches(
                 self.model,
-                inputs,
+                sequences,
                 targets,
                 pad_id=pad,
                 device=self.engine.device,
