@@ -25,6 +25,7 @@ from character_training.backends.local import (
     TINY_RANDOM_NAME,
     LocalServiceClient,
 )
+from character_training.backends.local.lora import lora_scale
 from character_training.renderers import get_renderer
 
 TINY = TINY_RANDOM_NAME
@@ -77,8 +78,11 @@ def randomize_lora(training_client, seed: int, scale: float) -> None:
 
     PEFT starts ``B`` at zero, which makes the adapter a no-op and the gradient of every ``A``
     matrix exactly zero; a gradient comparison on such a model would check half the
-    parameters against zeros. Random ``B`` makes both factors carry signal.
+    parameters against zeros. Random ``B`` makes both factors carry signal. ``scale`` is the
+    size of the *effective* update ``(alpha / rank) * B``, so the adapter perturbs the model by
+    the same amount whatever the LoRA scale convention.
     """
+    scale = scale / lora_scale(training_client.rank)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in training_client.model.named_parameters():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ...errors import BackendError
 from .engine import LocalEngine, read_checkpoint_meta
+from .lora import parts_flags
 from .model_files import KNOWN_LOCAL_MODELS, resolve_model_dir
 from .sampling_client import LocalSamplingClient
 from .settings import LocalEngineConfig
@@ -26,10 +27,25 @@ class LocalServiceClient:
         return {"supported_models": list(KNOWN_LOCAL_MODELS), "backend": "local"}
 
     def create_lora_training_client(
-        self, base_model: str, rank: int = 32, seed: int | None = None, **_ignored
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        **_ignored,
     ) -> LocalTrainingClient:
         resolve_model_dir(base_model)  # fail fast with the list of known models
-        return LocalTrainingClient(self.engine, base_model, rank, seed=seed)
+        return LocalTrainingClient(
+            self.engine,
+            base_model,
+            rank,
+            seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+        )
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> LocalTrainingClient:
         return self.create_lora_training_client(*args, **kwargs)
@@ -38,7 +54,11 @@ class LocalServiceClient:
         """Resume from ``save_state``: weights only, like the SDK's method of this name."""
         meta = read_checkpoint_meta(path)
         client = LocalTrainingClient(
-            self.engine, meta["base_model"], int(meta["rank"]), run_id=meta.get("run_id")
+            self.engine,
+            meta["base_model"],
+            int(meta["rank"]),
+            run_id=meta.get("run_id"),
+            **parts_flags(meta),
         )
         client.load_state(path)
         return client
@@ -46,7 +66,11 @@ class LocalServiceClient:
     def create_training_client_from_state_with_optimizer(self, path: str, **_ignored):
         meta = read_checkpoint_meta(path)
         client = LocalTrainingClient(
-            self.engine, meta["base_model"], int(meta["rank"]), run_id=meta.get("run_id")
+            self.engine,
+            meta["base_model"],
+            int(meta["rank"]),
+            run_id=meta.get("run_id"),
+            **parts_flags(meta),
         )
         client.load_state_with_optimizer(path)
         return client

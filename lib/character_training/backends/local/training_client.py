@@ -3,8 +3,8 @@
 Semantics copied from the service (not its code): gradients from successive
 ``forward_backward`` calls accumulate until ``optim_step``; losses are token sums; the optimiser
 is AdamW with Tinker's defaults (betas 0.9/0.95, eps 1e-12, no weight decay); LoRA uses
-alpha = 2 * rank on every linear layer of the transformer blocks (the tied unembedding of small
-models is left frozen). Checkpoints are plain directories with the PEFT adapter, the optimiser
+LoRA follows Tinker's parametrisation (alpha 32, scale alpha/rank, attention + MLP + unembedding
+by default; see `lora`). Checkpoints are plain directories with the PEFT adapter, the optimiser
 state and a small JSON manifest, so a run can resume after an interruption.
 
 ``forward_backward_custom`` follows the SDK's contract ``loss_fn(data, logprobs_list) ->
@@ -17,6 +17,7 @@ with respect to each log-probability, and replays the micro-batches with the lin
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ from ...errors import BackendError, DataError
 from .engine import LocalEngine, read_checkpoint_meta, write_checkpoint_meta
 from .forward import iter_scored_micro_batches, micro_batches
 from .futures import LocalFuture
+from .lora import LORA_ALPHA, lora_parts, lora_target_modules
 from .losses import BUILTIN_LOSSES, loss_inputs_as_tensors
 
 logger = logging.getLogger(__name__)
@@ -72,14 +74,19 @@ class LocalTrainingClient:
         rank: int,
         seed: int | None = None,
         run_id: str | None = None,
+        *,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
     ):
-        if not isinstance(rank, int) or rank < 1:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise BackendError(f"LoRA rank={rank!r}: expected a positive integer")
         from peft import LoraConfig, get_peft_model
 
         self.engine = engine
         self.base_model = base_model
         self.rank = rank
+        self.trained_parts = lora_parts(train_mlp, train_attn, train_unembed)
         self.run_id = run_id or engine.new_run_id()
         self._tokenizer = engine.tokenizer(base_model)
         if seed is not None:
@@ -87,13 +94,17 @@ class LocalTrainingClient:
         base = engine.load_trainable_base(base_model)
         lora = LoraConfig(
             r=rank,
-            lora_alpha=2 * rank,
+            lora_alpha=LORA_ALPHA,
             lora_dropout=0.0,
-            target_modules="all-linear",
+            target_modules=lora_target_modules(base, self.trained_parts),
             bias="none",
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(base, lora)
+        with warnings.catch_warnings():
+            # With tied embeddings peft warns that merging would also change the input
+            # embedding; the engine never merges (sampling applies the adapter unmerged).
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            self.model = get_peft_model(base, lora)
         self.model.train()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._optimizer: torch.optim.AdamW | None = None
@@ -264,12 +275,14 @@ class LocalTrainingClient:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save_adapter(self, path: Path, kind: str) -> None:
-        self.model.save_pretrained(str(path / _ADAPTER))
+        # The base weights never change, so the (tied) embedding matrix is not saved with it.
+        self.model.save_pretrained(str(path / _ADAPTER), save_embedding_layers=False)
         write_checkpoint_meta(
             path,
             kind=kind,
             base_model=self.base_model,
             rank=self.rank,
+            trained_parts=list(self.trained_parts),
             steps=self.steps,
             run_id=self.run_id,
         )
