@@ -151,3 +151,73 @@ def test_every_parameter_file_documents_itself_with_a_header_comment():
         (PARAMS_DIR / "personas").glob("*.yaml")
     ):
         assert path.read_text().startswith("#"), path
+
+
+# -- ranges: every numeric parameter is checked where it is loaded ------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"dpo.learning_rate": 0}, "dpo.learning_rate=0.0: expected > 0"),
+        ({"sft.learning_rate": -1e-5}, "sft.learning_rate=-1e-05: expected > 0"),
+        ({"dpo.batch_size": 0}, "dpo.batch_size=0: expected >= 1"),
+        ({"sft.batch_size": 0}, "sft.batch_size=0: expected >= 1"),
+        ({"dpo.epochs": 0}, "dpo.epochs=0: expected >= 1"),
+        ({"sft.epochs": 0}, "sft.epochs=0: expected >= 1"),
+        ({"dpo.beta": 0}, "dpo.beta=0.0: expected > 0"),
+        ({"dpo.nll_coef": -0.1}, "dpo.nll_coef=-0.1: expected >= 0"),
+        ({"dpo.response_tokens": 0}, "dpo.response_tokens=0: expected >= 1"),
+        ({"introspection.interactions": -1}, "introspection.interactions=-1: expected >= 0"),
+        (
+            {"introspection.interaction_turns": 0},
+            "introspection.interaction_turns=0: expected >= 1",
+        ),
+        ({"evals.elo_comparisons": -5}, "evals.elo_comparisons=-5: expected >= 0"),
+        ({"evals.rl_group_size": 0}, "evals.rl_group_size=0: expected >= 1"),
+        ({"evals.robustness_splits": 0}, "evals.robustness_splits=0: expected >= 1"),
+        ({"prompts.eval_prompts": -1}, "prompts.eval_prompts=-1: expected >= 0"),
+        ({"engine.device": "tpu"}, "engine.device='tpu': expected one of ('auto', 'cpu', 'cuda')"),
+        ({"engine.precision": "fp16"}, "engine.precision='fp16': expected one of ('auto'"),
+        ({"engine.max_batch_size": 0}, "engine.max_batch_size=0: expected >= 1"),
+        ({"sampling.temperature": -0.5}, "sampling.temperature=-0.5: expected >= 0"),
+        ({"sampling.top_p": 0}, "sampling.top_p=0.0: expected in (0, 1]"),
+        ({"sampling.top_k": 0}, "sampling.top_k=0: expected -1 (off) or >= 1"),
+        ({"seed": -1}, "seed=-1: expected >= 0"),
+        ({"runner.notebook_timeout_s": 0}, "runner.notebook_timeout_s=0: expected >= 1"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_out_of_range_values_fail_in_one_line_naming_the_files_and_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_params("tiny", "sarcastic", override)
+    assert str(info.value).startswith("tiny.yaml + sarcastic.yaml: ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_an_out_of_range_value_in_a_file_names_that_file(tmp_path):
+    _params_dir(tmp_path, "dpo:\n  beta: 0.1\n", "dpo:\n  beta: -0.2\n")
+    with pytest.raises(ConfigError, match=r"m.yaml \+ p.yaml: dpo.beta=-0.2: expected > 0"):
+        load_params("m", "p", params_dir=tmp_path)
+
+
+def test_zero_sized_optional_stages_and_boundary_values_are_accepted():
+    params = load_params(
+        "tiny",
+        "sarcastic",
+        {
+            "evals.rl_steps": 0,
+            "introspection.interactions": 0,
+            "dpo.nll_coef": 0,
+            "sampling.temperature": 0,
+            "sampling.top_p": 1,
+            "sampling.top_k": 1,
+        },
+    )
+    assert params.evals.rl_steps == 0 and params.sampling.temperature == 0.0
+
+
+def test_new_safety_switches_default_to_failing_loudly():
+    params = load_params("tiny", "sarcastic")
+    assert params.prompts.allow_smaller_pool is False
+    assert params.prompts.hub_offline_fallback is False
+    assert params.runner.notebook_timeout_s >= 3600

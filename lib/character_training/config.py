@@ -26,6 +26,8 @@ from .errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO_ROOT / "params"
 _SECRET_WORDS = ("api_key", "apikey", "secret", "token_value", "password")
+PRECISIONS = ("auto", "bf16", "fp32")  # the local engine's (backends/local/settings.py)
+DEVICES = ("auto", "cpu", "cuda")
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -37,6 +39,13 @@ class EngineParams:
     device: str = "auto"  # auto | cpu | cuda
     max_batch_size: int = 64  # sequences decoded together
     micro_batch_tokens: int = 8192  # padded tokens per training/scoring forward
+
+    def __post_init__(self) -> None:
+        _check(
+            self.precision in PRECISIONS, "engine.precision", self.precision, f"one of {PRECISIONS}"
+        )
+        _check(self.device in DEVICES, "engine.device", self.device, f"one of {DEVICES}")
+        _check_min(self, "engine", ("max_batch_size", "micro_batch_tokens"), 1)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class SamplingParams:
         _check(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0")
         _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
         _check(self.max_tokens >= 1, "sampling.max_tokens", self.max_tokens, ">= 1")
+        _check(
+            self.top_k == -1 or self.top_k >= 1, "sampling.top_k", self.top_k, "-1 (off) or >= 1"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,12 @@ class PromptParams:
     general_prompts: int = 300  # general prompts mixed into DPO training (paper: LIMA)
     eval_prompts: int = 100  # held-out general prompts for evaluations (never trained on)
     hub_datasets: tuple[str, ...] = ()  # e.g. ("lima", "wildchat", "pure-dove"); needs network
+    # An unreachable hub data set stops the run; true continues with the offline pool instead
+    # (the stage records the pool it actually used: per-source counts and a content hash).
+    hub_offline_fallback: bool = False
+    # Fewer general prompts than general_prompts + eval_prompts stops the run; true shrinks both
+    # proportionally, with a warning kept in the stage manifest.
+    allow_smaller_pool: bool = False
     max_tokens: int = 600  # generator budget per call
 
     def __post_init__(self) -> None:
@@ -94,6 +112,11 @@ class DPOParams:
     epochs: int = 1
     response_tokens: int = 400  # planned mean tokens per response (cost estimate)
 
+    def __post_init__(self) -> None:
+        _check_positive(self, "dpo", ("learning_rate", "beta"))
+        _check(self.nll_coef >= 0, "dpo.nll_coef", self.nll_coef, ">= 0")
+        _check_min(self, "dpo", ("batch_size", "epochs", "response_tokens"), 1)
+
 
 @dataclass(frozen=True)
 class SFTParams:
@@ -102,6 +125,10 @@ class SFTParams:
     learning_rate: float = 5e-5
     batch_size: int = 32
     epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "sft", ("learning_rate",))
+        _check_min(self, "sft", ("batch_size", "epochs"), 1)
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,10 @@ class IntrospectionParams:
     interactions: int = 2000
     interaction_turns: int = 10
     response_tokens: int = 700
+
+    def __post_init__(self) -> None:
+        _check_min(self, "introspection", ("reflections_per_prompt", "interactions"), 0)
+        _check_min(self, "introspection", ("interaction_turns", "response_tokens"), 1)
 
 
 @dataclass(frozen=True)
@@ -125,6 +156,30 @@ class EvalParams:
     rl_group_size: int = 8
     rl_prompts_per_step: int = 16
     response_tokens: int = 300
+
+    def __post_init__(self) -> None:
+        _check_min(self, "evals", ("elo_comparisons", "robustness_prompts", "rl_steps"), 0)
+        _check_min(
+            self,
+            "evals",
+            ("robustness_splits", "rl_group_size", "rl_prompts_per_step", "response_tokens"),
+            1,
+        )
+
+
+@dataclass(frozen=True)
+class RunnerParams:
+    """Headless execution (runner.py).
+
+    A notebook that runs past ``notebook_timeout_s`` (wall clock, all cells together) is
+    stopped and reported as failed, and the rest of the matrix goes on. The default (a day) is
+    generous on purpose: a large Tinker run's introspection stage takes hours.
+    """
+
+    notebook_timeout_s: int = 86_400
+
+    def __post_init__(self) -> None:
+        _check_min(self, "runner", ("notebook_timeout_s",), 1)
 
 
 @dataclass(frozen=True)
@@ -167,10 +222,12 @@ class RunParams:
     introspection: IntrospectionParams = field(default_factory=IntrospectionParams)
     evals: EvalParams = field(default_factory=EvalParams)
     prices: PriceParams = field(default_factory=PriceParams)
+    runner: RunnerParams = field(default_factory=RunnerParams)
 
     def __post_init__(self) -> None:
         _check(self.backend in ("local", "tinker"), "backend", self.backend, "'local' or 'tinker'")
         _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, ">= 1")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.teacher_few_shot >= 0, "teacher_few_shot", self.teacher_few_shot, ">= 0")
         for role in ("student", "teacher", "generator", "judge"):
             _check(bool(getattr(self, role)), role, getattr(self, role), "a model name")
@@ -397,6 +454,19 @@ def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r}: expected {expected}")
+
+
+def _check_min(section: Any, prefix: str, names: tuple[str, ...], minimum: int) -> None:
+    """Counts: ``>= 0`` where none is a valid choice, ``>= 1`` where one is needed."""
+    for name in names:
+        value = getattr(section, name)
+        _check(value >= minimum, f"{prefix}.{name}", value, f">= {minimum}")
+
+
+def _check_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value > 0, f"{prefix}.{name}", value, "> 0")
 
 
 def _deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
