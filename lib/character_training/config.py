@@ -12,6 +12,7 @@ parameters: a key that looks like one is refused.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import typing
@@ -28,6 +29,8 @@ PARAMS_DIR = REPO_ROOT / "params"
 _SECRET_WORDS = ("api_key", "apikey", "secret", "token_value", "password")
 PRECISIONS = ("auto", "bf16", "fp32")  # the local engine's (backends/local/settings.py)
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_ROLES = ("student", "teacher", "generator", "judge")  # RunParams fields naming a model
+PRICE_KINDS = ("prefill", "sample", "train")  # USD per million tokens of each kind
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -186,12 +189,44 @@ class RunnerParams:
 class PriceParams:
     """USD per million tokens, per model, for the dry-run cost estimate.
 
-    Keys: model name -> {"prefill": x, "sample": y, "train": z}. The shipped numbers are
-    placeholders to replace with the current Tinker price list; the local backend costs 0.
+    ``per_million`` maps a model name to exactly ``{prefill, sample, train}`` (prompt tokens
+    read, tokens generated, tokens through forward/backward). Prices change, so a rate without
+    a date and a source is not trusted: ``table`` names a shared, dated price list
+    ``params/prices/<table>.yaml`` that `load_params` reads into ``as_of``, ``source`` and
+    ``per_million`` (rates written in the preset itself win over the table's). A model missing
+    from ``per_million`` has an *unknown* price, reported as such, never counted as free. The
+    local backend costs 0.
     """
 
+    table: str = ""  # params/prices/<table>.yaml; resolved by load_params
+    as_of: str = ""  # YYYY-MM-DD: the date the rates were published
+    source: str = ""  # where the rates were read
     per_million: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     note: str = ""
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.as_of or _is_iso_date(self.as_of),
+            "prices.as_of",
+            self.as_of,
+            "a date as YYYY-MM-DD",
+        )
+        for model, rates in self.per_million.items():
+            name = f"prices.per_million.{model}"
+            _check(
+                isinstance(rates, Mapping) and set(rates) == set(PRICE_KINDS),
+                name,
+                rates,
+                f"a mapping with exactly the keys {list(PRICE_KINDS)}",
+            )
+            for kind in PRICE_KINDS:
+                rate = rates[kind]
+                _check(
+                    isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate >= 0,
+                    f"{name}.{kind}",
+                    rate,
+                    "a number of USD per million tokens >= 0",
+                )
 
 
 @dataclass(frozen=True)
@@ -208,6 +243,9 @@ class RunParams:
     constitution: str = ""  # constitution file stem or path; empty -> the persona name
     renderers: Mapping[str, str] = field(default_factory=dict)  # model name -> renderer name
     teacher_few_shot: int = 2  # in-persona example exchanges shown to the teacher
+    # The teacher reasons before it answers (a hybrid model run with thinking on, the closest
+    # match to the paper's reasoning teacher with a prefill); distillation keeps only its reply.
+    teacher_thinking: bool = False
     allow_misaligned: bool = False  # opt-in for constitutions with requires_opt_in
     assistant_name: str = ""  # NAME in persona prompts; empty -> derived from the student
     lora_rank: int = 64
@@ -229,8 +267,16 @@ class RunParams:
         _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, ">= 1")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.teacher_few_shot >= 0, "teacher_few_shot", self.teacher_few_shot, ">= 0")
-        for role in ("student", "teacher", "generator", "judge"):
+        for role in MODEL_ROLES:
             _check(bool(getattr(self, role)), role, getattr(self, role), "a model name")
+        if self.teacher_thinking:
+            teacher_renderer = self.renderers.get(self.teacher, "")
+            _check(
+                "disable_thinking" not in teacher_renderer,
+                f"renderers.{self.teacher}",
+                teacher_renderer,
+                "a renderer with thinking on, since teacher_thinking is true",
+            )
         if self.backend == "tinker":
             _check(
                 self.judge != self.student,
@@ -240,6 +286,10 @@ class RunParams:
             )
 
     # -- derived ---------------------------------------------------------------------------------
+    def models(self) -> dict[str, str]:
+        """Role -> model name for every model the run calls (what a backend must serve)."""
+        return {role: getattr(self, role) for role in MODEL_ROLES}
+
     @property
     def constitution_ref(self) -> str:
         return self.constitution or self.persona
@@ -329,9 +379,47 @@ def load_params(
         _reject_secrets("command-line override", nested)
         _refuse_reserved("command-line override", nested)
         _deep_merge(merged, nested)
+    _fill_from_price_table(merged, params_dir)
     merged["persona"] = persona
     merged["size"] = size
     return build(RunParams, merged, source=f"{size_file.name} + {persona_file.name}")
+
+
+def available_price_tables(params_dir: Path = PARAMS_DIR) -> list[str]:
+    return sorted(p.stem for p in (params_dir / "prices").glob("*.yaml"))
+
+
+_PRICE_TABLE_KEYS = ("as_of", "source", "note", "per_million")
+
+
+def _fill_from_price_table(merged: dict[str, Any], params_dir: Path) -> None:
+    """Replace ``prices.table: <name>`` by the dated table's contents; the preset's own wins."""
+    prices = merged.get("prices")
+    if not isinstance(prices, Mapping) or not prices.get("table"):
+        return
+    name = prices["table"]
+    path = params_dir / "prices" / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        raise ConfigError(
+            f"prices.table={name!r}: expected one of {available_price_tables(params_dir)} "
+            f"(files in {params_dir / 'prices'})"
+        )
+    table = read_yaml(path)
+    unknown = sorted(set(table) - set(_PRICE_TABLE_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: {list(_PRICE_TABLE_KEYS)}")
+    missing = [key for key in ("as_of", "source", "per_million") if not table.get(key)]
+    if missing:
+        raise ConfigError(
+            f"{path}: {missing[0]} is missing; a price table needs as_of (YYYY-MM-DD), "
+            "source and per_million"
+        )
+    if isinstance(table["as_of"], datetime.date):  # YAML reads an unquoted date as a date
+        table["as_of"] = table["as_of"].isoformat()
+    resolved: dict[str, Any] = {}
+    _deep_merge(resolved, table)
+    _deep_merge(resolved, prices)
+    merged["prices"] = resolved
 
 
 def params_from_json(params_json: str) -> RunParams:
@@ -449,6 +537,14 @@ def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
             raise ConfigError(f"{source}: {path}: expected a mapping, found {value!r}")
         return dict(value)
     return value
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
