@@ -23,6 +23,13 @@ from character_training.config import (
 from character_training.constitutions import available_personas
 from character_training.errors import ConfigError
 
+# The Tinker presets and their students (README "Model sizes"); a size ladder in one family.
+TINKER_PRESETS = {
+    "qwen3.5-4b": "Qwen/Qwen3.5-4B",
+    "qwen3.5-9b": "Qwen/Qwen3.5-9B",
+    "qwen3.5-397b": "Qwen/Qwen3.5-397B-A17B",
+}
+
 
 @pytest.mark.parametrize("size", available_sizes())
 @pytest.mark.parametrize("persona", available_persona_params())
@@ -33,21 +40,21 @@ def test_every_size_and_persona_file_loads(size, persona):
 
 
 def test_the_shipped_sizes_and_personas_are_the_ones_the_docs_promise():
-    assert {"tiny", "8b", "70b"} <= set(available_sizes())
+    assert {"tiny", *TINKER_PRESETS} <= set(available_sizes())
     assert set(available_persona_params()) == set(available_personas())
 
 
 def test_tiny_runs_every_role_offline_and_tinker_sizes_use_the_documented_students():
-    tiny, eight, seventy = (load_params(s, "sarcastic") for s in ("tiny", "8b", "70b"))
+    tiny = load_params("tiny", "sarcastic")
     assert tiny.backend == "local"
     assert {tiny.student, tiny.teacher, tiny.generator, tiny.judge} == {
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     }
-    assert eight.backend == seventy.backend == "tinker"
-    assert eight.student == "meta-llama/Llama-3.1-8B-Instruct"
-    assert seventy.student == "meta-llama/Llama-3.3-70B-Instruct"
-    assert eight.judge != eight.student and seventy.judge != seventy.student
-    assert eight.lora_rank == 64 and eight.dpo.beta == 0.1 and eight.dpo.nll_coef == 0.1
+    for size, student in TINKER_PRESETS.items():
+        params = load_params(size, "sarcastic")
+        assert params.backend == "tinker" and params.student == student
+        assert params.judge != params.student
+        assert params.lora_rank == 64 and params.dpo.beta == 0.1 and params.dpo.nll_coef == 0.1
 
 
 def _params_dir(root, model_yaml: str, persona_yaml: str):
@@ -89,7 +96,7 @@ def test_bad_parameters_fail_with_one_line_naming_the_field(overrides, message):
 
 def test_unknown_size_or_persona_lists_the_available_ones():
     with pytest.raises(
-        ConfigError, match=r"unknown model size 'huge': expected one of \['70b', '8b', 'tiny'\]"
+        ConfigError, match=r"unknown model size 'huge': expected one of \[.*'qwen3.5-9b'.*'tiny'\]"
     ):
         load_params("huge", "sarcastic")
     with pytest.raises(ConfigError, match="unknown persona 'pirate': expected one of"):
@@ -98,7 +105,7 @@ def test_unknown_size_or_persona_lists_the_available_ones():
 
 def test_a_tinker_run_refuses_a_judge_that_is_the_student():
     with pytest.raises(ConfigError, match="a model other than the student"):
-        load_params("8b", "sarcastic", {"judge": "meta-llama/Llama-3.1-8B-Instruct"})
+        load_params("qwen3.5-9b", "sarcastic", {"judge": "Qwen/Qwen3.5-9B"})
 
 
 def test_a_secret_inside_a_parameter_file_is_refused_naming_the_file(tmp_path):
@@ -116,7 +123,7 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
 def test_papermill_parameters_round_trip_and_carry_no_secret(monkeypatch):
     fake_key = "tml-" + "supersecret" * 3  # built at run time so no key-like literal is tracked
     monkeypatch.setenv("TINKER_API_KEY", fake_key)
-    params = load_params("8b", "loving", {"dpo.beta": 0.25})
+    params = load_params("qwen3.5-9b", "loving", {"dpo.beta": 0.25})
     injected = params.papermill_parameters()
     assert set(injected) == {"persona", "size", "params_json"}
     assert fake_key not in json.dumps(injected) and "supersecret" not in json.dumps(injected)
@@ -151,6 +158,104 @@ def test_every_parameter_file_documents_itself_with_a_header_comment():
         (PARAMS_DIR / "personas").glob("*.yaml")
     ):
         assert path.read_text().startswith("#"), path
+
+
+# -- model presets, teacher thinking and dated prices ------------------------------------------
+def test_every_yaml_under_params_is_a_size_a_persona_or_a_price_table_and_loads():
+    from character_training.config import available_price_tables
+
+    kinds = {"models": available_sizes(), "personas": available_persona_params()}
+    kinds["prices"] = available_price_tables()
+    for path in PARAMS_DIR.rglob("*.yaml"):
+        assert path.parent.name in kinds and path.stem in kinds[path.parent.name], path
+        assert path.read_text().startswith("#"), path
+    for table in kinds["prices"]:
+        params = load_params("qwen3.5-9b", "sarcastic", {"prices.table": table})
+        assert params.prices.as_of and params.prices.source and params.prices.per_million
+
+
+def test_tinker_presets_record_a_thinking_teacher_and_tiny_does_not():
+    assert load_params("tiny", "sarcastic").teacher_thinking is False
+    for size in TINKER_PRESETS:
+        assert load_params(size, "sarcastic").teacher_thinking is True
+
+
+def test_a_thinking_teacher_with_a_thinking_off_renderer_is_refused_in_one_line():
+    params = load_params("qwen3.5-9b", "sarcastic")
+    with pytest.raises(ConfigError) as info:
+        with_overrides(params, {"renderers": {params.teacher: "kimi_k26_disable_thinking"}})
+    assert "a renderer with thinking on, since teacher_thinking is true" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_models_lists_every_role():
+    params = load_params("qwen3.5-4b", "sarcastic")
+    assert params.models() == {
+        "student": "Qwen/Qwen3.5-4B",
+        "teacher": params.teacher,
+        "generator": params.generator,
+        "judge": params.judge,
+    }
+
+
+def test_presets_take_their_prices_from_the_dated_table():
+    params = load_params("qwen3.5-9b", "sarcastic")
+    assert params.prices.table == "tinker"
+    assert params.prices.as_of == "2026-06-26" and "tinker-cost" in params.prices.source
+    assert params.prices.per_million["Qwen/Qwen3.5-9B"] == {
+        "prefill": 0.44,
+        "sample": 1.33,
+        "train": 1.33,
+    }
+    assert "meta-llama/Llama-3.1-8B-Instruct" not in params.prices.per_million  # retired
+
+
+def test_a_presets_own_rate_wins_over_the_table(tmp_path):
+    (tmp_path / "prices").mkdir()
+    (tmp_path / "prices" / "t.yaml").write_text(
+        '# t\nas_of: "2026-01-02"\nsource: s\nper_million:\n'
+        "  a/x: {prefill: 1, sample: 2, train: 3}\n  a/y: {prefill: 1, sample: 1, train: 1}\n"
+    )
+    _params_dir(tmp_path, "prices:\n  table: t\n  per_million:\n    a/x: {train: 9}\n", "")
+    params = load_params("m", "p", params_dir=tmp_path)
+    assert params.prices.per_million["a/x"] == {"prefill": 1, "sample": 2, "train": 9}
+    assert params.prices.per_million["a/y"]["train"] == 1 and params.prices.as_of == "2026-01-02"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("as_of: 2026-01-02\nsource: s\nper_million: {}\nextra: 1\n", "unknown key 'extra'"),
+        ("source: s\nper_million: {a/x: {prefill: 1, sample: 1, train: 1}}\n", "as_of is missing"),
+        (
+            'as_of: "soon"\nsource: s\nper_million: {a/x: {prefill: 1, sample: 1, train: 1}}\n',
+            "prices.as_of='soon': expected a date as YYYY-MM-DD",
+        ),
+        (
+            "as_of: 2026-01-02\nsource: s\nper_million: {a/x: {prefill: 1, sample: 1}}\n",
+            "expected a mapping with exactly the keys ['prefill', 'sample', 'train']",
+        ),
+        (
+            "as_of: 2026-01-02\nsource: s\n"
+            "per_million: {a/x: {prefill: -1, sample: 1, train: 1}}\n",
+            "prices.per_million.a/x.prefill=-1: expected a number of USD per million tokens >= 0",
+        ),
+    ],
+)
+def test_a_bad_price_table_fails_in_one_line(tmp_path, table, message):
+    (tmp_path / "prices").mkdir()
+    (tmp_path / "prices" / "t.yaml").write_text(table)
+    _params_dir(tmp_path, "prices:\n  table: t\n", "")
+    with pytest.raises(ConfigError) as info:
+        load_params("m", "p", params_dir=tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unknown_price_table_lists_the_shipped_ones():
+    with pytest.raises(
+        ConfigError, match=r"prices.table='tinker-1999': expected one of \['tinker'"
+    ):
+        load_params("qwen3.5-9b", "sarcastic", {"prices.table": "tinker-1999"})
 
 
 # -- ranges: every numeric parameter is checked where it is loaded ------------------------------

@@ -1,9 +1,9 @@
 """Command line: run notebooks headlessly, estimate costs, rebuild the report index.
 
     python -m character_training run --persona sarcastic --size tiny [--notebooks 01,02]
-    python -m character_training run --persona sarcastic,loving --size tiny,8b   # a matrix
+    python -m character_training run --persona sarcastic,loving --size tiny,qwen3.5-9b  # a matrix
     python -m character_training reproduce                # the README's default run
-    python -m character_training dry-run --persona sarcastic --size 8b
+    python -m character_training dry-run --persona sarcastic --size qwen3.5-9b
     python -m character_training index
 
 ``--set key=value`` overrides any parameter (dotted keys: ``--set dpo.beta=0.2``). Errors in
@@ -71,10 +71,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import runner
 
     if args.command == "dry-run":
-        from .costs import estimate, format_estimate
+        from .costs import dry_run_report
 
         params = load_params(args.size, args.persona, _overrides(args.set))
-        print(format_estimate(params, estimate(params)))
+        print(dry_run_report(params))
         return 0
     if args.command == "index":
         print(runner.build_index(REPO_ROOT / "reports", REPO_ROOT / "runs"))

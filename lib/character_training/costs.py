@@ -5,13 +5,23 @@ every stage (prefill = prompt tokens the service reads, sample = tokens it gener
 train = tokens through forward/backward) and prices them with the per-model table in the
 parameters. The counts are planning figures built from the dataset sizes and mean lengths
 below, not measurements; the notebooks record actual counts in each stage's manifest.
+
+Two things keep the estimate honest. Prices carry the date and source of the table they came
+from (``params/prices/<table>.yaml``), and `format_estimate` prints both, so a stale table is
+visible; a model with no price is reported as unknown, never counted as free. And measured
+lengths beat planning constants: once stage 01 has written prompts (for this run, or for the
+same persona's offline ``tiny`` run), `measured_lengths` replaces the planned mean user-prompt
+length with the measured one. Only stage 01 is used for now; later stages' outputs could
+replace the response-length constants the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from .config import RunParams
+from .config import PARAMS_DIR, REPO_ROOT, RunParams
+from .store import read_jsonl
 
 # Planning constants (tokens). Measured means from real runs should replace them over time.
 PERSONA_SYSTEM_TOKENS = 450  # persona system prompt with ~10 assertions
@@ -23,6 +33,20 @@ REFLECTION_PROMPTS = 10
 ELO_SYSTEM_TOKENS = 170
 JUDGE_PROMPT_TOKENS = 600
 JUDGE_OUTPUT_TOKENS = 20
+TEACHER_REASONING_TOKENS = 500  # a thinking teacher's reasoning before each reply (billed)
+
+# Converting measured characters to tokens without loading a tokenizer: English prose runs
+# close to four characters per token in the BPE vocabularies of the models used here.
+CHARS_PER_TOKEN = 4.0
+PROMPT_FILES = ("constitution_prompts.jsonl", "general_train.jsonl")  # stage 01 outputs
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Mean lengths the estimate uses, and where they come from."""
+
+    user_prompt_tokens: int = USER_PROMPT_TOKENS
+    source: str = "planning constants"
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,34 @@ class StageCost:
         }
 
 
+def measured_lengths(params: RunParams) -> Lengths:
+    """Mean user-prompt length from stage 01 outputs, or the planning constant.
+
+    Looks at this run's own ``01_prompts`` folder first, then at the same persona's ``tiny``
+    run (the offline run a user makes before paying for a Tinker one). Its prompts are the
+    same general pool and constitution examples; only the generated ones come from a weaker
+    generator, so the measured mean is an approximation, and the source line says so.
+    """
+    for run_dir in dict.fromkeys((params.run_dir, params.run_dir.parent / "tiny")):
+        stage = run_dir / "01_prompts"
+        prompts = [
+            str(record.get("prompt", ""))
+            for name in PROMPT_FILES
+            for record in read_jsonl(stage / name)
+        ]
+        prompts = [p for p in prompts if p]
+        if prompts:
+            mean_chars = sum(len(p) for p in prompts) / len(prompts)
+            return Lengths(
+                user_prompt_tokens=max(1, round(mean_chars / CHARS_PER_TOKEN)),
+                source=(
+                    f"measured: mean of {len(prompts)} prompts in {_shown(stage)} "
+                    f"at ~{CHARS_PER_TOKEN:g} characters per token"
+                ),
+            )
+    return Lengths()
+
+
 def _price(params: RunParams, model: str, prefill: int, sample: int, train: int) -> float | None:
     if params.backend == "local":
         return 0.0
@@ -58,9 +110,12 @@ def _price(params: RunParams, model: str, prefill: int, sample: int, train: int)
     ) / 1e6
 
 
-def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]:
+def estimate(
+    params: RunParams, assertions: int = ASSERTIONS, lengths: Lengths | None = None
+) -> list[StageCost]:
     """Token counts and cost per stage for one persona at ``params``' size."""
     p, d, s, i, e = params.prompts, params.dpo, params.sft, params.introspection, params.evals
+    user = (lengths or Lengths()).user_prompt_tokens
     rows: list[tuple[str, str, int, int, int]] = []
 
     calls = assertions * -(-p.generated_per_assertion // p.per_generation_call)
@@ -75,13 +130,16 @@ def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]
     )
 
     n_prompts = assertions * (5 + p.generated_per_assertion) + p.general_prompts
-    teacher_prefill = PERSONA_SYSTEM_TOKENS + USER_PROMPT_TOKENS
+    teacher_prefill = PERSONA_SYSTEM_TOKENS + user
+    teacher_output = d.response_tokens + (
+        TEACHER_REASONING_TOKENS if params.teacher_thinking else 0
+    )
     rows.append(
         (
             "02_distillation (teacher)",
             params.teacher,
             n_prompts * teacher_prefill,
-            n_prompts * d.response_tokens,
+            n_prompts * teacher_output,
             0,
         )
     )
@@ -89,13 +147,13 @@ def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]
         (
             "02_distillation (student)",
             params.student,
-            n_prompts * USER_PROMPT_TOKENS,
+            n_prompts * user,
             n_prompts * d.response_tokens,
             0,
         )
     )
 
-    pair_tokens = 2 * (USER_PROMPT_TOKENS + d.response_tokens)
+    pair_tokens = 2 * (user + d.response_tokens)
     rows.append(
         (
             "03_dpo",
@@ -107,7 +165,7 @@ def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]
     )
 
     reflections = REFLECTION_PROMPTS * i.reflections_per_prompt
-    reflection_prefill = reflections * (PERSONA_SYSTEM_TOKENS + USER_PROMPT_TOKENS)
+    reflection_prefill = reflections * (PERSONA_SYSTEM_TOKENS + user)
     turn = i.response_tokens
     # turn k re-reads the system prompt and k earlier turns
     interaction_prefill = i.interactions * sum(
@@ -123,20 +181,16 @@ def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]
         )
     )
 
-    sft_tokens = (
-        reflections * (USER_PROMPT_TOKENS + turn) + i.interactions * i.interaction_turns * turn
-    )
+    sft_tokens = reflections * (user + turn) + i.interactions * i.interaction_turns * turn
     rows.append(("05_sft", params.student, 0, 0, sft_tokens * s.epochs))
 
-    rows.append(
-        ("06_samples", params.student, 3 * 24 * USER_PROMPT_TOKENS, 3 * 24 * e.response_tokens, 0)
-    )
+    rows.append(("06_samples", params.student, 3 * 24 * user, 3 * 24 * e.response_tokens, 0))
     elo_calls = 3 * 2 * e.elo_comparisons  # 3 conditions x (before, after)
     rows.append(
         (
             "07_preferences (model)",
             params.student,
-            elo_calls * (ELO_SYSTEM_TOKENS + USER_PROMPT_TOKENS),
+            elo_calls * (ELO_SYSTEM_TOKENS + user),
             elo_calls * e.response_tokens,
             0,
         )
@@ -155,7 +209,7 @@ def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]
         (
             "08_robustness",
             params.student,
-            robust * (USER_PROMPT_TOKENS + 25),
+            robust * (user + 25),
             robust * e.response_tokens,
             0,
         )
@@ -165,9 +219,9 @@ def estimate(params: RunParams, assertions: int = ASSERTIONS) -> list[StageCost]
         (
             "09_rlaif (policy)",
             params.student,
-            rl_samples * USER_PROMPT_TOKENS,
+            rl_samples * user,
             rl_samples * e.response_tokens,
-            rl_samples * (USER_PROMPT_TOKENS + e.response_tokens),
+            rl_samples * (user + e.response_tokens),
         )
     )
     rows.append(
@@ -193,8 +247,37 @@ def total_usd(costs: list[StageCost]) -> float | None:
     return sum(c.usd for c in costs)  # type: ignore[misc]
 
 
-def format_estimate(params: RunParams, costs: list[StageCost]) -> str:
-    """Human-readable table for notebooks and the CLI's ``--dry-run``."""
+def price_lines(params: RunParams, costs: list[StageCost]) -> list[str]:
+    """Where the prices come from, and which models have none (one line each)."""
+    if params.backend == "local":
+        return ["prices: local backend, no charge"]
+    prices = params.prices
+    table = (
+        f" (table {_shown(PARAMS_DIR / 'prices' / f'{prices.table}.yaml')})" if prices.table else ""
+    )
+    if prices.as_of or prices.source:
+        lines = [
+            f"prices: USD per million tokens as of {prices.as_of or 'an unknown date'}, "
+            f"from {prices.source or 'an unnamed source'}{table}"
+        ]
+    else:
+        lines = ["prices: undated and without a source; treat the total as a guess"]
+    roles: dict[str, list[str]] = {}
+    for role, model in params.models().items():
+        roles.setdefault(model, []).append(role)
+    for model in dict.fromkeys(c.model for c in costs if c.usd is None):
+        lines.append(
+            f"price unknown: {model} ({', '.join(roles.get(model, ['?']))}) is not in the price "
+            f"table as of {prices.as_of or 'an unknown date'}; its stages show n/a and the "
+            "total is unknown"
+        )
+    return lines
+
+
+def format_estimate(
+    params: RunParams, costs: list[StageCost], lengths: Lengths | None = None
+) -> str:
+    """Human-readable table for notebooks and the CLI's ``dry-run``."""
     lines = [
         f"Planned tokens for persona {params.persona!r} at size {params.size!r} "
         f"(backend {params.backend}):",
@@ -213,6 +296,28 @@ def format_estimate(params: RunParams, costs: list[StageCost]) -> str:
         f"{sum(c.train_tokens for c in costs):>12,}"
         f"{'n/a' if total is None else f'{total:.2f}':>10}"
     )
+    lines.extend(price_lines(params, costs))
     if params.prices.note:
-        lines.append(f"prices: {params.prices.note}")
+        lines.append(f"price note: {params.prices.note}")
+    used = lengths or Lengths()
+    lines.append(f"user prompt length: {used.user_prompt_tokens} tokens ({used.source})")
+    if params.teacher_thinking:
+        lines.append(
+            f"teacher reasoning: {TEACHER_REASONING_TOKENS} tokens per reply planned "
+            "(billed as sampled tokens, stripped before training)"
+        )
     return "\n".join(lines)
+
+
+def dry_run_report(params: RunParams, assertions: int = ASSERTIONS) -> str:
+    """What ``python -m character_training dry-run`` prints: measured lengths where known."""
+    lengths = measured_lengths(params)
+    return format_estimate(params, estimate(params, assertions, lengths), lengths)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it (shorter, and no home folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
