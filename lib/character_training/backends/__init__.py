@@ -12,7 +12,11 @@ from typing import Any
 
 from ..errors import ConfigError
 from .local import LocalEngineConfig, LocalServiceClient
-from .tinker_backend import create_tinker_service_client
+from .tinker_backend import (
+    check_params_served,
+    create_capabilities_client,
+    create_tinker_service_client,
+)
 
 BACKENDS = ("local", "tinker")
 
@@ -57,8 +61,14 @@ def resolve_client(client_or_future: Any) -> Any:
     return client_or_future
 
 
-def service_client_for(params) -> Any:
-    """The service client a run's parameters ask for (engine options only for local)."""
+def service_client_for(params, capabilities_source: Any = None) -> Any:
+    """The service client a run's parameters ask for (engine options only for local).
+
+    For Tinker, every model the parameters name is first checked against the service's
+    capability list (`check_params_served`), so a retired or misspelt model fails in one line
+    before anything is paid for. ``capabilities_source`` is whatever answers
+    ``get_server_capabilities()``; by default a ``tinker.RestClient`` from the environment.
+    """
     if params.backend == "local":
         engine = params.engine
         return get_service_client(
@@ -69,7 +79,11 @@ def service_client_for(params) -> Any:
             max_batch_size=engine.max_batch_size,
             micro_batch_tokens=engine.micro_batch_tokens,
         )
-    return get_service_client(params.backend)
+    client = get_service_client(params.backend)  # fails first on a missing key
+    if capabilities_source is None:
+        capabilities_source = create_capabilities_client()
+    check_params_served(params, capabilities_source)
+    return client
 
 
 __all__ = [
