@@ -5,6 +5,7 @@
     python -m character_training reproduce                # the README's default run
     python -m character_training dry-run --persona sarcastic --size qwen3.5-9b
     python -m character_training index
+    python -m character_training persona new|import|check|preview|list ...   # authoring
 
 ``--set key=value`` overrides any parameter (dotted keys: ``--set dpo.beta=0.2``). Errors in
 parameters are reported in one line and exit with status 2; a failing notebook exits with 1
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("index", help="rebuild reports/index.html")
 
+    _add_persona_commands(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "persona":
+        return _persona(args)
+
     from . import runner
 
     if args.command == "dry-run":
@@ -97,3 +103,179 @@ def _dispatch(args: argparse.Namespace) -> int:
         f"reports in {REPO_ROOT / 'reports'}/index.html"
     )
     return 1 if failed else 0
+
+
+# -- persona authoring ----------------------------------------------------------------------
+PERSONA_HELP = """Write, import, check and preview a persona before any run.
+
+  persona new NAME                     commented constitution skeleton + params file
+  persona import FILE --name NAME      the paper's JSON format -> both files
+  persona check NAME|FILE [--strict]   validate; exit 1 on errors (or warnings with --strict)
+  persona preview NAME [--size tiny]   teacher with vs. student without the constitution
+  persona list                         personas, assertion counts, opt-in, params file
+
+Nothing is overwritten without --force. --constitutions-dir/--params-dir point at other
+folders (default: the repository's constitutions/ and params/)."""
+
+
+def _add_persona_commands(sub: argparse._SubParsersAction) -> None:
+    from .authoring import DEFAULT_SIZE as AUTHORING_SIZE
+
+    dirs = argparse.ArgumentParser(add_help=False)
+    dirs.add_argument("--constitutions-dir", default=None, metavar="DIR")
+    dirs.add_argument("--params-dir", default=None, metavar="DIR")
+
+    persona = sub.add_parser(
+        "persona",
+        help="write, import, check and preview a persona",
+        description=PERSONA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = persona.add_subparsers(dest="persona_command", required=True)
+
+    new = actions.add_parser("new", parents=[dirs], help="write a constitution skeleton")
+    new.add_argument("name", help="persona slug, e.g. stoic")
+    new.add_argument("--display-name", default=None)
+    new.add_argument("--description", default=None, help="one line (else a slot to fill in)")
+    new.add_argument("--assertions", type=int, default=5, help="assertion blocks (default 5)")
+    new.add_argument(
+        "--params-only",
+        action="store_true",
+        help="write only params/personas/NAME.yaml, for a constitution that already exists",
+    )
+    new.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    imp = actions.add_parser("import", parents=[dirs], help="convert the paper's JSON format")
+    imp.add_argument("file", help='JSON list of {"trait", "questions"} entries')
+    imp.add_argument("--name", required=True, help="persona slug for the new files")
+    imp.add_argument("--description", default=None, help="one line (default: from the name)")
+    imp.add_argument("--display-name", default=None)
+    imp.add_argument("--size", default=AUTHORING_SIZE, help="preset for the follow-up check")
+    imp.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    check = actions.add_parser("check", parents=[dirs], help="validate without running")
+    check.add_argument("target", metavar="NAME|FILE")
+    check.add_argument("--size", default=AUTHORING_SIZE, help="preset whose teacher is checked")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--strict", action="store_true", help="warnings also exit 1")
+
+    preview = actions.add_parser(
+        "preview", parents=[dirs], help="teacher with vs. student without the constitution"
+    )
+    preview.add_argument("name")
+    preview.add_argument("--size", default=AUTHORING_SIZE)
+    preview.add_argument("--prompts", type=int, default=4, help="prompts to sample (default 4)")
+    preview.add_argument(
+        "--max-tokens", type=int, default=None, help="default: sampling.max_tokens"
+    )
+    preview.add_argument("--width", type=int, default=0, help="table width (default: terminal)")
+    preview.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    preview.add_argument("--yes", action="store_true", help="do not ask before paid sampling")
+
+    actions.add_parser("list", parents=[dirs], help="the available personas")
+
+
+def _persona(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import authoring
+    from .errors import ConfigError
+
+    dirs = authoring.PersonaDirs(
+        Path(args.constitutions_dir) if args.constitutions_dir else authoring.CONSTITUTIONS_DIR,
+        Path(args.params_dir) if args.params_dir else authoring.PARAMS_DIR,
+    )
+    command = args.persona_command
+    if command == "list":
+        print(authoring.format_persona_list(authoring.list_personas(dirs)))
+        return 0
+    if command == "new":
+        if args.params_only:
+            path = authoring.write_params_file(args.name, dirs, force=args.force)
+            print(f"wrote {authoring.label(path)}")
+            return 0
+        constitution_file, params_file = authoring.write_skeleton(
+            args.name,
+            dirs,
+            display_name=args.display_name,
+            description=args.description,
+            assertions=args.assertions,
+            force=args.force,
+        )
+        print(f"wrote {authoring.label(constitution_file)} and {authoring.label(params_file)}")
+        print(
+            f"next: replace every {{UPPER_CASE}} slot in {authoring.label(constitution_file)}, "
+            f"then run: python -m character_training persona check {args.name}" + _dirs_flags(args)
+        )
+        return 0
+    if command == "import":
+        description = args.description or (
+            f"{args.name.replace('-', ' ').title()}, imported from {Path(args.file).name}."
+        )
+        constitution, constitution_file, params_file = authoring.import_persona(
+            args.file,
+            args.name,
+            description,
+            dirs,
+            display_name=args.display_name,
+            force=args.force,
+        )
+        print(
+            f"wrote {authoring.label(constitution_file)} ({len(constitution.assertions)} "
+            f"assertions, {len(constitution.hand_written_prompts())} prompts) and "
+            f"{authoring.label(params_file)}"
+        )
+        report = authoring.check_persona(args.name, size=args.size, dirs=dirs)
+        print("\n".join(report.lines()))
+        return 0
+    if command == "check":
+        report = authoring.check_persona(
+            args.target, size=args.size, overrides=_overrides(args.set), dirs=dirs
+        )
+        print("\n".join(report.lines(args.strict)))
+        return 0 if report.passed(args.strict) else 1
+    if command == "preview":
+        from .backends import service_client_for
+
+        params = authoring.params_for(args.size, args.name, _overrides(args.set), dirs)
+        if not dirs.params_file(args.name).is_file():
+            # the same refusal `run` gives, with the way out
+            raise ConfigError(
+                f"unknown persona {args.name!r}: expected "
+                f"{authoring.label(dirs.params_file(args.name))}; write it with "
+                f"`python -m character_training persona new {args.name} --params-only`"
+            )
+        constitution = authoring.load_run_constitution(params, dirs)
+        plan = authoring.preview_plan(params, constitution, args.prompts, args.max_tokens)
+        if params.backend == "tinker":
+            cost = authoring.estimate_preview_cost(plan)
+            print(authoring.format_preview_cost(plan, cost), flush=True)
+            if not args.yes and not _confirm("sample on Tinker now?"):
+                print("cancelled; nothing was sampled")
+                return 1
+        rows = authoring.sample_preview(plan, service_client_for(params))
+        print(authoring.format_side_by_side(plan, rows, args.width))
+        return 0
+    raise ConfigError(f"persona {command!r}: expected new, import, check, preview or list")
+
+
+def _dirs_flags(args: argparse.Namespace) -> str:
+    flags = ""
+    if args.constitutions_dir:
+        flags += f" --constitutions-dir {args.constitutions_dir}"
+    if args.params_dir:
+        flags += f" --params-dir {args.params_dir}"
+    return flags
+
+
+def _confirm(question: str) -> bool:
+    """Ask on a terminal; never wait on a pipe (a script or notebook would hang)."""
+    from .errors import ConfigError
+
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "persona preview on Tinker costs money: pass --yes to confirm (stdin is not a "
+            "terminal, so no question is asked)"
+        )
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
