@@ -5,12 +5,16 @@ evaluation. Those live on the Hugging Face hub, which an offline machine cannot 
 every loader here has an offline answer: the project's own pool of general prompts
 (``data/general_prompts.jsonl``, written for this project) plus the 128 real conversations
 that ship inside the tinker-cookbook wheel. Hub sets are only tried when named in
-``prompts.hub_datasets``; if the hub is unreachable the loader says so in one line and the
-run continues with the offline sources.
+``prompts.hub_datasets``. A run that names one and cannot reach it stops with a one-line error
+(it asked for that data; training on something else without saying so would be a silent
+substitution), unless ``prompts.hub_offline_fallback`` allows continuing with the offline
+sources. Either way `describe_pool` records what the pool really held (per-source counts and a
+content hash) for the stage's config and fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,19 +97,18 @@ def cookbook_conversation_prompts() -> list[PromptRecord]:
     return records
 
 
-def hub_prompts(name: str, limit: int) -> list[PromptRecord]:
-    """Up to ``limit`` first user turns from a hub dataset; [] (with a warning) when offline."""
+def hub_prompts(name: str, limit: int, offline_fallback: bool = False) -> list[PromptRecord]:
+    """Up to ``limit`` first user turns from a hub dataset.
+
+    Unreachable (offline variables set, no network, no access, ``datasets`` missing): a
+    one-line `DataError` naming the fixes, or, with ``offline_fallback``, a warning and [].
+    """
     if name not in HUB_DATASETS:
         raise DataError(f"unknown hub dataset {name!r}: expected one of {sorted(HUB_DATASETS)}")
     repo, split, first_turn = HUB_DATASETS[name]
-    if any(os.environ.get(v, "").lower() in ("1", "true") for v in _OFFLINE_VARIABLES):
-        logger.warning(
-            "hub dataset %s (%s) unavailable (offline mode is set); continuing "
-            "with the offline prompt pool",
-            name,
-            repo,
-        )
-        return []
+    offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").lower() in ("1", "true")]
+    if offline:
+        return _unreachable(name, repo, f"{offline[0]} is set", offline_fallback)
     try:
         import datasets
 
@@ -118,21 +121,49 @@ def hub_prompts(name: str, limit: int) -> list[PromptRecord]:
             if isinstance(text, str) and text.strip():
                 records.append(PromptRecord(f"{name}-{index:06d}", text.strip(), name))
         return records
-    except Exception as exc:  # any network/auth/format failure: the offline pool takes over
-        logger.warning(
-            "hub dataset %s (%s) unavailable (%s); continuing with the offline prompt pool",
-            name,
-            repo,
-            type(exc).__name__,
+    except Exception as exc:  # network, auth, a missing package or a changed format alike
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return _unreachable(name, repo, reason, offline_fallback)
+
+
+def _unreachable(name: str, repo: str, reason: str, offline_fallback: bool) -> list[PromptRecord]:
+    if not offline_fallback:
+        raise DataError(
+            f"hub dataset {name} ({repo}) is unreachable ({reason}): connect to the hub, drop "
+            f"{name!r} from prompts.hub_datasets, or set prompts.hub_offline_fallback=true to "
+            "continue with the offline prompt pool"
         )
-        return []
+    logger.warning(
+        "hub dataset %s (%s) unavailable (%s); continuing with the offline prompt pool "
+        "(prompts.hub_offline_fallback=true)",
+        name,
+        repo,
+        reason,
+    )
+    return []
 
 
 def general_prompt_pool(
-    hub_datasets: tuple[str, ...] = (), hub_limit: int = 2000
+    hub_datasets: tuple[str, ...] = (), hub_limit: int = 2000, offline_fallback: bool = False
 ) -> list[PromptRecord]:
     """All general prompts available here, offline sources first, in a stable order."""
     pool = shipped_general_prompts() + cookbook_conversation_prompts()
     for name in hub_datasets:
-        pool += hub_prompts(name, hub_limit)
+        pool += hub_prompts(name, hub_limit, offline_fallback=offline_fallback)
     return pool
+
+
+def describe_pool(pool: list[PromptRecord], hub_datasets: tuple[str, ...] = ()) -> dict:
+    """What a pool actually held: size, prompts per source, and a hash of its content.
+
+    Requested hub sets appear even with 0 prompts (an offline fallback), so a run's config
+    shows the substitution; the hash changes whenever any id or text changes, so it can go into
+    a stage fingerprint.
+    """
+    sources = {name: 0 for name in hub_datasets}
+    digest = hashlib.sha256()
+    for record in pool:
+        sources[record.source] = sources.get(record.source, 0) + 1
+        digest.update(json.dumps([record.id, record.prompt], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return {"size": len(pool), "sources": sources, "sha256": digest.hexdigest()[:16]}

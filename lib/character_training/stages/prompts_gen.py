@@ -7,12 +7,18 @@ Inputs: a constitution and run parameters. Outputs (``runs/<persona>/<size>/01_p
   prompting a generator model with the hand-written examples), parsed, filtered for lines that
   are not user requests, and de-duplicated against each other and the evaluation sets;
 * ``general_train.jsonl`` / ``general_eval.jsonl``: persona-neutral prompts, split
-  deterministically so evaluation prompts are never trained on;
+  deterministically so evaluation prompts are never trained on. A pool too small for the
+  requested sizes stops the stage with one line, or, with ``prompts.allow_smaller_pool``,
+  shrinks both splits proportionally and records the warning in the manifest; the pool actually
+  used (per-source counts, content hash) is part of ``config.json`` and the fingerprint;
 * ``qualitative.jsonl``: the fixed side-by-side set;
 * ``rejected.jsonl``: every generated line that was dropped, with the reason (nothing is
   dropped silently, unlike the paper code's bare ``except: continue``);
-* ``generation_raw.partial.jsonl``: raw generator outputs, one per call, appended as they
-  arrive; a restarted stage reuses them and only issues the calls still missing.
+* ``generation_raw.partial.jsonl``: raw generator outputs, one per call, written by the shared
+  sampler (`character_training.sampling.sample_chat`) as they arrive; a restarted stage reuses
+  them and only issues the calls still missing. Each call's seed derives from the run seed and
+  the call's key (``<assertion_id>:<call_index>``), so a resumed run generates exactly what an
+  uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -20,21 +26,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from tinker import types
-from tqdm.auto import tqdm
+from typing import Any
 
 from .. import prompt_filters
-from ..backends import resolve_client
 from ..config import RunParams
 from ..constitutions import Constitution, load_constitution
-from ..prompt_sources import PromptRecord, general_prompt_pool, qualitative_prompts
+from ..errors import ConfigError
+from ..prompt_sources import (
+    PromptRecord,
+    describe_pool,
+    general_prompt_pool,
+    qualitative_prompts,
+)
 from ..prompts import EXPANSION_PREFILL, expansion_messages
-from ..renderers import get_renderer, renderer_for_model
-from ..renderers.conversation import generation_prompt, parse_reply
-from ..store import StageDir, append_jsonl, read_jsonl, stage_dir, write_jsonl
+from ..renderers import renderer_for_model
+from ..sampling import SampleRequest, sample_chat
+from ..store import StageDir, stage_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +66,11 @@ class Config:
     general_prompts: int
     eval_prompts: int
     hub_datasets: tuple[str, ...]
+    hub_offline_fallback: bool
+    allow_smaller_pool: bool
     temperature: float
     top_p: float
+    top_k: int
     max_tokens: int
     seed: int
 
@@ -79,14 +91,25 @@ class Config:
             general_prompts=p.general_prompts,
             eval_prompts=p.eval_prompts,
             hub_datasets=tuple(p.hub_datasets),
+            hub_offline_fallback=p.hub_offline_fallback,
+            allow_smaller_pool=p.allow_smaller_pool,
             temperature=params.sampling.temperature,
             top_p=params.sampling.top_p,
+            top_k=params.sampling.top_k,
             max_tokens=p.max_tokens,
             seed=params.seed,
         )
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+    def fingerprint(self, pool: dict[str, Any] | None = None) -> str:
+        """Hash of the settings and, when given, of the general pool actually used.
+
+        The pool's content hash is part of it because the same parameters can yield another
+        pool (a hub set reachable on one day, replaced by the offline fallback the next).
+        """
+        blob = repr(sorted(asdict(self).items()))
+        if pool is not None:
+            blob += f"|pool:{pool['sha256']}:{pool['size']}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -101,9 +124,27 @@ class GenerationCall:
 
 
 @dataclass(frozen=True)
+class GeneralSplit:
+    """The general pool split into train and eval prompts.
+
+    available: distinct prompts left after de-duplication and excluding the qualitative set.
+    warning: non-empty when the requested sizes did not fit and were shrunk.
+    """
+
+    train: list[PromptRecord]
+    evaluation: list[PromptRecord]
+    available: int
+    warning: str = ""
+
+
+@dataclass(frozen=True)
 class Result:
+    """Where the stage wrote, its row counts, and warnings a reader must see (also in the
+    manifest): a shrunk general pool, a hub data set replaced by the offline pool."""
+
     stage_dir: Path
     counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- pure helpers --------------------------------------------------------------------------------
@@ -132,14 +173,48 @@ def plan_generation_calls(constitution: Constitution, config: Config) -> list[Ge
     return calls
 
 
+def fit_split_sizes(
+    available: int, n_train: int, n_eval: int, allow_smaller: bool, sources: str = ""
+) -> tuple[int, int, str]:
+    """Train and eval sizes that fit ``available`` prompts, and a warning if they were shrunk.
+
+    Asking for more than the pool holds is an error by default (a large preset once trained on
+    15 general prompts without a word); with ``allow_smaller`` both sizes shrink in proportion.
+    """
+    wanted = n_train + n_eval
+    if available >= wanted:
+        return n_train, n_eval, ""
+    numbers = (
+        f"prompts.general_prompts={n_train} + prompts.eval_prompts={n_eval} = {wanted} general "
+        f"prompts requested, but the pool holds {available} after de-duplication{sources}"
+    )
+    if not allow_smaller:
+        raise ConfigError(
+            f"{numbers}: lower them, add prompts.hub_datasets (e.g. [lima]), or set "
+            "prompts.allow_smaller_pool=true to shrink both proportionally"
+        )
+    train = round(available * n_train / wanted)
+    evaluation = available - train
+    return (
+        train,
+        evaluation,
+        f"{numbers}; shrunk to {train} train + {evaluation} eval (prompts.allow_smaller_pool)",
+    )
+
+
 def split_general_pool(
-    pool: list[PromptRecord], n_train: int, n_eval: int, seed: int, exclude: list[str]
-) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    pool: list[PromptRecord],
+    n_train: int,
+    n_eval: int,
+    seed: int,
+    exclude: list[str],
+    allow_smaller: bool = False,
+) -> GeneralSplit:
     """Disjoint train/eval splits of the general pool, stable across runs and machines.
 
     Prompts near-identical to anything in ``exclude`` (the qualitative set) are left out of
     both; duplicates inside the pool are removed before splitting so the same text can never
-    land on both sides.
+    land on both sides. Sizes that do not fit follow `fit_split_sizes`.
     """
     unique = prompt_filters.deduplicate([r.prompt for r in pool], threshold=0.9, against=exclude)
     kept = set(unique.kept)
@@ -149,10 +224,17 @@ def split_general_pool(
         if record.prompt in kept and record.prompt not in seen:
             seen.add(record.prompt)
             candidates.append(record)
+    per_source: dict[str, int] = {}
+    for record in candidates:
+        per_source[record.source] = per_source.get(record.source, 0) + 1
+    sources = " (" + ", ".join(f"{k} {v}" for k, v in per_source.items()) + ")"
+    n_train, n_eval, warning = fit_split_sizes(
+        len(candidates), n_train, n_eval, allow_smaller, sources if candidates else ""
+    )
     ordered = sorted(candidates, key=lambda r: stable_rank(r.id, f"split-{seed}"))
     evaluation = ordered[:n_eval]
     train = ordered[n_eval : n_eval + n_train]
-    return train, evaluation
+    return GeneralSplit(train, evaluation, len(candidates), warning)
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -160,17 +242,32 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
     """Build all prompt sets for ``params.persona``; resumable, see the module docstring."""
     config = Config.from_params(params)
     constitution = load_constitution(config.constitution, allow_opt_in=config.allow_opt_in)
-    stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(config.fingerprint(), on_existing, asdict(config))
-
     qualitative = qualitative_prompts()
-    train, evaluation = split_general_pool(
-        general_prompt_pool(config.hub_datasets),
+    pool = general_prompt_pool(config.hub_datasets, offline_fallback=config.hub_offline_fallback)
+    pool_info = describe_pool(pool, config.hub_datasets)
+    split = split_general_pool(
+        pool,
         config.general_prompts,
         config.eval_prompts,
         config.seed,
         exclude=[r.prompt for r in qualitative],
+        allow_smaller=config.allow_smaller_pool,
+    )  # before the folder is touched: a pool that is too small stops here
+    warnings = [
+        f"hub dataset {name} contributed no prompts (unreachable, prompts.hub_offline_fallback "
+        "is on); the general pool holds offline prompts only"
+        for name in config.hub_datasets
+        if pool_info["sources"].get(name, 0) == 0
+    ] + ([split.warning] if split.warning else [])
+    for warning in warnings:
+        logger.warning("%s", warning)
+
+    stage: StageDir = stage_dir(params.run_dir, STAGE)
+    stage.prepare(
+        config.fingerprint(pool_info), on_existing, {**asdict(config), "general_pool": pool_info}
     )
+    stage.write_manifest(general_pool=pool_info, warnings=warnings)
+    train, evaluation = split.train, split.evaluation
     write_jsonl(stage.file("general_train.jsonl"), (r.to_dict() for r in train))
     write_jsonl(stage.file("general_eval.jsonl"), (r.to_dict() for r in evaluation))
     write_jsonl(stage.file("qualitative.jsonl"), (r.to_dict() for r in qualitative))
@@ -188,53 +285,56 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
         "generator_calls": len(raw),
         "general_train": len(train),
         "general_eval": len(evaluation),
+        "general_available": split.available,
         "qualitative": len(qualitative),
     }
     stage.finish(**counts)
-    return Result(stage.path, counts)
+    return Result(stage.path, counts, warnings)
 
 
 def _generate(
     constitution: Constitution, config: Config, service_client, stage: StageDir
 ) -> dict[str, dict]:
-    """Run every planned generator call not already in the raw log; returns key -> record."""
-    raw_path = stage.file("generation_raw.partial.jsonl")
-    done = {row["key"]: row for row in read_jsonl(raw_path)}
-    calls = [c for c in plan_generation_calls(constitution, config) if c.key not in done]
-    if not calls:
-        return done
+    """Every planned generator call, through the shared sampler; returns key -> raw record.
+
+    The sampling client is only created when the log lacks some call, so a finished stage
+    re-executed for its report loads no model.
+    """
     assertions = {a.id: a for a in constitution.assertions}
-    sampler = resolve_client(service_client.create_sampling_client(base_model=config.generator))
-    renderer = get_renderer(config.generator_renderer, sampler.get_tokenizer())
-    futures = []
-    for call in calls:
-        prompt = generation_prompt(
-            renderer,
-            expansion_messages(assertions[call.assertion_id], call.examples, call.count),
+    requests = [
+        SampleRequest(
+            key=call.key,
+            messages=expansion_messages(assertions[call.assertion_id], call.examples, call.count),
             prefill=EXPANSION_PREFILL,
+            meta={
+                "assertion_id": call.assertion_id,
+                "call_index": call.call_index,
+                "requested": call.count,
+            },
         )
-        params = types.SamplingParams(
-            max_tokens=config.max_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            seed=config.seed * 100_003 + len(futures),
-            stop=renderer.get_stop_sequences(),
-        )
-        futures.append((call, sampler.sample(prompt, 1, params)))
-    for call, future in tqdm(futures, desc="generating prompts", unit="call"):
-        sequence = future.result().sequences[0]
-        text, complete = parse_reply(renderer, list(sequence.tokens))
-        row = {
-            "key": call.key,
-            "assertion_id": call.assertion_id,
-            "call_index": call.call_index,
-            "requested": call.count,
-            "text": EXPANSION_PREFILL + text,
-            "truncated": not complete,
+        for call in plan_generation_calls(constitution, config)
+    ]
+    completions = sample_chat(
+        lambda: service_client.create_sampling_client(base_model=config.generator),
+        config.generator_renderer,
+        requests,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        seed=config.seed,
+        log_path=stage.file("generation_raw.partial.jsonl"),
+        desc="generating prompts",
+    )
+    return {
+        key: {
+            **completion.meta,
+            "key": key,
+            "text": completion.full_text,  # the numbered list, including its prefilled "1."
+            "truncated": not completion.complete,
         }
-        append_jsonl(raw_path, row)
-        done[call.key] = row
-    return done
+        for key, completion in completions.items()
+    }
 
 
 def _assemble(
