@@ -243,6 +243,17 @@ def test_new_refuses_to_overwrite_either_file_without_force(capsys, dirs):
     assert code == 2 and "already exists" in err
 
 
+def test_new_on_an_existing_constitution_points_to_params_only(capsys, dirs):
+    target = dirs.constitution_file("sarcastic")
+    before = target.read_text(encoding="utf-8")
+    dirs.params_file("sarcastic").unlink()
+    code, _, err = cli(capsys, dirs, "new", "sarcastic")
+    assert code == 2 and "run `persona new sarcastic --params-only`" in err
+    assert cli(capsys, dirs, "new", "sarcastic", "--params-only")[0] == 0
+    assert target.read_text(encoding="utf-8") == before
+    assert cli(capsys, dirs, "check", "sarcastic", "--strict")[0] == 0
+
+
 def test_new_refuses_a_name_that_is_not_a_slug(capsys, dirs):
     code, _, err = cli(capsys, dirs, "new", "Stoic Sage")
     assert code == 2

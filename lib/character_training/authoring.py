@@ -182,7 +182,7 @@ def write_params_file(name: str, dirs: PersonaDirs = PersonaDirs(), *, force: bo
         try:
             raw = yaml.safe_load(constitution_file.read_text(encoding="utf-8"))
             requires_opt_in = isinstance(raw, dict) and raw.get("requires_opt_in") is True
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             pass  # `persona check` reports the syntax error; the params file is still right
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(params_file_text(name, dirs, requires_opt_in), encoding="utf-8")
@@ -316,6 +316,12 @@ def write_skeleton(
         if value is not None and (not value.strip() or "\n" in value.strip()):
             raise ConfigError(f"{what}: expected one non-empty line, found {value!r}")
     constitution_file, params_file = dirs.constitution_file(name), dirs.params_file(name)
+    if not force and constitution_file.exists() and not params_file.exists():
+        raise ConfigError(
+            f"{label(constitution_file)} already exists: expected a new persona, nothing was "
+            f"written; to add only its params file run `persona new {name} --params-only` "
+            "(--force would replace the constitution with a skeleton)"
+        )
     _refuse_existing([constitution_file, params_file], force)
     text = skeleton_text(
         name,
@@ -478,7 +484,9 @@ def placeholder_findings(data: Any, file_label: str) -> list[Finding]:
     return findings
 
 
-def _loader_findings(path: Path, skip_placeholder_error: bool) -> tuple[Constitution | None, list]:
+def _loader_findings(
+    path: Path, skip_placeholder_error: bool
+) -> tuple[Constitution | None, list[Finding]]:
     """Load exactly as stage 01 does (exactly 5 prompts per assertion), opt-in aside."""
     try:
         return load_constitution(str(path), allow_opt_in=True), []
