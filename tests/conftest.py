@@ -64,13 +64,13 @@ def renderer(tokenizer):
 @pytest.fixture(scope="session")
 def tiny_sampler(tiny_service):
     """Sampling client on the frozen ``tiny-random`` base model."""
-    return tiny_service.create_sampling_client(base_model=TINY)
+    return tiny_service.create_sampling_client(base_model=TINY).result()
 
 
 @pytest.fixture(scope="session")
 def smollm2_sampler(smollm2_service):
     """Sampling client on the frozen SmolLM2 base model (loads it on first use)."""
-    return smollm2_service.create_sampling_client(base_model=SMOLLM2)
+    return smollm2_service.create_sampling_client(base_model=SMOLLM2).result()
 
 
 def randomize_lora(training_client, seed: int, scale: float) -> None:
@@ -95,7 +95,8 @@ def new_tiny_trainer(tiny_service):
     """Factory: a fresh ``tiny-random`` LoRA client with seeded, non-zero adapter weights."""
 
     def make(service=None, *, seed: int = 0, rank: int = 4, scale: float = 0.3):
-        client = (service or tiny_service).create_lora_training_client(TINY, rank=rank, seed=seed)
+        service = service or tiny_service
+        client = service.create_lora_training_client(TINY, rank=rank, seed=seed).result()
         randomize_lora(client, seed, scale)
         return client
 

@@ -47,7 +47,7 @@ def tiny_snapshot(new_tiny_trainer):
     The bare random model's greedy chain repeats one token forever; the adapter makes it vary,
     so a greedy comparison checks more than one argmax.
     """
-    return new_tiny_trainer(seed=1, scale=0.5).save_weights_and_get_sampling_client()
+    return new_tiny_trainer(seed=1, scale=0.5).save_weights_and_get_sampling_client().result()
 
 
 # -- sampled log-probabilities ------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_compute_logprobs_of_prompt_plus_sample_equals_the_sampled_logprobs_in_a
 
     bf16 = LocalServiceClient(root_dir=str(engine_root), precision="bf16")
     _, bf16_gap, bf16_prompt_gap = _sample_then_rescore(
-        bf16.create_sampling_client(base_model=SMOLLM2_NAME), prompts, temperature=0.7
+        bf16.create_sampling_client(base_model=SMOLLM2_NAME).result(), prompts, temperature=0.7
     )
     with capsys.disabled():
         print(
@@ -156,7 +156,9 @@ def test_a_seeded_request_gets_the_same_samples_whatever_else_shares_the_batch(
     small_batches = LocalServiceClient(
         root_dir=str(engine_root), precision="fp32", max_batch_size=3
     )
-    other_sampler = small_batches.create_sampling_client(model_path=tiny_snapshot.model_path)
+    other_sampler = small_batches.create_sampling_client(
+        model_path=tiny_snapshot.model_path
+    ).result()
     split = [other_sampler.sample(long, 3, params(1)), other_sampler.sample(mid, 2, params(7))]
     split_seqs = split[1].result().sequences
 
@@ -258,7 +260,7 @@ def test_a_sampling_client_is_a_frozen_snapshot_that_later_training_does_not_cha
     prompt = as_input(tokenizer, PROMPT_TEXTS[0])
     params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=1)
 
-    snapshot = trainer.save_weights_and_get_sampling_client()
+    snapshot = trainer.save_weights_and_get_sampling_client().result()
     before = snapshot.compute_logprobs(full).result()
     sample_before = snapshot.sample(prompt, 2, params).result().sequences
     # the snapshot scores exactly what the training client computes
@@ -274,7 +276,8 @@ def test_a_sampling_client_is_a_frozen_snapshot_that_later_training_does_not_cha
         seqs_equal(a, b)
         for a, b in zip(snapshot.sample(prompt, 2, params).result().sequences, sample_before)
     )
-    later = trainer.save_weights_and_get_sampling_client().compute_logprobs(full).result()
+    later = trainer.save_weights_and_get_sampling_client().result()
+    later = later.compute_logprobs(full).result()
     assert max(abs(a - b) for a, b in zip(later[1:], before[1:])) > 1e-2  # training did move
 
 

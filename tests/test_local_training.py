@@ -291,8 +291,8 @@ def test_save_state_then_load_state_reproduces_the_logits_bit_for_bit(
     ids = torch.tensor([tokens_of(tokenizer, TEXTS[1])])
     with torch.no_grad():
         expected = client.model(input_ids=ids).logits
-        restored = tiny_service.create_training_client_from_state(path)
-        into_fresh = tiny_service.create_lora_training_client(TINY, rank=4, seed=123)
+        restored = tiny_service.create_training_client_from_state(path).result()
+        into_fresh = tiny_service.create_lora_training_client(TINY, rank=4, seed=123).result()
         into_fresh.load_state(path).result()
         assert torch.equal(restored.model(input_ids=ids).logits, expected)
         assert torch.equal(into_fresh.model(input_ids=ids).logits, expected)
@@ -310,12 +310,12 @@ def test_optimizer_state_resumes_so_the_third_step_matches_uninterrupted_trainin
     _train_step(client, data)
     third_step = _params(client)
 
-    resumed = tiny_service.create_training_client_from_state_with_optimizer(path)
+    resumed = tiny_service.create_training_client_from_state_with_optimizer(path).result()
     _train_step(resumed, data)
     assert all(torch.equal(a, b) for a, b in zip(_params(resumed), third_step))
 
     # without the optimiser state Adam restarts its moments: a visibly different third step
-    weights_only = tiny_service.create_training_client_from_state(path)
+    weights_only = tiny_service.create_training_client_from_state(path).result()
     _train_step(weights_only, data)
     gap = max(float((a - b).abs().max()) for a, b in zip(_params(weights_only), third_step))
     assert gap > 1e-3
@@ -335,7 +335,7 @@ SFT_QUESTIONS = (
 def test_lora_sft_on_smollm2_lowers_the_loss_and_moves_samples_to_the_target(
     smollm2_service, smollm2_sampler, renderer, tokenizer
 ):
-    client = smollm2_service.create_lora_training_client(SMOLLM2, rank=8, seed=0)
+    client = smollm2_service.create_lora_training_client(SMOLLM2, rank=8, seed=0).result()
     data = [
         supervised_datum(
             renderer,
@@ -361,7 +361,9 @@ def test_lora_sft_on_smollm2_lowers_the_loss_and_moves_samples_to_the_target(
         client.optim_step(types.AdamParams(learning_rate=1e-3)).result()
         losses.append(out.metrics["loss:sum"])
     final = client.forward(data, "cross_entropy").result().metrics["loss:sum"]
-    seqs, after = sample_texts(client.save_weights_and_get_sampling_client(), max_tokens=20)
+    seqs, after = sample_texts(
+        client.save_weights_and_get_sampling_client().result(), max_tokens=20
+    )
 
     print(f"\nSFT loss:sum by step {[round(v, 1) for v in losses]} -> {final:.2f}")
     assert final < 0.5 * losses[0]
@@ -407,7 +409,8 @@ ERROR_CASES = {
         BackendError,
         (
             "loss_fn='mse' is not supported by the local engine: expected one of "
-            "['cross_entropy', 'importance_sampling'], or use forward_backward_custom"
+            "['cispo', 'cross_entropy', 'dro', 'importance_sampling', 'ppo'], or use "
+            "forward_backward_custom"
         ),
     ),
     "target_length_mismatch": (
@@ -481,7 +484,7 @@ ERROR_CASES = {
 
 @pytest.fixture(scope="module")
 def plain_tiny_trainer(tiny_service):
-    return tiny_service.create_lora_training_client(TINY, rank=4, seed=0)
+    return tiny_service.create_lora_training_client(TINY, rank=4, seed=0).result()
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))

@@ -11,12 +11,18 @@ until someone needs a result, then all pending requests are generated together.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from concurrent.futures import Future as ConcurrentFuture
-from typing import Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from tinker.lib.public_interfaces.api_future import APIFuture
 
+if TYPE_CHECKING:  # named in string type arguments below, which ruff does not count as uses
+    from .sampling_client import LocalSamplingClient  # noqa: F401
+    from .training_client import LocalTrainingClient  # noqa: F401
+
 T = TypeVar("T")
+C = TypeVar("C")
 
 _PENDING = object()
 
@@ -70,3 +76,50 @@ class LocalFuture(APIFuture[T], Generic[T]):
         except BaseException as exc:  # propagate into the concurrent future, as the SDK does
             concurrent.set_exception(exc)
         return concurrent
+
+
+class LocalClientFuture(LocalFuture[C], Generic[C]):
+    """A future of a client that can also be used, deprecated, as the client itself.
+
+    The SDK's ``create_*`` methods return ``Backcompat*ClientFuture`` objects: ``.result()``
+    (or ``await``) gives the client, and calling client methods on the future still works but
+    warns with a `FutureWarning`. This class behaves the same way, so code that runs locally
+    without warnings also runs on Tinker without them. Two differences, both deliberate:
+
+    * the local engine builds the client before returning (it is in-process, and failing at
+      the call site gives a better traceback), so the future is always already resolved;
+    * private attributes (``_sampler`` and friends) are forwarded without a warning, because
+      the engine's own tests inspect them; they are not part of the SDK's surface.
+    """
+
+    _client_kind = "client"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the future itself lacks. Dunder lookups (copy, pickle) and
+        # lookups before __init__ has run must not recurse into result().
+        if name.startswith("__") or "_value" not in vars(self):
+            raise AttributeError(name)
+        if not name.startswith("_"):
+            warnings.warn(
+                f"Using the future as the {self._client_kind} is deprecated (as in the Tinker "
+                f"SDK); call .result() on it, or await it, to get the {self._client_kind} first",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return getattr(self.result(), name)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else repr(self._value)
+        return f"<{type(self).__name__}: {state}>"
+
+
+class LocalTrainingClientFuture(LocalClientFuture["LocalTrainingClient"]):
+    """What ``create_lora_training_client`` and friends return (SDK: a training client future)."""
+
+    _client_kind = "TrainingClient"
+
+
+class LocalSamplingClientFuture(LocalClientFuture["LocalSamplingClient"]):
+    """What ``create_sampling_client`` and friends return (SDK: a sampling client future)."""
+
+    _client_kind = "SamplingClient"

@@ -1,35 +1,64 @@
 """LoRA training client with the Tinker `TrainingClient` contract, run in-process.
 
 Semantics copied from the service (not its code): gradients from successive
-``forward_backward`` calls accumulate until ``optim_step``; losses are token sums; the optimiser
-is AdamW with Tinker's defaults (betas 0.9/0.95, eps 1e-12, no weight decay); LoRA uses
-LoRA follows Tinker's parametrisation (alpha 32, scale alpha/rank, attention + MLP + unembedding
-by default; see `lora`). Checkpoints are plain directories with the PEFT adapter, the optimiser
-state and a small JSON manifest, so a run can resume after an interruption.
+``forward_backward`` calls accumulate until ``optim_step``; losses are token sums (`losses`
+defines the built-in ones and their ``loss_fn_config``); the optimiser is AdamW with Tinker's
+defaults (betas 0.9/0.95, eps 1e-12, no weight decay); LoRA follows Tinker's parametrisation
+(alpha 32, scale alpha/rank, attention + MLP + unembedding by default; see `lora`).
+Checkpoints are plain directories with the PEFT adapter, the optimiser state and a small JSON
+manifest, so a run can resume after an interruption.
+
+The public methods take the SDK's exact parameters and return what the SDK returns: futures
+(already resolved, since work runs eagerly in order), deprecated ``*_async`` twins that warn as
+the SDK's do, and futures of sampling clients from the ``*sampling_client`` methods. Arguments
+and methods that only make sense on the service fail in one line (`sdk_surface`).
 
 ``forward_backward_custom`` follows the SDK's contract ``loss_fn(data, logprobs_list) ->
-(loss, metrics)``. When the batch fits in one micro-batch the loss is back-propagated through
-the graph directly; otherwise the engine scores without a graph, asks the loss for its gradient
-with respect to each log-probability, and replays the micro-batches with the linear surrogate
-``sum(grad * logprobs)``. Both give the same parameter gradients (checked by a test).
+(loss, metrics)``, with the log-probabilities handed over as the SDK hands them (CPU float32
+leaves). The engine asks the loss for its gradient with respect to each log-probability and
+back-propagates that vector through the scoring graph: directly when the batch fits in one
+micro-batch, otherwise by replaying the micro-batches. Both give the parameter gradients of the
+loss itself (checked by a test), which is what the service's linear surrogate computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, List, Literal, Mapping, Sequence
 
 import torch
-from tinker import types
+from tinker import LossHandle, types
+from tinker.lib.public_interfaces.api_future import APIFuture
+from tinker.lib.public_interfaces.custom_loss import check_loss_inputs, run_loss_handle
 
 from ...errors import BackendError, DataError
 from .engine import LocalEngine, read_checkpoint_meta, write_checkpoint_meta
 from .forward import iter_scored_micro_batches, micro_batches
-from .futures import LocalFuture
+from .futures import LocalFuture, LocalSamplingClientFuture
 from .lora import LORA_ALPHA, lora_parts, lora_target_modules
-from .losses import BUILTIN_LOSSES, loss_inputs_as_tensors
+from .losses import loss_inputs_as_tensors, resolve_loss
+from .sdk_surface import (
+    check_no_access_token,
+    check_no_stability_info,
+    check_retry_config,
+    check_ttl_seconds,
+    check_user_metadata,
+    local_session_id,
+    tinker_deprecated,
+    tinker_only,
+)
+
+if TYPE_CHECKING:
+    from tinker.lib.public_interfaces.training_client import CustomLossFnV1
+    from tinker.lib.retry_handler import RetryConfig
+    from tinker.lib.telemetry import Telemetry
+    from transformers import PreTrainedTokenizer
+
+    from .sampling_client import LocalSamplingClient
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +95,9 @@ def _inputs_and_targets(data: Sequence[types.Datum]) -> tuple[list[list[int]], l
 
 class LocalTrainingClient:
     """LoRA fine-tuning of a local Hugging Face causal LM behind the SDK's interface."""
+
+    # Set by the service client from ``user_metadata=``; recorded in every checkpoint manifest.
+    user_metadata: dict[str, str] | None = None
 
     def __init__(
         self,
@@ -113,7 +145,7 @@ class LocalTrainingClient:
         self._sampler_counter = 0
 
     # -- information --------------------------------------------------------------------------
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> PreTrainedTokenizer:
         return self._tokenizer
 
     def get_info(self) -> types.GetInfoResponse:
@@ -125,9 +157,29 @@ class LocalTrainingClient:
             model_name=self.base_model,
         )
 
+    @tinker_deprecated("TrainingClient.get_info_async()", "TrainingClient.get_info()")
+    async def get_info_async(self) -> types.GetInfoResponse:
+        return self.get_info()
+
+    def get_console_url(self) -> str:
+        raise tinker_only("TrainingClient.get_console_url()", "the local engine has no console")
+
+    def get_telemetry(self) -> Telemetry | None:
+        """Always None: the SDK's answer when no telemetry is being collected.
+
+        The SDK returns its session's `Telemetry` (an uploader of client-side events to the
+        service) or None when there is none; the local engine uploads nothing, so None is the
+        truthful answer and code that checks for telemetry keeps working.
+        """
+        return None
+
     @property
     def _pad_id(self) -> int:
         return int(self._tokenizer.pad_token_id)
+
+    @property
+    def _session_id(self) -> str:
+        return local_session_id(self.engine)
 
     def _score(self, inputs, targets):
         return iter_scored_micro_batches(
@@ -141,36 +193,69 @@ class LocalTrainingClient:
         )
 
     # -- forward / backward -------------------------------------------------------------------
-    def forward(self, data: list[types.Datum], loss_fn: str) -> LocalFuture:
+    def forward(
+        self,
+        data: List[types.Datum],
+        loss_fn: types.LossFnType,
+        loss_fn_config: Mapping[str, float | str] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
         """Loss and log-probabilities without touching gradients."""
         with torch.no_grad():
-            result = self._builtin(data, loss_fn, backward=False)
+            result = self._builtin(data, loss_fn, loss_fn_config, backward=False)
         return LocalFuture.completed(result)
 
-    def forward_backward(
-        self, data: list[types.Datum], loss_fn: str, loss_fn_config=None
-    ) -> LocalFuture[types.ForwardBackwardOutput]:
-        """Run the built-in loss and accumulate its gradient (eagerly: order matters)."""
-        return LocalFuture.completed(self._builtin(data, loss_fn, backward=True))
+    @tinker_deprecated("TrainingClient.forward_async()", "TrainingClient.forward()")
+    async def forward_async(
+        self,
+        data: List[types.Datum],
+        loss_fn: types.LossFnType,
+        loss_fn_config: Mapping[str, float | str] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """As in the SDK, awaiting this gives the *future*, not the output."""
+        return self.forward(data, loss_fn, loss_fn_config)
 
-    def _builtin(self, data, loss_fn: str, backward: bool) -> types.ForwardBackwardOutput:
-        if loss_fn not in BUILTIN_LOSSES:
-            raise BackendError(
-                f"loss_fn={loss_fn!r} is not supported by the local engine: expected one of "
-                f"{sorted(BUILTIN_LOSSES)}, or use forward_backward_custom"
-            )
+    def forward_backward(
+        self,
+        data: List[types.Datum],
+        loss_fn: types.LossFnType,
+        loss_fn_config: Mapping[str, float | str] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Run the built-in loss and accumulate its gradient (eagerly: order matters).
+
+        ``loss_fn_config`` holds the loss's hyper-parameters (see `losses`); an unknown key, a
+        missing required one or a loss without a local implementation fails in one line.
+        """
+        return LocalFuture.completed(self._builtin(data, loss_fn, loss_fn_config, backward=True))
+
+    @tinker_deprecated(
+        "TrainingClient.forward_backward_async()", "TrainingClient.forward_backward()"
+    )
+    async def forward_backward_async(
+        self,
+        data: List[types.Datum],
+        loss_fn: types.LossFnType,
+        loss_fn_config: Mapping[str, float | str] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """As in the SDK, awaiting this gives the *future*, not the output."""
+        return self.forward_backward(data, loss_fn, loss_fn_config)
+
+    def _builtin(
+        self, data, loss_fn: str, loss_fn_config, backward: bool
+    ) -> types.ForwardBackwardOutput:
+        loss, config = resolve_loss(loss_fn, loss_fn_config)
         if not data:
             raise DataError("forward_backward got an empty batch")
-        fn, required = BUILTIN_LOSSES[loss_fn]
-        tensors = [loss_inputs_as_tensors(d, required, i, loss_fn) for i, d in enumerate(data)]
+        tensors = [loss_inputs_as_tensors(d, loss.inputs, i, loss_fn) for i, d in enumerate(data)]
         inputs, targets = _inputs_and_targets(data)
         outputs: list[dict | None] = [None] * len(data)
         total = 0.0
         for group, logprobs in self._score(inputs, targets):
             losses = []
             for idx, lp in zip(group, logprobs):
-                loss, extra = fn(lp, {k: v.to(lp.device) for k, v in tensors[idx].items()})
-                losses.append(loss)
+                value, extra = loss.fn(
+                    lp, {k: v.to(lp.device) for k, v in tensors[idx].items()}, config
+                )
+                losses.append(value)
                 outputs[idx] = {"logprobs": _tensor_data(lp)} | {
                     k: _tensor_data(v) for k, v in extra.items()
                 }
@@ -185,58 +270,128 @@ class LocalTrainingClient:
         )
 
     def forward_backward_custom(
-        self, data: list[types.Datum], loss_fn: CustomLossFn
-    ) -> LocalFuture[types.ForwardBackwardOutput]:
-        """Accumulate the gradient of an arbitrary loss of per-token log-probabilities."""
+        self,
+        data: List[types.Datum],
+        loss_fn: CustomLossFnV1 | LossHandle,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Accumulate the gradient of an arbitrary loss of per-token log-probabilities.
+
+        ``loss_fn`` is a callable ``(data, logprobs_list) -> (loss, metrics)`` or a `LossHandle`
+        from ``create_custom_loss`` (run per datum and summed, as the SDK runs one client-side).
+        The log-probabilities reach it as the SDK hands them: CPU float32 leaf tensors that
+        require grad, one per datum. As on Tinker, a loss with no gradient, or one that leaves
+        some datum's log-probabilities without a gradient, is an error.
+        """
+        if loss_type_input is not None:
+            warnings.warn(
+                "forward_backward_custom(loss_type_input=...) is deprecated in the Tinker SDK: "
+                "the loss always receives logprobs; remove the argument",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if loss_type_input != "logprobs":
+                raise BackendError(
+                    f"forward_backward_custom: loss_type_input={loss_type_input!r}, expected "
+                    "'logprobs' or None"
+                )
+        run_loss = self._custom_loss_runner(data, loss_fn)
         if not data:
             raise DataError("forward_backward_custom got an empty batch")
         inputs, targets = _inputs_and_targets(data)
         budget = self.engine.config.micro_batch_tokens
         single_pass = len(micro_batches([len(s) for s in inputs], budget)) == 1
-        if single_pass:
-            logprobs: list[torch.Tensor | None] = [None] * len(data)
+        graph_logprobs: list[torch.Tensor | None] = [None] * len(data)
+        with contextlib.nullcontext() if single_pass else torch.no_grad():
             for group, lps in self._score(inputs, targets):
                 for idx, lp in zip(group, lps):
-                    logprobs[idx] = lp
-            loss, metrics = loss_fn(list(data), logprobs)  # type: ignore[arg-type]
-            loss.backward()
+                    graph_logprobs[idx] = lp
+        # What the SDK hands the loss: fresh CPU float32 leaves, one per datum.
+        leaves = [
+            lp.detach().to("cpu", torch.float32).clone().requires_grad_(True)  # type: ignore[union-attr]
+            for lp in graph_logprobs
+        ]
+        loss, metrics = run_loss(list(data), leaves)
+        grads = _logprob_gradients(loss, leaves)
+        if single_pass:
+            # The scoring graph is still alive: back-propagate dLoss/dlogprobs through it.
+            torch.autograd.backward(
+                graph_logprobs,  # type: ignore[arg-type]
+                [g.to(lp.device, lp.dtype) for g, lp in zip(grads, graph_logprobs)],  # type: ignore[union-attr]
+            )
         else:
-            with torch.no_grad():
-                detached: list[torch.Tensor | None] = [None] * len(data)
-                for group, lps in self._score(inputs, targets):
-                    for idx, lp in zip(group, lps):
-                        detached[idx] = lp.detach()
-            leaves = [lp.clone().requires_grad_(True) for lp in detached]  # type: ignore[union-attr]
-            loss, metrics = loss_fn(list(data), leaves)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # Replay each micro-batch with a graph; the same vector-Jacobian product per group.
             for group, lps in self._score(inputs, targets):
-                surrogate = sum(
-                    (lp * grads[idx].to(lp.dtype)).sum()
-                    for idx, lp in zip(group, lps)
-                    if grads[idx] is not None
+                torch.autograd.backward(
+                    lps, [grads[i].to(lp.device, lp.dtype) for i, lp in zip(group, lps)]
                 )
-                if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
-                    surrogate.backward()
-            logprobs = detached
-        outputs = [{"logprobs": _tensor_data(lp)} for lp in logprobs]  # type: ignore[arg-type]
+        surrogate = sum(float((leaf.detach() * g).sum()) for leaf, g in zip(leaves, grads))
         merged = {k: float(v) for k, v in (metrics or {}).items()}
-        merged["loss:sum"] = float(loss.detach())
+        merged["loss:sum"] = float(loss.detach().sum())
+        merged["surrogate_loss:sum"] = surrogate
         return LocalFuture.completed(
             types.ForwardBackwardOutput(
                 loss_fn_output_type="TorchLossReturn",
-                loss_fn_outputs=outputs,  # type: ignore[arg-type]
+                loss_fn_outputs=[{"logprobs": _tensor_data(leaf)} for leaf in leaves],  # type: ignore[misc]
                 metrics=merged,
             )
         )
 
+    @tinker_deprecated(
+        "TrainingClient.forward_backward_custom_async()", "TrainingClient.forward_backward_custom()"
+    )
+    async def forward_backward_custom_async(
+        self,
+        data: List[types.Datum],
+        loss_fn: CustomLossFnV1 | LossHandle,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """As in the SDK, awaiting this gives the *future*, not the output."""
+        return self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
+
+    def _custom_loss_runner(self, data: Sequence[types.Datum], loss_fn) -> CustomLossFnV1:
+        """``loss_fn`` as a ``(data, logprobs_list)`` callable, after the SDK's handle checks."""
+        if isinstance(loss_fn, LossHandle):
+            if loss_fn.session_id != self._session_id:
+                raise BackendError(
+                    f"LossHandle {loss_fn.name!r} was created by another service client (session "
+                    f"{loss_fn.session_id}); create it with this client's ServiceClient"
+                )
+            try:
+                check_loss_inputs(loss_fn, list(data))
+            except ValueError as exc:
+                raise DataError(f"forward_backward_custom: {exc}") from exc
+            return lambda batch, logprobs: run_loss_handle(loss_fn, batch, logprobs)
+        if not callable(loss_fn):
+            raise BackendError(
+                "forward_backward_custom: loss_fn must be a callable (data, logprobs_list) -> "
+                f"(loss, metrics) or a LossHandle; got {type(loss_fn).__name__}"
+            )
+        return loss_fn
+
     # -- optimiser ----------------------------------------------------------------------------
     def optim_step(
-        self, optim_params: types.AdamParams | None = None, *, adam_params=None
-    ) -> LocalFuture[types.OptimStepResponse]:
-        params = optim_params or adam_params
+        self,
+        optim_params: types.OptimParams | None = None,
+        *,
+        adam_params: types.AdamParams | None = None,
+    ) -> APIFuture[types.OptimStepResponse]:
+        """One AdamW step with the accumulated gradients, then clear them.
+
+        As in the SDK, exactly one of ``optim_params`` and the legacy keyword ``adam_params``
+        is given; the local engine implements the Adam family only.
+        """
+        if optim_params is not None and adam_params is not None:
+            raise BackendError(
+                "optim_step: pass optim_params or the legacy adam_params keyword, not both"
+            )
+        params = optim_params if optim_params is not None else adam_params
         if not isinstance(params, types.AdamParams):
             raise BackendError(
-                f"optim_step expects tinker.types.AdamParams; got {type(params).__name__}"
+                "optim_step expects tinker.types.AdamParams (as optim_params, or adam_params=); "
+                f"got {type(params).__name__}"
             )
         if params.learning_rate < 0:
             raise BackendError(f"learning_rate={params.learning_rate}: expected >= 0")
@@ -259,6 +414,16 @@ class LocalTrainingClient:
             )
         )
 
+    @tinker_deprecated("TrainingClient.optim_step_async()", "TrainingClient.optim_step()")
+    async def optim_step_async(
+        self,
+        optim_params: types.OptimParams | None = None,
+        *,
+        adam_params: types.AdamParams | None = None,
+    ) -> APIFuture[types.OptimStepResponse]:
+        """As in the SDK, awaiting this gives the *future*, not the response."""
+        return self.optim_step(optim_params, adam_params=adam_params)
+
     def _ensure_optimizer(self, params: types.AdamParams) -> torch.optim.AdamW:
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(
@@ -274,7 +439,19 @@ class LocalTrainingClient:
         return self._optimizer
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _save_adapter(self, path: Path, kind: str) -> None:
+    def _new_checkpoint_dir(self, method: str, kind: str, name: str, overwrite: bool) -> Path:
+        """The directory for a new checkpoint; an existing one is replaced only on request."""
+        path = self.engine.checkpoint_dir(self.run_id, kind, name)
+        if path.exists():
+            if not overwrite:
+                hint = "pass overwrite=True to replace it" if kind == "state" else "pick a new name"
+                raise BackendError(
+                    f"{method}: checkpoint {name!r} already exists at {path}; {hint}"
+                )
+            shutil.rmtree(path)
+        return path
+
+    def _save_adapter(self, path: Path, kind: str, **extra_meta) -> None:
         # The base weights never change, so the (tied) embedding matrix is not saved with it.
         self.model.save_pretrained(str(path / _ADAPTER), save_embedding_layers=False)
         write_checkpoint_meta(
@@ -285,12 +462,27 @@ class LocalTrainingClient:
             trained_parts=list(self.trained_parts),
             steps=self.steps,
             run_id=self.run_id,
+            run_user_metadata=self.user_metadata or {},
+            **extra_meta,
         )
 
-    def save_state(self, name: str, ttl_seconds=None, **_ignored) -> LocalFuture:
-        """Adapter + optimiser state, enough to resume training exactly."""
-        path = self.engine.checkpoint_dir(self.run_id, "state", name)
-        self._save_adapter(path, kind="state")
+    def save_state(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+    ) -> APIFuture[types.SaveWeightsResponse]:
+        """Adapter + optimiser state, enough to resume training exactly.
+
+        A name already saved by this run fails unless ``overwrite=True``, which replaces the
+        whole checkpoint, metadata included (the SDK's rule). ``ttl_seconds`` is checked and
+        recorded, but local checkpoints are never deleted automatically.
+        """
+        check_ttl_seconds("save_state", ttl_seconds)
+        metadata = check_user_metadata("save_state", user_metadata)
+        path = self._new_checkpoint_dir("save_state", "state", name, overwrite)
+        self._save_adapter(path, "state", ttl_seconds=ttl_seconds, user_metadata=metadata)
         optimizer_state = (
             self._optimizer.state_dict()
             if self._optimizer is not None
@@ -300,18 +492,110 @@ class LocalTrainingClient:
             torch.save(optimizer_state, path / _OPTIMIZER_FILE)
         return LocalFuture.completed(types.SaveWeightsResponse(path=str(path)))
 
-    def save_weights_for_sampler(self, name: str, ttl_seconds=None, **_ignored) -> LocalFuture:
-        """Adapter only: what a sampling client needs."""
-        path = self.engine.checkpoint_dir(self.run_id, "sampler", name)
-        self._save_adapter(path, kind="sampler")
+    @tinker_deprecated("TrainingClient.save_state_async()", "TrainingClient.save_state()")
+    async def save_state_async(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+    ) -> APIFuture[types.SaveWeightsResponse]:
+        return self.save_state(
+            name, ttl_seconds=ttl_seconds, overwrite=overwrite, user_metadata=user_metadata
+        )
+
+    def save_weights_for_sampler(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Adapter only: what a sampling client needs. Names are unique within a run."""
+        check_ttl_seconds("save_weights_for_sampler", ttl_seconds)
+        metadata = check_user_metadata("save_weights_for_sampler", user_metadata)
+        path = self._new_checkpoint_dir("save_weights_for_sampler", "sampler", name, False)
+        self._save_adapter(path, "sampler", ttl_seconds=ttl_seconds, user_metadata=metadata)
         return LocalFuture.completed(types.SaveWeightsForSamplerResponse(path=str(path)))
 
-    def load_state(self, path: str, weights_access_token=None) -> LocalFuture:
+    @tinker_deprecated(
+        "TrainingClient.save_weights_for_sampler_async()",
+        "TrainingClient.save_weights_for_sampler()",
+    )
+    async def save_weights_for_sampler_async(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        return self.save_weights_for_sampler(
+            name, ttl_seconds=ttl_seconds, user_metadata=user_metadata
+        )
+
+    def save_weights_external(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_encryption_recipients: list[str] | None = None,
+    ) -> APIFuture[types.SaveWeightsExternalResponse]:
+        raise tinker_only(
+            "TrainingClient.save_weights_external()",
+            "external-weights storage is a service bucket; locally, save_weights_for_sampler "
+            "already writes a PEFT adapter directory",
+        )
+
+    @tinker_deprecated(
+        "TrainingClient.save_weights_external_async()", "TrainingClient.save_weights_external()"
+    )
+    async def save_weights_external_async(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_encryption_recipients: list[str] | None = None,
+    ) -> APIFuture[types.SaveWeightsExternalResponse]:
+        return self.save_weights_external(
+            name, ttl_seconds=ttl_seconds, age_encryption_recipients=age_encryption_recipients
+        )
+
+    @tinker_deprecated(
+        "TrainingClient.load_state()", "ServiceClient.create_training_client_from_state()"
+    )
+    def load_state(
+        self, path: str, weights_access_token: str | None = None
+    ) -> APIFuture[types.LoadWeightsResponse]:
         """Load adapter weights (not the optimiser), like the SDK's ``load_state``."""
+        check_no_access_token("load_state", weights_access_token)
         self._load(path, with_optimizer=False)
         return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
 
-    def load_state_with_optimizer(self, path: str, weights_access_token=None) -> LocalFuture:
+    @tinker_deprecated(
+        "TrainingClient.load_state_async()", "ServiceClient.create_training_client_from_state()"
+    )
+    async def load_state_async(
+        self, path: str, weights_access_token: str | None = None
+    ) -> APIFuture[types.LoadWeightsResponse]:
+        check_no_access_token("load_state_async", weights_access_token)
+        self._load(path, with_optimizer=False)
+        return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
+
+    @tinker_deprecated(
+        "TrainingClient.load_state_with_optimizer()",
+        "ServiceClient.create_training_client_from_state_with_optimizer()",
+    )
+    def load_state_with_optimizer(
+        self, path: str, weights_access_token: str | None = None
+    ) -> APIFuture[types.LoadWeightsResponse]:
+        check_no_access_token("load_state_with_optimizer", weights_access_token)
+        self._load(path, with_optimizer=True)
+        return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
+
+    @tinker_deprecated(
+        "TrainingClient.load_state_with_optimizer_async()",
+        "ServiceClient.create_training_client_from_state_with_optimizer()",
+    )
+    async def load_state_with_optimizer_async(
+        self, path: str, weights_access_token: str | None = None
+    ) -> APIFuture[types.LoadWeightsResponse]:
+        check_no_access_token("load_state_with_optimizer_async", weights_access_token)
         self._load(path, with_optimizer=True)
         return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
 
@@ -342,16 +626,112 @@ class LocalTrainingClient:
                 self._optimizer_state_to_restore = state
 
     # -- sampling -----------------------------------------------------------------------------
-    def save_weights_and_get_sampling_client(self, name: str | None = None, **_ignored):
-        """Snapshot the current weights into a new, independent sampling client."""
+    def save_weights_and_get_sampling_client(
+        self,
+        name: str | None = None,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
+        kind: types.SamplingClientKind = "snapshot",
+    ) -> LocalSamplingClientFuture:
+        """Snapshot the current weights into a new, independent sampling client.
+
+        As in the SDK, ``name`` is deprecated and has no effect (the snapshot gets a generated
+        name), and the return value is a future of the client. ``kind="inflight"`` (weights
+        shared with later saves) is Tinker-only.
+        """
+        method = "save_weights_and_get_sampling_client"
+        if name is not None:
+            warnings.warn(
+                f"{method}(name=...) is deprecated in the Tinker SDK and has no effect; use "
+                "save_weights_for_sampler(name) + create_sampling_client(model_path=...) for a "
+                "named checkpoint",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        check_retry_config(method, retry_config)
+        check_no_stability_info(method, record_stability_info)
+        if kind != "snapshot":
+            raise BackendError(
+                f"{method}: kind={kind!r}; the local engine implements 'snapshot' only "
+                "('inflight' shared weights are Tinker-only)"
+            )
         from .sampling_client import LocalSamplingClient
 
         self._sampler_counter += 1
-        name = name or f"snapshot-{self.steps:06d}-{self._sampler_counter}"
-        path = self.save_weights_for_sampler(name).result().path
-        return LocalSamplingClient.from_checkpoint(self.engine, path)
+        snapshot = f"snapshot-{self.steps:06d}-{self._sampler_counter}"
+        path = self.save_weights_for_sampler(snapshot).result().path
+        return LocalSamplingClientFuture.completed(
+            LocalSamplingClient.from_checkpoint(self.engine, path)
+        )
 
-    def create_sampling_client(self, model_path: str, **_ignored):
+    @tinker_deprecated(
+        "TrainingClient.save_weights_and_get_sampling_client_async()",
+        "await TrainingClient.save_weights_and_get_sampling_client()",
+    )
+    async def save_weights_and_get_sampling_client_async(
+        self,
+        name: str | None = None,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
+        kind: types.SamplingClientKind = "snapshot",
+    ) -> LocalSamplingClient:
+        return await self.save_weights_and_get_sampling_client(
+            name, retry_config=retry_config, record_stability_info=record_stability_info, kind=kind
+        )
+
+    def create_sampling_client(
+        self,
+        model_path: str,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
+    ) -> LocalSamplingClientFuture:
         from .sampling_client import LocalSamplingClient
 
-        return LocalSamplingClient.from_checkpoint(self.engine, model_path)
+        check_retry_config("create_sampling_client", retry_config)
+        check_no_stability_info("create_sampling_client", record_stability_info)
+        return LocalSamplingClientFuture.completed(
+            LocalSamplingClient.from_checkpoint(self.engine, model_path)
+        )
+
+    @tinker_deprecated(
+        "TrainingClient.create_sampling_client_async()",
+        "await TrainingClient.create_sampling_client()",
+    )
+    async def create_sampling_client_async(
+        self,
+        model_path: str,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
+    ) -> LocalSamplingClient:
+        return await self.create_sampling_client(
+            model_path, retry_config=retry_config, record_stability_info=record_stability_info
+        )
+
+
+def _logprob_gradients(loss: object, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """dLoss/dlogprobs for every datum, with the SDK's failures as one-line errors.
+
+    The SDK calls ``loss.backward()`` and raises "No gradient computed for logprob tensor" when
+    any datum's log-probabilities get no gradient; a loss with no graph at all fails inside
+    ``backward()``. Both are mistakes in the loss (it ignores some data), so both fail here too.
+    """
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise BackendError(
+            "forward_backward_custom: the loss function must return (loss, metrics) with loss a "
+            f"scalar torch.Tensor; got {shape}"
+        )
+    if not loss.requires_grad:
+        raise BackendError(
+            "forward_backward_custom: the loss has no gradient (it does not depend on the "
+            "log-probabilities it was given); build it from the logprobs tensors"
+        )
+    grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+    for index, grad in enumerate(grads):
+        if grad is None:
+            raise BackendError(
+                f"forward_backward_custom: no gradient reached the log-probabilities of datum "
+                f"{index} (Tinker fails the same way: 'No gradient computed for logprob tensor'); "
+                "every datum passed must take part in the loss"
+            )
+    return list(grads)  # type: ignore[arg-type]
