@@ -46,6 +46,7 @@ class LocalEngine:
         self.compute_dtype = config.compute_dtype
         self.root = Path(config.root_dir)
         self._frozen: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+        self._sampling: dict[tuple, torch.nn.Module] = {}
         self._run_counter = itertools.count()
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
@@ -64,6 +65,18 @@ class LocalEngine:
     def frozen_base(self, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
         """A shared, read-only base model in ``dtype`` for sampling and scoring."""
         return self._load(base_model, dtype)
+
+    def sampling_base(self, base_model: str) -> torch.nn.Module:
+        """The shared frozen model sampling clients run: fp32 activations, linear weights in
+        the compute dtype (`adapters.sampling_model`); snapshots add their adapter to it."""
+        key = (str(self.model_dir(base_model)), "sampling", self.compute_dtype)
+        if key not in self._sampling:
+            from .adapters import sampling_model
+
+            self._sampling[key] = sampling_model(
+                self._load(base_model, torch.float32), self.compute_dtype
+            )
+        return self._sampling[key]
 
     def _load(self, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
         key = (str(self.model_dir(base_model)), dtype)

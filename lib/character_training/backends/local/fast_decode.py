@@ -24,7 +24,9 @@ It reproduces the HF model's numerics (RMSNorm in fp32, rotary tables in fp32 th
 same softmax scale); a test compares its logits with the HF model's, including after a slot
 is refilled and after a shift. Masked columns hold finite stale values, never NaN, and every
 query sees at least one valid column, so masked softmaxes stay finite. Models outside its
-scope (other rope types, sliding windows, biases other than q/k/v) use the generic HF path.
+scope (other rope types, sliding windows, biases other than q/k/v, other norms: see
+`unsupported_reason`) use the generic HF path. LoRA snapshots keep their adapters unmerged
+(`adapters`); the decoder fuses their updates like the weights and adds them in fp32.
 """
 
 from __future__ import annotations
@@ -34,24 +36,82 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .adapters import LowRankUpdate, update_of
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_NORM_ATTRIBUTES = {"weight", "variance_epsilon"}
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why `FastDecoder` cannot compute this model exactly, or None when it can.
+
+    The decoder implements one precise computation: RMSNorm (weight only, no bias, no offset),
+    default rotary embeddings over the whole head, softmax scale head_dim**-0.5, optional
+    biases on q/k/v only, bias-free output and SiLU-gated MLP projections, no logit soft-capping
+    and no multipliers. Anything else (a model that adds a bias to the attention output, a
+    LayerNorm, scaled or partial rotary, sliding windows) must take the generic HF path, so
+    each of these is checked on the loaded modules, not only on the config's model type.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} not in {SUPPORTED_MODEL_TYPES}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return f"rope type {rope.get('rope_type', rope.get('type'))!r}"
+    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))) != 1:
+        return "partial rotary embedding"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        if config.model_type != "llama":
+            return "sliding-window attention"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
+        return "tensor-parallel slicing (pretraining_tp > 1)"
+    for name in ("attn_logit_softcapping", "final_logit_softcapping", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 0, 1, 1.0):
+            return f"{name}={getattr(config, name)}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "no model.layers / lm_head"
+    if model.lm_head.bias is not None:
+        return "bias on lm_head"
+    for index, layer in enumerate(inner.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return f"layer {index}: no self_attn/mlp"
+        for part in ("q_norm", "k_norm"):
+            if getattr(attn, part, None) is not None:
+                return f"layer {index}: {part} (query/key normalisation)"
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        scaling = getattr(attn, "scaling", head_dim**-0.5)
+        if abs(float(scaling) - head_dim**-0.5) > 1e-9:
+            return f"layer {index}: attention scale {scaling}"
+        if attn.o_proj.bias is not None:
+            return f"layer {index}: bias on o_proj"
+        q_bias = [getattr(attn, n).bias is not None for n in ("q_proj", "k_proj", "v_proj")]
+        if any(q_bias) and not all(q_bias):
+            return f"layer {index}: bias on some of q/k/v only"
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            proj = getattr(mlp, n, None)
+            if proj is None:
+                return f"layer {index}: no mlp.{n}"
+            if proj.bias is not None:
+                return f"layer {index}: bias on mlp.{n}"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if "RMSNorm" not in type(norm).__name__:
+                return f"layer {index}: {type(norm).__name__} instead of RMSNorm"
+            extra = {n for n, _ in norm.named_parameters(recurse=False)} - _NORM_ATTRIBUTES
+            if extra:
+                return f"layer {index}: norm with {sorted(extra)}"
+    if "RMSNorm" not in type(inner.norm).__name__:
+        return f"final {type(inner.norm).__name__} instead of RMSNorm"
+    return None
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """Whether `FastDecoder` can run this model exactly."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return False
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        if config.model_type != "llama":
-            return False
-    if getattr(config, "mlp_bias", False) or getattr(config, "hidden_act", "silu") != "silu":
-        return False
-    inner = getattr(model, "model", None)
-    return inner is not None and hasattr(inner, "layers") and hasattr(model, "lm_head")
+    """Whether `FastDecoder` can run this model exactly (see `unsupported_reason`)."""
+    return unsupported_reason(model) is None
 
 
 @dataclass
@@ -63,17 +123,54 @@ class _Layer:
     out: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    # Unmerged LoRA updates (fp32), fused the same way as the weights; None when not adapted.
+    qkv_update: LowRankUpdate | None = None
+    out_update: LowRankUpdate | None = None
+    gate_up_update: LowRankUpdate | None = None
+    down_update: LowRankUpdate | None = None
+
+
+def _fuse_updates(
+    updates: list[LowRankUpdate | None], out_sizes: list[int], like: torch.Tensor
+) -> LowRankUpdate | None:
+    """One low-rank update for projections that are fused into one product.
+
+    The down-projections are stacked and the (scaled) up-projections placed block-diagonally,
+    so ``fused(x)`` equals the concatenation of each part's update; a part without an update
+    contributes zero rows.
+    """
+    present = [u for u in updates if u is not None]
+    if not present:
+        return None
+    in_features = present[0].down.shape[1]
+    ranks = [u.rank if u is not None else 0 for u in updates]
+    down = torch.zeros((sum(ranks), in_features), dtype=torch.float32, device=like.device)
+    up = torch.zeros((sum(out_sizes), sum(ranks)), dtype=torch.float32, device=like.device)
+    r0 = o0 = 0
+    for update, rank, size in zip(updates, ranks, out_sizes):
+        if update is not None:
+            down[r0 : r0 + rank] = update.down
+            up[o0 : o0 + size, r0 : r0 + rank] = update.up
+        r0, o0 = r0 + rank, o0 + size
+    return LowRankUpdate(down=down, up=up)
 
 
 class FastDecoder:
     """Prefill and single-token decode steps over a static KV cache."""
 
-    def __init__(self, model: torch.nn.Module):
-        if not supports(model):
-            raise ValueError("FastDecoder does not support this model; use the HF path")
+    def __init__(self, model: torch.nn.Module, cache_dtype: torch.dtype | None = None):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"FastDecoder does not compute this model exactly ({reason})")
         config = model.config
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
+        # Two dtypes, as in the model: products and the KV cache in the linear weights' dtype,
+        # activations (residual stream, norms, rotary tables) in the embedding's. For a plain
+        # model they are the same; a sampling model (`adapters.sampling_model`) has bf16
+        # weights and fp32 activations.
+        self.dtype = model.lm_head.weight.dtype
+        self.act_dtype = model.model.embed_tokens.weight.dtype
+        self.device = model.lm_head.weight.device
+        self.cache_dtype = cache_dtype or self.act_dtype
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -90,7 +187,10 @@ class FastDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
+        self.lm_head_update = update_of(model.lm_head)
         self.layers: list[_Layer] = []
+        q_out = self.heads * self.head_dim
+        kv_out = config.num_key_value_heads * self.head_dim
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -106,6 +206,18 @@ class FastDecoder:
                         out=attn.o_proj.weight,
                         gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
                         down=mlp.down_proj.weight,
+                        qkv_update=_fuse_updates(
+                            [update_of(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")],
+                            [q_out, kv_out, kv_out],
+                            attn.q_proj.weight,
+                        ),
+                        out_update=update_of(attn.o_proj),
+                        gate_up_update=_fuse_updates(
+                            [update_of(mlp.gate_proj), update_of(mlp.up_proj)],
+                            [mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]],
+                            mlp.gate_proj.weight,
+                        ),
+                        down_update=update_of(mlp.down_proj),
                     )
                 )
         self.q_size = self.heads * self.head_dim
@@ -119,10 +231,24 @@ class FastDecoder:
         return weight * h.to(x.dtype)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables, shape positions.shape + (head_dim,), in the model dtype."""
+        """cos/sin tables, shape positions.shape + (head_dim,), in the activation dtype."""
         freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return emb.cos().to(self.act_dtype), emb.sin().to(self.act_dtype)
+
+    def _linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        update: LowRankUpdate | None = None,
+    ) -> torch.Tensor:
+        """A product in the weights' dtype, returned in the activation dtype, plus an unmerged
+        update in fp32: what `adapters.FrozenLinear` computes."""
+        out = F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
+        if update is None:
+            return out
+        return (out.float() + update(x)).to(self.act_dtype)
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -133,8 +259,8 @@ class FastDecoder:
     def new_cache(self, batch: int, capacity: int) -> "StaticCache":
         shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
         return StaticCache(
-            keys=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            values=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            keys=torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
+            values=torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             valid=torch.zeros((batch, capacity), dtype=torch.bool, device=self.device),
         )
 
@@ -171,26 +297,29 @@ class FastDecoder:
         h = F.embedding(ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = self._linear(x, layer.qkv, layer.qkv_bias, layer.qkv_update)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self._rotate(q.view(r, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
             cache.keys[index, rows, :, start : start + t] = k
             cache.values[index, rows, :, start : start + t] = v
             attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+                q.to(self.cache_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+            ).to(self.act_dtype)
+            h = h + self._linear(
+                attn.transpose(1, 2).reshape(r, t, self.q_size), layer.out, None, layer.out_update
             )
-            h = h + F.linear(attn.transpose(1, 2).reshape(r, t, self.q_size), layer.out)
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
         cache.valid[rows] = False
         cache.valid[rows, start : start + t] = valid
         last = self._rms(h[:, -1], self.final_norm)
-        return F.linear(last, self.lm_head).float()
+        return self._linear(last, self.lm_head, None, self.lm_head_update).float()
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down)
+        gate, up = self._linear(x, layer.gate_up, None, layer.gate_up_update).chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, layer.down, None, layer.down_update)
 
     def decode(
         self, cache: "StaticCache", tokens: torch.Tensor, positions: torch.Tensor, column: int
@@ -206,7 +335,7 @@ class FastDecoder:
         h = F.embedding(tokens, self.embed)  # [B, hidden]
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = self._linear(x, layer.qkv, layer.qkv_bias, layer.qkv_update)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             # Query heads sharing a K/V head become that head's "query positions".
             q = self._rotate(q.view(b, self.kv_heads, groups, self.head_dim), cos_q, sin_q)
@@ -214,15 +343,17 @@ class FastDecoder:
             cache.keys[index, :, :, column] = k[:, :, 0]
             cache.values[index, :, :, column] = v.view(b, self.kv_heads, self.head_dim)
             attn = F.scaled_dot_product_attention(
-                q,
+                q.to(self.cache_dtype),
                 cache.keys[index, :, :, : column + 1],
                 cache.values[index, :, :, : column + 1],
                 attn_mask=attn_mask,
                 scale=self.scale,
-            )
-            h = h + F.linear(attn.reshape(b, self.q_size), layer.out)
+            ).to(self.act_dtype)
+            h = h + self._linear(attn.reshape(b, self.q_size), layer.out, None, layer.out_update)
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
-        return F.linear(self._rms(h, self.final_norm), self.lm_head).float()
+        return self._linear(
+            self._rms(h, self.final_norm), self.lm_head, None, self.lm_head_update
+        ).float()
 
 
 @dataclass

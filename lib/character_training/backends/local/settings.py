@@ -37,7 +37,8 @@ class LocalEngineConfig:
     root_dir: where checkpoints (``save_state``, ``save_weights_for_sampler``) are written.
     device: "auto" (cuda when present, else cpu), "cpu" or "cuda".
     precision: "auto" (bf16 where native, else fp32), "bf16" or "fp32". Training keeps fp32
-        master weights and runs bf16 autocast; sampling clients hold merged weights in bf16.
+        master weights and runs bf16 autocast; sampling clients hold the base in bf16 and apply
+        LoRA unmerged in fp32 (see `adapters`).
     max_batch_size: sequences decoded together by the sampler.
     micro_batch_tokens: padded tokens per forward pass when training or scoring; bounds memory.
     """
