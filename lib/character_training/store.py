@@ -146,3 +146,77 @@ class StageDir:
 
 def stage_dir(run_dir: Path, stage: str) -> StageDir:
     return StageDir(Path(run_dir) / stage)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+CHECKPOINTS_FILE = "checkpoints.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained model a later stage can sample from or continue training.
+
+    sampler_path: what ``create_sampling_client(model_path=...)`` takes (a local directory or a
+        ``tinker://`` URI). state_path: what ``create_training_client_from_state`` takes (weights
+        to continue from; empty when only sampler weights were saved). base_model: the model
+        the adapter belongs to. stage: the stage that wrote it.
+    """
+
+    name: str
+    sampler_path: str
+    state_path: str
+    base_model: str
+    stage: str
+    created: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sampler_path": self.sampler_path,
+            "state_path": self.state_path,
+            "base_model": self.base_model,
+            "stage": self.stage,
+            "created": self.created,
+        }
+
+
+def record_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
+    """Add or replace ``checkpoint`` in the run manifest ``<run_dir>/checkpoints.json``."""
+    path = Path(run_dir) / CHECKPOINTS_FILE
+    table = _read_checkpoints(path)
+    entry = checkpoint.to_dict()
+    entry["created"] = entry["created"] or time.time()
+    table[checkpoint.name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def find_checkpoint(run_dir: Path, name: str) -> Checkpoint:
+    """The checkpoint called ``name`` ("dpo", "final", "rlaif"), or a one-line error saying
+    which notebook makes it."""
+    table = _read_checkpoints(Path(run_dir) / CHECKPOINTS_FILE)
+    if name not in table:
+        makers = {"dpo": "03_dpo", "final": "05_sft", "rlaif": "09_rlaif_compare"}
+        hint = f"run notebook {makers[name]} first" if name in makers else "train it first"
+        raise DataError(
+            f"{Path(run_dir) / CHECKPOINTS_FILE}: no checkpoint {name!r} "
+            f"(have {sorted(table) or 'none'}); {hint}"
+        )
+    return Checkpoint(**table[name])
+
+
+def list_checkpoints(run_dir: Path) -> dict[str, Checkpoint]:
+    return {
+        k: Checkpoint(**v) for k, v in _read_checkpoints(Path(run_dir) / CHECKPOINTS_FILE).items()
+    }
+
+
+def _read_checkpoints(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg})") from None
