@@ -9,29 +9,54 @@ with the remote service, and the engine batches them.
 Stop semantics (as on Tinker): ``stop=None`` stops at the tokenizer's end-of-sequence token;
 a list of strings or token ids replaces that default; ``[]`` disables stopping. The returned
 tokens include the stop token (or the tokens that complete a stop string).
+
+The public methods take the SDK's exact parameters: ``sample`` and ``compute_logprobs``
+return futures, their deprecated ``*_async`` twins return values, and the options the local
+engine cannot honour (top-k log-probabilities of sampled tokens, alternative prompt tokens,
+sampler handles) fail in one line instead of being ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from tinker import types
+from tinker.lib.api_future_impl import QueueState
+from tinker.lib.public_interfaces.api_future import APIFuture
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from ...errors import BackendError
 from .engine import LocalEngine, read_checkpoint_meta
 from .forward import iter_scored_micro_batches
 from .futures import LocalFuture
 from .generation import BatchedSampler, GenerationRequest
+from .sdk_surface import tinker_deprecated, tinker_only
+
+if TYPE_CHECKING:
+    from tinker.lib.internal_client_holder import InternalClientHolder
+    from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
+    from tinker.lib.retry_handler import RetryConfig
+    from tinker.lib.telemetry import Telemetry
+    from transformers import PreTrainedTokenizer
+
+logger = logging.getLogger(__name__)
 
 _sequence_ids = itertools.count()
+_QUEUE_LOG_INTERVAL = 60.0  # seconds between "sampling is paused" warnings, as in the SDK
 
 
 class LocalSamplingClient:
     """Generates from, and scores with, one frozen model."""
+
+    _queue_state_logged_at = float("-inf")  # last "sampling is paused" warning (monotonic s)
 
     def __init__(
         self,
@@ -72,11 +97,67 @@ class LocalSamplingClient:
             param.requires_grad_(False)
         return cls(engine, meta["base_model"], merged, model_path=str(path))
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> PreTrainedTokenizer:
         return self._tokenizer
 
     def get_base_model(self) -> str:
         return self.base_model
+
+    @tinker_deprecated("SamplingClient.get_base_model_async()", "SamplingClient.get_base_model()")
+    async def get_base_model_async(self) -> str:
+        return self.base_model
+
+    def get_telemetry(self) -> Telemetry | None:
+        """Always None: what the SDK returns while no telemetry is collected (never, locally)."""
+        return None
+
+    def on_queue_state_change(
+        self, queue_state: QueueState, queue_state_reason: str | None
+    ) -> None:
+        """Log a paused queue, as the SDK's observer does (at most once a minute).
+
+        The local engine has no queue and never calls this itself; it exists so code that
+        forwards queue states to a sampling client works against both backends.
+        """
+        if queue_state == QueueState.ACTIVE:
+            return
+        now = time.monotonic()
+        if now - self._queue_state_logged_at < _QUEUE_LOG_INTERVAL:
+            return
+        self._queue_state_logged_at = now
+        logger.warning(
+            "sampling is paused for %s: %s",
+            self.model_path or self.base_model,
+            queue_state_reason or queue_state.name.lower(),
+        )
+
+    def get_sampler_handle(self) -> str:
+        raise tinker_only(
+            "SamplingClient.get_sampler_handle()",
+            "a handle names a sampler session on the service; pass the local client itself",
+        )
+
+    @staticmethod
+    def from_sampler_handle(handle: str, *, api_key: str | None = None) -> LocalSamplingClient:
+        raise tinker_only(
+            "SamplingClient.from_sampler_handle()",
+            "a handle names a sampler session on the service",
+        )
+
+    @staticmethod
+    def create(
+        holder: InternalClientHolder,
+        *,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        sampling_session_id: str | None = None,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
+    ) -> AwaitableConcurrentFuture[LocalSamplingClient]:
+        raise tinker_only(
+            "SamplingClient.create()",
+            "it takes the SDK's session holder; use LocalServiceClient.create_sampling_client()",
+        )
 
     # -- sampling -----------------------------------------------------------------------------
     def _normalise(
@@ -133,19 +214,149 @@ class LocalSamplingClient:
         num_samples: int,
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
-        **_unsupported,
-    ) -> LocalFuture[types.SampleResponse]:
-        unknown = {k: v for k, v in _unsupported.items() if v}
-        if unknown:
-            raise BackendError(f"sample: the local engine does not support {sorted(unknown)}")
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+    ) -> APIFuture[types.SampleResponse]:
+        """Queue a generation request; the engine batches every queued request on first demand.
+
+        Prompt-side options follow the SDK: ``include_prompt_logprobs`` (with
+        ``prompt_logprobs_last_n`` scoring only the last N tokens), ``topk_prompt_logprobs``
+        (the k most likely tokens at each prompt position) and ``target_prompt_logprobs``
+        (dense int64 ``[len(prompt) - 1, K]`` token ids, ``-1`` for unused cells). Two options
+        fail in one line: ``topk_sample_logprobs`` (the decoder keeps only the sampled token's
+        log-probability) and ``prompt_alt_tokens_k``.
+        """
+        extras = self._prompt_options(
+            prompt,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
+        )
         request = self._normalise(prompt, num_samples, sampling_params)
         future: LocalFuture[types.SampleResponse] = LocalFuture()
         future._compute = self._resolve_samples_then(future)
         self._pending_samples.append((request, include_prompt_logprobs, future))
-        return future
+        if extras is None:
+            return future
+        return LocalFuture(
+            lambda: self._add_prompt_options(future.result(), request.prompt, extras)
+        )
 
-    async def sample_async(self, prompt, num_samples, sampling_params, **kwargs):
-        return await self.sample(prompt, num_samples, sampling_params, **kwargs).result_async()
+    @tinker_deprecated("SamplingClient.sample_async()", "await SamplingClient.sample()")
+    async def sample_async(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+    ) -> types.SampleResponse:
+        return await self.sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
+        )
+
+    def _prompt_options(
+        self,
+        prompt: types.ModelInput,
+        include_prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+        topk_sample_logprobs: int,
+        target_prompt_logprobs: types.TensorData | None,
+        prompt_alt_tokens_k: int,
+        prompt_logprobs_last_n: int | None,
+    ) -> _PromptOptions | None:
+        """Check the prompt-side options of ``sample`` as the SDK and service do; None when
+        nothing beyond plain prompt log-probabilities is asked for."""
+        length = prompt.length
+        for name, value in (
+            ("topk_prompt_logprobs", topk_prompt_logprobs),
+            ("topk_sample_logprobs", topk_sample_logprobs),
+            ("prompt_alt_tokens_k", prompt_alt_tokens_k),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BackendError(f"sample: {name}={value!r}, expected an integer >= 0")
+        if topk_sample_logprobs:
+            raise BackendError(
+                "sample: topk_sample_logprobs is not supported by the local engine (its decoder "
+                "keeps only the sampled token's log-probability); pass 0"
+            )
+        if prompt_alt_tokens_k:
+            raise BackendError(
+                "sample: prompt_alt_tokens_k is not supported by the local engine; pass 0"
+            )
+        vocab = int(self.model.config.vocab_size)
+        if topk_prompt_logprobs > vocab:
+            raise BackendError(
+                f"sample: topk_prompt_logprobs={topk_prompt_logprobs} exceeds the vocabulary "
+                f"({vocab} tokens)"
+            )
+        _check_last_n("sample", prompt_logprobs_last_n, length)
+        if prompt_logprobs_last_n is not None and not include_prompt_logprobs:
+            raise BackendError(
+                "sample: prompt_logprobs_last_n applies to prompt logprobs; set "
+                "include_prompt_logprobs=True"
+            )
+        target = None
+        if target_prompt_logprobs is not None:
+            target = _target_ids(target_prompt_logprobs, length, vocab)
+        if prompt_logprobs_last_n is None and not topk_prompt_logprobs and target is None:
+            return None
+        return _PromptOptions(prompt_logprobs_last_n, topk_prompt_logprobs, target)
+
+    def _add_prompt_options(
+        self, response: types.SampleResponse, prompt: Sequence[int], options: _PromptOptions
+    ) -> types.SampleResponse:
+        """``response`` with the prompt-side outputs ``options`` asks for (one extra forward
+        pass over the prompt when top-k or target log-probabilities are wanted)."""
+        length = len(prompt)
+        first_scored = 1 if options.last_n is None else length - options.last_n
+        changes: dict[str, object] = {}
+        if options.last_n is not None and response.prompt_logprobs_np is not None:
+            masked = response.prompt_logprobs_np.copy()
+            masked[:first_scored] = np.nan
+            changes["prompt_logprobs_np"] = masked
+        if options.topk or options.target is not None:
+            distribution = self._prompt_distribution(prompt)  # row i scores prompt[i + 1]
+            if options.topk:
+                values, ids = distribution.topk(options.topk, dim=-1)
+                token_ids = np.zeros((length, options.topk), dtype=np.int32)
+                logprobs = np.full((length, options.topk), MASK_LOGPROB, dtype=np.float32)
+                token_ids[first_scored:] = ids[first_scored - 1 :].numpy()
+                logprobs[first_scored:] = values[first_scored - 1 :].numpy()
+                changes["topk_prompt_logprobs_np"] = TopkLogprobs(token_ids, logprobs)
+            if options.target is not None:
+                ids = torch.from_numpy(options.target)
+                picked = distribution.gather(-1, ids.clamp(min=0))
+                picked = torch.where(ids >= 0, picked, torch.zeros_like(picked))
+                changes["target_prompt_logprobs"] = types.TensorData.from_numpy(
+                    picked.numpy().astype(np.float32)
+                )
+        return dataclasses.replace(response, **changes)  # type: ignore[arg-type]
+
+    def _prompt_distribution(self, prompt: Sequence[int]) -> torch.Tensor:
+        """log p(. | prompt[:i + 1]) for i < len(prompt) - 1: float32 [len(prompt) - 1, vocab]."""
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.engine.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     def _resolve_samples_then(self, future):
         def compute():
@@ -202,8 +413,15 @@ class LocalSamplingClient:
                 fut.set_result(result)
 
     # -- scoring ------------------------------------------------------------------------------
-    def compute_logprobs(self, prompt: types.ModelInput) -> LocalFuture[list[float | None]]:
-        """Log-probability of each prompt token given the ones before it; ``None`` first."""
+    def compute_logprobs(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> APIFuture[list[float | None]]:
+        """Log-probability of each prompt token given the ones before it; ``None`` first.
+
+        With ``prompt_logprobs_last_n=N`` only the last N entries are scored and the earlier
+        ones are ``None``, as on Tinker (which then serves the prefix from its cache; locally
+        the whole prompt is scored and the prefix dropped, so the numbers are the same).
+        """
         tokens = prompt.to_ints()
         if not tokens:
             raise BackendError("compute_logprobs: the prompt is empty")
@@ -211,13 +429,20 @@ class LocalSamplingClient:
             raise BackendError(
                 f"compute_logprobs: {len(tokens)} tokens exceed the context of {self._context}"
             )
+        _check_last_n("compute_logprobs", prompt_logprobs_last_n, len(tokens))
         future: LocalFuture[list[float | None]] = LocalFuture()
         future._compute = self._resolve_samples_then(future)
         self._pending_scores.append((tokens, future))
-        return future
+        if prompt_logprobs_last_n is None:
+            return future
+        first_scored = len(tokens) - prompt_logprobs_last_n
+        return LocalFuture(lambda: [None] * first_scored + future.result()[first_scored:])
 
-    async def compute_logprobs_async(self, prompt: types.ModelInput):
-        return await self.compute_logprobs(prompt).result_async()
+    @tinker_deprecated("SamplingClient.compute_logprobs_async()", "await compute_logprobs()")
+    async def compute_logprobs_async(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> list[float | None]:
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     def _score_now(self, sequences: Sequence[list[int]]) -> list[list[float | None]]:
         if not sequences:
@@ -238,3 +463,54 @@ class LocalSamplingClient:
                 for idx, lp in zip(group, logprobs):
                     out[idx] = [None] + [float(v) for v in lp[:-1].tolist()]
         return out
+
+
+@dataclass(frozen=True)
+class _PromptOptions:
+    """Prompt-side outputs of one ``sample`` request beyond plain prompt log-probabilities."""
+
+    last_n: int | None
+    topk: int
+    target: np.ndarray | None  # int64 [len(prompt) - 1, K], -1 where no id is asked for
+
+
+def _check_last_n(method: str, last_n: int | None, length: int) -> None:
+    """``prompt_logprobs_last_n`` must be None or between 1 and ``len(prompt) - 1``."""
+    if last_n is None:
+        return
+    if not isinstance(last_n, int) or isinstance(last_n, bool) or not 1 <= last_n <= length - 1:
+        raise BackendError(
+            f"{method}: prompt_logprobs_last_n={last_n!r}, expected None or an integer between 1 "
+            f"and len(prompt) - 1 = {length - 1}"
+        )
+
+
+def _target_ids(target: types.TensorData, length: int, vocab: int) -> np.ndarray:
+    """The dense id matrix of ``target_prompt_logprobs`` after the SDK's and service's checks."""
+    if not isinstance(target, types.TensorData):
+        raise BackendError(
+            "sample: target_prompt_logprobs must be a tinker TensorData; got "
+            f"{type(target).__name__}"
+        )
+    if target.dtype != "int64":
+        raise BackendError(
+            "sample: target_prompt_logprobs must be an int64 tensor of token ids, got "
+            f"{target.dtype}"
+        )
+    if target.sparse_crow_indices is not None:
+        raise BackendError(
+            "sample: a sparse target_prompt_logprobs is not supported by the local engine; pass "
+            "a dense tensor (TensorData.from_torch(ids))"
+        )
+    ids = target.to_numpy()
+    if ids.ndim != 2 or ids.shape[0] != length - 1:
+        raise BackendError(
+            f"sample: target_prompt_logprobs must have shape [len(prompt) - 1, K] = "
+            f"[{length - 1}, K]; got {list(ids.shape)}"
+        )
+    if not (ids >= 0).any() or ids.min() < -1 or ids.max() >= vocab:
+        raise BackendError(
+            f"sample: target_prompt_logprobs must name at least one token id in [0, {vocab}) and "
+            "use -1 for unused cells"
+        )
+    return ids.astype(np.int64)
