@@ -65,3 +65,41 @@ def rejection_reasons(rejected: Sequence[dict], title: str = "") -> Figure:
     ax.set_title(title or "Rejected generator output by reason")
     fig.tight_layout()
     return fig
+
+
+def training_curves(
+    rows: Sequence[dict], panels: dict[str, Sequence[str]], title: str = "", smooth: int = 1
+) -> Figure:
+    """One panel per group of metric keys against the optimiser step (a metrics.jsonl).
+
+    ``panels`` maps a panel title to the keys drawn in it, e.g.
+    ``{"loss terms": ["dpo/loss", "dpo/nll"], "accuracy": ["dpo/accuracy"]}``. ``smooth`` > 1
+    overlays a trailing moving average (the raw curve stays visible, faint), since per-step
+    values of small batches are noisy.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, (name, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            pts = [(s, v) for s, v in zip(steps, values) if v is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if smooth > 1 and len(ys) > smooth:
+                line = ax.plot(xs, ys, alpha=0.3)[0]
+                avg = [
+                    sum(ys[max(0, i - smooth + 1) : i + 1])
+                    / len(ys[max(0, i - smooth + 1) : i + 1])
+                    for i in range(len(ys))
+                ]
+                ax.plot(xs, avg, color=line.get_color(), label=key)
+            else:
+                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
