@@ -5,9 +5,20 @@ order with papermill (``cwd`` = repository root; the executed copy goes to
 ``runs/<persona>/<size>/notebooks/``), renders each executed notebook to
 ``reports/<persona>/<size>/<notebook>.html`` with its code hidden and figures inlined, and
 rewrites ``reports/index.html`` with a link to every report and the headline numbers each
-notebook saved (`write_summary`). A failing notebook keeps its executed copy (with the
-traceback in the failing cell), still gets an HTML report, and the runner names the cell.
-Later notebooks of that persona x size are skipped, since they read its artifacts.
+notebook saved (`write_summary`).
+
+No failure stops the matrix. Whatever goes wrong in a notebook (an exception in a cell, a cell
+or the whole notebook running past its time limit, a kernel that dies, papermill refusing the
+notebook) becomes a ``failed`` row with a one-line error, the cell it happened in where one is
+known, and a report: the HTML of whatever executed, with a banner naming the failure, or a
+short error page when nothing executed. The rest of the matrix goes on. Later notebooks of the
+same persona x size are skipped by default (they read the failed notebook's artifacts, and old
+artifacts from an earlier run would be silently stale); ``keep_going=True`` runs them anyway.
+A skipped notebook's report is replaced by a short page saying why, so the index never shows a
+report from an earlier run as if it were current.
+
+Time limits: ``runner.notebook_timeout_s`` (parameters) bounds a notebook's cells together,
+wall clock; the optional per-cell ``timeout`` (the CLI's ``--timeout``) bounds each cell.
 """
 
 from __future__ import annotations
@@ -15,11 +26,12 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
@@ -40,6 +52,9 @@ class NotebookResult:
     seconds: float = 0.0
     failed_cell: int | None = None
     error: str = ""
+    # why it failed: "cell-error" | "timeout" | "kernel-died" | "papermill"; for a skipped
+    # notebook, the notebook whose failure skipped it
+    failure: str = ""
 
     def describe(self) -> str:
         head = f"{self.persona}/{self.size}/{self.notebook}: {self.status}"
@@ -49,10 +64,13 @@ class NotebookResult:
                 if self.failed_cell is not None
                 else ""
             )
-            return f"{head}{cell}: {self.error} (executed copy: {self.executed_path})"
+            return (
+                f"{head} ({self.failure}){cell}: {self.error} "
+                f"(executed copy: {self.executed_path or 'none'}; report: {self.html_path})"
+            )
         if self.status == "ok":
             return f"{head} in {self.seconds:.0f}s -> {self.html_path}"
-        return head
+        return f"{head} ({self.error})" if self.error else head
 
 
 def available_notebooks(directory: Path = NOTEBOOKS_DIR) -> list[str]:
@@ -140,18 +158,118 @@ def _fmt(value: Any) -> str:
 
 
 # -- execution ------------------------------------------------------------------------------------
-def render_html(executed: Path, target: Path) -> Path:
-    """HTML with code cells hidden (outputs and markdown kept, figures inlined)."""
+def render_html(executed: Path, target: Path, banner: str = "") -> Path:
+    """HTML with code cells hidden (outputs and markdown kept, figures inlined).
+
+    ``banner``, when given, is shown as a first markdown cell (the executed copy itself is not
+    changed): how a notebook that stopped early says why at the top of its report.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(
         exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
     )
-    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    nb = nbformat.read(str(executed), as_version=4)
+    if banner:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
+    body, _ = exporter.from_notebook_node(nb)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
+
+
+def write_notice_page(target: Path, title: str, lines: Sequence[str]) -> Path:
+    """A short stand-alone report page (nothing executed, or the notebook was skipped)."""
+    items = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        "<style>body{font-family:sans-serif;margin:2em}h1{color:#b00}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{items}"
+        f"<p><small>{time.strftime('%Y-%m-%d %H:%M')}</small></p></body></html>"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+class _Deadline:
+    """Per-cell timeouts for nbclient that also enforce a limit on all cells together.
+
+    nbclient asks ``timeout_func(cell)`` before each cell; answering with the time left until
+    the notebook's deadline (never below one second: nbclient reads 0 as "no limit") turns its
+    per-cell timeout into a whole-notebook one. The clock starts at the first cell, so kernel
+    start-up (bounded by its own timeout) does not eat into the notebook's budget.
+    """
+
+    def __init__(self, notebook_limit: float, cell_limit: float | None):
+        self.notebook_limit = notebook_limit
+        self.cell_limit = cell_limit
+        self.started: float | None = None
+
+    def __call__(self, cell: Any) -> int:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        left = self.notebook_limit - (now - self.started)
+        limit = min(left, self.cell_limit) if self.cell_limit else left
+        return max(1, math.ceil(limit))
+
+    def notebook_limit_hit(self) -> bool:
+        elapsed = time.monotonic() - (self.started or time.monotonic())
+        return elapsed >= self.notebook_limit - 1
+
+
+def _running_cell(executed: Path) -> int | None:
+    """Number of the code cell that failed or was running when execution stopped.
+
+    Counted among the executed copy's code cells from 1, which is the execution count in a
+    linear run; the count itself can be missing when the kernel died before acknowledging the
+    cell.
+    """
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:  # a half-written copy: no cell to name
+        return None
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    started = [
+        number
+        for number, c in enumerate(code, start=1)
+        if (c.metadata.get("papermill") or {}).get("start_time")
+    ]
+    failed = [n for n in started if (code[n - 1].metadata.get("papermill") or {}).get("exception")]
+    if failed:
+        return failed[0]
+    return started[-1] if started else None
+
+
+def _classify(exc: Exception, deadline: _Deadline) -> tuple[str, str]:
+    """(failure kind, one-line error) for anything papermill or the kernel raised."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        return "cell-error", f"{exc.ename}: {exc.evalue}"
+    if isinstance(exc, CellTimeoutError):
+        if deadline.notebook_limit_hit():
+            return "timeout", (
+                f"the notebook ran past its limit of {deadline.notebook_limit:.0f}s "
+                "(runner.notebook_timeout_s) and was stopped"
+            )
+        return "timeout", f"a cell ran past the per-cell limit of {deadline.cell_limit:.0f}s"
+    if isinstance(exc, DeadKernelError):
+        return "kernel-died", (
+            "the kernel died (out of memory, a crash in native code, or os._exit); "
+            "outputs up to that cell are kept"
+        )
+    return "papermill", f"{type(exc).__name__}: {exc}"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
 
 
 def run_notebook(
@@ -160,16 +278,24 @@ def run_notebook(
     extra: dict[str, Any] | None = None,
     timeout: int | None = None,
     notebooks_dir: Path = NOTEBOOKS_DIR,
+    notebook_timeout: float | None = None,
 ) -> NotebookResult:
-    """Execute one notebook for ``params``; never raises for a failure inside the notebook."""
+    """Execute one notebook for ``params``; never raises for anything that goes wrong in it.
+
+    ``timeout`` bounds each cell (seconds, None: no per-cell limit); ``notebook_timeout``
+    bounds all cells together and defaults to ``params.runner.notebook_timeout_s``. Every
+    outcome gets a status file and a report (see the module docstring).
+    """
     import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     source = notebooks_dir / f"{notebook}.ipynb"
     executed = params.run_dir / "notebooks" / f"{notebook}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
+    executed.unlink(missing_ok=True)  # never report an earlier run's copy as this one
     report = params.report_dir / f"{notebook}.html"
     result = NotebookResult(params.persona, params.size, notebook, "ok", str(executed), str(report))
+    limit = notebook_timeout if notebook_timeout is not None else params.runner.notebook_timeout_s
+    deadline = _Deadline(float(limit), float(timeout) if timeout else None)
     started = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -179,17 +305,73 @@ def run_notebook(
             cwd=str(REPO_ROOT),
             kernel_name="python3",
             progress_bar=False,
-            execution_timeout=timeout,
             request_save_on_cell_execute=True,
+            timeout_func=deadline,
         )
-    except PapermillExecutionError as exc:
+    except Exception as exc:  # the boundary: every failure becomes a reported row
+        from papermill.exceptions import PapermillExecutionError
+
         result.status = "failed"
-        result.failed_cell = exc.exec_count
-        result.error = f"{exc.ename}: {exc.evalue}".splitlines()[0][:300]
+        result.failure, message = _classify(exc, deadline)
+        result.error = _one_line(message)
+        if isinstance(exc, PapermillExecutionError):
+            result.failed_cell = exc.exec_count
+        elif executed.is_file():
+            result.failed_cell = _running_cell(executed)
     result.seconds = time.perf_counter() - started
+    _write_report(result, executed, report)
+    _write_status(result, executed.parent)
+    return result
+
+
+def _write_report(result: NotebookResult, executed: Path, report: Path) -> None:
+    """The executed copy as HTML (with a banner when it stopped early), else a notice page."""
+    banner = ""
+    if result.status == "failed" and result.failure != "cell-error":  # papermill adds its own
+        where = f" in cell {result.failed_cell}" if result.failed_cell is not None else ""
+        banner = f"**This notebook did not finish ({result.failure}{where}):** {result.error}"
     if executed.is_file():
-        render_html(executed, report)
-    (executed.parent / f"{notebook}.status.json").write_text(json.dumps(asdict(result), indent=2))
+        try:
+            render_html(executed, report, banner)
+            return
+        except Exception as exc:  # a half-written copy must not lose the row
+            logger.warning("could not render %s (%s); writing a short page", executed, exc)
+    else:
+        result.executed_path = ""
+    if result.status == "ok":  # papermill returned without writing a copy: not a success
+        result.status, result.failure = "failed", "papermill"
+        result.error = "papermill finished but the executed copy could not be read"
+    write_notice_page(
+        report,
+        f"{result.notebook}: failed ({result.failure})",
+        [
+            f"{result.persona} / {result.size} / {result.notebook}",
+            result.error,
+            "Nothing executed that could be shown; see the runner's log.",
+        ],
+    )
+
+
+def _write_status(result: NotebookResult, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{result.notebook}.status.json"
+    path.write_text(json.dumps(asdict(result), indent=2))
+
+
+def _skip(params: RunParams, notebook: str, because: str) -> NotebookResult:
+    """A notebook not run because an earlier one failed: row, status file and notice page."""
+    report = params.report_dir / f"{notebook}.html"
+    result = NotebookResult(
+        params.persona,
+        params.size,
+        notebook,
+        "skipped",
+        html_path=str(report),
+        error=f"not run: {because} failed first (keep_going=True runs it anyway)",
+        failure=because,
+    )
+    write_notice_page(report, f"{notebook}: skipped", [result.error])
+    _write_status(result, params.run_dir / "notebooks")
     return result
 
 
@@ -200,28 +382,42 @@ def run_matrix(
     overrides: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     timeout: int | None = None,
+    keep_going: bool = False,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    on_result: Callable[[NotebookResult], None] | None = None,
 ) -> list[NotebookResult]:
-    """Run the notebooks for every persona x size; returns one result per notebook."""
+    """Run the notebooks for every persona x size; returns one result per notebook.
+
+    Parameters of every combination are validated before anything runs (a typo fails in one
+    line, not an hour in). After that nothing stops the matrix: a failed notebook is a row,
+    and by default the later notebooks of its persona x size are skipped (``keep_going`` runs
+    them). ``on_result`` is called with each row as it is made (the CLI prints them).
+    """
     # Kernels inherit this: torch's OpenMP threads otherwise busy-wait, and on a shared CPU
     # that made decode steps up to 10x slower (measured); sleeping threads cost little here.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    names = resolve_notebooks(notebooks)
+    names = resolve_notebooks(notebooks, notebooks_dir)
     plans = [
         (persona, size, load_params(size, persona, overrides))
         for persona in personas
         for size in sizes
     ]  # validate every combination before running any
+    report = on_result or (lambda result: print(result.describe(), flush=True))
     results: list[NotebookResult] = []
     for persona, size, params in plans:
-        failed = False
+        failed_first = ""
         for name in names:
-            if failed:
-                results.append(NotebookResult(persona, size, name, "skipped"))
-                continue
-            logger.info("running %s for %s/%s", name, persona, size)
-            result = run_notebook(params, name, extra, timeout)
+            if failed_first and not keep_going:
+                result = _skip(params, name, failed_first)
+            else:
+                logger.info("running %s for %s/%s", name, persona, size)
+                result = run_notebook(params, name, extra, timeout, notebooks_dir)
+                if result.status == "failed" and not failed_first:
+                    failed_first = name
             results.append(result)
-            print(result.describe(), flush=True)
-            failed = result.status == "failed"
-        build_index(params.report_dir.parent.parent, params.run_dir.parent.parent)
+            report(result)
+        try:
+            build_index(params.report_dir.parent.parent, params.run_dir.parent.parent)
+        except Exception as exc:  # the index is a convenience; the rows are the result
+            logger.warning("could not rebuild the report index: %s", exc)
     return results
