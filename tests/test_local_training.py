@@ -293,7 +293,8 @@ def test_save_state_then_load_state_reproduces_the_logits_bit_for_bit(
         expected = client.model(input_ids=ids).logits
         restored = tiny_service.create_training_client_from_state(path).result()
         into_fresh = tiny_service.create_lora_training_client(TINY, rank=4, seed=123).result()
-        into_fresh.load_state(path).result()
+        with pytest.warns(FutureWarning, match="deprecated in the Tinker SDK"):  # as on Tinker
+            into_fresh.load_state(path).result()
         assert torch.equal(restored.model(input_ids=ids).logits, expected)
         assert torch.equal(into_fresh.model(input_ids=ids).logits, expected)
     assert restored.steps == 2
@@ -487,6 +488,7 @@ def plain_tiny_trainer(tiny_service):
     return tiny_service.create_lora_training_client(TINY, rank=4, seed=0).result()
 
 
+@pytest.mark.filterwarnings("ignore:.*deprecated in the Tinker SDK:FutureWarning")
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_bad_requests_fail_with_one_line_saying_what_was_expected(
     case, tiny_service, plain_tiny_trainer, tiny_sampler, tokenizer, tmp_path, monkeypatch

@@ -1,6 +1,6 @@
 """In-process engine implementing the Tinker client interface on torch + transformers + peft."""
 
-from .futures import LocalFuture
+from .futures import LocalFuture, LocalSamplingClientFuture, LocalTrainingClientFuture
 from .model_files import KNOWN_LOCAL_MODELS, SMOLLM2_NAME, TINY_RANDOM_NAME, resolve_model_dir
 from .sampling_client import LocalSamplingClient
 from .service_client import LocalServiceClient
@@ -12,8 +12,10 @@ __all__ = [
     "LocalEngineConfig",
     "LocalFuture",
     "LocalSamplingClient",
+    "LocalSamplingClientFuture",
     "LocalServiceClient",
     "LocalTrainingClient",
+    "LocalTrainingClientFuture",
     "SMOLLM2_NAME",
     "TINY_RANDOM_NAME",
     "resolve_model_dir",

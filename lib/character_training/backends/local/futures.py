@@ -6,6 +6,10 @@ object (a subclass of the SDK's own `APIFuture`, so ``isinstance`` checks in tin
 hold). Work is *lazy*: a future holds a thunk that runs when the result is first asked for.
 That laziness is what lets the sampler batch thousands of ``sample()`` calls: they queue up
 until someone needs a result, then all pending requests are generated together.
+
+`LocalTrainingClientFuture` and `LocalSamplingClientFuture` are what the ``create_*`` methods
+return, as the SDK returns its ``Backcompat*ClientFuture``: a future of the client that can
+still be used, with a deprecation warning, as the client itself.
 """
 
 from __future__ import annotations
