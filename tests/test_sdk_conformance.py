@@ -315,6 +315,10 @@ def test_local_only_answers_keep_the_sdk_types(tiny_service, trainer, tmp_path, 
     assert manifest["copied_from"] == source.path and manifest["user_metadata"] == {"k": "v"}
     restored = tiny_service.create_training_client_from_state(copy).result()
     assert restored.base_model == TINY and restored.run_id != trainer.run_id
+    # as on Tinker, a client resumed from a state is a new run: the source's names are free
+    resumed = tiny_service.create_training_client_from_state(source.path).result()
+    assert resumed.run_id != trainer.run_id and resumed.steps == trainer.steps
+    assert resumed.save_state("to-copy").result().path != source.path
 
     sampler = tiny_service.create_sampling_client(base_model=TINY).result()
     sampler.on_queue_state_change(QueueState.ACTIVE, None)

@@ -197,7 +197,12 @@ class LocalServiceClient:
         weights_access_token: str | None,
         with_optimizer: bool,
     ) -> LocalTrainingClientFuture:
-        """A training client rebuilt from a ``save_state`` checkpoint (weights; optionally Adam)."""
+        """A training client rebuilt from a ``save_state`` checkpoint (weights; optionally Adam).
+
+        As on Tinker, the client is a new training run (a new ``run_id``, so its checkpoints
+        never collide with the source run's names); its step count continues from the
+        checkpoint.
+        """
         self._check_open(method)
         metadata = check_user_metadata(method, user_metadata)
         check_no_access_token(method, weights_access_token)
@@ -211,7 +216,6 @@ class LocalServiceClient:
             self.engine,
             meta["base_model"],
             int(meta["rank"]),
-            run_id=meta.get("run_id"),
             **parts_flags(meta),
         )
         client._load(path, with_optimizer=with_optimizer)

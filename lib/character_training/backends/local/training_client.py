@@ -657,8 +657,11 @@ class LocalTrainingClient:
             )
         from .sampling_client import LocalSamplingClient
 
-        self._sampler_counter += 1
-        snapshot = f"snapshot-{self.steps:06d}-{self._sampler_counter}"
+        while True:  # the first free name: snapshots are never overwritten
+            self._sampler_counter += 1
+            snapshot = f"snapshot-{self.steps:06d}-{self._sampler_counter}"
+            if not self.engine.checkpoint_dir(self.run_id, "sampler", snapshot).exists():
+                break
         path = self.save_weights_for_sampler(snapshot).result().path
         return LocalSamplingClientFuture.completed(
             LocalSamplingClient.from_checkpoint(self.engine, path)
