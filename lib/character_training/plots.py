@@ -7,10 +7,11 @@ Each function returns a matplotlib ``Figure`` so notebooks display it and report
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 
 def prompts_per_assertion(records: Sequence[dict], title: str = "") -> Figure:
@@ -101,5 +102,74 @@ def training_curves(
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+_PROBE_SET_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#8172b2")
+_PROBE_SET_NAMES = {"heldout": "held-out persona prompts", "general_eval": "general prompts"}
+
+
+def adherence_bars(report: Any, probe_sets: Sequence[str] | None = None, title: str = "") -> Figure:
+    """Teacher-like share per model with its 95% bootstrap interval, one bar group per model.
+
+    ``report`` is what `evaluate.adherence.measure` returns, the dict it writes to
+    ``adherence.json``, or its flat row records. References (the teacher's and the student's
+    own held-out replies, hatched) come first: they bound the scale, so a model's bar reads as
+    "how far from the student towards the teacher". Probe sets (held-out persona prompts,
+    general prompts) sit side by side; ``probe_sets`` picks and orders them.
+    """
+    if hasattr(report, "records"):
+        rows = report.records()
+    elif isinstance(report, Mapping):
+        rows = list(report["rows"])
+    else:
+        rows = list(report)
+    sets = list(probe_sets or dict.fromkeys(r["probe_set"] for r in rows))
+    rows = [r for r in rows if r["probe_set"] in sets]
+    refs = [r["label"] for r in rows if r["kind"] == "reference"]
+    labels = list(dict.fromkeys(refs + [r["label"] for r in rows]))
+    by_key = {(r["label"], r["probe_set"]): r for r in rows}
+    width = 0.8 / max(1, len(sets))
+    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 3.8))
+    for k, probe_set in enumerate(sets):
+        xs, values, errors, hatches = [], [], [[], []], []
+        for i, label in enumerate(labels):
+            row = by_key.get((label, probe_set))
+            if row is None:
+                continue
+            xs.append(i + (k - (len(sets) - 1) / 2) * width)
+            values.append(row["teacher_like"])
+            errors[0].append(row["teacher_like"] - row["teacher_like_low"])
+            errors[1].append(row["teacher_like_high"] - row["teacher_like"])
+            hatches.append("//" if row["kind"] == "reference" else "")
+        bars = ax.bar(
+            xs,
+            values,
+            width=width,
+            yerr=errors,
+            capsize=3,
+            color=_PROBE_SET_COLORS[k % len(_PROBE_SET_COLORS)],
+            edgecolor="white",
+        )
+        for bar, hatch, value, above in zip(bars, hatches, values, errors[1]):
+            bar.set_hatch(hatch)
+            ax.annotate(
+                f"{value:.2f}",
+                (bar.get_x() + bar.get_width() / 2, min(value + above + 0.02, 1.06)),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_xticks(range(len(labels)), [label.replace("_ref", "\n(reference)") for label in labels])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("teacher-like share of replies")
+    ax.set_title(title or "Persona adherence: replies the classifier takes for the teacher's")
+    if len(sets) > 1:  # plain patches: the first bar of a set may be a hatched reference
+        handles = [
+            Patch(color=_PROBE_SET_COLORS[k % len(_PROBE_SET_COLORS)], label=name)
+            for k, name in enumerate(_PROBE_SET_NAMES.get(s, s) for s in sets)
+        ]
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
