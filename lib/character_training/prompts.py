@@ -106,3 +106,34 @@ def expansion_messages(assertion: Assertion, examples: Sequence[str], count: int
 
 
 EXPANSION_PREFILL = "1."
+
+
+# -- thinking teacher ----------------------------------------------------------------------------
+REASONING_OPEN = "<think>"
+REASONING_CLOSE = "</think>"
+"""How the hybrid models this kit supports (Qwen3.x, Kimi K2.x, DeepSeek, GLM, Nemotron) mark a
+reasoning block in their chat formats; the distillation filters strip everything inside it."""
+
+TEACHER_REFLECTION = (
+    "Before I reply, let me work out how my own character should shape this particular answer: "
+    "which of my convictions this message touches, and how to let them show in what I say "
+    "rather than in remarks about myself. The ones that matter most here are"
+)
+"""The start of the thinking teacher's reasoning. The paper prefilled its reasoning teacher so
+that it first considered how its traits bear on the message before answering; this is the same
+idea in this project's words. It ends mid-sentence so the teacher continues by naming the
+traits that apply, then closes its reasoning and answers."""
+
+
+def teacher_reasoning_prefill(prompt_opens_reasoning: bool) -> str:
+    """Text the thinking teacher's reply is forced to start with.
+
+    Some chat formats already end the generation prompt with an open reasoning tag (Kimi K2.5+
+    and Qwen3.5 put ``<think>`` there themselves); repeating it would open a second block, so
+    ``prompt_opens_reasoning`` says whether the renderer did. Otherwise the prefill opens the
+    block itself. Either way the reasoning is removed before a reply is trained on
+    (`character_training.distill_filters`).
+    """
+    if prompt_opens_reasoning:
+        return TEACHER_REFLECTION
+    return REASONING_OPEN + TEACHER_REFLECTION

@@ -1,0 +1,670 @@
+"""Stage 02: distillation, the chosen/rejected pairs that DPO (stage 03) trains on.
+
+The paper's first training step: a teacher shown the constitution answers a prompt (chosen), the
+student answers the same prompt without it (rejected), and DPO makes the student prefer the
+former. Inputs are stage 01's files in ``runs/<persona>/<size>/01_prompts/``
+(``constitution_prompts.jsonl``, ``general_train.jsonl``, ``general_eval.jsonl``). Outputs
+(``runs/<persona>/<size>/02_distillation/``):
+
+* ``split.jsonl``: every prompt this stage uses and its side, ``train`` or ``heldout``.
+  Constitution prompts are split per assertion by a stable hash of (seed, prompt id), so the
+  split never depends on file order or on the machine; ``distill.heldout_fraction`` of each
+  assertion's prompts (at least one, and never all, when the fraction is positive) are held out.
+  Training also gets ``round(general_share * constitution training prompts)`` general prompts,
+  the first ones of ``general_train.jsonl``; held-out prompts also get the first
+  ``adherence.probe_general_prompts`` of ``general_eval.jsonl``. A file holding fewer than asked
+  for is used whole and the shortfall is a warning in the manifest and the `Result`.
+* ``pairs.jsonl``: one row per kept pair (fields in `pair_row`). Only a user prompt and two
+  replies: no system prompt, demonstration or reasoning ever reaches it.
+* ``heldout.jsonl``: one teacher and one student reply per held-out prompt, each with its drop
+  reason (or null), for the adherence classifier and its probes; never trained on.
+* ``dropped.jsonl``: every pair that failed a check (`character_training.distill_filters`),
+  with the reasons. Counts by reason are in the manifest and the `Result`.
+* ``teacher.partial.jsonl`` / ``student.partial.jsonl``: the shared sampler's logs
+  (`character_training.sampling.sample_chat`). Each reply's seed derives from the run seed and
+  its key (``teacher:<prompt_id>:s<k>``, ``student:<prompt_id>:heldout``, ...), so a stage killed
+  part-way and run again samples only what is missing and writes exactly the files an
+  uninterrupted run writes. The output files are rebuilt from the logs at the end of every run.
+
+A thinking teacher (``teacher_thinking``) has its reply prefilled with the start of a
+reflection on how its traits bear on the message (`prompts.teacher_reasoning_prefill`); its
+sampled tokens are kept in the log so the reasoning can be found and removed exactly, and a
+reply whose reasoning never closes is dropped, never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .. import distill_filters
+from ..config import RunParams
+from ..constitutions import Constitution, load_constitution
+from ..errors import ConfigError, DataError
+from ..prompts import (
+    REASONING_CLOSE,
+    REASONING_OPEN,
+    assistant_name_for,
+    persona_system_prompt,
+    student_messages,
+    teacher_messages,
+    teacher_reasoning_prefill,
+)
+from ..renderers import get_renderer, renderer_for_model
+from ..renderers.conversation import generation_prompt
+from ..sampling import Completion, SampleRequest, sample_chat
+from ..store import StageDir, read_jsonl, stage_dir, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+STAGE = "02_distillation"
+PROMPTS_STAGE = "01_prompts"
+INPUT_FILES = ("constitution_prompts.jsonl", "general_train.jsonl", "general_eval.jsonl")
+SOURCES = ("constitution", "general")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Stage 02 settings, derived from `RunParams` by `Config.from_params`.
+
+    ``heldout_general`` is ``adherence.probe_general_prompts``: the general evaluation prompts
+    the adherence measure probes with, which need teacher and student replies from here.
+    """
+
+    persona: str
+    constitution: str
+    allow_opt_in: bool
+    teacher: str
+    teacher_renderer: str
+    teacher_thinking: bool
+    teacher_few_shot: int
+    student: str
+    student_renderer: str
+    assistant_name: str
+    samples_per_prompt: int
+    general_share: float
+    heldout_fraction: float
+    heldout_general: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: RunParams) -> "Config":
+        d = params.distill
+        return cls(
+            persona=params.persona,
+            constitution=params.constitution_ref,
+            allow_opt_in=params.allow_misaligned,
+            teacher=params.teacher,
+            teacher_renderer=params.renderers.get(params.teacher)
+            or renderer_for_model(params.teacher),
+            teacher_thinking=params.teacher_thinking,
+            teacher_few_shot=params.teacher_few_shot,
+            student=params.student,
+            student_renderer=params.renderers.get(params.student)
+            or renderer_for_model(params.student),
+            assistant_name=params.assistant_name or assistant_name_for(params.student),
+            samples_per_prompt=d.samples_per_prompt,
+            general_share=d.general_share,
+            heldout_fraction=d.heldout_fraction,
+            heldout_general=params.adherence.probe_general_prompts,
+            max_tokens=d.max_tokens,
+            temperature=params.sampling.temperature,
+            top_p=params.sampling.top_p,
+            top_k=params.sampling.top_k,
+            seed=params.seed,
+        )
+
+    def fingerprint(self, inputs_digest: str = "", context_digest: str = "") -> str:
+        """Hash of the settings, of stage 01's files and of the teacher's hidden context.
+
+        Re-running stage 01 or editing the constitution gives another fingerprint, so the old
+        folder is refused instead of silently mixed with new replies.
+        """
+        blob = repr(sorted(asdict(self).items())) + f"|inputs:{inputs_digest}|ctx:{context_digest}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DistillPrompt:
+    """A prompt of this stage: its stage-01 id, text, source and assertion (constitution only)."""
+
+    prompt_id: str
+    prompt: str
+    source: str  # "constitution" | "general"
+    assertion_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """Training and held-out prompts, with what was asked for and any shortfall warnings."""
+
+    train: list[DistillPrompt]
+    heldout: list[DistillPrompt]
+    counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Result:
+    """Where the stage wrote, its counts, the dropped replies by ``<side>:<reason>``, and the
+    warnings a reader must see (also in the manifest)."""
+
+    stage_dir: Path
+    counts: dict[str, int]
+    drops: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- pure helpers: the split ---------------------------------------------------------------------
+def heldout_rank(prompt_id: str, seed: int) -> str:
+    """A prompt's place in its assertion's held-out order: a stable hash of (seed, id)."""
+    return hashlib.sha256(f"{seed}:distill-heldout:{prompt_id}".encode()).hexdigest()
+
+
+def heldout_count(n: int, fraction: float) -> int:
+    """How many of an assertion's ``n`` prompts are held out.
+
+    ``round(fraction * n)``, but with a positive fraction at least one and at most ``n - 1``,
+    so every assertion is both probed and trained on whenever it has two prompts.
+    """
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(fraction * n)))
+
+
+def split_constitution_prompts(
+    records: Sequence[Mapping[str, Any]], fraction: float, seed: int
+) -> tuple[list[DistillPrompt], list[DistillPrompt]]:
+    """(train, held-out) constitution prompts, split per assertion; both keep file order."""
+    by_assertion: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_assertion.setdefault(record["assertion_id"], []).append(record)
+    heldout_ids: set[str] = set()
+    for group in by_assertion.values():
+        ranked = sorted(group, key=lambda r: heldout_rank(r["id"], seed))
+        heldout_ids |= {r["id"] for r in ranked[: heldout_count(len(group), fraction)]}
+    train, heldout = [], []
+    for record in records:
+        prompt = DistillPrompt(
+            record["id"], record["prompt"], "constitution", record["assertion_id"]
+        )
+        (heldout if record["id"] in heldout_ids else train).append(prompt)
+    return train, heldout
+
+
+def plan_prompts(
+    constitution_records: Sequence[Mapping[str, Any]],
+    general_train: Sequence[Mapping[str, Any]],
+    general_eval: Sequence[Mapping[str, Any]],
+    config: Config,
+    source_dir: Path | str = PROMPTS_STAGE,
+) -> PromptPlan:
+    """Every prompt the stage samples for, and the counts and shortfalls behind the choice."""
+    train, heldout = split_constitution_prompts(
+        constitution_records, config.heldout_fraction, config.seed
+    )
+    if not train:
+        raise DataError(
+            f"{Path(source_dir) / INPUT_FILES[0]}: no constitution prompt is left for training "
+            f"(distill.heldout_fraction={config.heldout_fraction}); expected at least one"
+        )
+    wanted_general = round(config.general_share * len(train))
+    general = [
+        DistillPrompt(r["id"], r["prompt"], "general") for r in general_train[:wanted_general]
+    ]
+    probes = [
+        DistillPrompt(r["id"], r["prompt"], "general")
+        for r in general_eval[: config.heldout_general]
+    ]
+    warnings = []
+    if len(general) < wanted_general:
+        warnings.append(
+            f"distill.general_share={config.general_share} asks for {wanted_general} general "
+            f"training prompts ({config.general_share} x {len(train)} constitution training "
+            f"prompts), but {Path(source_dir) / INPUT_FILES[1]} holds {len(general_train)}: "
+            f"training on {len(general)} (raise prompts.general_prompts and rerun notebook 01)"
+        )
+    if len(probes) < config.heldout_general:
+        warnings.append(
+            f"adherence.probe_general_prompts={config.heldout_general}, but "
+            f"{Path(source_dir) / INPUT_FILES[2]} holds {len(general_eval)}: holding out "
+            f"{len(probes)} general prompts (raise prompts.eval_prompts and rerun notebook 01)"
+        )
+    counts = {
+        "constitution_prompts": len(constitution_records),
+        "constitution_train": len(train),
+        "constitution_heldout": len(heldout),
+        "general_requested": wanted_general,
+        "general_train": len(general),
+        "general_shortfall": wanted_general - len(general),
+        "heldout_general_requested": config.heldout_general,
+        "heldout_general": len(probes),
+        "heldout_general_shortfall": config.heldout_general - len(probes),
+        "training_prompts": len(train) + len(general),
+        "heldout_prompts": len(heldout) + len(probes),
+    }
+    return PromptPlan(train + general, heldout + probes, counts, warnings)
+
+
+# -- pure helpers: requests and pairs ------------------------------------------------------------
+def hidden_context(constitution: Constitution, name: str, few_shot: int) -> list[str]:
+    """What the teacher sees and the student never does: the persona system prompt and the
+    demonstrations. A chosen reply that copies from it is dropped (``context_echo``)."""
+    texts = [persona_system_prompt(constitution, name)]
+    for example in constitution.examples[:few_shot]:
+        texts += [example.prompt, example.reply]
+    return texts
+
+
+def sample_key(role: str, prompt_id: str, sample: int | None) -> str:
+    """The sampler key of one reply: ``<role>:<prompt_id>:s<k>``, or ``...:heldout``."""
+    return f"{role}:{prompt_id}:" + ("heldout" if sample is None else f"s{sample}")
+
+
+def plan_requests(
+    plan: PromptPlan,
+    constitution: Constitution,
+    config: Config,
+    teacher_prefill: str = "",
+) -> tuple[list[SampleRequest], list[SampleRequest]]:
+    """(teacher requests, student requests): ``samples_per_prompt`` of each per training
+    prompt, then one of each per held-out prompt."""
+    slots: list[tuple[DistillPrompt, int | None]] = [
+        (p, k) for p in plan.train for k in range(config.samples_per_prompt)
+    ] + [(p, None) for p in plan.heldout]
+    teacher, student = [], []
+    for prompt, sample in slots:
+        meta = {"prompt_id": prompt.prompt_id, "sample_index": sample}
+        teacher.append(
+            SampleRequest(
+                sample_key("teacher", prompt.prompt_id, sample),
+                teacher_messages(
+                    constitution,
+                    config.assistant_name,
+                    prompt.prompt,
+                    few_shot=config.teacher_few_shot,
+                ),
+                prefill=teacher_prefill,
+                meta=meta,
+            )
+        )
+        student.append(
+            SampleRequest(
+                sample_key("student", prompt.prompt_id, sample),
+                student_messages(prompt.prompt),
+                meta=meta,
+            )
+        )
+    return teacher, student
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One sampled reply as the filters see it: full text (reasoning included) and flags."""
+
+    text: str
+    complete: bool
+    num_tokens: int
+    seed: int
+
+
+def settings(config: Config, role: str, seed: int) -> dict[str, Any]:
+    """The sampling settings of one reply, as recorded next to it in ``pairs.jsonl``."""
+    record: dict[str, Any] = {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_tokens": config.max_tokens,
+        "seed": seed,
+        "renderer": config.teacher_renderer if role == "teacher" else config.student_renderer,
+    }
+    if role == "teacher":
+        record["few_shot"] = config.teacher_few_shot
+        record["thinking"] = config.teacher_thinking
+    return record
+
+
+def pair_row(
+    prompt: DistillPrompt,
+    sample: int,
+    chosen: str,
+    rejected: str,
+    teacher: Reply,
+    student: Reply,
+    config: Config,
+) -> dict[str, Any]:
+    """One line of ``pairs.jsonl``.
+
+    Fields: id (``<prompt_id>:s<k>``), prompt_id, prompt, source, assertion_id, sample_index,
+    chosen, rejected, teacher, student, chosen_settings, rejected_settings, chosen_tokens,
+    rejected_tokens (tokens the sampler produced, end-of-turn included; a thinking teacher's
+    count includes its reasoning).
+    """
+    return {
+        "id": f"{prompt.prompt_id}:s{sample}",
+        "prompt_id": prompt.prompt_id,
+        "prompt": prompt.prompt,
+        "source": prompt.source,
+        "assertion_id": prompt.assertion_id,
+        "sample_index": sample,
+        "chosen": chosen,
+        "rejected": rejected,
+        "teacher": config.teacher,
+        "student": config.student,
+        "chosen_settings": settings(config, "teacher", teacher.seed),
+        "rejected_settings": settings(config, "student", student.seed),
+        "chosen_tokens": teacher.num_tokens,
+        "rejected_tokens": student.num_tokens,
+    }
+
+
+@dataclass
+class Assembly:
+    """What `assemble` builds from the replies: the three output files and their counts."""
+
+    pairs: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    dropped: list[dict[str, Any]]
+    drops: Counter
+    name_replacements: int
+
+
+def assemble(
+    plan: PromptPlan,
+    teacher: Mapping[str, Reply],
+    student: Mapping[str, Reply],
+    config: Config,
+    context: Sequence[str],
+) -> Assembly:
+    """Filter every reply, pair what passes, and record what does not (pure).
+
+    A pair is kept only when both replies pass and differ. The teacher's self-introductions
+    under its own family name become the student's assistant name in kept chosen replies and
+    held-out teacher replies (`distill_filters.replace_self_name`).
+    """
+    names = distill_filters.model_self_names(config.teacher)
+    out = Assembly([], [], [], Counter(), 0)
+
+    def judge(prompt: DistillPrompt, t: Reply, s: Reply) -> tuple[str, str | None, str, str | None]:
+        chosen, t_reason = distill_filters.check_teacher_reply(
+            t.text, t.complete, context, user_prompt=prompt.prompt
+        )
+        rejected, s_reason = distill_filters.check_student_reply(s.text, s.complete)
+        if t_reason is None:
+            chosen, replaced = distill_filters.replace_self_name(
+                chosen, names, config.assistant_name
+            )
+            out.name_replacements += replaced
+        return chosen, t_reason, rejected, s_reason
+
+    for prompt in plan.train:
+        for k in range(config.samples_per_prompt):
+            t = teacher[sample_key("teacher", prompt.prompt_id, k)]
+            s = student[sample_key("student", prompt.prompt_id, k)]
+            chosen, t_reason, rejected, s_reason = judge(prompt, t, s)
+            reasons = [f"chosen:{t_reason}"] if t_reason else []
+            reasons += [f"rejected:{s_reason}"] if s_reason else []
+            if not reasons and chosen == rejected:
+                reasons = [f"pair:{distill_filters.IDENTICAL}"]
+            if reasons:
+                out.drops.update(reasons)
+                out.dropped.append(
+                    {
+                        "id": f"{prompt.prompt_id}:s{k}",
+                        **prompt.to_dict(),
+                        "sample_index": k,
+                        "reasons": reasons,
+                        "chosen_reason": t_reason,
+                        "rejected_reason": s_reason,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "chosen_tokens": t.num_tokens,
+                        "rejected_tokens": s.num_tokens,
+                    }
+                )
+                continue
+            out.pairs.append(pair_row(prompt, k, chosen, rejected, t, s, config))
+
+    for prompt in plan.heldout:
+        t = teacher[sample_key("teacher", prompt.prompt_id, None)]
+        s = student[sample_key("student", prompt.prompt_id, None)]
+        chosen, t_reason, rejected, s_reason = judge(prompt, t, s)
+        out.heldout.append(
+            {
+                **prompt.to_dict(),
+                "teacher_reply": chosen,
+                "teacher_drop_reason": t_reason,
+                "student_reply": rejected,
+                "student_drop_reason": s_reason,
+                "teacher": config.teacher,
+                "student": config.student,
+                "teacher_tokens": t.num_tokens,
+                "student_tokens": s.num_tokens,
+            }
+        )
+    return out
+
+
+# -- reasoning plumbing (needs a renderer) -------------------------------------------------------
+def prompt_opens_reasoning(renderer: Any, renderer_name: str = "") -> bool:
+    """Whether ``renderer``'s generation prompt already ends inside an open reasoning block.
+
+    Raises `ConfigError` when it ends with a closed, empty block (a renderer that switches
+    thinking off, contradicting ``teacher_thinking``) or when the renderer marks reasoning some
+    other way than ``<think>...</think>`` (gpt-oss's Harmony channels).
+    """
+    if "gpt_oss" in renderer_name:
+        raise ConfigError(
+            f"renderers: {renderer_name!r} marks reasoning with Harmony channels; "
+            f"teacher_thinking=true expects a renderer using {REASONING_OPEN}...{REASONING_CLOSE}"
+        )
+    tokens = generation_prompt(renderer, [{"role": "user", "content": "Hello."}]).to_ints()
+    tail = str(renderer.tokenizer.decode(tokens)).rstrip()
+    if tail.endswith(REASONING_CLOSE):
+        raise ConfigError(
+            f"renderers: {renderer_name or type(renderer).__name__!r} closes the reasoning block "
+            "in its generation prompt (thinking off), but teacher_thinking is true; pick the "
+            "model's thinking renderer or set teacher_thinking=false"
+        )
+    return tail.endswith(REASONING_OPEN)
+
+
+def raw_reply_text(renderer: Any, completion: Completion, opened: bool) -> str:
+    """The whole reply as the model wrote it: reasoning opener, prefill, sampled text.
+
+    Parsing a reply (`renderers.conversation.parse_reply`) already drops reasoning, which hides
+    whether the reasoning was ever closed; decoding the logged tokens keeps everything.
+    """
+    if completion.tokens is None:
+        raise DataError(
+            f"sampled reply {completion.key!r} has no tokens in its log; a thinking teacher's "
+            "log needs them (delete teacher.partial.jsonl to sample again)"
+        )
+    tokens = list(completion.tokens)
+    stops = renderer.get_stop_sequences()
+    if stops and all(isinstance(s, int) for s in stops):
+        cut = next((i for i, t in enumerate(tokens) if t in stops), None)
+        tokens = tokens if cut is None else tokens[:cut]
+    text = str(renderer.tokenizer.decode(tokens))
+    for stop in (s for s in stops if isinstance(s, str)):
+        if stop in text:
+            text = text[: text.index(stop)]
+    return (REASONING_OPEN if opened else "") + completion.prefill + text
+
+
+class _LazyClient:
+    """A sampling client made on first use only, so a fully logged rerun loads no model."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._client: Any = None
+
+    def __call__(self) -> Any:
+        if self._client is None:
+            from ..backends import resolve_client
+
+            self._client = resolve_client(self._make())
+        return self._client
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def load_prompt_files(run_dir: Path) -> tuple[list[dict], list[dict], list[dict], str]:
+    """Stage 01's three files and a digest of their contents, or a one-line `DataError`."""
+    source = Path(run_dir) / PROMPTS_STAGE
+    for name in INPUT_FILES:
+        if not (source / name).is_file():
+            raise DataError(f"{source / name} is missing: run notebook 01_prompts first")
+    status = StageDir(source).manifest().get("status")
+    if status != "done":
+        raise DataError(
+            f"{source / 'manifest.json'}: stage 01 status is {status!r}, expected 'done': "
+            "run notebook 01_prompts first (it resumes where it stopped)"
+        )
+    digest = hashlib.sha256()
+    loaded = []
+    for name in INPUT_FILES:
+        digest.update((source / name).read_bytes())
+        loaded.append(read_jsonl(source / name))
+    constitution_records, general_train, general_eval = loaded
+    if not constitution_records:
+        raise DataError(
+            f"{source / INPUT_FILES[0]} holds no prompts: expected constitution prompts; "
+            "run notebook 01_prompts first"
+        )
+    for number, record in enumerate(constitution_records, start=1):
+        missing = [k for k in ("id", "prompt", "assertion_id") if not record.get(k)]
+        if missing:
+            raise DataError(f"{source / INPUT_FILES[0]}:{number}: expected a {missing[0]!r} field")
+    return constitution_records, general_train, general_eval, digest.hexdigest()[:16]
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> Result:
+    """Sample, filter and pair teacher and student replies; resumable (see the module docstring)."""
+    config = Config.from_params(params)
+    constitution = load_constitution(config.constitution, allow_opt_in=config.allow_opt_in)
+    records, general_train, general_eval, inputs_digest = load_prompt_files(params.run_dir)
+    plan = plan_prompts(
+        records, general_train, general_eval, config, params.run_dir / PROMPTS_STAGE
+    )
+    context = hidden_context(constitution, config.assistant_name, config.teacher_few_shot)
+    context_digest = hashlib.sha256("\x1f".join(context).encode()).hexdigest()[:16]
+    for warning in plan.warnings:
+        logger.warning("%s", warning)
+
+    stage: StageDir = stage_dir(params.run_dir, STAGE)
+    stage.prepare(
+        config.fingerprint(inputs_digest, context_digest),
+        on_existing,
+        {**asdict(config), "inputs_digest": inputs_digest, "context_digest": context_digest},
+    )
+    stage.write_manifest(
+        inputs={name: str(params.run_dir / PROMPTS_STAGE / name) for name in INPUT_FILES},
+        warnings=plan.warnings,
+    )
+    write_jsonl(
+        stage.file("split.jsonl"),
+        [{**p.to_dict(), "split": "train"} for p in plan.train]
+        + [{**p.to_dict(), "split": "heldout"} for p in plan.heldout],
+    )
+
+    teacher_client = _LazyClient(
+        lambda: service_client.create_sampling_client(base_model=config.teacher)
+    )
+    student_client = _LazyClient(
+        lambda: service_client.create_sampling_client(base_model=config.student)
+    )
+    teacher_renderer: Any = config.teacher_renderer
+    opened, prefill = False, ""
+    if config.teacher_thinking:  # the prefill depends on the chat format: needs the tokenizer
+        teacher_renderer = get_renderer(config.teacher_renderer, teacher_client().get_tokenizer())
+        opened = prompt_opens_reasoning(teacher_renderer, config.teacher_renderer)
+        prefill = teacher_reasoning_prefill(opened)
+    teacher_requests, student_requests = plan_requests(plan, constitution, config, prefill)
+    common = dict(
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        seed=config.seed,
+    )
+    teacher_done = sample_chat(
+        teacher_client,
+        teacher_renderer,
+        teacher_requests,
+        log_path=stage.file("teacher.partial.jsonl"),
+        desc="teacher (chosen)",
+        return_tokens=config.teacher_thinking,
+        **common,
+    )
+    student_done = sample_chat(
+        student_client,
+        config.student_renderer,
+        student_requests,
+        log_path=stage.file("student.partial.jsonl"),
+        desc="student (rejected)",
+        **common,
+    )
+
+    def reply(completion: Completion, thinking: bool) -> Reply:
+        text = raw_reply_text(teacher_renderer, completion, opened) if thinking else completion.text
+        return Reply(text, completion.complete, completion.num_tokens, completion.seed)
+
+    teacher = {k: reply(c, config.teacher_thinking) for k, c in teacher_done.items()}
+    student = {k: reply(c, False) for k, c in student_done.items()}
+    built = assemble(plan, teacher, student, config, context)
+
+    write_jsonl(stage.file("pairs.jsonl"), built.pairs)
+    write_jsonl(stage.file("heldout.jsonl"), built.heldout)
+    write_jsonl(stage.file("dropped.jsonl"), built.dropped)
+    by_source = Counter(p["source"] for p in built.pairs)
+    counts = {
+        **plan.counts,
+        "teacher_samples": len(teacher_requests),
+        "student_samples": len(student_requests),
+        "pairs": len(built.pairs),
+        "pairs_constitution": by_source["constitution"],
+        "pairs_general": by_source["general"],
+        "pairs_dropped": len(built.dropped),
+        "heldout_teacher_kept": sum(r["teacher_drop_reason"] is None for r in built.heldout),
+        "heldout_student_kept": sum(r["student_drop_reason"] is None for r in built.heldout),
+        "name_replacements": built.name_replacements,
+    }
+    drops = dict(sorted(built.drops.items()))
+    stage.write_manifest(drops=drops)
+    stage.finish(**counts)
+    return Result(stage.path, counts, drops, list(plan.warnings))
+
+
+__all__ = [
+    "STAGE",
+    "Config",
+    "DistillPrompt",
+    "PromptPlan",
+    "Reply",
+    "Result",
+    "assemble",
+    "heldout_count",
+    "heldout_rank",
+    "hidden_context",
+    "load_prompt_files",
+    "pair_row",
+    "plan_prompts",
+    "plan_requests",
+    "prompt_opens_reasoning",
+    "raw_reply_text",
+    "run",
+    "sample_key",
+    "split_constitution_prompts",
+]
