@@ -756,6 +756,8 @@ class AdherenceReport:
     split: dict[str, list[str]]
     path: Path
     warnings: list[str] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)  # label -> checkpoint path / base model
+    settings: dict[str, Any] = field(default_factory=dict)  # adherence params, seed, sampling
 
     def records(self) -> list[dict[str, Any]]:
         return [r.record() for r in self.rows]
@@ -781,6 +783,8 @@ class AdherenceReport:
             "differences": self.difference_records(),
             "split": self.split,
             "warnings": list(self.warnings),
+            "models": dict(self.models),
+            "settings": dict(self.settings),
         }
 
 
@@ -1094,6 +1098,16 @@ def measure(
         split={"classifier": classifier_ids, "probe": probe_ids},
         path=folder / f"{report_name}.json",
         warnings=warnings,
+        models=identities,
+        settings={
+            **asdict(settings),
+            "seed": params.seed,
+            "max_tokens": params.distill.max_tokens,
+            "temperature": params.sampling.temperature,
+            "top_p": params.sampling.top_p,
+            "top_k": params.sampling.top_k,
+            "heldout": str(path),
+        },
     )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = report.path.with_name(report.path.name + ".tmp")
