@@ -32,9 +32,7 @@ _MLP_MARKERS = ("mlp", "feed_forward", "ffn")
 def lora_parts(train_mlp: bool, train_attn: bool, train_unembed: bool) -> tuple[str, ...]:
     """The weight groups to adapt, in a fixed order; at least one must be chosen (as on Tinker)."""
     chosen = tuple(
-        part
-        for part, wanted in zip(PARTS, (train_attn, train_mlp, train_unembed))
-        if bool(wanted)
+        part for part, wanted in zip(PARTS, (train_attn, train_mlp, train_unembed)) if bool(wanted)
     )
     if not chosen:
         raise BackendError(

@@ -1,8 +1,9 @@
 """Sampling client with the Tinker `SamplingClient` contract, run in-process.
 
-A sampling client is a frozen snapshot: LoRA weights (if any) are merged into a private copy
-of the base model and cast to the engine's compute dtype, so later training never changes
-what an existing client samples. Calls are queued and resolved lazily in batches: issue all
+A sampling client is a frozen snapshot: the shared base model in the engine's compute dtype
+plus the checkpoint's LoRA adapter (if any), applied unmerged with an fp32 low-rank path so a
+bf16 snapshot keeps the whole update (`adapters`); later training never changes what an
+existing client samples. Calls are queued and resolved lazily in batches: issue all
 your ``sample()`` / ``compute_logprobs()`` calls first, then collect the results, exactly as
 with the remote service, and the engine batches them.
 
@@ -34,6 +35,7 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from ...errors import BackendError
+from .adapters import load_adapter, with_adapter
 from .engine import LocalEngine, read_checkpoint_meta
 from .forward import iter_scored_micro_batches
 from .futures import LocalFuture
@@ -79,23 +81,22 @@ class LocalSamplingClient:
 
     @classmethod
     def from_base(cls, engine: LocalEngine, base_model: str) -> "LocalSamplingClient":
-        return cls(engine, base_model, engine.frozen_base(base_model, engine.compute_dtype))
+        return cls(engine, base_model, engine.sampling_base(base_model))
 
     @classmethod
     def from_checkpoint(cls, engine: LocalEngine, path: str) -> "LocalSamplingClient":
-        """Merge a saved LoRA adapter into a private copy of its base model."""
-        from peft import PeftModel
+        """The shared frozen base plus the checkpoint's LoRA adapter, applied unmerged.
 
+        Merging the adapter into bf16 weights would round most of a small update away (see
+        `adapters`); the low-rank path runs in fp32 next to the base instead.
+        """
         meta = read_checkpoint_meta(path)
         adapter = Path(path) / "adapter"
         if not adapter.is_dir():
             raise BackendError(f"checkpoint {path} has no adapter directory")
-        base = engine.load_trainable_base(meta["base_model"])  # fresh fp32 copy, merged below
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        merged.to(device=engine.device, dtype=engine.compute_dtype).eval()
-        for param in merged.parameters():
-            param.requires_grad_(False)
-        return cls(engine, meta["base_model"], merged, model_path=str(path))
+        base = engine.sampling_base(meta["base_model"])
+        model = with_adapter(base, load_adapter(adapter, engine.device))
+        return cls(engine, meta["base_model"], model, model_path=str(path))
 
     def get_tokenizer(self) -> PreTrainedTokenizer:
         return self._tokenizer
