@@ -51,7 +51,8 @@ def resolve_client(client_or_future: Any) -> Any:
 
     Tinker SDK >= 0.38 returns *futures* of clients from ``create_sampling_client``,
     ``create_lora_training_client`` and ``save_weights_and_get_sampling_client`` (using the
-    future as the client still works but is deprecated); the local engine returns the client.
+    future as the client still works but is deprecated); the local engine returns the same
+    kind of future.
     Pipeline code passes every such return value through this function.
     """
     from tinker.lib.public_interfaces.api_future import APIFuture
