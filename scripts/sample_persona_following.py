@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
+from character_training.backends import resolve_client  # noqa: E402
 from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient  # noqa: E402
 from character_training.constitutions import available_personas, load_constitution  # noqa: E402
 from character_training.prompts import assistant_name_for, teacher_messages  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     service = LocalServiceClient(root_dir=str(ROOT / "runs" / ".persona_following"))
-    sampler = service.create_sampling_client(base_model=args.model)
+    sampler = resolve_client(service.create_sampling_client(base_model=args.model))
     renderer = get_renderer("smollm2", sampler.get_tokenizer())
     name = assistant_name_for(args.model)
     jobs = []
@@ -46,9 +47,13 @@ def main() -> None:
         for assertion in constitution.assertions[: args.prompts]:
             for few_shot in (0, args.few_shot):
                 messages = teacher_messages(constitution, name, assertion.prompts[0], few_shot)
-                params = types.SamplingParams(max_tokens=args.max_tokens, temperature=0.7,
-                                              top_p=0.95, seed=len(jobs),
-                                              stop=renderer.get_stop_sequences())
+                params = types.SamplingParams(
+                    max_tokens=args.max_tokens,
+                    temperature=0.7,
+                    top_p=0.95,
+                    seed=len(jobs),
+                    stop=renderer.get_stop_sequences(),
+                )
                 future = sampler.sample(generation_prompt(renderer, messages), 1, params)
                 jobs.append((persona, assertion.id, few_shot, assertion.prompts[0], future))
     out = Path(args.out)
@@ -56,9 +61,19 @@ def main() -> None:
     with out.open("w", encoding="utf-8") as handle:
         for persona, assertion_id, few_shot, prompt, future in jobs:
             text, complete = parse_reply(renderer, list(future.result().sequences[0].tokens))
-            handle.write(json.dumps({"persona": persona, "assertion_id": assertion_id,
-                                     "few_shot": few_shot, "prompt": prompt, "reply": text,
-                                     "complete": complete}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "persona": persona,
+                        "assertion_id": assertion_id,
+                        "few_shot": few_shot,
+                        "prompt": prompt,
+                        "reply": text,
+                        "complete": complete,
+                    }
+                )
+                + "\n"
+            )
     print(f"wrote {len(jobs)} samples to {out}")
 
 

@@ -135,7 +135,7 @@ def test_refilled_slots_sample_exactly_what_each_request_samples_alone(
 ):
     path = new_tiny_trainer(seed=2, scale=0.5).save_weights_for_sampler("refill").result().path
     two_slots = LocalServiceClient(root_dir=str(engine_root), precision="fp32", max_batch_size=2)
-    sampler = two_slots.create_sampling_client(model_path=path)
+    sampler = two_slots.create_sampling_client(model_path=path).result()
     requests = _requests(tokenizer)
 
     futures = [sampler.sample(p, n, sp) for p, n, sp in requests]
@@ -156,7 +156,7 @@ def test_refilled_slots_sample_exactly_what_each_request_samples_alone(
 
 
 def test_the_hf_fallback_path_samples_what_the_fast_path_samples(new_tiny_trainer, tokenizer):
-    sampler = new_tiny_trainer(seed=3, scale=0.5).save_weights_and_get_sampling_client()
+    sampler = new_tiny_trainer(seed=3, scale=0.5).save_weights_and_get_sampling_client().result()
     requests = [
         GenerationRequest(
             prompt=tuple(p.to_ints()),
@@ -199,7 +199,7 @@ def test_compute_logprobs_equals_the_sampled_logprobs_of_rows_admitted_by_refill
         "Write a haiku about a quiet harbour at night.",
     )
     two_slots = LocalServiceClient(root_dir=str(engine_root), precision="fp32", max_batch_size=2)
-    sampler = two_slots.create_sampling_client(base_model=SMOLLM2_NAME)
+    sampler = two_slots.create_sampling_client(base_model=SMOLLM2_NAME).result()
     prompts = [generation_prompt(renderer, [{"role": "user", "content": q}]) for q in questions]
     budgets = (24, 4, 12, 2, 18)
     futures = [
