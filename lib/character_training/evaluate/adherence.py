@@ -36,10 +36,12 @@ How it is built, and why:
   package's ``__init__`` imports sentence-transformers, which this project does not install),
   with the pooling and normalisation its sentence-transformers config declares (mean over the
   attention mask, then L2 normalisation, 256 tokens). A ridge-penalised logistic regression on
-  those 384 numbers is the classifier. MiniLM embeds about 65-75 replies/s on this kit's
-  CPU and the head fits in milliseconds, so the measure costs seconds on top of sampling and
-  can be re-run by every notebook; a fully fine-tuned classifier (notebook 08's robustness
-  classifier) is worth its cost only where the question is whether *any* classifier can tell.
+  those 384 numbers is the classifier. MiniLM (22M parameters) embedded 40-50 replies of
+  ~130 tokens per second on two shared CPU cores here (10-30/s while other jobs ran), the head
+  fits in milliseconds, and embeddings are cached, so the measure costs seconds on top of
+  sampling and every notebook can re-run it. A fully fine-tuned classifier (notebook 08's
+  robustness classifier) is worth its cost only where the question is whether *any*
+  classifier can tell the two apart.
 * **Teacher-like share with prompt-level intervals.** A reply is teacher-like when the head
   gives it probability > 0.5. Each row reports the share of teacher-like replies and the mean
   probability, with 95% percentile-bootstrap intervals that resample *prompts* (replies to one
