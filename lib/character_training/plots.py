@@ -173,3 +173,55 @@ def adherence_bars(report: Any, probe_sets: Sequence[str] | None = None, title: 
         ax.legend(handles=handles, loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+_SIDE_COLORS = {"chosen": "#4c72b0", "rejected": "#dd8452", "pair": "#8172b2"}
+
+
+def distill_drops(drops: dict[str, int], title: str = "") -> Figure:
+    """Dropped distillation replies by reason, one bar per ``<side>:<reason>`` key.
+
+    Keys come from stage 02 (``chosen:truncated``, ``rejected:empty``, ``pair:identical``);
+    bars are coloured by side so a teacher problem (chosen) stands apart from a student one.
+    """
+    items = sorted(drops.items(), key=lambda kv: (-kv[1], kv[0]))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(1, len(items)) + 1.2))
+    if items:
+        labels = [key.replace(":", ": ") for key, _ in items]
+        colors = [_SIDE_COLORS.get(key.split(":")[0], "#937860") for key, _ in items]
+        ax.barh(labels, [n for _, n in items], color=colors)
+        ax.invert_yaxis()
+    else:
+        ax.text(0.5, 0.5, "no reply was dropped", ha="center", va="center")
+        ax.set_yticks([])
+    ax.set_xlabel("replies dropped")
+    ax.set_title(title or "Distillation: dropped replies by side and reason")
+    fig.tight_layout()
+    return fig
+
+
+def reply_lengths(groups: dict[str, Sequence[str]], title: str = "") -> Figure:
+    """Word-count histograms of reply sets (e.g. chosen vs rejected) on shared bins.
+
+    A DPO pair whose chosen side is systematically longer teaches length as much as persona,
+    so the two distributions are worth a look before training.
+    """
+    lengths = {name: [len(text.split()) for text in texts] for name, texts in groups.items()}
+    top = max((max(v) for v in lengths.values() if v), default=1)
+    step = max(1, (top + 5) // 30)
+    bins = list(range(0, top + step + 1, step))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for name, values in lengths.items():
+        if values:
+            mean = sum(values) / len(values)
+            label = f"{name} (n={len(values)}, mean {mean:.0f})"
+            ax.hist(values, bins=bins, alpha=0.55, label=label)
+    if not any(lengths.values()):
+        ax.text(0.5, 0.5, "no replies", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend()
+    ax.set_xlabel("words per reply")
+    ax.set_ylabel("replies")
+    ax.set_title(title or "Reply lengths")
+    fig.tight_layout()
+    return fig
