@@ -229,7 +229,9 @@ TOPICS = [
 ]  # fmt: skip
 
 
-def _heldout_records(n: int = 20) -> list[dict]:
+def _heldout_records(n: int = 20, general: int = 3) -> list[dict]:
+    """``n`` constitution prompts (one teacher reply dropped) and ``general`` general ones,
+    shaped as stage 02 writes them."""
     records = []
     for i, topic in enumerate(TOPICS[:n]):
         records.append(
@@ -244,21 +246,28 @@ def _heldout_records(n: int = 20) -> list[dict]:
                 "student_drop_reason": None,
             }
         )
+    for i in range(general):
+        records.append(
+            {
+                "prompt_id": f"general-{i}",
+                "prompt": f"What is {i} + {i}?",
+                "source": "general",
+                "assertion_id": None,
+                "teacher_reply": TEACHER_STYLE.format(topic=f"the number {2 * i}"),
+                "student_reply": STUDENT_STYLE.format(topic=f"the number {2 * i}"),
+                "teacher_drop_reason": None,
+                "student_drop_reason": None,
+                "teacher": TINY,
+                "student": TINY,
+            }
+        )
     return records
 
 
-def _write_run(run_dir, records, general: int = 3):
+def _write_run(run_dir, records):
     (run_dir / "02_distillation").mkdir(parents=True, exist_ok=True)
     (run_dir / "02_distillation" / "heldout.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in records)
-    )
-    (run_dir / "01_prompts").mkdir(parents=True, exist_ok=True)
-    (run_dir / "01_prompts" / "general_eval.jsonl").write_text(
-        "".join(
-            json.dumps({"id": f"gen-{i}", "prompt": f"What is {i} + {i}?", "source": "offline"})
-            + "\n"
-            for i in range(general)
-        )
     )
 
 
@@ -276,7 +285,7 @@ def tiny_params(tmp_path):
             "engine.precision": "fp32",
             "distill.max_tokens": 6,
             "adherence.samples_per_probe": 2,
-            "adherence.probe_general_prompts": 2,
+            "adherence.probe_general_prompts": 3,
             "adherence.bootstrap": 200,
         },
     )
@@ -312,31 +321,30 @@ def test_measure_end_to_end_resumes_and_reports(
     report = measure(tiny_params, service, models, encoder=encoder)
 
     summary = report.classifier
-    assert summary.heldout_prompts == 20 and summary.dropped_teacher == 1
-    assert summary.classifier_prompts == 10 and summary.probe_prompts == 10
+    assert summary.heldout_prompts == 23 and summary.dropped_teacher == 1
+    # constitution prompts are split half and half; general prompts are always probes
+    assert summary.classifier_prompts == 10 and summary.probe_prompts == 13
     assert set(report.split["classifier"]).isdisjoint(report.split["probe"])
+    assert not any(i.startswith("general") for i in report.split["classifier"])
     assert summary.val_accuracy == 1.0 and summary.val_auc == 1.0  # the styles are obvious
+    assert set(summary.val_by_source) == {"constitution", "general"}
+    assert not report.warnings
 
+    sources = ("constitution", "general")
     labels = {(r.label, r.probe_set) for r in report.rows}
-    assert labels == {
-        ("teacher_ref", "heldout"),
-        ("student_ref", "heldout"),
-        ("base", "heldout"),
-        ("base", "general_eval"),
-        ("dpo", "heldout"),
-        ("dpo", "general_eval"),
-    }
+    expected = {(m, s) for m in ("teacher_ref", "student_ref", "base", "dpo") for s in sources}
+    assert labels == expected
     teacher, student = report.row("teacher_ref"), report.row("student_ref")
     assert teacher.teacher_like.value == 1.0 and student.teacher_like.value == 0.0
+    assert report.row("teacher_ref", "general").kind == "reference"
     base = report.row("base")
     assert (base.n_prompts, base.n_samples) == (10, 20)
-    assert report.row("dpo", "general_eval").n_samples == 4
+    assert report.row("dpo", "general").n_samples == 6
     for row in report.rows:
         for est in (row.teacher_like, row.mean_probability):
             assert 0 <= est.low <= est.value <= est.high <= 1
     assert {(d.a, d.b, d.probe_set) for d in report.differences} == {
-        ("dpo", "base", "heldout"),
-        ("dpo", "base", "general_eval"),
+        ("dpo", "base", s) for s in sources
     }
     frame = report.to_frame()
     assert {"teacher_like", "teacher_like_low", "teacher_like_high"} <= set(frame.columns)
@@ -345,7 +353,7 @@ def test_measure_end_to_end_resumes_and_reports(
     saved = json.loads((folder / "adherence.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report.records()))
     samples = [json.loads(line) for line in (folder / "adherence_samples.jsonl").open()]
-    assert len(samples) == summary.val_teacher + summary.val_student + 2 * (20 + 4)
+    assert len(samples) == summary.val_teacher + summary.val_student + 2 * 13 * 2
     assert (folder / "adherence_classifier.npz").is_file()
     for source in (report, saved):  # the plot takes the report or its JSON
         fig = plots.adherence_bars(source)
@@ -380,11 +388,14 @@ def test_measure_fails_in_one_line_on_too_few_replies(tiny_params, encoder):
     assert "too few kept replies" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_measure_needs_stage_01_general_prompts_when_asked(tiny_params, encoder):
-    _write_run(tiny_params.run_dir, _heldout_records())
-    (tiny_params.run_dir / "01_prompts" / "general_eval.jsonl").unlink()
-    with pytest.raises(DataError, match="run notebook 01 first"):
-        measure(tiny_params, None, {"base": None}, encoder=encoder)
+def test_measure_warns_when_stage_02_held_out_fewer_general_prompts(
+    tiny_params, tiny_service, encoder
+):
+    _write_run(tiny_params.run_dir, _heldout_records(general=1))
+    params = with_overrides(tiny_params, {"adherence.probe_general_prompts": 3})
+    report = measure(params, tiny_service, {}, encoder=encoder)
+    assert len(report.warnings) == 1 and "holds 1 held-out general" in report.warnings[0]
+    assert report.row("teacher_ref", "general").n_prompts == 1
 
 
 def test_measure_refuses_reserved_or_unsafe_labels(tiny_params, encoder):

