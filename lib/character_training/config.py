@@ -201,15 +201,33 @@ class AdherenceParams:
 
 @dataclass(frozen=True)
 class SFTParams:
-    """Stage 05 (paper: LoRA 64, batch 32, lr 5e-5, one epoch)."""
+    """Stage 05 (paper: LoRA 64, batch 32, lr 5e-5, one epoch).
+
+    Cross-entropy on every assistant turn of the stage-04 transcripts, averaged over the loss
+    tokens of each batch. The learning rate warms up linearly over ``warmup_fraction`` of the
+    steps, then follows ``schedule`` to zero, as in stage 03. A transcript longer than
+    ``max_length`` tokens loses whole turns from its end (cut mid-turn only when even its first
+    reply does not fit).
+    """
 
     learning_rate: float = 5e-5
-    batch_size: int = 32
+    batch_size: int = 32  # transcripts per optimiser step
     epochs: int = 1
+    warmup_fraction: float = 0.1
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+    max_length: int = 8192  # tokens per transcript (a ten-turn self-interaction is ~7k)
+    save_every: int = 20  # optimiser steps between resumable checkpoints
 
     def __post_init__(self) -> None:
         _check_positive(self, "sft", ("learning_rate",))
-        _check_min(self, "sft", ("batch_size", "epochs"), 1)
+        _check(
+            0 <= self.warmup_fraction < 1,
+            "sft.warmup_fraction",
+            self.warmup_fraction,
+            "in [0, 1)",
+        )
+        _check(self.schedule in SCHEDULES, "sft.schedule", self.schedule, f"one of {SCHEDULES}")
+        _check_min(self, "sft", ("batch_size", "epochs", "max_length", "save_every"), 1)
 
 
 @dataclass(frozen=True)
@@ -528,6 +546,8 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "distill.max_tokens": 48,
     "dpo.batch_size": 4,
     "dpo.save_every": 2,
+    "sft.batch_size": 4,
+    "sft.save_every": 2,
     "adherence.samples_per_probe": 1,
     "adherence.probe_general_prompts": 4,
     "adherence.bootstrap": 200,
