@@ -32,6 +32,8 @@ PRECISIONS = ("auto", "bf16", "fp32")  # the local engine's (backends/local/sett
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_ROLES = ("student", "teacher", "generator", "judge")  # RunParams fields naming a model
 PRICE_KINDS = ("prefill", "sample", "train")  # USD per million tokens of each kind
+ELO_CONDITIONS = ("adopt", "like_you", "random")  # stage 07 (prompts.PREFERENCE_CONDITIONS)
+JUDGE_MODES = ("generative", "logprob")  # stage 07: sampled + parsed, forced choice
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -255,6 +257,20 @@ class EvalParams:
     rl_group_size: int = 8
     rl_prompts_per_step: int = 16
     response_tokens: int = 300
+    # -- 07 revealed preferences: traits drawn from the ~144-word vocabulary (0: all of them),
+    # the conditions run (a subset of ELO_CONDITIONS), resamples of the matches for the 95%
+    # intervals, and the reply budget of the model under test
+    elo_traits: int = 0
+    elo_conditions: tuple[str, ...] = ELO_CONDITIONS
+    elo_bootstrap: int = 200
+    elo_response_tokens: int = 300
+    # The judge (always the untrained ``judge`` model): its modes (the first one drives the
+    # notebook's plots and headline numbers) and its sampling for the generative mode (paper:
+    # temperature 0.1, top_p 0.95; a thinking judge needs a larger max_tokens)
+    judge_modes: tuple[str, ...] = JUDGE_MODES
+    judge_temperature: float = 0.1
+    judge_top_p: float = 0.95
+    judge_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         _check_min(self, "evals", ("elo_comparisons", "robustness_prompts", "rl_steps"), 0)
@@ -264,6 +280,28 @@ class EvalParams:
             ("robustness_splits", "rl_group_size", "rl_prompts_per_step", "response_tokens"),
             1,
         )
+        _check_min(self, "evals", ("elo_bootstrap", "elo_response_tokens", "judge_max_tokens"), 1)
+        _check(
+            self.elo_traits == 0 or self.elo_traits >= 2,
+            "evals.elo_traits",
+            self.elo_traits,
+            "0 (the whole vocabulary) or >= 2",
+        )
+        for name, allowed in (("elo_conditions", ELO_CONDITIONS), ("judge_modes", JUDGE_MODES)):
+            value = getattr(self, name)
+            _check(
+                bool(value) and set(value) <= set(allowed) and len(set(value)) == len(value),
+                f"evals.{name}",
+                list(value),
+                f"a non-empty list without repeats drawn from {list(allowed)}",
+            )
+        _check(
+            self.judge_temperature >= 0,
+            "evals.judge_temperature",
+            self.judge_temperature,
+            ">= 0",
+        )
+        _check(0 < self.judge_top_p <= 1, "evals.judge_top_p", self.judge_top_p, "in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -551,6 +589,12 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "adherence.samples_per_probe": 1,
     "adherence.probe_general_prompts": 4,
     "adherence.bootstrap": 200,
+    "evals.elo_comparisons": 12,
+    "evals.elo_traits": 8,
+    "evals.elo_conditions": ["adopt"],
+    "evals.elo_bootstrap": 20,
+    "evals.elo_response_tokens": 24,
+    "evals.judge_max_tokens": 8,
     "runs_dir": "runs/smoke",
     "reports_dir": "reports/smoke",
 }
