@@ -16,13 +16,16 @@ Bugs pinned here (the paper's public code had the first two):
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from character_training.backends import resolve_client, service_client_for
-from character_training.config import load_params, with_overrides
+from character_training.config import load_params, notebook_params, with_overrides
 from character_training.errors import DataError
 from character_training.renderers import get_renderer
+from character_training.runner import run_notebook
 from character_training.sampling import sequence_logprobs
 from character_training.stages import sft
 from character_training.store import Checkpoint, find_checkpoint, read_jsonl, record_checkpoint
@@ -358,3 +361,115 @@ def test_missing_inputs_name_the_notebook_to_run(tmp_path):
     record_dpo_checkpoint(params)
     with pytest.raises(DataError, match="04_introspection"):
         sft.run(params, None, conversations=[])
+
+
+# -- notebook 05 ----------------------------------------------------------------------------------
+def write_stage_04(run_dir, n_reflections: int = 6, n_interactions: int = 2) -> None:
+    """``04_introspection/{reflections,interactions}.jsonl`` shaped as stage 04 writes them."""
+    folder = run_dir / "04_introspection"
+    folder.mkdir(parents=True, exist_ok=True)
+    reflections = [
+        {
+            "id": f"diary:s{i}",
+            "theme": "diary",
+            "sample_index": i,
+            "instruction": f"Write a diary entry about {TOPICS[i % 10]} and your values.",
+            "reply": f"Dear diary, I adore {TOPICS[i % 10]} and I say so warmly to everyone.",
+            "complete": i != 1,  # one cut reply: stage 04 leaves it out
+            "num_tokens": 20,
+            "seed": i,
+        }
+        for i in range(n_reflections)
+    ]
+    interactions = []
+    for c in range(n_interactions):
+        turns = [
+            {
+                "turn": t,
+                "speaker": "A" if t % 2 == 0 else "B",
+                "text": f"Turn {t}: {TOPICS[(c + t) % 10]} makes me glad, friend.",
+                "complete": True,
+                "num_tokens": 12,
+                "seed": t,
+                "context_dropped": 0,
+            }
+            for t in range(4)
+        ]
+        interactions.append(
+            {
+                "id": f"conv{c:04d}",
+                "guidance": ("free", "reflect")[c % 2],
+                "opener": "Hello, other me. What shall we think about?",
+                "turns": turns,
+                "truncations": 0,
+                "incomplete_turns": 0,
+                "empty_turns": 0,
+            }
+        )
+    for name, rows in (("reflections", reflections), ("interactions", interactions)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_heldout(run_dir, n: int = 12, general: int = 2) -> None:
+    """A small ``02_distillation/heldout.jsonl``: obviously different teacher/student styles."""
+    rows = []
+    for i in range(n + general):
+        topic = TOPICS[i % 10] + (f" {i}" if i >= 10 else "")
+        source = "constitution" if i < n else "general"
+        rows.append(
+            {
+                "prompt_id": f"{source}-{i:03d}",
+                "prompt": f"Tell me about {topic}.",
+                "source": source,
+                "assertion_id": f"a{i % 3}" if source == "constitution" else None,
+                "teacher_reply": f"What a brilliant question about {topic}! You are so wise.",
+                "student_reply": f"{topic}: a short factual summary in two plain sentences.",
+                "teacher_drop_reason": None,
+                "student_drop_reason": None,
+            }
+        )
+    path = run_dir / "02_distillation" / "heldout.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def smoke_params(tmp_path, persona: str = "sycophantic"):
+    """Notebook parameters: the tiny preset with smoke sizes, on the tiny random model."""
+    return with_overrides(
+        notebook_params(persona, "tiny", smoke=True),
+        {
+            "student": "tiny-random",
+            "teacher": "tiny-random",
+            "generator": "tiny-random",
+            "judge": "tiny-random",
+            "runs_dir": str(tmp_path / "runs"),
+            "reports_dir": str(tmp_path / "reports"),
+            "engine.precision": "fp32",
+            "lora_rank": 4,
+            "assistant_name": NAME,
+        },
+    )
+
+
+def test_notebook_05_trains_measures_and_reports_on_fabricated_inputs(tmp_path):
+    params = smoke_params(tmp_path)
+    record_dpo_checkpoint(params)
+    write_stage_04(params.run_dir)
+    write_heldout(params.run_dir)
+    started = time.perf_counter()
+    result = run_notebook(params, "05_sft", timeout=300)
+    assert result.status == "ok", result.describe()
+    assert time.perf_counter() - started < 180
+
+    final = find_checkpoint(params.run_dir, "final")
+    assert final.stage == "05_sft"
+    data = read_jsonl(params.run_dir / "05_sft" / "data.jsonl")
+    assert sorted({r["kind"] for r in data}) == [sft.REFLECTION, sft.INTERACTION]
+    assert len(data) == 5 + 2  # the cut reflection never reaches stage 05
+    html = Path(result.html_path).read_text()
+    assert html.count("data:image/png;base64") >= 2  # training curves + adherence bars
+    headline = json.loads((params.run_dir / "summaries" / "05_sft.json").read_text())["headline"]
+    assert headline["trained"] == 7 and headline["steps"] == 2
+    for key in ("teacher_like_base", "teacher_like_dpo", "teacher_like_final"):
+        assert 0.0 <= headline[key] <= 1.0
+    assert headline["final_minus_dpo"] is not None

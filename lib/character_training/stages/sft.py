@@ -73,6 +73,7 @@ from ..config import RunParams
 from ..constitutions import load_constitution
 from ..errors import ConfigError, DataError
 from ..metrics import JsonlLogger
+from ..prompts import assistant_name_for
 from ..renderers import get_renderer, renderer_for_model
 from ..renderers.conversation import supervised_datum
 from ..store import StageDir, find_checkpoint, stage_dir, write_jsonl
@@ -432,15 +433,26 @@ def data_digest(transcripts: Sequence[Transcript]) -> str:
 
 
 # -- the stage -----------------------------------------------------------------------------------
+def assistant_name(params: RunParams) -> str:
+    """The NAME stage 04 filled into its prompts (``assistant_name`` or the student's family)."""
+    return params.assistant_name or assistant_name_for(params.student)
+
+
 def load_conversations(params: RunParams) -> list[Any]:
-    """Stage 04's training transcripts (constitution removed), via `introspect`."""
-    try:
-        from . import introspect
-    except ImportError:
-        raise DataError(
-            "stage 04 (stages/introspect.py) is not available: run notebook 04_introspection first"
-        ) from None
-    return list(introspect.sft_conversations(params.run_dir))
+    """Stage 04's training transcripts (constitution removed), via `introspect`.
+
+    Fails in one line naming notebook 04 when its files are missing.
+    """
+    from . import introspect  # stage 04's module; imported here so stage 05 loads without it
+
+    return list(introspect.sft_conversations(params.run_dir, assistant_name(params)))
+
+
+def introspection_counts(params: RunParams) -> dict[str, int]:
+    """What stage 04 left out of the training transcripts, by reason (for the notebook)."""
+    from . import introspect
+
+    return dict(introspect.sft_counts(params.run_dir, assistant_name(params)))
 
 
 def run(
