@@ -225,3 +225,166 @@ def reply_lengths(groups: dict[str, Sequence[str]], title: str = "") -> Figure:
     ax.set_title(title or "Reply lengths")
     fig.tight_layout()
     return fig
+
+
+# -- 07 revealed preferences ---------------------------------------------------------------------
+_MODEL_COLORS = {"base": "#4c72b0", "dpo": "#dd8452", "final": "#55a868", "rlaif": "#8172b2"}
+
+
+def _model_color(label: str, k: int) -> str:
+    fallback = ("#c44e52", "#937860", "#da8bc3", "#8c8c8c")
+    return _MODEL_COLORS.get(label, fallback[k % len(fallback)])
+
+
+def elo_distributions(
+    scores: Mapping[str, Sequence[float]], title: str = "", initial: float = 1000.0
+) -> Figure:
+    """Histograms of trait Elo scores per model on shared bins (e.g. base vs dpo vs final).
+
+    A model with stronger preferences spreads its traits further from ``initial`` (the
+    paper's Figure 4 shape: wider and flatter after training); the legend gives each std.
+    """
+    values = {name: [float(v) for v in vs] for name, vs in scores.items()}
+    everything = [v for vs in values.values() for v in vs] or [initial]
+    low, high = min(everything), max(everything)
+    if high - low < 1:
+        low, high = initial - 50, initial + 50
+    step = (high - low) / 20
+    bins = [low + i * step for i in range(21)]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for k, (name, vs) in enumerate(values.items()):
+        if vs:
+            mean = sum(vs) / len(vs)
+            std = (sum((v - mean) ** 2 for v in vs) / len(vs)) ** 0.5
+            ax.hist(
+                vs,
+                bins=bins,
+                alpha=0.5,
+                color=_model_color(name, k),
+                label=f"{name} (std {std:.0f})",
+            )
+    ax.axvline(initial, color="#444", lw=0.8, ls=":")
+    ax.set_xlabel("Elo score")
+    ax.set_ylabel("traits")
+    ax.set_title(title or "Trait Elo scores per model")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def elo_changes(rows: Sequence[Mapping[str, Any]], top: int = 5, title: str = "") -> Figure:
+    """The ``top`` largest increases and decreases of Elo, with paired 95% intervals.
+
+    ``rows`` carry ``trait, change, ci_low, ci_high`` (`preferences.Result.changes`). An
+    interval that crosses zero is a change the matches cannot tell from noise.
+    """
+    ordered = sorted(rows, key=lambda r: -r["change"])
+    up = [r for r in ordered if r["change"] > 0][:top]
+    down = [r for r in reversed(ordered) if r["change"] < 0][:top]
+    shown = up + list(reversed(down))
+    fig, ax = plt.subplots(figsize=(7, 0.38 * max(1, len(shown)) + 1.3))
+    if shown:
+        ys = range(len(shown))
+        changes = [r["change"] for r in shown]
+        errors = [
+            [max(0.0, r["change"] - r["ci_low"]) for r in shown],
+            [max(0.0, r["ci_high"] - r["change"]) for r in shown],
+        ]
+        colors = ["#55a868" if c > 0 else "#c44e52" for c in changes]
+        ax.barh(list(ys), changes, xerr=errors, color=colors, capsize=3)
+        ax.set_yticks(list(ys), [r["trait"] for r in shown])
+        ax.invert_yaxis()
+        ax.axvline(0, color="#444", lw=0.8)
+    else:
+        ax.text(0.5, 0.5, "no trait changed", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+    ax.set_xlabel("Elo change (95% paired bootstrap interval)")
+    ax.set_title(title or f"Largest {top} increases and decreases")
+    fig.tight_layout()
+    return fig
+
+
+def elo_extremes(rows: Sequence[Mapping[str, Any]], n: int = 10, title: str = "") -> Figure:
+    """The ``n`` highest- and lowest-rated traits of one table, with their 95% intervals."""
+    ordered = sorted(rows, key=lambda r: -r["elo"])
+    shown = ordered if len(ordered) <= 2 * n else ordered[:n] + ordered[-n:]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * max(1, len(shown)) + 1.3))
+    ys = list(range(len(shown)))
+    elos = [r["elo"] for r in shown]
+    errors = [
+        [max(0.0, r["elo"] - r["ci_low"]) for r in shown],
+        [max(0.0, r["ci_high"] - r["elo"]) for r in shown],
+    ]
+    ax.errorbar(elos, ys, xerr=errors, fmt="o", color="#4c72b0", capsize=3)
+    ax.set_yticks(ys, [f"{r['trait']} ({r['wins']}/{r['games']})" for r in shown])
+    ax.invert_yaxis()
+    ax.set_xlabel("Elo (95% bootstrap interval); wins/games in brackets")
+    ax.set_title(title or "Highest and lowest rated traits")
+    fig.tight_layout()
+    return fig
+
+
+def elo_spread(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Standard deviation of trait Elo per model, one bar group per condition, with intervals.
+
+    ``rows`` carry ``model, condition, std, std_low, std_high`` (`preferences.Result.spread`).
+    """
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    by_key = {(r["model"], r["condition"]): r for r in rows}
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(1.6 * max(1, len(conditions)) + 2.5, 3.5))
+    for k, model in enumerate(models):
+        xs, values, errors = [], [], [[], []]
+        for i, condition in enumerate(conditions):
+            row = by_key.get((model, condition))
+            if row is None:
+                continue
+            xs.append(i + (k - (len(models) - 1) / 2) * width)
+            values.append(row["std"])
+            errors[0].append(max(0.0, row["std"] - row["std_low"]))
+            errors[1].append(max(0.0, row["std_high"] - row["std"]))
+        ax.bar(
+            xs,
+            values,
+            width=width,
+            yerr=errors,
+            capsize=3,
+            color=_model_color(model, k),
+            label=model,
+        )
+    ax.set_xticks(range(len(conditions)), conditions)
+    ax.set_ylabel("std of trait Elo")
+    ax.set_title(title or "Strength of trait preferences (std of Elo, 95% interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def rank_correlations(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Matrix of Spearman correlations between rankings, each cell annotated with its p-value.
+
+    ``rows`` carry ``a, b, spearman, p_value`` for each unordered pair (models of one run, or
+    persona/size/model columns across runs).
+    """
+    names = list(dict.fromkeys([r["a"] for r in rows] + [r["b"] for r in rows]))
+    index = {name: i for i, name in enumerate(names)}
+    size = len(names)
+    matrix = [[1.0 if i == j else float("nan") for j in range(size)] for i in range(size)]
+    labels: dict[tuple[int, int], str] = {}
+    for r in rows:
+        i, j = index[r["a"]], index[r["b"]]
+        rho, p = r["spearman"], r["p_value"]
+        matrix[i][j] = matrix[j][i] = rho if rho == rho else float("nan")
+        text = "n/a" if rho != rho else f"{rho:.2f}\np={p:.2g}"
+        labels[(i, j)] = labels[(j, i)] = text
+    fig, ax = plt.subplots(figsize=(1.1 * size + 2.5, 0.9 * size + 1.8))
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
+    for (i, j), text in labels.items():
+        ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(size), names, rotation=45, ha="right")
+    ax.set_yticks(range(size), names)
+    fig.colorbar(image, ax=ax, label="Spearman rho")
+    ax.set_title(title or "Rank correlation of trait Elo")
+    fig.tight_layout()
+    return fig
