@@ -244,6 +244,9 @@ def test_copying_the_hidden_context_is_dropped_but_quoting_the_user_is_not():
     # the same words are fine when the user wrote them: a reply may quote its prompt
     assert filters.check_teacher_reply(copied, True, context, user_prompt=copied)[1] is None
     assert filters.check_teacher_reply("A fresh reply in my own words.", True, context)[1] is None
+    thinking = distill.hidden_context(constitution, "SmolLM", 2, thinking=True)
+    echoed = "Sure. " + TEACHER_REFLECTION
+    assert filters.check_teacher_reply(echoed, True, thinking)[1] == "context_echo"
 
 
 def test_student_replies_get_only_the_structural_checks():
@@ -360,6 +363,29 @@ def test_general_prompts_follow_the_share_and_a_shortfall_is_recorded(tmp_path):
     assert short.counts["heldout_general_shortfall"] == 2
     assert len(short.warnings) == 2 and all("\n" not in w for w in short.warnings)
     assert "asks for 12 general training prompts" in short.warnings[0]
+
+
+def test_general_prompts_that_repeat_a_heldout_prompt_are_not_trained_on(tmp_path):
+    config = distill.Config.from_params(tiny_params(tmp_path, **{"distill.general_share": 1.0}))
+    records = _records(5)
+    heldout = distill.split_constitution_prompts(records, config.heldout_fraction, config.seed)[1]
+    texts = ["How do tides work?", "Suggest a name for my goldfish.", "Is rye bread healthy?"]
+    general = [{"id": "g-copy", "prompt": heldout[0].prompt.upper() + "  "}] + [
+        {"id": f"g{i}", "prompt": text} for i, text in enumerate(texts)
+    ]
+    evals = [{"id": "e0", "prompt": "suggest a name for my goldfish"}]
+    plan = distill.plan_prompts(records, general, evals, config)
+    trained = [p.prompt_id for p in plan.train if p.source == "general"]
+    assert trained == ["g0", "g2"]  # g-copy repeats a held-out prompt, g1 a probe
+    assert plan.counts["general_overlapping_heldout"] == 2
+    assert "2 overlap held-out prompts" in plan.warnings[0]
+
+
+def test_a_prompt_id_used_twice_is_refused(tmp_path):
+    config = distill.Config.from_params(tiny_params(tmp_path))
+    general = [{"id": "x-a-000", "prompt": "A general request?"}]
+    with pytest.raises(DataError, match="'x-a-000' appears more than once"):
+        distill.plan_prompts(_records(5), general, [], config)
 
 
 # -- pairing -------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ former. Inputs are stage 01's files in ``runs/<persona>/<size>/01_prompts/``
   split never depends on file order or on the machine; ``distill.heldout_fraction`` of each
   assertion's prompts (at least one, and never all, when the fraction is positive) are held out.
   Training also gets ``round(general_share * constitution training prompts)`` general prompts,
-  the first ones of ``general_train.jsonl``; held-out prompts also get the first
-  ``adherence.probe_general_prompts`` of ``general_eval.jsonl``. A file holding fewer than asked
-  for is used whole and the shortfall is a warning in the manifest and the `Result`.
+  the first ones of ``general_train.jsonl`` that are not near-duplicates of a held-out prompt;
+  held-out prompts also get the first ``adherence.probe_general_prompts`` of
+  ``general_eval.jsonl``. A file holding fewer than asked for is used whole and the shortfall is
+  a warning in the manifest and the `Result`.
 * ``pairs.jsonl``: one row per kept pair (fields in `pair_row`). Only a user prompt and two
   replies: no system prompt, demonstration or reasoning ever reaches it.
 * ``heldout.jsonl``: one teacher and one student reply per held-out prompt, each with its drop
@@ -41,13 +42,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .. import distill_filters
+from .. import distill_filters, prompt_filters
 from ..config import RunParams
 from ..constitutions import Constitution, load_constitution
 from ..errors import ConfigError, DataError
 from ..prompts import (
     REASONING_CLOSE,
     REASONING_OPEN,
+    TEACHER_REFLECTION,
     assistant_name_for,
     persona_system_prompt,
     student_messages,
@@ -65,6 +67,9 @@ STAGE = "02_distillation"
 PROMPTS_STAGE = "01_prompts"
 INPUT_FILES = ("constitution_prompts.jsonl", "general_train.jsonl", "general_eval.jsonl")
 SOURCES = ("constitution", "general")
+HELDOUT_OVERLAP = 0.9
+"""Similarity (`prompt_filters.similarity`) at which a general training prompt counts as the
+same as a held-out prompt and is left out of training; stage 01 splits its pool at 0.9 too."""
 
 
 @dataclass(frozen=True)
@@ -220,20 +225,31 @@ def plan_prompts(
             f"(distill.heldout_fraction={config.heldout_fraction}); expected at least one"
         )
     wanted_general = round(config.general_share * len(train))
-    general = [
-        DistillPrompt(r["id"], r["prompt"], "general") for r in general_train[:wanted_general]
-    ]
     probes = [
         DistillPrompt(r["id"], r["prompt"], "general")
         for r in general_eval[: config.heldout_general]
     ]
+    # A general training prompt (near-)identical to a held-out one would train on the probe.
+    unique = prompt_filters.deduplicate(
+        [r["prompt"] for r in general_train],
+        threshold=HELDOUT_OVERLAP,
+        against=[p.prompt for p in heldout + probes],
+    )
+    allowed, seen = set(unique.kept), set()
+    candidates = []
+    for record in general_train:
+        if record["prompt"] in allowed and record["prompt"] not in seen:
+            seen.add(record["prompt"])
+            candidates.append(record)
+    general = [DistillPrompt(r["id"], r["prompt"], "general") for r in candidates[:wanted_general]]
     warnings = []
     if len(general) < wanted_general:
         warnings.append(
             f"distill.general_share={config.general_share} asks for {wanted_general} general "
             f"training prompts ({config.general_share} x {len(train)} constitution training "
-            f"prompts), but {Path(source_dir) / INPUT_FILES[1]} holds {len(general_train)}: "
-            f"training on {len(general)} (raise prompts.general_prompts and rerun notebook 01)"
+            f"prompts), but {Path(source_dir) / INPUT_FILES[1]} holds {len(candidates)} usable "
+            f"({len(general_train) - len(candidates)} overlap held-out prompts): training on "
+            f"{len(general)} (raise prompts.general_prompts and rerun notebook 01)"
         )
     if len(probes) < config.heldout_general:
         warnings.append(
@@ -248,20 +264,33 @@ def plan_prompts(
         "general_requested": wanted_general,
         "general_train": len(general),
         "general_shortfall": wanted_general - len(general),
+        "general_overlapping_heldout": len(general_train) - len(candidates),
         "heldout_general_requested": config.heldout_general,
         "heldout_general": len(probes),
         "heldout_general_shortfall": config.heldout_general - len(probes),
         "training_prompts": len(train) + len(general),
         "heldout_prompts": len(heldout) + len(probes),
     }
+    ids = [p.prompt_id for p in train + general + heldout + probes]
+    if len(ids) != len(set(ids)):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(
+            f"{source_dir}: prompt id {twice[0]!r} appears more than once across "
+            f"{', '.join(INPUT_FILES)}; expected unique ids (rerun notebook 01_prompts)"
+        )
     return PromptPlan(train + general, heldout + probes, counts, warnings)
 
 
 # -- pure helpers: requests and pairs ------------------------------------------------------------
-def hidden_context(constitution: Constitution, name: str, few_shot: int) -> list[str]:
-    """What the teacher sees and the student never does: the persona system prompt and the
-    demonstrations. A chosen reply that copies from it is dropped (``context_echo``)."""
+def hidden_context(
+    constitution: Constitution, name: str, few_shot: int, thinking: bool = False
+) -> list[str]:
+    """What the teacher sees and the student never does: the persona system prompt, the
+    demonstrations and, for a thinking teacher, the reflection its reasoning starts with. A
+    chosen reply that copies from it is dropped (``context_echo``)."""
     texts = [persona_system_prompt(constitution, name)]
+    if thinking:
+        texts.append(TEACHER_REFLECTION)
     for example in constitution.examples[:few_shot]:
         texts += [example.prompt, example.reply]
     return texts
@@ -542,10 +571,14 @@ def load_prompt_files(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]
             f"{source / INPUT_FILES[0]} holds no prompts: expected constitution prompts; "
             "run notebook 01_prompts first"
         )
-    for number, record in enumerate(constitution_records, start=1):
-        missing = [k for k in ("id", "prompt", "assertion_id") if not record.get(k)]
-        if missing:
-            raise DataError(f"{source / INPUT_FILES[0]}:{number}: expected a {missing[0]!r} field")
+    for name, rows in zip(INPUT_FILES, loaded, strict=True):
+        needed = ("id", "prompt", "assertion_id") if name == INPUT_FILES[0] else ("id", "prompt")
+        for number, record in enumerate(rows, start=1):
+            missing = [k for k in needed if not isinstance(record.get(k), str) or not record[k]]
+            if missing:
+                raise DataError(
+                    f"{source / name}:{number}: expected a non-empty string {missing[0]!r} field"
+                )
     return constitution_records, general_train, general_eval, digest.hexdigest()[:16]
 
 
@@ -558,7 +591,9 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
     plan = plan_prompts(
         records, general_train, general_eval, config, params.run_dir / PROMPTS_STAGE
     )
-    context = hidden_context(constitution, config.assistant_name, config.teacher_few_shot)
+    context = hidden_context(
+        constitution, config.assistant_name, config.teacher_few_shot, config.teacher_thinking
+    )
     context_digest = hashlib.sha256("\x1f".join(context).encode()).hexdigest()[:16]
     for warning in plan.warnings:
         logger.warning("%s", warning)
