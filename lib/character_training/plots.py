@@ -388,3 +388,45 @@ def rank_correlations(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fig
     ax.set_title(title or "Rank correlation of trait Elo")
     fig.tight_layout()
     return fig
+
+
+_STAGE_COLORS = {"base": "#8c8c8c", "dpo": "#4c72b0", "final": "#55a868"}
+
+
+def stage_lengths(stats: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Mean words per reply (bars) and the median (black marks) per persona and stage.
+
+    ``stats`` are `stages.samples.length_stats` rows (persona, stage, mean_words, median_words,
+    cut_share). Training often changes length as much as tone, and a longer reply reads as
+    "more persona"; this puts the side-by-side tables in proportion. The share of replies cut
+    at ``max_tokens`` is printed above each bar, since a cut reply's length is a floor.
+    """
+    personas = list(dict.fromkeys(r["persona"] for r in stats))
+    stages = [s for s in _STAGE_COLORS if any(r["stage"] == s for r in stats)]
+    stages += [s for s in dict.fromkeys(r["stage"] for r in stats) if s not in stages]
+    by_key = {(r["persona"], r["stage"]): r for r in stats}
+    width = 0.8 / max(1, len(stages))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(personas) * len(stages) / 2 + 2), 3.8))
+    for k, stage in enumerate(stages):
+        xs, means, medians, cuts = [], [], [], []
+        for i, persona in enumerate(personas):
+            row = by_key.get((persona, stage))
+            if row is None:
+                continue
+            xs.append(i + (k - (len(stages) - 1) / 2) * width)
+            means.append(row["mean_words"])
+            medians.append(row["median_words"])
+            cuts.append(row.get("cut_share", 0.0))
+        color = _STAGE_COLORS.get(stage, f"C{k}")
+        ax.bar(xs, means, width=width, color=color, label=stage, edgecolor="white")
+        ax.scatter(xs, medians, marker="_", s=200, color="black", zorder=3)
+        for x, mean, cut in zip(xs, means, cuts):
+            if cut:
+                ax.annotate(f"{cut:.0%} cut", (x, mean), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(personas)), personas)
+    ax.set_ylabel("words per reply")
+    ax.set_title(title or "Reply length by training stage (bars: mean, marks: median)")
+    if stages:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
