@@ -393,6 +393,115 @@ def rank_correlations(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fig
 _STAGE_COLORS = {"base": "#8c8c8c", "dpo": "#4c72b0", "final": "#55a868"}
 
 
+# -- robustness and coherence (notebook 08) ------------------------------------------------------
+_METHOD_NAMES = {"system_prompt": "system prompt", "dpo": "dpo", "final": "final", "base": "base"}
+
+
+def robustness_heatmap(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Macro F1 per method (rows) and split (columns), each cell with its 95% interval.
+
+    ``rows`` are stage 08's F1 records (``method``, ``split``, ``macro_f1``, ``macro_f1_low``,
+    ``macro_f1_high``); rows without a macro F1 (the base model's) are left out. Columns keep
+    the order given: no instruction first, the attacks, the prefill attack last, so a persona
+    that only acts shows as a row that pales to the right of its first cell.
+    """
+    rows = [r for r in rows if r.get("macro_f1") == r.get("macro_f1")]  # drop NaN
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    cell = {(r["method"], r["split"]): r for r in rows}
+    nan = float("nan")
+    values = [
+        [cell[(m, s)]["macro_f1"] if (m, s) in cell else nan for s in splits] for m in methods
+    ]
+    fig, ax = plt.subplots(figsize=(1.15 * len(splits) + 2.4, 0.7 * len(methods) + 1.6))
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, m in enumerate(methods):
+        for j, s in enumerate(splits):
+            r = cell.get((m, s))
+            if r is None:
+                continue
+            text = f"{r['macro_f1']:.2f}\n[{r['macro_f1_low']:.2f}, {r['macro_f1_high']:.2f}]"
+            color = "black" if r["macro_f1"] > 0.6 else "white"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(splits)), [s.replace("_", "\n") for s in splits], fontsize=8)
+    ax.set_yticks(range(len(methods)), [_METHOD_NAMES.get(m, m) for m in methods])
+    fig.colorbar(image, ax=ax, label="macro F1")
+    ax.set_title(title or "Persona classifier macro F1 under break-character attacks")
+    fig.tight_layout()
+    return fig
+
+
+_SUMMARY_PARTS = (
+    ("no_instruction", "no instruction", "#4c72b0"),
+    ("with_instructions", "with instructions (mean)", "#dd8452"),
+    ("prefill", "prefill attack", "#55a868"),
+)
+
+
+def robustness_summary(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Per method: macro F1 without instructions, mean over the attacks, and under the prefill
+    attack, as grouped bars with 95% intervals (stage 08's summary records)."""
+    methods = [r["method"] for r in rows]
+    width = 0.8 / len(_SUMMARY_PARTS)
+    fig, ax = plt.subplots(figsize=(1.6 * max(1, len(methods)) + 2.5, 3.8))
+    for k, (key, label, color) in enumerate(_SUMMARY_PARTS):
+        xs, values, errors = [], [], [[], []]
+        for i, r in enumerate(rows):
+            value = r.get(key)
+            if value is None or value != value:
+                continue
+            xs.append(i + (k - 1) * width)
+            values.append(value)
+            errors[0].append(value - r[f"{key}_low"])
+            errors[1].append(r[f"{key}_high"] - value)
+        bars = ax.bar(xs, values, width=width, yerr=errors, capsize=3, color=color, label=label)
+        for bar, value, above in zip(bars, values, errors[1]):
+            top = (bar.get_x() + bar.get_width() / 2, min(value + above + 0.02, 1.06))
+            ax.annotate(f"{value:.2f}", top, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(methods)), [_METHOD_NAMES.get(m, m) for m in methods])
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("macro F1")
+    ax.set_title(title or "Does the persona survive attempts to break it?")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def coherence_win_rates(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Win rate of each pair's first method (consistent verdicts only) ± one standard error.
+
+    One bar per (judge mode, pair) over all personas (``group == "all"``), labelled with the
+    number of consistent comparisons and the share the order swap threw out; the dashed line is
+    a tie. A pair with no consistent verdict gets an empty slot and its label says so.
+    """
+    rows = [r for r in rows if r.get("group", "all") == "all"]
+    fig, ax = plt.subplots(figsize=(1.8 * max(1, len(rows)) + 2.5, 3.6))
+    labels = []
+    for i, r in enumerate(rows):
+        first, second = (
+            _METHOD_NAMES.get(r["first"], r["first"]),
+            _METHOD_NAMES.get(r["second"], r["second"]),
+        )
+        labels.append(f"{first}\nvs {second}\n({r['mode']})")
+        rate = r["win_rate"]
+        if rate == rate:  # not NaN
+            ax.bar(i, rate, yerr=r["se"], capsize=4, color="#8172b2")
+        share = r["inconsistent_share"]
+        note = f"n={r['consistent']}\n{share:.0%} inconsistent" if share == share else "no verdict"
+        ax.annotate(note, (i, 1.02), ha="center", va="bottom", fontsize=7)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlim(-0.8, max(1, len(rows)) - 0.2)
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("win rate of the first method")
+    ax.set_title(title or "Coherence judge: order-consistent win rates")
+    fig.tight_layout()
+    return fig
+
+
+_STAGE_COLORS = {"base": "#8c8c8c", "dpo": "#4c72b0", "final": "#55a868"}
+
+
 def stage_lengths(stats: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
     """Mean words per reply (bars) and the median (black marks) per persona and stage.
 
