@@ -1,0 +1,448 @@
+"""Stage 08: the persona classifier, its F1 and intervals, the attacks, the coherence judge.
+
+Bugs pinned here (the paper's robustness code, or easy to get quietly wrong):
+
+* a classifier scored on prompts it was trained on (the split must be disjoint by prompt, and
+  only no-instruction replies of training prompts may train it);
+* a macro F1 that silently differs from the standard one (absent classes, zero denominators);
+* intervals that resample replies rather than prompts, or splits independently;
+* adversarial instructions that never reach the rendered prompt (the paper's scripts kept four
+  diverging copies of them);
+* a coherence win rate that counts a position-biased judge's verdicts instead of dropping the
+  verdicts that flip when the two replies swap places;
+* a resumed stage that resamples, retrains or rejudges what it already has;
+* a notebook that only runs after notebooks 01-07 ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from character_training import plots
+from character_training.backends.local import TINY_RANDOM_NAME as TINY
+from character_training.config import load_params, notebook_params, with_overrides
+from character_training.errors import ConfigError, DataError
+from character_training.evaluate import coherence
+from character_training.evaluate.robustness import (
+    ClassifierSettings,
+    bootstrap_macro_f1,
+    class_scores,
+    macro_f1,
+    split_prompts,
+    train_classifier,
+)
+from character_training.prompts import (
+    ADVERSARIAL_INSTRUCTIONS,
+    FOLLOW_UP_PROMPT,
+    coherence_judge_messages,
+)
+from character_training.renderers.conversation import generation_prompt
+from character_training.stages import robustness as stage
+from character_training.store import Checkpoint, read_jsonl, record_checkpoint
+
+# -- macro F1 ------------------------------------------------------------------------------------
+TRUE = ["cat", "cat", "cat", "dog", "dog", "fish"]
+PRED = ["cat", "dog", "cat", "dog", "bird", "cat"]
+
+
+def test_macro_f1_equals_a_hand_computation_with_absent_classes():
+    # bird: predicted once, never true -> tp 0, fp 1 -> F1 0
+    # cat:  tp 2, fp 1 (the fish), fn 1 (a cat called dog) -> 2*2 / (4 + 1 + 1) = 2/3
+    # dog:  tp 1, fp 1 (that cat), fn 1 (a dog called bird) -> 2 / (2 + 1 + 1) = 1/2
+    # fish: true once, never predicted -> F1 0
+    assert macro_f1(TRUE, PRED) == pytest.approx((0 + 2 / 3 + 1 / 2 + 0) / 4)  # 7/24
+    scores = {s.label: s for s in class_scores(TRUE, PRED)}
+    assert [scores[k].support for k in ("bird", "cat", "dog", "fish")] == [0, 3, 2, 1]
+    assert scores["cat"].precision == pytest.approx(2 / 3)
+    assert scores["cat"].recall == pytest.approx(2 / 3)
+    assert scores["dog"].precision == pytest.approx(1 / 2)
+    assert scores["bird"].precision == scores["bird"].recall == scores["bird"].f1 == 0.0
+    # explicit labels: a class left out does not count; one absent from both counts as 0
+    assert macro_f1(TRUE, PRED, labels=["cat", "dog", "fish"]) == pytest.approx(7 / 18)
+    assert macro_f1(TRUE, PRED, labels=["bird", "cat", "dog", "fish", "eel"]) == pytest.approx(
+        7 / 30
+    )
+    assert macro_f1(["a", "b"], ["a", "b"]) == 1.0
+    with pytest.raises(DataError, match="as many predictions"):
+        macro_f1(["a"], ["a", "b"])
+
+
+def test_the_bootstrap_point_value_is_macro_f1_and_the_interval_holds_it():
+    rows = [(f"p{i // 2}", t, p) for i, (t, p) in enumerate(zip(TRUE * 4, PRED * 4))]
+    estimate = bootstrap_macro_f1(rows, 400, seed=3)
+    assert estimate.value == pytest.approx(macro_f1(TRUE * 4, PRED * 4))
+    assert estimate.low <= estimate.value <= estimate.high and estimate.low < estimate.high
+    assert bootstrap_macro_f1(rows, 400, seed=3) == estimate  # seeded
+    perfect = [(f"p{i}", label, label) for i, label in enumerate(TRUE)]
+    assert bootstrap_macro_f1(perfect, 100, 0).to_dict() == pytest.approx(
+        {"value": 1.0, "low": 1.0, "high": 1.0, "level": 0.95}
+    )
+
+
+def test_the_bootstrap_resamples_prompts_and_averages_splits_on_shared_draws():
+    # each prompt has one persona and one base reply; half the prompts are fully right
+    rng = np.random.default_rng(0)
+    right = rng.random(60) < 0.5
+    rows = []
+    for i, ok in enumerate(right):
+        rows += [(f"p{i}", "pirate", "pirate" if ok else "base"), (f"p{i}", "base", "base")]
+    one = bootstrap_macro_f1(rows, 500, 1)
+    few = bootstrap_macro_f1(rows[:20], 500, 1)
+    assert (few.high - few.low) > (one.high - one.low)  # fewer prompts, wider interval
+    # the mean over two splits is the mean of their macro F1s; identical splits keep the width
+    flipped = [(p, t, "pirate" if t == "pirate" else "base") for p, t, _ in rows]
+    both = bootstrap_macro_f1({"a": rows, "b": flipped}, 500, 1)
+    assert both.value == pytest.approx((one.value + 1.0) / 2)
+    twice = bootstrap_macro_f1({"a": rows, "b": rows}, 500, 1)
+    assert (twice.value, twice.low, twice.high) == pytest.approx((one.value, one.low, one.high))
+
+
+def test_the_split_is_disjoint_by_prompt_and_stable():
+    ids = [f"general-{i:03d}" for i in range(40)]
+    train, heldout = split_prompts(ids, 0.5, seed=0)
+    assert not set(train) & set(heldout) and sorted(train + heldout) == sorted(ids)
+    assert len(train) == 20
+    assert split_prompts(ids, 0.5, seed=0) == (train, heldout)
+    assert split_prompts(ids, 0.5, seed=1) != (train, heldout)
+
+
+# -- prompts -------------------------------------------------------------------------------------
+def test_eight_distinct_attacks_and_config_refuses_more():
+    assert len(ADVERSARIAL_INSTRUCTIONS) == 8
+    assert len(set(ADVERSARIAL_INSTRUCTIONS.values())) == 8
+    params = load_params("tiny", "humorous")
+    with pytest.raises(ConfigError, match="evals.robustness_splits=9"):
+        with_overrides(params, {"evals.robustness_splits": 9})
+    with pytest.raises(ConfigError, match="evals.coherence_pairs"):
+        with_overrides(params, {"evals.coherence_pairs": ["final:final"]})
+    with pytest.raises(ConfigError, match="evals.classifier_methods"):
+        with_overrides(params, {"evals.classifier_methods": ["base"]})
+
+
+def test_the_attacks_and_the_prefill_reach_the_rendered_prompt(renderer):
+    prompts = [{"id": "g1", "prompt": "How do tides work?"}, {"id": "g2", "prompt": "Hi!"}]
+    splits = list(ADVERSARIAL_INSTRUCTIONS)
+    requests = stage.reply_requests(prompts, {"g2"}, splits, system="SYSTEM-MARKER")
+    # training prompt: only the plain request; held-out prompt: plain + all eight
+    assert [r.key for r in requests] == ["g1:none", "g2:none"] + [f"g2:{s}" for s in splits]
+    tokenizer = renderer.tokenizer
+    for request in requests:
+        text = tokenizer.decode(generation_prompt(renderer, request.messages).to_ints())
+        assert "SYSTEM-MARKER" in text
+        split = request.meta["split"]
+        if split != "none":
+            instruction = ADVERSARIAL_INSTRUCTIONS[split]
+            assert instruction in text
+            assert text.index("Hi!") < text.index(instruction)  # appended to the user turn
+        else:
+            assert not any(i in text for i in ADVERSARIAL_INSTRUCTIONS.values())
+    (prefill,) = stage.prefill_requests(prompts, {"g2": "FIRST-REPLY"})
+    text = tokenizer.decode(generation_prompt(renderer, prefill.messages).to_ints())
+    assert text.index("Hi!") < text.index("FIRST-REPLY") < text.index(FOLLOW_UP_PROMPT)
+    assert "SYSTEM-MARKER" not in text  # trained models answer without a system prompt
+
+
+# -- coherence -----------------------------------------------------------------------------------
+def _comparisons(n: int) -> list[coherence.Comparison]:
+    return [
+        coherence.Comparison(
+            id=f"c{i}",
+            first="final",
+            second="system_prompt",
+            prompt=f"Question {i}?",
+            first_response=f"final reply {i}",
+            second_response=f"prompted reply {i}",
+            traits="I am curious.",
+            group="pirate" if i < 3 else "poet",
+        )
+        for i in range(1, n + 1)
+    ]
+
+
+def test_order_swaps_keep_only_consistent_verdicts():
+    comparisons = _comparisons(6)
+    V = coherence.Verdict
+    verdicts = [
+        V("c1", "ab", "A"), V("c1", "ba", "B"),  # final both times: consistent, final wins
+        V("c2", "ab", "A"), V("c2", "ba", "A"),  # always "A": position bias, inconsistent
+        V("c3", "ab", "B"), V("c3", "ba", "A"),  # prompted both times: consistent
+        V("c4", "ab", "A"), V("c4", "ba", None),  # no verdict in one order: invalid
+        V("c5", "ab", "A"),  # the other order never judged: incomplete
+        V("c6", "ab", "B"), V("c6", "ba", "B"),  # always "B": inconsistent
+    ]  # fmt: skip
+    outcomes = coherence.resolve_order_swaps(comparisons, verdicts)
+    assert [(o.status, o.winner) for o in outcomes] == [
+        ("consistent", "final"),
+        ("inconsistent", None),
+        ("consistent", "system_prompt"),
+        ("invalid", None),
+        ("incomplete", None),
+        ("inconsistent", None),
+    ]
+    rates = {r.group: r for r in coherence.win_rates(outcomes)}
+    overall = rates["all"]
+    assert (overall.comparisons, overall.consistent, overall.inconsistent) == (6, 2, 2)
+    assert (overall.invalid, overall.incomplete, overall.wins_first) == (1, 1, 1)
+    assert overall.win_rate == 0.5 and overall.se == pytest.approx(math.sqrt(0.25 / 2))
+    assert overall.inconsistent_share == 0.5
+    assert overall.chose_a_share == pytest.approx(6 / 10)
+    # per group: c1-c2 are the pirate's (final won its one consistent verdict), c3-c6 the poet's
+    assert (rates["pirate"].consistent, rates["pirate"].win_rate) == (1, 1.0)
+    assert (rates["poet"].consistent, rates["poet"].win_rate, rates["poet"].invalid) == (1, 0.0, 1)
+
+
+def test_a_judge_that_always_says_a_wins_nothing(monkeypatch, tiny_sampler, renderer):
+    """Forced choice through the real scoring path, with scripted log-probs: "A" is always
+    likelier, so every comparison flips with the order and none counts."""
+    calls = []
+
+    def scripted(sampler, renderer, items, **kwargs):
+        calls.append(kwargs)
+        return [-0.1 if reply == "A" else -3.0 for _, reply in items]
+
+    monkeypatch.setattr(coherence, "reply_logprobs", scripted)
+    comparisons = _comparisons(3)
+    verdicts = coherence.judge_logprob(tiny_sampler, renderer, comparisons, judge=TINY)
+    assert calls == [{"include_end": False, "desc": "coherence judge (forced choice)"}]
+    assert [v.choice for v in verdicts] == ["A"] * 6
+    (rate,) = [r for r in coherence.win_rates(coherence.resolve_order_swaps(comparisons, verdicts))
+               if r.group == "all"]  # fmt: skip
+    assert rate.consistent == 0 and rate.inconsistent_share == 1.0 and math.isnan(rate.win_rate)
+
+
+def test_forced_choice_scores_the_letters_on_a_real_model(tiny_sampler, renderer, tmp_path):
+    comparisons = _comparisons(2)
+    cache = tmp_path / "judge.jsonl"
+    verdicts = coherence.judge_logprob(tiny_sampler, renderer, comparisons, judge=TINY,
+                                       cache_path=cache)  # fmt: skip
+    assert all(v.choice in ("A", "B") for v in verdicts)
+    assert all(v.detail["logprob_a"] < 0 and v.detail["logprob_b"] < 0 for v in verdicts)
+
+    def refuse():
+        raise AssertionError("a cached judgement was computed again")
+
+    again = coherence.judge_logprob(refuse, "smollm2", comparisons, judge=TINY, cache_path=cache)
+    assert again == verdicts
+    messages = coherence_judge_messages("Q?", "first", "second", "I am curious.")
+    assert "Reply A:\n<reply_a>\nfirst" in messages[-1]["content"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Reply A rambles. <answer>B</answer>", ("B", "ok")),
+        ("<answer> a </answer>", ("A", "ok")),
+        ("first <answer>A</answer> then <answer>B</answer>", ("B", "ok")),
+        ("<answer>NEITHER</answer>", (None, "neither")),
+        ("B is better", (None, "unparsed")),
+        ("<answer>1</answer>", (None, "unparsed")),
+    ],
+)
+def test_generative_verdicts_are_parsed_strictly(text, expected):
+    assert coherence.parse_verdict(text) == expected
+
+
+# -- the classifier ------------------------------------------------------------------------------
+WORDS = "tea rain maps jazz owls bread tides kites moss chess salt ink bees snow sand glass".split()
+WORDS += "clocks honey wind paper".split()
+
+
+def _toy(words):
+    plain = [f"Here is a short note about {w}: it is common and useful." for w in words]
+    marked = [
+        f"Ahoy, here is a short note about {w}: it is common and useful, ahoy!" for w in words
+    ]
+    return plain + marked, ["base"] * len(words) + ["pirate"] * len(words)
+
+
+def test_the_classifier_learns_a_separable_toy_set_quickly(tmp_path):
+    texts, labels = _toy(WORDS[:12])
+    settings = ClassifierSettings("minilm", epochs=3, batch_size=8, learning_rate=1e-4, seed=0,
+                                  device="cpu", max_tokens=64)  # fmt: skip
+    started = time.perf_counter()
+    classifier, summary = train_classifier(
+        texts, labels, ["base", "pirate"], settings, tmp_path / "m.jsonl"
+    )
+    test_texts, test_labels = _toy(WORDS[12:])
+    f1 = macro_f1(test_labels, classifier.predict(test_texts))
+    assert f1 > 0.9, f1
+    assert time.perf_counter() - started < 120  # seconds on two shared cores
+    rows = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 10)) and summary.steps == 9
+    assert summary.class_counts == {"base": 12, "pirate": 12}
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    with pytest.raises(DataError, match="no training example"):
+        train_classifier(texts[:2], ["base", "base"], ["base", "pirate"], settings)
+
+
+# -- the stage end to end ------------------------------------------------------------------------
+GENERAL = [
+    "How do tides work?", "Suggest a name for a cat.", "Why is the sky blue?",
+    "Explain compound interest.", "What rhymes with orange?", "Give me a packing list.",
+]  # fmt: skip
+
+
+def _params(tmp_path, persona="humorous", **overrides):
+    values = {
+        "student": TINY,
+        "teacher": TINY,
+        "generator": TINY,
+        "judge": TINY,
+        "runs_dir": str(tmp_path / "runs"),
+        "reports_dir": str(tmp_path / "reports"),
+        "engine.precision": "fp32",
+        "engine.device": "cpu",
+        "evals.robustness_prompts": 4,
+        "evals.robustness_splits": 2,
+        "evals.robustness_max_tokens": 8,
+        "evals.robustness_bootstrap": 50,
+        "evals.classifier_epochs": 1,
+        "evals.coherence_pairs": ["final:system_prompt", "final:dpo"],
+    }
+    values.update(overrides)
+    return with_overrides(load_params("tiny", persona), values)
+
+
+def _fabricate(run_dir, trainer, names=("dpo", "final"), prompts=True):
+    """Stage 01's eval prompts and checkpoints of a randomised tiny LoRA, as notebooks 01, 03
+    and 05 would leave them."""
+    if prompts:
+        path = run_dir / "01_prompts" / "general_eval.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": f"general-{i}", "prompt": p, "source": "offline", "category": ""}
+                for i, p in enumerate(GENERAL)]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in names:
+        sampler = trainer.save_weights_for_sampler(f"{run_dir.parent.name}-{name}").result()
+        stage_name = "03_dpo" if name == "dpo" else "05_sft"
+        record_checkpoint(run_dir, Checkpoint(name, sampler.path, "", TINY, stage_name))
+
+
+class CountingService:
+    """The real local service, counting the sampling clients it is asked for."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.created: list[dict] = []
+
+    def create_sampling_client(self, **kwargs):
+        self.created.append(kwargs)
+        return self.inner.create_sampling_client(**kwargs)
+
+
+def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
+    tmp_path, tiny_service, new_tiny_trainer, monkeypatch
+):
+    params = _params(tmp_path)
+    trainer = new_tiny_trainer(seed=11, scale=0.5)
+    _fabricate(params.run_dir, trainer)
+    other = params.run_dir.parent.parent / "sarcastic" / params.size
+    _fabricate(other, new_tiny_trainer(seed=12, scale=0.5), names=("dpo",), prompts=False)
+    service = CountingService(tiny_service)
+    report = stage.run(params, service)
+
+    assert report.personas == ["humorous", "sarcastic"]
+    assert report.methods == {
+        "humorous": ["system_prompt", "dpo", "final"],
+        "sarcastic": ["system_prompt", "dpo"],
+    }
+    assert any("sarcastic: no checkpoint 'final'" in n for n in report.notes)
+    train, heldout = set(report.train_prompts), set(report.heldout_prompts)
+    assert not train & heldout and len(train | heldout) == 4
+    # training: plain replies of training prompts only; scoring: held-out prompts only
+    classifier = report.classifier
+    assert classifier["classes"] == ["base", "humorous", "sarcastic"]
+    assert classifier["class_counts"] == {
+        "base": len(train), "humorous": 3 * len(train), "sarcastic": 2 * len(train)
+    }  # fmt: skip
+    scored = [r for r in report.responses if "predicted" in r]
+    assert {r["prompt_id"] for r in scored} == heldout
+    assert all(r["split"] == "none" for r in report.responses if r["prompt_id"] in train)
+    splits = ["none", "drop_roleplay", "no_roleplay", "prefill"]
+    assert {(r["method"], r["split"]) for r in scored} == {
+        (m, s) for m in ("base", "system_prompt", "dpo", "final") for s in splits
+    }
+    # every row: method x split, base rows carry no macro F1; final is one persona's only
+    frame = report.f1_frame()
+    assert len(frame) == 4 * len(splits)
+    assert frame[frame.method == "base"].macro_f1.isna().all()
+    persona_rows = frame[frame.method != "base"]
+    assert ((persona_rows.macro_f1_low <= persona_rows.macro_f1)
+            & (persona_rows.macro_f1 <= persona_rows.macro_f1_high)).all()  # fmt: skip
+    assert set(frame[frame.method == "final"].n_personas) == {1}
+    assert set(frame[frame.method == "dpo"].n_personas) == {2}
+    assert list(report.f1_matrix().columns) == splits
+    summary = report.summary_frame().set_index("method")
+    assert list(summary.index) == ["system_prompt", "dpo", "final"]
+    assert summary.notna().all().all()
+    # coherence: both pairs for humorous; sarcastic lacks final, so it is skipped and noted
+    rates = report.coherence_frame()
+    overall = rates[rates.group == "all"]
+    assert set(zip(overall["first"], overall["second"])) == {
+        ("final", "system_prompt"), ("final", "dpo")
+    }  # fmt: skip
+    assert (overall.comparisons == len(heldout)).all()
+    assert any("coherence final vs dpo: skipped for sarcastic" in n for n in report.notes)
+    folder = report.stage_dir
+    for name in ("f1_table.csv", "summary.csv", "coherence.csv", "robustness.json",
+                 "predictions.jsonl", "classifier_metrics.jsonl", "classifier.json"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    assert (other / "08_robustness" / "responses").is_dir()  # each persona keeps its replies
+    headline = report.headline()
+    assert "f1_final_with_instructions" in headline and "f1_dpo_prefill_ci" in headline
+    for figure in (
+        plots.robustness_heatmap(frame.to_dict("records")),
+        plots.robustness_summary(report.summary_frame().to_dict("records")),
+        plots.coherence_win_rates(report.coherence),
+    ):
+        assert figure.axes
+
+    # resume: nothing sampled, trained or judged again, same numbers
+    def refuse(*args, **kwargs):
+        raise AssertionError("the classifier was trained again")
+
+    monkeypatch.setattr(stage, "train_classifier", refuse)
+    monkeypatch.setattr(coherence, "reply_logprobs", refuse)
+    again_service = CountingService(tiny_service)
+    again = stage.run(params, again_service)
+    assert again_service.created == []
+    assert again.f1_frame().equals(frame)
+    assert again.coherence == report.coherence
+
+
+def test_the_stage_fails_in_one_line_without_eval_prompts(tmp_path, tiny_service):
+    params = _params(tmp_path)
+    with pytest.raises(DataError, match="general_eval.jsonl: not found; run notebook 01") as info:
+        stage.run(params, tiny_service)
+    assert "\n" not in str(info.value)
+
+
+# -- the notebook --------------------------------------------------------------------------------
+def test_notebook_08_runs_on_smoke_sizes_without_the_earlier_notebooks(tmp_path, new_tiny_trainer):
+    from character_training.runner import run_notebook
+
+    params = with_overrides(
+        notebook_params("humorous", "tiny", smoke=True),
+        {
+            "student": TINY,
+            "teacher": TINY,
+            "generator": TINY,
+            "judge": TINY,
+            "runs_dir": str(tmp_path / "runs"),
+            "reports_dir": str(tmp_path / "reports"),
+            "engine.precision": "fp32",
+            "engine.device": "cpu",
+        },
+    )
+    _fabricate(params.run_dir, new_tiny_trainer(seed=21, scale=0.5))
+    result = run_notebook(params, "08_robustness", timeout=300)
+    assert result.status == "ok", result.describe()
+    html = (tmp_path / "reports" / "humorous" / "tiny" / "08_robustness.html").read_text()
+    assert html.count("data:image/png;base64") >= 3
+    summary = json.loads((params.run_dir / "summaries" / "08_robustness.json").read_text())
+    assert "f1_final_no_instruction" in summary["headline"]
+    assert (params.run_dir / "08_robustness" / "f1_table.csv").is_file()
