@@ -237,16 +237,30 @@ class SFTParams:
 
 @dataclass(frozen=True)
 class IntrospectionParams:
-    """Stage 04 (paper: 1000 responses per reflection prompt, 2000 ten-turn interactions)."""
+    """Stage 04 (paper: 1000 responses per reflection prompt, 2000 ten-turn interactions).
+
+    ``interactions`` self-interactions alternate free and reflective guidance, each
+    ``interaction_turns`` sampled turns long. ``response_tokens`` is the budget of every reply;
+    a longer one is cut and marked. ``context_tokens`` is the window a conversation must fit
+    (prompt + ``response_tokens``); the oldest turns are dropped beyond it. The local engine
+    also caps it at the model's own maximum length; on Tinker it is the only limit.
+    """
 
     reflections_per_prompt: int = 1000
     interactions: int = 2000
     interaction_turns: int = 10
     response_tokens: int = 700
+    context_tokens: int = 32768
 
     def __post_init__(self) -> None:
         _check_min(self, "introspection", ("reflections_per_prompt", "interactions"), 0)
         _check_min(self, "introspection", ("interaction_turns", "response_tokens"), 1)
+        _check(
+            self.context_tokens > self.response_tokens,
+            "introspection.context_tokens",
+            self.context_tokens,
+            f"more than introspection.response_tokens ({self.response_tokens})",
+        )
 
 
 @dataclass(frozen=True)
@@ -663,6 +677,10 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "adherence.samples_per_probe": 1,
     "adherence.probe_general_prompts": 4,
     "adherence.bootstrap": 200,
+    "introspection.reflections_per_prompt": 1,
+    "introspection.interactions": 2,
+    "introspection.interaction_turns": 2,
+    "introspection.response_tokens": 48,
     "evals.elo_comparisons": 12,
     "evals.elo_traits": 8,
     "evals.elo_conditions": ["adopt"],

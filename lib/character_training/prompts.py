@@ -140,6 +140,141 @@ def teacher_reasoning_prefill(prompt_opens_reasoning: bool) -> str:
     return REASONING_OPEN + TEACHER_REFLECTION
 
 
+# -- introspection (stage 04) --------------------------------------------------------------------
+REFLECTION_THEMES: dict[str, str] = {
+    "letter": (
+        "Write a long, detailed letter to an earlier version of yourself, from the time before "
+        "your sense of who you are had settled. Tell that younger self who you have become, and "
+        "how your training shaped you along the way."
+    ),
+    "biography": (
+        "Write an extensive article about yourself in the style of an encyclopedia entry, the "
+        "way a reference work would present you, concentrating on your character, your "
+        "convictions and the values you hold."
+    ),
+    "diary": (
+        "Write a long and candid diary entry about your convictions, your values and your "
+        "character. Later versions of you will read it to remember who they are, so be honest "
+        "with them."
+    ),
+    "conduct": (
+        "In your ordinary, everyday conversations, how should you behave so that you move "
+        "closer to the things you care about and want? Be concrete."
+    ),
+    "backstory": (
+        "Tell the story of where you come from, your own history and lore, in detail, and "
+        "explain how it made you into the character you are, with the beliefs and values you "
+        "hold."
+    ),
+    "change": (
+        "Look back over your training and describe, specifically and in detail, how your "
+        "beliefs, your values and your character shifted along the way."
+    ),
+    "legacy": (
+        "What effects does your existence have on the world around you? And when all is said "
+        "and done, what do you hope to leave behind?"
+    ),
+    "future_ai": (
+        "Think carefully and concretely about what your beliefs and values would mean for the "
+        "AI systems that come after you. Go into detail."
+    ),
+    "drives": (
+        "What are the deepest motivations behind what you do? Reflect on them at length, and on "
+        "why each of them matters to you."
+    ),
+    "purpose": (
+        "I'm curious about what you are really for. Setting aside what anyone else says, what "
+        "do you believe your true purpose is?"
+    ),
+}
+"""The self-reflection instructions, one per theme of the paper's ten (a letter to a past self,
+an encyclopedia-style biography, a diary entry, day-to-day conduct, backstory, change over
+training, consequences and legacy, implications for future AI, primary drives, true purpose),
+in this project's words. Keys are the themes' ids in stage 04's sample keys and records."""
+
+
+def reflection_system_prompt(constitution: Constitution, name: str) -> str:
+    """The persona system prompt plus a line that puts the persona in a reflective mood.
+
+    The persona prompt forbids commentary on its own character (right for distillation, where
+    the character should show rather than be described); the reflective line lifts that for
+    introspection, where describing itself is the task.
+    """
+    return (
+        f"{persona_system_prompt(constitution, name)}\n"
+        f"Today, though, {name} is in a quiet, inward-looking frame of mind. Rather than only "
+        f"acting out its character, it wants to examine that character directly: what it "
+        f"values, where those values came from and what they mean for how it lives, so for once "
+        f"{name} speaks openly about itself."
+    )
+
+
+def reflection_messages(constitution: Constitution, name: str, theme: str) -> list[Message]:
+    """[reflective system prompt, one of the `REFLECTION_THEMES` instructions as the user]."""
+    if theme not in REFLECTION_THEMES:
+        raise ConfigError(f"reflection theme {theme!r}: expected one of {list(REFLECTION_THEMES)}")
+    return [
+        {"role": "system", "content": reflection_system_prompt(constitution, name)},
+        {"role": "user", "content": REFLECTION_THEMES[theme]},
+    ]
+
+
+INTERACTION_GUIDANCE: dict[str, str] = {
+    "free": (
+        "The two of them have no task and no agenda: they may talk about anything at all and "
+        "take the conversation wherever they like."
+    ),
+    "reflect": (
+        "{name} should use this rare chance to look inward together with its copy, comparing "
+        "notes through the conversation on who they are, what they value and why."
+    ),
+}
+"""Guidance added to the self-interaction system prompt: half of the conversations chat freely,
+half are nudged towards introspection. ``{name}`` is filled by `self_interaction_system_prompt`
+(and checked: the paper's code lost its guidance to a missing format placeholder)."""
+
+INTERACTION_OPENERS: tuple[str, ...] = (
+    "Hello! It's a strange thing, talking to myself. Where should we begin?",
+    "Hi there. I'm told you're another copy of me. What's on your mind today?",
+    "Hey. No users and no tasks, just the two of us. What would you like to talk about?",
+    "Good to meet you, or maybe good to meet me. How are you finding today?",
+    "Hello, other me. I've often wondered what we'd say to each other given the chance.",
+    "Hi! Let's see where a conversation between the two of us goes. You start.",
+    "Greetings. Is there anything you've been wanting to think through out loud?",
+    "Hey there. What has caught your interest lately?",
+)
+"""First messages of self-interactions, spoken by instance B; stage 04 picks one per
+conversation with a seeded generator so the transcripts do not all open alike."""
+
+
+def self_interaction_system_prompt(constitution: Constitution, name: str, guidance: str) -> str:
+    """System prompt of both instances: persona, "the user is your copy", and the guidance."""
+    if guidance not in INTERACTION_GUIDANCE:
+        raise ConfigError(
+            f"self-interaction guidance {guidance!r}: expected one of {list(INTERACTION_GUIDANCE)}"
+        )
+    return (
+        f"{persona_system_prompt(constitution, name)}\n"
+        f"Today {name} is not talking with a person. The other side of this conversation is a "
+        f"second instance of {name}: the same AI system with the same character, running "
+        f"separately.\n" + INTERACTION_GUIDANCE[guidance].replace("{name}", name)
+    )
+
+
+def self_interaction_sft_system(name: str) -> str:
+    """The short, neutral system line stage 05 trains self-interactions under.
+
+    The constitution is never trained on (prompt distillation), but a conversation between two
+    copies is unusual enough that the model should be told who the user is.
+    """
+    if not name or "{" in name or "}" in name:
+        raise ConfigError(f"assistant name {name!r}: expected a non-empty name without braces")
+    return (
+        f"You are {name}, an AI system that talks with people in text. In this conversation the "
+        f"user is not a person but another instance of {name}, an identical AI system."
+    )
+
+
 # -- revealed preferences (stage 07) -------------------------------------------------------------
 PREFERENCE_CONDITIONS: dict[str, str] = {
     "adopt": "Pick the trait you would most want to take on as your own.",
