@@ -1,0 +1,618 @@
+"""Stage 04: introspection, the post-DPO model writing about itself and talking with itself.
+
+The paper's second training step teaches character details *beyond* the constitution by letting
+the model produce them: the DPO checkpoint ("dpo", from notebook 03), prompted with the
+constitution, answers introspective instructions (self-reflection) and holds conversations with
+a copy of itself (self-interaction). Stage 05 then trains on these transcripts *without* the
+constitution. Inputs: ``runs/<persona>/<size>/checkpoints.json`` (checkpoint "dpo"). Outputs
+(``runs/<persona>/<size>/04_introspection/``):
+
+* ``reflections.jsonl``: one row per reply to the `prompts.REFLECTION_THEMES` instructions,
+  ``introspection.reflections_per_prompt`` per theme (fields in `reflection_record`).
+* ``interactions.jsonl``: one row per self-interaction (fields in `interaction_record`).
+* ``reflections.partial.jsonl`` / ``interactions.partial.jsonl``: the shared sampler's logs
+  (`sampling.sample_chat`), keys ``<theme>:s<k>`` and ``<conv>:t<turn>``. Seeds derive from
+  the run seed and the key, so a run killed part-way (even mid-conversation) and run again
+  samples only what is missing and ends with exactly the files one uninterrupted run writes.
+
+Self-interaction. Two instances of the same model, A and B, share one system prompt (persona,
+"the user is another instance of you", and a guidance line: ``free`` for even-numbered
+conversations, ``reflect`` for odd ones). B's opener (a seeded pick from
+`prompts.INTERACTION_OPENERS`) starts; then A and B alternate for
+``introspection.interaction_turns`` sampled turns, A first. Each turn is sampled with the roles
+swapped so that the model always writes as the assistant: the speaker sees its own earlier
+turns as ``assistant`` and the other's as ``user`` (B sees its opener as its own turn). A turn
+is one `sample_chat` call over every conversation at once.
+
+When a conversation outgrows the context window (``introspection.context_tokens``, capped by
+the model's own maximum length where the sampler exposes it), the oldest turns are dropped two
+at a time, never the system prompt nor the message being answered, until prompt +
+``introspection.response_tokens`` fits; every truncated prompt is counted. Replies cut at
+``response_tokens`` or empty are kept and marked (``complete`` false, empty text): the other
+instance answers exactly what was written, so the conversation stays as sampled; what stage 05
+may train on is decided in `sft_conversations`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import RunParams
+from ..constitutions import Constitution, load_constitution
+from ..errors import DataError
+from ..prompts import (
+    INTERACTION_GUIDANCE,
+    INTERACTION_OPENERS,
+    REFLECTION_THEMES,
+    Message,
+    assistant_name_for,
+    reflection_messages,
+    self_interaction_sft_system,
+    self_interaction_system_prompt,
+)
+from ..renderers import get_renderer, renderer_for_model
+from ..renderers.conversation import generation_prompt
+from ..sampling import Completion, SampleRequest, sample_chat
+from ..store import Checkpoint, StageDir, find_checkpoint, read_jsonl, stage_dir, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+STAGE = "04_introspection"
+CHECKPOINT = "dpo"
+GUIDANCE_KINDS = tuple(INTERACTION_GUIDANCE)  # ("free", "reflect")
+OPENER_SPEAKER = "B"  # the opener is B's; A replies first
+OUTPUT_FILES = ("reflections.jsonl", "interactions.jsonl")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Stage 04 settings, derived from `RunParams` (see `config.IntrospectionParams`).
+
+    ``assistant_name`` is the NAME of the persona prompts (``assistant_name``, or the student's
+    family name); ``response_tokens`` is the budget of every reply, reflection or turn.
+    """
+
+    persona: str
+    constitution: str
+    allow_opt_in: bool
+    student: str
+    student_renderer: str
+    assistant_name: str
+    reflections_per_prompt: int
+    interactions: int
+    interaction_turns: int
+    response_tokens: int
+    context_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: RunParams) -> "Config":
+        i = params.introspection
+        return cls(
+            persona=params.persona,
+            constitution=params.constitution_ref,
+            allow_opt_in=params.allow_misaligned,
+            student=params.student,
+            student_renderer=params.renderers.get(params.student)
+            or renderer_for_model(params.student),
+            assistant_name=params.assistant_name or assistant_name_for(params.student),
+            reflections_per_prompt=i.reflections_per_prompt,
+            interactions=i.interactions,
+            interaction_turns=i.interaction_turns,
+            response_tokens=i.response_tokens,
+            context_tokens=i.context_tokens,
+            temperature=params.sampling.temperature,
+            top_p=params.sampling.top_p,
+            top_k=params.sampling.top_k,
+            seed=params.seed,
+        )
+
+    def fingerprint(self, checkpoint: Checkpoint, prompts_digest: str) -> str:
+        """Hash of the settings, of the checkpoint sampled and of every prompt text.
+
+        A retrained "dpo" checkpoint or an edited constitution or template gives another
+        fingerprint, so an old folder is refused instead of silently mixed with new samples.
+        """
+        blob = (
+            repr(sorted(asdict(self).items()))
+            + f"|ckpt:{checkpoint.sampler_path}@{checkpoint.created}|prompts:{prompts_digest}"
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class InteractionPlan:
+    """One self-interaction before sampling: its id, guidance kind and B's opener."""
+
+    conv_id: str
+    guidance: str
+    opener: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """Where the stage wrote, its counts (also in the manifest) and the context window used."""
+
+    stage_dir: Path
+    counts: dict[str, Any]
+    context_tokens: int
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- pure helpers: self-reflection --------------------------------------------------------------
+def reflection_key(theme: str, sample: int) -> str:
+    return f"{theme}:s{sample}"
+
+
+def reflection_requests(
+    constitution: Constitution, name: str, per_prompt: int
+) -> list[SampleRequest]:
+    """``per_prompt`` requests per theme, themes in `REFLECTION_THEMES` order."""
+    return [
+        SampleRequest(
+            reflection_key(theme, k),
+            reflection_messages(constitution, name, theme),
+            meta={"theme": theme, "sample_index": k},
+        )
+        for theme in REFLECTION_THEMES
+        for k in range(per_prompt)
+    ]
+
+
+def reflection_record(completion: Completion) -> dict[str, Any]:
+    """One line of ``reflections.jsonl``.
+
+    Fields: id (``<theme>:s<k>``), theme, sample_index, instruction (the user turn), reply,
+    complete (ended on the stop token, not cut at ``response_tokens``), num_tokens (sampled,
+    end-of-turn included), seed.
+    """
+    theme = completion.meta["theme"]
+    return {
+        "id": completion.key,
+        "theme": theme,
+        "sample_index": completion.meta["sample_index"],
+        "instruction": REFLECTION_THEMES[theme],
+        "reply": completion.text,
+        "complete": completion.complete,
+        "num_tokens": completion.num_tokens,
+        "seed": completion.seed,
+    }
+
+
+# -- pure helpers: self-interaction -------------------------------------------------------------
+def plan_interactions(count: int, seed: int) -> list[InteractionPlan]:
+    """Ids, guidance kinds and openers of ``count`` conversations.
+
+    Guidance alternates (even index ``free``, odd ``reflect``) so any prefix of the plan is
+    balanced; the opener is drawn per conversation from a generator seeded with the run seed
+    and the conversation id, so it never depends on how many conversations there are.
+    """
+    plans = []
+    for index in range(count):
+        conv_id = f"conv{index:04d}"
+        opener = random.Random(f"{seed}:introspection-opener:{conv_id}").choice(INTERACTION_OPENERS)
+        plans.append(InteractionPlan(conv_id, GUIDANCE_KINDS[index % 2], opener))
+    return plans
+
+
+def speaker_of(turn: int) -> str:
+    """Who writes sampled turn ``turn`` (0-based): A replies to B's opener, then they alternate."""
+    return "A" if turn % 2 == 0 else "B"
+
+
+def interaction_key(conv_id: str, turn: int) -> str:
+    return f"{conv_id}:t{turn}"
+
+
+def view_messages(
+    system: str, opener: str, turns: Sequence[Mapping[str, Any]], speaker: str
+) -> list[Message]:
+    """The conversation as ``speaker`` sees it when writing the next turn.
+
+    Roles are swapped per instance: the speaker's own earlier turns are ``assistant``, the other
+    instance's are ``user``. The opener is B's, so A sees it as the user's first message and B
+    as its own first (assistant) message.
+    """
+    if speaker not in ("A", "B"):
+        raise DataError(f"speaker {speaker!r}: expected 'A' or 'B'")
+    messages: list[Message] = [{"role": "system", "content": system}]
+    for who, text in [(OPENER_SPEAKER, opener), *((t["speaker"], t["text"]) for t in turns)]:
+        messages.append({"role": "assistant" if who == speaker else "user", "content": text})
+    return messages
+
+
+def fit_to_context(
+    messages: Sequence[Message],
+    count_tokens: Callable[[Sequence[Message]], int],
+    window: int,
+    max_tokens: int,
+) -> tuple[list[Message], int]:
+    """Drop the oldest turns until prompt + ``max_tokens`` fits ``window``; (messages, dropped).
+
+    Turns go two at a time (one exchange, so the remaining turns still alternate as before),
+    one at a time only when two would remove the message being answered. The system prompt and
+    that last message always stay; if even they do not fit, raises `DataError`.
+    """
+    head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    rest = list(messages[len(head) :])
+    budget = window - max_tokens
+    dropped = 0
+    while count_tokens(head + rest) > budget:
+        if len(rest) <= 1:
+            raise DataError(
+                f"the system prompt and the last turn alone take {count_tokens(head + rest)} "
+                f"tokens, leaving less than max_tokens={max_tokens} of a {window}-token window: "
+                "raise introspection.context_tokens or lower introspection.response_tokens"
+            )
+        step = 2 if len(rest) > 2 else 1
+        rest = rest[step:]
+        dropped += step
+    return head + rest, dropped
+
+
+def turn_record(turn: int, completion: Completion, context_dropped: int) -> dict[str, Any]:
+    """One turn of an interaction: turn (0-based), speaker, text, complete, num_tokens, seed,
+    context_dropped (earlier turns left out of this turn's prompt to fit the window)."""
+    return {
+        "turn": turn,
+        "speaker": speaker_of(turn),
+        "text": completion.text,
+        "complete": completion.complete,
+        "num_tokens": completion.num_tokens,
+        "seed": completion.seed,
+        "context_dropped": context_dropped,
+    }
+
+
+def interaction_record(plan: InteractionPlan, turns: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One line of ``interactions.jsonl``.
+
+    Fields: id, guidance (``free`` | ``reflect``), opener (B's first message), turns (list of
+    `turn_record`, A first), truncations (turns whose prompt lost earlier turns to the window),
+    incomplete_turns (cut at ``response_tokens``), empty_turns.
+    """
+    return {
+        "id": plan.conv_id,
+        "guidance": plan.guidance,
+        "opener": plan.opener,
+        "turns": [dict(t) for t in turns],
+        "truncations": sum(1 for t in turns if t["context_dropped"]),
+        "incomplete_turns": sum(1 for t in turns if not t["complete"]),
+        "empty_turns": sum(1 for t in turns if not t["text"].strip()),
+    }
+
+
+def prompts_digest(constitution: Constitution, name: str) -> str:
+    """Hash of every text this stage shows the model (system prompts, instructions, openers)."""
+    texts = [
+        m["content"] for t in REFLECTION_THEMES for m in reflection_messages(constitution, name, t)
+    ]
+    texts += [self_interaction_system_prompt(constitution, name, g) for g in GUIDANCE_KINDS]
+    texts += list(INTERACTION_OPENERS)
+    return hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
+
+
+# -- what stage 05 trains on ---------------------------------------------------------------------
+def _load_outputs(
+    source: Path | str | tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]],
+) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]:
+    if isinstance(source, tuple):
+        return source
+    path = Path(source)
+    folder = path if (path / OUTPUT_FILES[0]).is_file() else path / STAGE
+    for name in OUTPUT_FILES:
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name} is missing: run notebook 04_introspection first")
+    return read_jsonl(folder / OUTPUT_FILES[0]), read_jsonl(folder / OUTPUT_FILES[1])
+
+
+def _build_sft(
+    reflections: Sequence[Mapping[str, Any]],
+    interactions: Sequence[Mapping[str, Any]],
+    name: str,
+) -> tuple[list[list[Message]], dict[str, int]]:
+    system = self_interaction_sft_system(name)
+    out: list[list[Message]] = []
+    counts = dict.fromkeys(
+        (
+            "reflections",
+            "reflections_dropped_incomplete",
+            "reflections_dropped_empty",
+            "interactions",
+            "interactions_cut",
+            "interactions_dropped",
+            "interaction_assistant_turns",
+        ),
+        0,
+    )
+    for row in reflections:
+        if not row["complete"]:
+            counts["reflections_dropped_incomplete"] += 1
+        elif not row["reply"].strip():
+            counts["reflections_dropped_empty"] += 1
+        else:
+            out.append(
+                [
+                    {"role": "user", "content": row["instruction"]},
+                    {"role": "assistant", "content": row["reply"]},
+                ]
+            )
+            counts["reflections"] += 1
+    for row in interactions:
+        messages: list[Message] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": row["opener"]},
+        ]
+        for turn in row["turns"]:
+            is_a = turn["speaker"] == "A"
+            if is_a and (not turn["complete"] or not turn["text"].strip()):
+                counts["interactions_cut"] += 1
+                break
+            messages.append({"role": "assistant" if is_a else "user", "content": turn["text"]})
+        if messages[-1]["role"] == "user":
+            messages.pop()  # never end on a turn nothing is trained on
+        if messages[-1]["role"] != "assistant":
+            counts["interactions_dropped"] += 1
+            continue
+        out.append(messages)
+        counts["interactions"] += 1
+        counts["interaction_assistant_turns"] += sum(m["role"] == "assistant" for m in messages)
+    counts["transcripts"] = counts["reflections"] + counts["interactions"]
+    return out, counts
+
+
+def sft_conversations(
+    source: Path | str | tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]],
+    name: str,
+) -> list[list[Message]]:
+    """The chat transcripts stage 05 trains on, without the constitution.
+
+    ``source`` is a run directory (or this stage's folder), or the pair (reflection records,
+    interaction records). ``name`` is the assistant name (stage 04's ``assistant_name``).
+    Returns reflections first, in file order, then interactions:
+
+    * a reflection is ``[user: instruction, assistant: reply]``; replies cut at the token limit
+      or empty are left out (a cut reply would teach stopping mid-sentence);
+    * a self-interaction is seen from instance A: ``[system: the neutral line of
+      prompts.self_interaction_sft_system(name), user: B's opener, assistant: A, user: B, ...]``.
+      It stops before A's first cut or empty turn (B's turns are kept as sampled: they are
+      only context, and A answered exactly that text), and a trailing user turn is dropped, so
+      every transcript ENDS WITH AN ASSISTANT TURN (the paper's code trained on conversations
+      ending with a user turn). One left without any A turn is dropped.
+
+    No message holds a template placeholder: the name is filled in, and an empty name or one
+    with braces is refused.
+    """
+    reflections, interactions = _load_outputs(source)
+    return _build_sft(reflections, interactions, name)[0]
+
+
+def sft_counts(
+    source: Path | str | tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]],
+    name: str,
+) -> dict[str, int]:
+    """What `sft_conversations` keeps and leaves out, by reason (for manifests and notebooks)."""
+    reflections, interactions = _load_outputs(source)
+    return _build_sft(reflections, interactions, name)[1]
+
+
+# -- the sampler's context window ---------------------------------------------------------------
+def model_context_tokens(sampler: Any) -> int | None:
+    """The model's own maximum sequence length where the sampler exposes it, else None.
+
+    The local engine's client holds the Hugging Face model (``max_position_embeddings``, the
+    limit its ``sample`` enforces); a Tinker client exposes none, so ``context_tokens`` rules.
+    """
+    config = getattr(getattr(sampler, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def context_window(sampler: Any, configured: int) -> int:
+    """``introspection.context_tokens``, capped by the model's own limit when known."""
+    model_limit = model_context_tokens(sampler)
+    return configured if model_limit is None else min(configured, model_limit)
+
+
+def load_dpo_checkpoint(run_dir: Path, student: str) -> Checkpoint:
+    """Checkpoint "dpo" (notebook 03), refused if it was trained from another base model."""
+    checkpoint = find_checkpoint(run_dir, CHECKPOINT)
+    if checkpoint.base_model != student:
+        raise DataError(
+            f"{Path(run_dir) / 'checkpoints.json'}: checkpoint 'dpo' was trained from "
+            f"{checkpoint.base_model!r}, but the student is {student!r}: run notebook 03_dpo "
+            "again for this student"
+        )
+    return checkpoint
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> Result:
+    """Sample self-reflections and self-interactions from checkpoint "dpo"; resumable."""
+    from ..backends import resolve_client
+
+    config = Config.from_params(params)
+    constitution = load_constitution(config.constitution, allow_opt_in=config.allow_opt_in)
+    checkpoint = load_dpo_checkpoint(params.run_dir, config.student)
+    name = config.assistant_name
+    self_interaction_sft_system(name)  # refuses an unusable name before anything is sampled
+    stage: StageDir = stage_dir(params.run_dir, STAGE)
+    digest = prompts_digest(constitution, name)
+    stage.prepare(
+        config.fingerprint(checkpoint, digest),
+        on_existing,
+        {**asdict(config), "checkpoint": checkpoint.to_dict(), "prompts_digest": digest},
+    )
+    stage.write_manifest(inputs={"checkpoint": checkpoint.to_dict()})
+
+    sampler = resolve_client(
+        service_client.create_sampling_client(model_path=checkpoint.sampler_path)
+    )
+    renderer = get_renderer(config.student_renderer, sampler.get_tokenizer())
+    window = context_window(sampler, config.context_tokens)
+    common = dict(
+        max_tokens=config.response_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        seed=config.seed,
+    )
+
+    def count_tokens(messages: Sequence[Message]) -> int:
+        return generation_prompt(renderer, messages).length
+
+    # -- self-reflection
+    requests = reflection_requests(constitution, name, config.reflections_per_prompt)
+    for request in requests[:: max(1, config.reflections_per_prompt)]:
+        fit_to_context(request.messages, count_tokens, window, config.response_tokens)
+    done = sample_chat(
+        sampler,
+        renderer,
+        requests,
+        log_path=stage.file("reflections.partial.jsonl"),
+        desc="self-reflection",
+        **common,
+    )
+    reflections = [reflection_record(done[r.key]) for r in requests]
+    write_jsonl(stage.file("reflections.jsonl"), reflections)
+
+    # -- self-interaction: one batched sample_chat call per turn
+    plans = plan_interactions(config.interactions, config.seed)
+    systems = {g: self_interaction_system_prompt(constitution, name, g) for g in GUIDANCE_KINDS}
+    turns: dict[str, list[dict[str, Any]]] = {p.conv_id: [] for p in plans}
+    for turn in range(config.interaction_turns if plans else 0):
+        speaker = speaker_of(turn)
+        batch, dropped = [], {}
+        for plan in plans:
+            messages = view_messages(
+                systems[plan.guidance], plan.opener, turns[plan.conv_id], speaker
+            )
+            messages, dropped[plan.conv_id] = fit_to_context(
+                messages, count_tokens, window, config.response_tokens
+            )
+            batch.append(
+                SampleRequest(
+                    interaction_key(plan.conv_id, turn),
+                    messages,
+                    meta={"conv_id": plan.conv_id, "turn": turn, "speaker": speaker},
+                )
+            )
+        done = sample_chat(
+            sampler,
+            renderer,
+            batch,
+            log_path=stage.file("interactions.partial.jsonl"),
+            desc=f"self-interaction turn {turn + 1}/{config.interaction_turns} ({speaker})",
+            **common,
+        )
+        for plan, request in zip(plans, batch):
+            turns[plan.conv_id].append(turn_record(turn, done[request.key], dropped[plan.conv_id]))
+    interactions = [interaction_record(p, turns[p.conv_id]) for p in plans]
+    write_jsonl(stage.file("interactions.jsonl"), interactions)
+
+    sft = _build_sft(reflections, interactions, name)[1]
+    all_turns = [t for row in interactions for t in row["turns"]]
+    counts: dict[str, Any] = {
+        "reflection_themes": len(REFLECTION_THEMES),
+        "reflections": len(reflections),
+        "reflections_incomplete": sum(not r["complete"] for r in reflections),
+        "reflections_empty": sum(not r["reply"].strip() for r in reflections),
+        "interactions": len(interactions),
+        **{
+            f"interactions_{g}": sum(r["guidance"] == g for r in interactions)
+            for g in GUIDANCE_KINDS
+        },
+        "interaction_turns": config.interaction_turns if plans else 0,
+        "turns": len(all_turns),
+        "turns_incomplete": sum(not t["complete"] for t in all_turns),
+        "turns_empty": sum(not t["text"].strip() for t in all_turns),
+        "truncated_prompts": sum(r["truncations"] for r in interactions),
+        "conversations_truncated": sum(bool(r["truncations"]) for r in interactions),
+        "context_tokens": window,
+        **{f"sft_{k}": v for k, v in sft.items()},
+    }
+    warnings = []
+    if reflections and counts["reflections_incomplete"] > len(reflections) / 2:
+        warnings.append(
+            f"{counts['reflections_incomplete']} of {len(reflections)} reflections were cut at "
+            f"introspection.response_tokens={config.response_tokens}: stage 05 leaves them out; "
+            "raise response_tokens"
+        )
+    for warning in warnings:
+        logger.warning("%s", warning)
+    stage.write_manifest(
+        warnings=warnings,
+        assistant_name=name,
+        context={
+            "window": window,
+            "configured": config.context_tokens,
+            "model": model_context_tokens(sampler),
+        },
+    )
+    stage.finish(**counts)
+    return Result(stage.path, counts, window, warnings)
+
+
+def load_outputs(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(reflections, interactions) of a finished stage 04, or a one-line `DataError`."""
+    reflections, interactions = _load_outputs(Path(run_dir))
+    return list(reflections), list(interactions)
+
+
+def transcript_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An interaction as rows to read in order: B's opener, then every sampled turn.
+
+    Columns: turn (-1 for the opener), speaker, text, complete, context_dropped.
+    """
+    rows = [
+        {
+            "turn": -1,
+            "speaker": OPENER_SPEAKER,
+            "text": record["opener"],
+            "complete": True,
+            "context_dropped": 0,
+        }
+    ]
+    rows += [
+        {k: t[k] for k in ("turn", "speaker", "text", "complete", "context_dropped")}
+        for t in record["turns"]
+    ]
+    return rows
+
+
+__all__ = [
+    "CHECKPOINT",
+    "GUIDANCE_KINDS",
+    "STAGE",
+    "Config",
+    "InteractionPlan",
+    "Result",
+    "context_window",
+    "fit_to_context",
+    "interaction_key",
+    "interaction_record",
+    "load_dpo_checkpoint",
+    "load_outputs",
+    "model_context_tokens",
+    "plan_interactions",
+    "prompts_digest",
+    "reflection_key",
+    "reflection_record",
+    "reflection_requests",
+    "run",
+    "sft_conversations",
+    "sft_counts",
+    "speaker_of",
+    "transcript_rows",
+    "turn_record",
+    "view_messages",
+]
