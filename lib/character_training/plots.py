@@ -539,3 +539,68 @@ def stage_lengths(stats: Sequence[Mapping[str, Any]], title: str = "") -> Figure
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def diversity_bars(stats: Mapping[str, Mapping[str, float]], title: str = "") -> Figure:
+    """Distinct-1/2/3 and self-BLEU per kind of text (e.g. reflections, free, reflect chats).
+
+    ``stats`` is `evaluate.diversity.statistics_by_kind`'s output. Low distinct ratios with a
+    high self-BLEU mean the same words over and over: the collapse to watch for before SFT.
+    Missing values (NaN: too few texts or words) are left out and noted.
+    """
+    metrics = ("distinct_1", "distinct_2", "distinct_3", "self_bleu")
+    kinds = list(stats)
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(kinds) + 2), 3.5))
+    for k, metric in enumerate(metrics):
+        xs, values = [], []
+        for i, kind in enumerate(kinds):
+            value = stats[kind].get(metric)
+            if value is not None and value == value:  # NaN != NaN
+                xs.append(i + (k - (len(metrics) - 1) / 2) * width)
+                values.append(value)
+        ax.bar(xs, values, width=width, label=metric.replace("_", "-"), color=f"C{k}")
+    if not kinds:
+        ax.text(0.5, 0.5, "no texts", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks(range(len(kinds)), [f"{k}\n(n={stats[k].get('texts', 0)})" for k in kinds])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("ratio / score")
+    ax.set_title(title or "Diversity by kind (distinct-n: higher is more varied; self-BLEU: lower)")
+    ax.legend(fontsize=8, ncol=len(metrics))
+    fig.tight_layout()
+    return fig
+
+
+def turn_lengths(interactions: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Mean words per self-interaction turn, by turn index and speaker, with the cut share.
+
+    Turns growing shorter towards the end, or more often cut at the token limit, show a
+    conversation running down or running away; prompts truncated to the window are marked.
+    """
+    by_turn: dict[int, list[Mapping[str, Any]]] = {}
+    for record in interactions:
+        for turn in record["turns"]:
+            by_turn.setdefault(int(turn["turn"]), []).append(turn)
+    turns = sorted(by_turn)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(turns) + 3), 3.5))
+    for speaker, color in (("A", "C0"), ("B", "C1")):
+        xs = [t for t in turns if by_turn[t][0]["speaker"] == speaker]
+        means = [sum(len(x["text"].split()) for x in by_turn[t]) / len(by_turn[t]) for t in xs]
+        ax.bar(xs, means, color=color, label=f"instance {speaker}")
+        for x, mean in zip(xs, means):
+            rows = by_turn[x]
+            cut = sum(not r["complete"] for r in rows) / len(rows)
+            trunc = sum(bool(r.get("context_dropped")) for r in rows) / len(rows)
+            note = (f"{cut:.0%} cut" if cut else "") + (f"\n{trunc:.0%} trunc." if trunc else "")
+            if note:
+                ax.annotate(note, (x, mean), ha="center", va="bottom", fontsize=7)
+    if not turns:
+        ax.text(0.5, 0.5, "no turns", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=8)
+    ax.set_xticks(turns, [str(t + 1) for t in turns])
+    ax.set_xlabel("turn (after B's opener)")
+    ax.set_ylabel("mean words")
+    ax.set_title(title or "Self-interaction turns: length, replies cut, prompts truncated")
+    fig.tight_layout()
+    return fig
