@@ -170,7 +170,10 @@ class FastDecoder:
         self.dtype = model.lm_head.weight.dtype
         self.act_dtype = model.model.embed_tokens.weight.dtype
         self.device = model.lm_head.weight.device
-        self.cache_dtype = cache_dtype or self.act_dtype
+        # The KV cache holds keys/values in the weights' dtype: it is the decoder's largest
+        # allocation (SmolLM2: 46 KB per token in fp32, so 64 rows x 1,500 columns = 4.4 GB),
+        # and bf16 halves it; attention then runs in bf16 on bf16 keys, as under autocast.
+        self.cache_dtype = cache_dtype or self.dtype
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
