@@ -28,6 +28,7 @@ from .adherence import (
     paired_bootstrap_difference,
     read_pooling_spec,
     roc_auc,
+    samples_table,
     split_prompt_ids,
 )
 
@@ -53,5 +54,6 @@ __all__ = [
     "paired_bootstrap_difference",
     "read_pooling_spec",
     "roc_auc",
+    "samples_table",
     "split_prompt_ids",
 ]

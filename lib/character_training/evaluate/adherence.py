@@ -1123,3 +1123,31 @@ def measure(
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "encoder"
+
+
+def samples_table(
+    report: AdherenceReport,
+    labels: Sequence[str] | None = None,
+    probe_set: str = CLASSIFIER_SOURCE,
+    prompts: int = 6,
+) -> Any:
+    """Probe prompts as rows, models as columns: each model's first reply and its teacher-like
+    probability, for reading the numbers against the text (the notebooks' before/after view)."""
+    import pandas as pd
+
+    rows = read_jsonl(report.path.parent / f"{report.path.stem}_samples.jsonl")
+    heldout = {p.prompt_id: p.prompt for p in load_heldout(report.path.parent.parent)}
+    labels = list(labels or dict.fromkeys(r["label"] for r in rows))
+    first: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if row["probe_set"] == probe_set and row["label"] in labels:
+            first.setdefault((row["prompt_id"], row["label"]), row)
+    prompt_ids = list(dict.fromkeys(pid for pid, _ in first))[:prompts]
+    table = []
+    for pid in prompt_ids:
+        entry = {"prompt": heldout.get(pid, pid)}
+        for label in labels:
+            row = first.get((pid, label))
+            entry[label] = "" if row is None else f"[p={row['p_teacher']:.2f}] {row['text']}"
+        table.append(entry)
+    return pd.DataFrame(table)
