@@ -37,6 +37,9 @@ JUDGE_MODES = ("generative", "logprob")  # stage 07: sampled + parsed, forced ch
 # stage 08: the models compared (prompts.ADVERSARIAL_INSTRUCTIONS holds the eight attacks)
 ROBUSTNESS_METHODS = ("base", "system_prompt", "dpo", "final")
 ADVERSARIAL_SPLITS = 8
+RL_SIGNALS = ("judge", "preference_model")  # stage 09: what scores a group's replies
+RL_INITS = ("sft", "instruct")  # stage 09: where the policy starts
+RL_ADVANTAGES = ("center", "std")  # stage 09: group-centred win rates, optionally / std
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -393,6 +396,83 @@ class EvalParams:
 
 
 @dataclass(frozen=True)
+class RLParams:
+    """Stage 09 RLAIF (group size, steps and prompts per step are ``evals.rl_*``).
+
+    ``signal`` scores the replies of a group by pairwise matchups: "judge" is the untrained
+    ``judge`` model with the constitution in context, "preference_model" a LoRA on the judge's
+    base trained on stage 02's chosen/rejected pairs (``pm_*``; optionally with the shipped
+    helpfulness pairs mixed in). ``init`` "sft" starts RL from ``sft_init_steps`` steps of SFT
+    on the chosen replies (the public replication's start), "instruct" from the student itself.
+    ``kl_coef`` weighs a per-token KL penalty to the starting policy, folded into the
+    advantages; the replication ran without one and collapsed to short stylistic replies.
+    ``matchups_per_group`` 0 plays every pair of a group, n > 0 a seeded subset of n pairs.
+    ``advantage`` "center" subtracts the group's mean win rate, "std" also divides by its
+    standard deviation. Replies are sampled from the policy itself (``temperature``, no top-p
+    or top-k), so the policy gradient is taken on the distribution that was sampled.
+    """
+
+    signal: str = "judge"
+    init: str = "sft"
+    sft_init_steps: int = 20  # SFT steps on the chosen replies (sft.batch_size, learning_rate)
+    kl_coef: float = 0.05
+    learning_rate: float = 2e-5
+    schedule: str = "constant"  # linear | cosine | constant (no warm-up)
+    advantage: str = "center"
+    matchups_per_group: int = 0
+    response_tokens: int = 300  # reply budget of the policy
+    temperature: float = 1.0
+    save_every: int = 5  # steps between resumable states
+    probe_every: int = 5  # steps between win-rate-vs-start probes (and saved checkpoints)
+    probe_prompts: int = 16  # held-out prompts (02_distillation/heldout.jsonl) of the probes
+    pm_epochs: int = 2
+    pm_learning_rate: float = 1e-4
+    pm_batch_size: int = 16
+    pm_heldout_fraction: float = 0.2  # pair prompts held out to measure the model's accuracy
+    pm_helpfulness_pairs: bool = True  # mix in data/helpfulness_pairs.jsonl
+    pm_max_length: int = 4096  # tokens of a rendered comparison; longer ones are left out
+
+    def __post_init__(self) -> None:
+        _check(self.signal in RL_SIGNALS, "rl.signal", self.signal, f"one of {RL_SIGNALS}")
+        _check(self.init in RL_INITS, "rl.init", self.init, f"one of {RL_INITS}")
+        _check(
+            self.advantage in RL_ADVANTAGES,
+            "rl.advantage",
+            self.advantage,
+            f"one of {RL_ADVANTAGES}",
+        )
+        _check(self.schedule in SCHEDULES, "rl.schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.kl_coef >= 0, "rl.kl_coef", self.kl_coef, ">= 0")
+        _check_positive(self, "rl", ("learning_rate", "pm_learning_rate", "temperature"))
+        _check_min(self, "rl", ("sft_init_steps", "matchups_per_group", "probe_every"), 0)
+        _check_min(
+            self,
+            "rl",
+            (
+                "response_tokens",
+                "save_every",
+                "probe_prompts",
+                "pm_epochs",
+                "pm_batch_size",
+                "pm_max_length",
+            ),
+            1,
+        )
+        _check(
+            0 < self.pm_heldout_fraction < 1,
+            "rl.pm_heldout_fraction",
+            self.pm_heldout_fraction,
+            "in (0, 1)",
+        )
+        _check(
+            self.init != "sft" or self.sft_init_steps >= 1,
+            "rl.sft_init_steps",
+            self.sft_init_steps,
+            ">= 1 when rl.init is 'sft'",
+        )
+
+
+@dataclass(frozen=True)
 class RunnerParams:
     """Headless execution (runner.py).
 
@@ -483,6 +563,7 @@ class RunParams:
     sft: SFTParams = field(default_factory=SFTParams)
     introspection: IntrospectionParams = field(default_factory=IntrospectionParams)
     evals: EvalParams = field(default_factory=EvalParams)
+    rl: RLParams = field(default_factory=RLParams)
     prices: PriceParams = field(default_factory=PriceParams)
     runner: RunnerParams = field(default_factory=RunnerParams)
 
