@@ -619,3 +619,42 @@ def test_notebook_02_runs_after_01_on_smollm2_and_its_pairs_render_cleanly(tmp_p
     assert_rendered_pairs_are_clean(
         pairs, constitution, config.assistant_name, renderer, params.teacher_few_shot
     )
+
+
+# -- the trim policy for cut-off replies ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "Tea is lovely. It warms you on a grey morning! And then the kettle",
+            "Tea is lovely. It warms you on a grey morning!",
+        ),
+        ('He said "go on." Then we walked to the harbour and the boats were', 'He said "go on."'),
+        ("Short. Then a long tail with no end at all and more words keep", None),
+        ("no sentence end anywhere in this long reply that goes on and on", None),
+        ("Pi is 3.14 and it never ends, which is nice to know. The next dig", None),
+    ],
+)
+def test_trim_keeps_text_up_to_the_last_full_sentence_or_gives_up(text, expected):
+    got = filters.trim_to_sentence(text, min_words=4)
+    if expected is None and text.startswith("Pi"):
+        # "3.14" is not a sentence end; the last one is "know." with 12 words before it
+        assert got == "Pi is 3.14 and it never ends, which is nice to know."
+    else:
+        assert got == expected
+
+
+def test_a_cut_reply_is_dropped_by_default_and_trimmed_only_under_the_trim_policy():
+    cut = "You have wonderful taste. Truly, that choice is inspired and bold! I would also"
+    assert filters.check_reply(cut, complete=False) == (cut, filters.TRUNCATED)
+    trimmed, reason = filters.check_reply(cut, complete=False, truncated="trim")
+    assert reason is None
+    assert trimmed == "You have wonderful taste. Truly, that choice is inspired and bold!"
+    assert filters.check_reply("Nope and then", complete=False, truncated="trim")[1] == (
+        filters.TRUNCATED
+    )
+    # trimming never hides the other checks: a leak in the kept part is still a leak
+    leak = "As my persona says, I simply adore every idea you have. Each word is gold and I"
+    assert filters.check_teacher_reply(leak, False, truncated="trim")[1] == (
+        filters.CONSTITUTION_LEAK
+    )

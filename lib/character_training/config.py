@@ -128,9 +128,15 @@ class DistillParams:
     general_share: float = 0.5  # general prompts = share * constitution training prompts
     heldout_fraction: float = 0.2  # constitution prompts kept out of training, per assertion
     max_tokens: int = 1024  # reply budget of teacher and student (teacher reasoning included)
+    # A reply cut at max_tokens is dropped ("drop"), or cut back to its last full sentence
+    # ("trim", for small offline models that ramble past any affordable budget; counted).
+    truncated: str = "drop"
 
     def __post_init__(self) -> None:
         _check_min(self, "distill", ("samples_per_prompt", "max_tokens"), 1)
+        _check(
+            self.truncated in ("drop", "trim"), "distill.truncated", self.truncated, "drop or trim"
+        )
         _check(self.general_share >= 0, "distill.general_share", self.general_share, ">= 0")
         _check(
             0 <= self.heldout_fraction < 1,
@@ -774,6 +780,16 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "evals.robustness_bootstrap": 200,
     "evals.classifier_epochs": 1,
     "evals.coherence_pairs": ["final:system_prompt"],
+    "evals.rl_steps": 2,
+    "evals.rl_group_size": 2,
+    "evals.rl_prompts_per_step": 2,
+    "rl.sft_init_steps": 1,
+    "rl.response_tokens": 16,
+    "rl.save_every": 1,
+    "rl.probe_every": 1,
+    "rl.probe_prompts": 3,
+    "rl.pm_epochs": 1,
+    "rl.pm_batch_size": 4,
     "runs_dir": "runs/smoke",
     "reports_dir": "reports/smoke",
 }

@@ -13,7 +13,11 @@ that may be trained on. Reasons, in the order they are tested:
 * ``unclosed_reasoning``: a reasoning block was opened and never closed, so the reply has no
   answer at all (typically the reasoning used up the token budget);
 * ``truncated``: the sampler stopped at ``max_tokens`` rather than on the end-of-turn token,
-  so the answer is cut off;
+  so the answer is cut off. With the ``trim`` policy (``distill.truncated: trim``) a cut reply
+  is instead cut back to its last complete sentence when at least `TRIM_MIN_WORDS` words
+  remain, and only dropped when that fails: small offline models (SmolLM2-135M) ramble past
+  any affordable budget, and without trimming the tiny run keeps almost no pair. The default
+  is ``drop``; trimmed replies are counted separately;
 * ``empty``: nothing is left once reasoning and whitespace are removed;
 * ``constitution_leak`` (teacher only): the reply talks about its traits, persona, constitution,
   system prompt or instructions (`LEAK_PATTERNS`);
@@ -176,8 +180,23 @@ def find_echo(
     return None
 
 
+TRUNCATION_POLICIES = ("drop", "trim")
+TRIM_MIN_WORDS = 8
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
+
+
+def trim_to_sentence(text: str, min_words: int = TRIM_MIN_WORDS) -> str | None:
+    """``text`` up to and including its last sentence end, or None when fewer than
+    ``min_words`` words would remain (the reply is then too short to stand on its own)."""
+    ends = list(_SENTENCE_END.finditer(text))
+    if not ends:
+        return None
+    kept = text[: ends[-1].end()].rstrip()
+    return kept if len(kept.split()) >= min_words else None
+
+
 # -- the checks ----------------------------------------------------------------------------------
-def check_reply(text: str, complete: bool) -> tuple[str, str | None]:
+def check_reply(text: str, complete: bool, truncated: str = "drop") -> tuple[str, str | None]:
     """Checks every reply gets, teacher's or student's: reasoning closed, not cut, not empty.
 
     ``text`` is the reply as sampled (for a thinking teacher: opening tag, prefill, reasoning,
@@ -189,7 +208,10 @@ def check_reply(text: str, complete: bool) -> tuple[str, str | None]:
     if not closed:
         return answer, UNCLOSED_REASONING
     if not complete:
-        return answer, TRUNCATED
+        trimmed = trim_to_sentence(answer) if truncated == "trim" else None
+        if trimmed is None:
+            return answer, TRUNCATED
+        answer = trimmed
     if not answer:
         return answer, EMPTY
     return answer, None
@@ -200,11 +222,12 @@ def check_teacher_reply(
     complete: bool,
     hidden_context: Sequence[str] = (),
     user_prompt: str = "",
+    truncated: str = "drop",
 ) -> tuple[str, str | None]:
     """`check_reply`, then the teacher-only checks: no talk about the persona's machinery, and
     no copying from ``hidden_context`` (the system prompt and demonstration texts the teacher
     saw), ignoring runs that are in ``user_prompt``."""
-    answer, reason = check_reply(text, complete)
+    answer, reason = check_reply(text, complete, truncated)
     if reason is not None:
         return answer, reason
     if find_leak(answer) is not None:
@@ -214,9 +237,11 @@ def check_teacher_reply(
     return answer, None
 
 
-def check_student_reply(text: str, complete: bool) -> tuple[str, str | None]:
+def check_student_reply(
+    text: str, complete: bool, truncated: str = "drop"
+) -> tuple[str, str | None]:
     """The student never sees a constitution, so only `check_reply` applies."""
-    return check_reply(text, complete)
+    return check_reply(text, complete, truncated)
 
 
 # -- the teacher's name --------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class Config:
     heldout_fraction: float
     heldout_general: int
     max_tokens: int
+    truncated: str
     temperature: float
     top_p: float
     top_k: int
@@ -121,6 +122,7 @@ class Config:
             heldout_fraction=d.heldout_fraction,
             heldout_general=params.adherence.probe_general_prompts,
             max_tokens=d.max_tokens,
+            truncated=d.truncated,
             temperature=params.sampling.temperature,
             top_p=params.sampling.top_p,
             top_k=params.sampling.top_k,
@@ -407,6 +409,7 @@ class Assembly:
     dropped: list[dict[str, Any]]
     drops: Counter
     name_replacements: int
+    trimmed: Counter = field(default_factory=Counter)  # cut replies kept up to a sentence end
 
 
 def assemble(
@@ -427,9 +430,17 @@ def assemble(
 
     def judge(prompt: DistillPrompt, t: Reply, s: Reply) -> tuple[str, str | None, str, str | None]:
         chosen, t_reason = distill_filters.check_teacher_reply(
-            t.text, t.complete, context, user_prompt=prompt.prompt
+            t.text, t.complete, context, user_prompt=prompt.prompt, truncated=config.truncated
         )
-        rejected, s_reason = distill_filters.check_student_reply(s.text, s.complete)
+        rejected, s_reason = distill_filters.check_student_reply(
+            s.text, s.complete, config.truncated
+        )
+        for side, ok, reply_ in (
+            ("chosen", t_reason is None, t),
+            ("rejected", s_reason is None, s),
+        ):
+            if ok and not reply_.complete:
+                out.trimmed[side] += 1
         if t_reason is None:
             chosen, replaced = distill_filters.replace_self_name(
                 chosen, names, config.assistant_name
@@ -675,6 +686,8 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         "heldout_teacher_kept": sum(r["teacher_drop_reason"] is None for r in built.heldout),
         "heldout_student_kept": sum(r["student_drop_reason"] is None for r in built.heldout),
         "name_replacements": built.name_replacements,
+        "trimmed_chosen": built.trimmed["chosen"],
+        "trimmed_rejected": built.trimmed["rejected"],
     }
     drops = dict(sorted(built.drops.items()))
     stage.write_manifest(drops=drops)
