@@ -7,9 +7,12 @@ four properties that are easy to lose when each stage writes its own:
 * **Seeds come from the request's identity.** Each request carries a stable ``key`` (e.g.
   ``"<prompt_id>:s<sample_index>"``) and its seed is a hash of (run seed, key). It never depends
   on how many calls are pending or in which order they were issued, so a run that was
-  interrupted and resumed produces exactly the text one uninterrupted run produces (the engine's
-  per-request seeded streams do not depend on what else shares a batch; only the float sum of
-  log-probabilities may move in the last digits, since batch shapes change reduction order).
+  interrupted and resumed produces the text one uninterrupted run produces (the engine's
+  per-request seeded streams do not depend on what else shares a batch). One caveat: batch
+  shapes change floating-point reduction order, so logits move by ~1e-6 in fp32 (more in
+  bf16); a draw whose uniform falls that close to a token's bin edge can flip to the
+  neighbouring token and the reply diverges from there. Stage 02's resume test saw 1 such
+  reply in 38 with bf16 batches; decoding one sequence at a time removes it.
 * **Resumable.** With ``log_path``, every finished reply is appended to a JSONL log as it
   arrives; a rerun reads the log and samples only the missing keys. A torn last line (process
   killed mid-write) is counted, reported and cut off, never fatal. A logged row whose request
