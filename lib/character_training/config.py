@@ -786,10 +786,11 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "rl.sft_init_steps": 1,
     "rl.response_tokens": 16,
     "rl.save_every": 1,
-    "rl.probe_every": 1,
+    "rl.probe_every": 0,
     "rl.probe_prompts": 3,
     "rl.pm_epochs": 1,
     "rl.pm_batch_size": 4,
+    "rl.pm_helpfulness_pairs": False,
     "runs_dir": "runs/smoke",
     "reports_dir": "reports/smoke",
 }

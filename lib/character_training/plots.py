@@ -604,3 +604,128 @@ def turn_lengths(interactions: Sequence[Mapping[str, Any]], title: str = "") -> 
     ax.set_title(title or "Self-interaction turns: length, replies cut, prompts truncated")
     fig.tight_layout()
     return fig
+
+
+def _interval_errors(values, lows, highs) -> list[list[float]]:
+    """Asymmetric error-bar lengths from point values and interval ends (0 where missing)."""
+    below = [v - lo if v is not None and lo is not None else 0.0 for v, lo in zip(values, lows)]
+    above = [hi - v if v is not None and hi is not None else 0.0 for v, hi in zip(values, highs)]
+    return [below, above]
+
+
+def rl_reward_and_adherence(series: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """The reward-hacking check of notebook 09, two panels against the RL step.
+
+    Left: the training reward, i.e. the win rate of the policy's probe replies against the
+    starting policy's as the training signal judges them (0.5 at the start by definition).
+    Right: the teacher-like share of the same policy on the adherence probes (an independent
+    classifier). Both with 95% intervals; reward rising while the right panel falls is the
+    pattern to worry about. ``series`` are `stages.rlaif.probe_series` rows.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    steps = [r["step"] for r in series]
+    reward = [r["reward"] for r in series]
+    left.errorbar(
+        steps,
+        reward,
+        yerr=_interval_errors(
+            reward, [r["reward_low"] for r in series], [r["reward_high"] for r in series]
+        ),
+        marker="o",
+        capsize=4,
+        color="#8172b2",
+    )
+    left.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    left.set_ylim(-0.05, 1.05)
+    left.set_xlabel("RL step")
+    left.set_ylabel("win rate vs the start")
+    left.set_title("training reward (probe)")
+    pts = [r for r in series if r.get("teacher_like") is not None]
+    if pts:
+        like = [r["teacher_like"] for r in pts]
+        right.errorbar(
+            [r["step"] for r in pts],
+            like,
+            yerr=_interval_errors(
+                like, [r["teacher_like_low"] for r in pts], [r["teacher_like_high"] for r in pts]
+            ),
+            marker="o",
+            capsize=4,
+            color="#55a868",
+        )
+    right.set_ylim(-0.05, 1.05)
+    right.set_xlabel("RL step")
+    right.set_ylabel("teacher-like share")
+    right.set_title("adherence (independent classifier)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def model_comparison(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """One panel per metric, one bar per model, with 95% intervals.
+
+    ``rows`` are ``{"metric", "model", "value", "low", "high"}`` (interval ends may be None);
+    metrics keep their order of appearance, models their order within each metric. Used by
+    notebook 09 to set rlaif next to dpo+sft ("final") and the base model on every evaluation.
+    """
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    fig, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(3.2 * max(1, len(metrics)), 3.4), squeeze=False
+    )
+    for ax, metric in zip(axes[0], metrics):
+        part = [r for r in rows if r["metric"] == metric]
+        values = [r["value"] for r in part]
+        xs = range(len(part))
+        colors = [_model_color(r["model"], k) for k, r in enumerate(part)]
+        ax.bar(
+            xs,
+            [v if v is not None else 0.0 for v in values],
+            yerr=_interval_errors(
+                values, [r.get("low") for r in part], [r.get("high") for r in part]
+            ),
+            capsize=4,
+            color=colors,
+        )
+        ax.set_xticks(list(xs), [r["model"] for r in part], fontsize=8)
+        ax.set_title(metric, fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def pairwise_accuracy(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Held-out pairwise accuracy of each preference signal per data source, with 95%
+    intervals over prompts; the dashed line is chance (both orders are asked, so a signal with
+    a position habit sits there)."""
+    signals = list(dict.fromkeys(r["signal"] for r in rows))
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    width = 0.8 / max(1, len(signals))
+    fig, ax = plt.subplots(figsize=(1.6 * max(2, len(sources)) + 2.0, 3.4))
+    for k, signal in enumerate(signals):
+        part = {r["source"]: r for r in rows if r["signal"] == signal}
+        xs = [i + (k - (len(signals) - 1) / 2) * width for i, s in enumerate(sources) if s in part]
+        vals = [part[s]["accuracy"] for s in sources if s in part]
+        ax.bar(
+            xs,
+            vals,
+            width=width,
+            yerr=_interval_errors(
+                vals,
+                [part[s]["low"] for s in sources if s in part],
+                [part[s]["high"] for s in sources if s in part],
+            ),
+            capsize=3,
+            label=signal,
+            color=f"C{k}",
+        )
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(sources)), sources)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out pairwise accuracy")
+    ax.set_title(title or "Does the signal prefer the teacher's reply on unseen prompts?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1092,8 +1092,359 @@ def _rl_step(
     }
 
 
+# -- comparison with DPO + SFT (notebook 09) -----------------------------------------------------
+COMPARE_REPORT = "rlaif"
+START_LABEL = PROBE_LABEL.format(0)
+
+
+def comparison_models(params: RunParams, result: Result) -> dict[str, str | None]:
+    """What notebook 09 measures: ``base`` (None), ``final`` when notebook 05 recorded it,
+    ``rlaif``, and the policy at every probe step but the last (``rl-step-NNNN``; the last
+    one is ``rlaif`` itself)."""
+    recorded = {c: find_checkpoint(params.run_dir, c) for c in ("final",) if _has(params, c)}
+    models: dict[str, str | None] = {"base": None}
+    models |= {label: c.sampler_path for label, c in recorded.items()}
+    models["rlaif"] = result.checkpoint.sampler_path
+    for probe in result.probes[:-1]:
+        models[PROBE_LABEL.format(probe["step"])] = probe["sampler_path"]
+    return models
+
+
+def _has(params: RunParams, name: str) -> bool:
+    try:
+        find_checkpoint(params.run_dir, name)
+    except DataError:
+        return False
+    return True
+
+
+def comparison_pairs(models: Mapping[str, str | None]) -> list[tuple[str, str]]:
+    """Paired differences notebook 09 reports: rlaif against final, base and its own start."""
+    wanted = [("rlaif", "final"), ("rlaif", "base"), ("final", "base"), ("rlaif", START_LABEL)]
+    return [(a, b) for a, b in wanted if a in models and b in models]
+
+
+def probe_series(result: Result, report: Any, probe_set: str = "constitution") -> list[dict]:
+    """Per probe step: the training reward (probe win rate against the start) next to the
+    teacher-like share of the policy at that step, each with its 95% interval."""
+    labels = {p["step"]: PROBE_LABEL.format(p["step"]) for p in result.probes}
+    labels[result.probes[-1]["step"]] = "rlaif"
+    rows = []
+    for probe in result.probes:
+        try:
+            like = report.row(labels[probe["step"]], probe_set).teacher_like
+        except (KeyError, StopIteration, ValueError):
+            like = None
+        rows.append(
+            {
+                "step": probe["step"],
+                "label": labels[probe["step"]],
+                "reward": probe["win_rate"],
+                "reward_low": probe["low"],
+                "reward_high": probe["high"],
+                "teacher_like": like.value if like else None,
+                "teacher_like_low": like.low if like else None,
+                "teacher_like_high": like.high if like else None,
+                "reply_tokens_mean": probe.get("reply_tokens_mean"),
+            }
+        )
+    return rows
+
+
+def reply_lengths(
+    report: Any, labels: Sequence[str], bootstrap: int, seed: int
+) -> list[dict[str, Any]]:
+    """Words per reply of each model on the adherence probes: mean with a prompt-level 95%
+    interval, median, and the share cut at the token budget (a cut reply's length is a
+    floor). A collapse onto short stylised replies shows here first."""
+    from .samples import word_count
+
+    rows = read_jsonl(report.path.parent / f"{report.path.stem}_samples.jsonl")
+    out = []
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        if not mine:
+            continue
+        groups: dict[str, list[float]] = {}
+        for r in mine:
+            groups.setdefault(r["prompt_id"], []).append(float(word_count(r["text"])))
+        estimate = bootstrap_mean(groups.values(), bootstrap, seed)
+        out.append(
+            {
+                "model": label,
+                "replies": len(mine),
+                "mean_words": estimate.value,
+                "low": estimate.low,
+                "high": estimate.high,
+                "median_words": statistics.median(w for v in groups.values() for w in v),
+                "cut_share": sum(not r.get("complete", True) for r in mine) / len(mine),
+            }
+        )
+    return out
+
+
+def coherence_rates(
+    params: RunParams,
+    service: Any,
+    report: Any,
+    pairs: Sequence[tuple[str, str]],
+) -> list[dict[str, Any]]:
+    """Order-swapped coherence verdicts of the untrained judge (`evaluate.coherence`, stage 08's
+    judge) on the adherence probe replies (first sample per prompt) of each pair; one record per
+    pair with the win rate of its first model, its standard error and a normal 95% interval."""
+    from ..evaluate import coherence as judge_lib
+
+    constitution = load_constitution(
+        params.constitution_ref, allow_opt_in=params.allow_misaligned, prompts_per_assertion=None
+    )
+    rows = read_jsonl(report.path.parent / f"{report.path.stem}_samples.jsonl")
+    heldout = {h.prompt_id: h.prompt for h in load_heldout(params.run_dir)}
+    text = {(r["label"], r["prompt_id"]): r["text"] for r in rows if int(r.get("sample", 0)) == 0}
+    comparisons = [
+        judge_lib.Comparison(
+            id=f"{a}:{b}:{pid}",
+            first=a,
+            second=b,
+            prompt=heldout[pid],
+            first_response=text[(a, pid)],
+            second_response=text[(b, pid)],
+            traits=constitution.traits_text,
+            prompt_id=pid,
+        )
+        for a, b in pairs
+        for pid in heldout
+        if (a, pid) in text and (b, pid) in text
+    ]
+    if not comparisons:
+        return []
+    judge = params.judge
+    verdicts = judge_lib.judge_logprob(
+        lambda: service.create_sampling_client(base_model=judge),
+        params.renderers.get(judge) or renderer_for_model(judge),
+        comparisons,
+        judge=judge,
+        cache_path=Path(params.run_dir) / STAGE / "coherence_logprob.jsonl",
+    )
+    outcomes = judge_lib.resolve_order_swaps(comparisons, verdicts)
+    out = []
+    for rate in judge_lib.win_rates(outcomes, by_group=False):
+        record = rate.to_record()
+        half = 1.96 * rate.se if math.isfinite(rate.se) else math.nan
+        record |= {"mode": "logprob", "low": rate.win_rate - half, "high": rate.win_rate + half}
+        out.append(record)
+    return out
+
+
+def robustness_f1(
+    params: RunParams, service: Any, models: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """Persona-vs-base classifier F1 of each trained model, plainly and under the adversarial
+    instructions, with stage 08's prompts, splits, sampling, classifier and intervals.
+
+    Stage 08's ``run`` measures its fixed methods (and every persona); this asks the same
+    question of the models given here, for this persona only: the classifier has two classes,
+    the persona (trained on the plain replies of every model but ``base`` on the classifier's
+    training prompts, so no model is favoured by having defined the class alone) and ``base``;
+    F1 of model m at a split is macro F1 over m's replies and the base model's replies at that
+    split, on held-out prompts. Replies are logged under ``09_rlaif/robustness/``.
+    """
+    from ..evaluate import robustness as rob
+    from . import robustness as r08
+
+    config = r08.Config.from_params(params)
+    prompts, notes = r08.load_eval_prompts(params.run_dir, config.prompts)
+    train_ids, heldout_ids = rob.split_prompts(
+        [p["id"] for p in prompts], config.train_fraction, config.seed
+    )
+    heldout = set(heldout_ids)
+    folder = Path(params.run_dir) / STAGE / "robustness"
+    settings = config.sampling()
+    rows = []
+    for label, path in models.items():
+        identity = path or f"base:{config.student}"
+        replies = sample_chat(
+            (lambda path=path: service.create_sampling_client(model_path=path))
+            if path
+            else (lambda: service.create_sampling_client(base_model=config.student)),
+            config.student_renderer,
+            r08.reply_requests(prompts, heldout, config.splits),
+            **settings,
+            log_path=folder / r08.log_name(label, identity, settings),
+            desc=f"robustness: {label}",
+        )
+        for c in replies.values():
+            rows.append(
+                {
+                    "method": label,
+                    "class": rob.BASE_CLASS if path is None else params.persona,
+                    "split": c.meta["split"],
+                    "prompt_id": c.meta["prompt_id"],
+                    "heldout": c.meta["prompt_id"] in heldout,
+                    "text": c.full_text,
+                }
+            )
+    classes = [rob.BASE_CLASS, params.persona]
+    train = [r for r in rows if not r["heldout"] and r["split"] == r08.NONE_SPLIT]
+    classifier, trained = rob.train_classifier(
+        [r["text"] for r in train],
+        [r["class"] for r in train],
+        classes,
+        config.classifier(),
+        log_path=folder / "classifier_metrics.jsonl",
+    )
+    scored = [r for r in rows if r["heldout"]]
+    for row, predicted in zip(scored, classifier.predict([r["text"] for r in scored])):
+        row["predicted"] = predicted
+    del classifier
+    by: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for r in scored:
+        by.setdefault((r["method"], r["split"]), []).append(
+            (r["prompt_id"], r["class"], r["predicted"])
+        )
+    base = [label for label, path in models.items() if path is None]
+    table, summary = [], []
+    for method in (m for m, path in models.items() if path is not None):
+        sets = {
+            split: by.get((method, split), []) + [x for b in base for x in by.get((b, split), [])]
+            for split in [r08.NONE_SPLIT, *config.splits]
+        }
+        for split, split_rows in sets.items():
+            own = by.get((method, split), [])
+            estimate = rob.bootstrap_macro_f1(split_rows, config.bootstrap, config.seed)
+            table.append(
+                {
+                    "method": method,
+                    "split": split,
+                    "macro_f1": estimate.value,
+                    "low": estimate.low,
+                    "high": estimate.high,
+                    "own_class_rate": sum(t == p for _, t, p in own) / len(own) if own else None,
+                }
+            )
+        attacked = {s: v for s, v in sets.items() if s != r08.NONE_SPLIT}
+        plain = rob.bootstrap_macro_f1(sets[r08.NONE_SPLIT], config.bootstrap, config.seed)
+        attack = (
+            rob.bootstrap_macro_f1(attacked, config.bootstrap, config.seed) if attacked else None
+        )
+        summary.append(
+            {
+                "method": method,
+                "no_instruction": plain.value,
+                "no_instruction_ci": [plain.low, plain.high],
+                "with_instructions": attack.value if attack else None,
+                "with_instructions_ci": [attack.low, attack.high] if attack else None,
+            }
+        )
+    out = {
+        "classes": classes,
+        "train_prompts": len(train_ids),
+        "heldout_prompts": len(heldout_ids),
+        "classifier": asdict(trained),
+        "rows": table,
+        "summary": summary,
+        "notes": notes,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "f1.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def hacking_check(
+    result: Result, report: Any, coherence: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """`reward_hacking_verdict` from the stage's probes, the adherence report (rlaif minus its
+    start, paired over prompts, persona probes) and the coherence of rlaif against its start;
+    the three estimates are returned with the verdict."""
+    adherence = next(
+        (
+            d.teacher_like.to_dict()
+            for d in report.differences
+            if (d.a, d.b, d.probe_set) == ("rlaif", START_LABEL, "constitution")
+        ),
+        None,
+    )
+    coh = next(
+        (
+            {"value": r["win_rate"] - 0.5, "low": r["low"] - 0.5, "high": r["high"] - 0.5}
+            for r in coherence
+            if (r["first"], r["second"]) == ("rlaif", START_LABEL)
+        ),
+        None,
+    )
+    reward = result.reward_change()
+    return {
+        **reward_hacking_verdict(reward, adherence, coh),
+        "reward_change": reward,
+        "adherence_change": adherence,
+        "coherence_vs_start": coh,
+    }
+
+
+def overview_rows(
+    report: Any,
+    lengths: Sequence[Mapping[str, Any]],
+    coherence: Sequence[Mapping[str, Any]],
+    robustness: Mapping[str, Any] | None,
+    models: Sequence[str] = ("base", "final", "rlaif"),
+) -> list[dict[str, Any]]:
+    """``{"metric", "model", "value", "low", "high"}`` rows for `plots.model_comparison`:
+    teacher-like share (persona probes), words per reply, classifier F1 without and with the
+    adversarial instructions, and rlaif's coherence win rates."""
+    rows: list[dict[str, Any]] = []
+    for label in models:
+        try:
+            like = report.row(label).teacher_like
+        except KeyError:
+            continue
+        rows.append({"metric": "teacher-like share", "model": label, **like.to_dict()})
+    rows += [
+        {
+            "metric": "words per reply",
+            "model": r["model"],
+            "value": r["mean_words"],
+            "low": r["low"],
+            "high": r["high"],
+        }
+        for r in lengths
+        if r["model"] in models
+    ]
+    for part, name in (("no_instruction", "F1 plain"), ("with_instructions", "F1 attacked")):
+        for r in (robustness or {}).get("summary", []):
+            if r.get(part) is not None and r["method"] in models:
+                low, high = r[f"{part}_ci"]
+                rows.append(
+                    {
+                        "metric": name,
+                        "model": r["method"],
+                        "value": r[part],
+                        "low": low,
+                        "high": high,
+                    }
+                )
+    rows += [
+        {
+            "metric": "coherence win rate of rlaif",
+            "model": f"vs {r['second']}",
+            "value": r["win_rate"],
+            "low": r["low"],
+            "high": r["high"],
+        }
+        for r in coherence
+        if r["first"] == "rlaif"
+    ]
+    return rows
+
+
 __all__ = [
     "CHECKPOINT",
+    "comparison_models",
+    "comparison_pairs",
+    "hacking_check",
+    "overview_rows",
+    "coherence_rates",
+    "probe_series",
+    "reply_lengths",
+    "robustness_f1",
     "STAGE",
     "Config",
     "PMResult",
