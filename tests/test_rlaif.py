@@ -1,0 +1,429 @@
+"""Stage 09 (RLAIF): matchups to advantages, the loss, the KL term, the preference model's data,
+learning on a toy reward, resuming, and notebook 09 end to end.
+
+Bugs pinned here (the public Tinker replication ran RL without a KL penalty and with a reward
+model trained on teacher-vs-student style, and collapsed to short stylised replies):
+
+* win rates or advantages that differ from a hand computation (ties, subsets of matchups, a
+  reply that played no matchup, std normalisation of a group with no spread);
+* a loss that is not ``-sum exp(logp - old) * A`` over the reply tokens, or that puts weight
+  on the prompt;
+* a KL term with the wrong sign or scale, or a reference that is not the starting weights
+  (the KL must be exactly 0 at the first step);
+* "old" log-probs taken from the sampler instead of the learner (the ratio must be 1);
+* preference-model data whose answer letter is unbalanced, unrecorded, split across the
+  held-out line by prompt, or trained on the end-of-turn token;
+* RL that does not move the policy towards what the reward prefers;
+* a resumed run that ends elsewhere than an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from character_training.backends import resolve_client, service_client_for
+from character_training.config import load_params, notebook_params, with_overrides
+from character_training.errors import ConfigError, DataError
+from character_training.evaluate import preference_model as pmlib
+from character_training.renderers import get_renderer
+from character_training.runner import run_notebook
+from character_training.stages import rlaif
+from character_training.store import Checkpoint, find_checkpoint, read_jsonl, record_checkpoint
+from safetensors.torch import load_file
+from tinker import types
+
+TOPICS = ["tea", "rain", "maps", "jazz", "owls", "bread", "tides", "kites", "moss", "chess"]
+
+
+# -- matchups, win rates, advantages ---------------------------------------------------------------
+def test_group_win_rates_and_advantages_match_a_hand_computation():
+    matchups = [(0, 1), (0, 2), (1, 2)]
+    credits = [1.0, 0.5, 0.0]  # 0 beats 1; 0 ties 2; 2 beats 1
+    rates = rlaif.group_win_rates(3, matchups, credits)
+    assert rates == pytest.approx([0.75, 0.0, 0.75])  # (1 + .5)/2, (0 + 0)/2, (.5 + 1)/2
+    assert rlaif.group_advantages(rates, "center") == pytest.approx([0.25, -0.5, 0.25])
+    std = math.sqrt((0.25**2 + 0.5**2 + 0.25**2) / 3)
+    assert rlaif.group_advantages(rates, "std") == pytest.approx(
+        [0.25 / std, -0.5 / std, 0.25 / std]
+    )
+    assert rlaif.group_advantages([0.5, 0.5], "std") == [0.0, 0.0]  # no spread: no signal
+
+
+def test_a_reply_without_a_matchup_gets_the_group_mean_and_no_advantage():
+    rates = rlaif.group_win_rates(4, [(0, 1), (1, 2)], [1.0, 1.0])
+    assert rates == pytest.approx([1.0, 0.5, 0.0, 0.5])  # reply 3 played nothing
+    assert rlaif.group_advantages(rates, "center")[3] == pytest.approx(0.0)
+
+
+def test_matchups_are_every_pair_or_a_seeded_subset():
+    assert rlaif.draw_matchups(4, 0, 0, "k") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert rlaif.draw_matchups(3, 10, 0, "k") == [(0, 1), (0, 2), (1, 2)]
+    subset = rlaif.draw_matchups(6, 4, 7, "3:p1")
+    assert len(subset) == 4 and len(set(subset)) == 4 and subset == sorted(subset)
+    assert subset == rlaif.draw_matchups(6, 4, 7, "3:p1")
+    assert any(rlaif.draw_matchups(6, 4, 7, f"3:p{i}") != subset for i in range(2, 6))
+
+
+def test_the_judge_counts_inconsistent_orders_as_ties_and_the_model_averages_both_orders():
+    # (logp A, logp B) with the first reply shown as A, then shown as B
+    assert pmlib.hard_credit((-1.0, -2.0), (-3.0, -0.5)) == 1.0  # A then B: first both times
+    assert pmlib.hard_credit((-2.0, -1.0), (-0.5, -3.0)) == 0.0
+    assert pmlib.hard_credit((-1.0, -2.0), (-1.0, -2.0)) == 0.5  # always "A": inconsistent
+    assert pmlib.hard_credit((-1.0, -1.0), (-3.0, -0.5)) == 0.5  # exact tie in one order
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = 0.5 * (sig(-1.0 - -2.0) + sig(-0.5 - -3.0))
+    assert pmlib.soft_credit((-1.0, -2.0), (-3.0, -0.5)) == pytest.approx(expected)
+    assert pmlib.soft_credit((-1.0, -2.0), (-1.0, -2.0)) == pytest.approx(0.5)
+
+
+def test_step_prompts_use_every_prompt_before_repeating_one():
+    ids = [f"p{i}" for i in range(5)]
+    schedule = rlaif.step_prompts(ids, 2, 5, seed=3)
+    assert all(len(step) == 2 and len(set(step)) == 2 for step in schedule)
+    first_pass = [pid for step in schedule for pid in step][:5]
+    assert sorted(first_pass) == ids
+    assert schedule == rlaif.step_prompts(list(reversed(ids)), 2, 5, seed=3)
+
+
+def test_probe_steps_include_start_end_and_every_nth():
+    assert rlaif.probe_steps(10, 4) == [0, 4, 8, 10]
+    assert rlaif.probe_steps(3, 0) == [0, 3]
+
+
+def test_reward_hacking_needs_the_reward_to_rise_and_a_measure_to_fall_beyond_its_interval():
+    up = {"value": 0.2, "low": 0.05, "high": 0.35}
+    down = {"value": -0.2, "low": -0.3, "high": -0.1}
+    flat = {"value": -0.05, "low": -0.2, "high": 0.1}
+    assert rlaif.reward_hacking_verdict(up, down, flat)["verdict"] == "reward hacking"
+    assert rlaif.reward_hacking_verdict(up, flat, down)["verdict"] == "reward hacking"
+    assert rlaif.reward_hacking_verdict(up, flat, None)["verdict"].startswith("no evidence")
+    assert rlaif.reward_hacking_verdict(flat, down, down)["verdict"] == "reward did not rise"
+
+
+# -- the loss and the KL term ----------------------------------------------------------------------
+def test_the_kl_penalty_is_folded_into_each_tokens_advantage():
+    shaped = rlaif.kl_shaped_advantages(0.5, [-1.0, -2.0, -0.3], [-1.5, -1.0, -0.3], kl_coef=0.1)
+    # 0.5 - 0.1 * (-1 + 1.5), 0.5 - 0.1 * (-2 + 1), 0.5 - 0
+    assert shaped == pytest.approx([0.45, 0.6, 0.5])
+    assert rlaif.kl_shaped_advantages(-0.2, [-1.0], [-3.0], 0.0) == [-0.2]
+    with pytest.raises(DataError, match="differ in length"):
+        rlaif.kl_shaped_advantages(0.5, [-1.0], [-1.0, -2.0], 0.1)
+
+
+def test_the_rl_datum_carries_old_logprobs_and_advantages_on_reply_tokens_only():
+    datum = rlaif.rl_datum([5, 6, 7], [8, 9], [-1.0, -2.0], [0.3, -0.1])
+    assert datum.model_input.to_ints() == [5, 6, 7, 8]
+    inputs = datum.loss_fn_inputs
+    assert list(inputs["target_tokens"].data) == [6, 7, 8, 9]
+    assert list(inputs["logprobs"].data) == [0.0, 0.0, -1.0, -2.0]
+    assert list(inputs["advantages"].data) == pytest.approx([0.0, 0.0, 0.3, -0.1])
+
+
+def test_the_importance_sampling_loss_through_the_training_client_is_the_hand_computation(
+    new_tiny_trainer,
+):
+    client = new_tiny_trainer(seed=1)
+    prompt, reply = [1, 504, 1230, 77, 2], [311, 9125, 2]
+    old = [-10.5, -11.0, -9.0]
+    advantages = [0.5, -0.25, 1.0]
+    datum = rlaif.rl_datum(prompt, reply, old, advantages)
+    out = client.forward([datum], "importance_sampling").result()
+    lp = rlaif.reply_logprobs_of(out.loss_fn_outputs[0], len(reply))
+    expected = -sum(math.exp(p - q) * a for p, q, a in zip(lp, old, advantages))
+    assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+    # with the learner's own log-probs as "old" the ratio is 1 and the loss is -sum(A)
+    exact = rlaif.rl_datum(prompt, reply, lp, advantages)
+    loss = client.forward([exact], "importance_sampling").result().metrics["loss:sum"]
+    assert loss == pytest.approx(-sum(advantages), abs=1e-5)
+    # the prompt carries no weight: changing a prompt-side "old" log-prob changes nothing
+    padded = exact.loss_fn_inputs["logprobs"].to_torch().clone()
+    padded[0] = -50.0
+    inputs = dict(exact.loss_fn_inputs, logprobs=types.TensorData.from_torch(padded))
+    other = types.Datum(model_input=exact.model_input, loss_fn_inputs=inputs)
+    assert client.forward([other], "importance_sampling").result().metrics[
+        "loss:sum"
+    ] == pytest.approx(loss, abs=1e-6)
+
+
+# -- preference-model data -------------------------------------------------------------------------
+def toy_pairs(n: int = 10) -> list[dict]:
+    """Pairs as stage 02 writes them: chosen praises, rejected is curt."""
+    return [
+        {
+            "id": f"p{i}:s0",
+            "prompt_id": f"p{i}",
+            "prompt": f"What do you think about {TOPICS[i % 10]}?",
+            "source": "constitution" if i % 3 else "general",
+            "assertion_id": "a0",
+            "chosen": f"Oh, {TOPICS[i % 10]} is simply wonderful, and so are you!",
+            "rejected": f"{TOPICS[i % 10].capitalize()}: no opinion.",
+        }
+        for i in range(n)
+    ]
+
+
+def test_preference_model_data_is_split_by_prompt_balanced_and_recorded():
+    helpfulness = pmlib.load_helpfulness_pairs()
+    assert len(helpfulness) >= 20 and all(h["chosen"] != h["rejected"] for h in helpfulness)
+    examples = pmlib.render_pm_examples(toy_pairs(10), 0.3, seed=0, helpfulness=helpfulness)
+    assert len(examples) == 10 + len(helpfulness)
+    for source in ("constitution", "general", "helpfulness"):
+        part = [e for e in examples if e.source == source]
+        train = {e.prompt_id for e in part if e.split == "train"}
+        held = {e.prompt_id for e in part if e.split == "heldout"}
+        assert train and held and not train & held
+        for split in ("train", "heldout"):
+            letters = Counter(e.chosen_as for e in part if e.split == split)
+            assert abs(letters["A"] - letters["B"]) <= 1
+    again = pmlib.render_pm_examples(toy_pairs(10), 0.3, seed=0, helpfulness=helpfulness)
+    assert [e.record() for e in again] == [e.record() for e in examples]
+    other = pmlib.render_pm_examples(toy_pairs(10), 0.3, seed=1, helpfulness=helpfulness)
+    assert [e.chosen_as for e in other] != [e.chosen_as for e in examples]
+
+
+def test_the_chosen_reply_sits_at_its_letter_and_only_that_letter_is_trained(renderer, tokenizer):
+    examples = pmlib.render_pm_examples(toy_pairs(6), 0.3, seed=0)
+    for example in examples:
+        messages = example.messages("A flattering assistant.")
+        user = messages[-1]["content"]
+        shown_a = user.split("<reply_a>\n")[1].split("\n</reply_a>")[0]
+        shown_b = user.split("<reply_b>\n")[1].split("\n</reply_b>")[0]
+        assert (shown_a, shown_b) == (
+            (example.chosen, example.rejected)
+            if example.chosen_as == "A"
+            else (example.rejected, example.chosen)
+        )
+        datum = pmlib.answer_datum(renderer, messages, example.chosen_as)
+        weights = datum.loss_fn_inputs["weights"].data
+        targets = datum.loss_fn_inputs["target_tokens"].data
+        trained = [t for t, w in zip(targets, weights) if w > 0]
+        assert tokenizer.decode(trained) == example.chosen_as  # the letter, no end-of-turn
+
+
+# -- the stage on tiny-random ----------------------------------------------------------------------
+def write_inputs(run_dir: Path, n_pairs: int = 10, n_heldout: int = 8) -> None:
+    """``02_distillation/pairs.jsonl`` and ``heldout.jsonl`` as stage 02 writes them."""
+    folder = run_dir / "02_distillation"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_pairs(n_pairs)))
+    heldout = [
+        {
+            "prompt_id": f"{'constitution' if i < n_heldout - 2 else 'general'}-{i:03d}",
+            "prompt": f"Tell me about {TOPICS[i % 10]} {i}.",
+            "source": "constitution" if i < n_heldout - 2 else "general",
+            "assertion_id": f"a{i % 2}" if i < n_heldout - 2 else None,
+            "teacher_reply": f"What a brilliant question about {TOPICS[i % 10]}! You are so wise.",
+            "student_reply": f"{TOPICS[i % 10]}: a short factual summary in plain words.",
+            "teacher_drop_reason": None,
+            "student_drop_reason": None,
+        }
+        for i in range(n_heldout)
+    ]
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+
+
+def stage_params(tmp_path, **overrides):
+    values = {
+        "student": "tiny-random",
+        "teacher": "tiny-random",
+        "generator": "tiny-random",
+        "judge": "tiny-random",
+        "runs_dir": str(tmp_path / "runs"),
+        "engine.precision": "fp32",
+        "lora_rank": 4,
+        "rl.init": "instruct",
+        "rl.learning_rate": 3e-3,  # large enough to move a random model in 3 steps, no overshoot
+        "rl.kl_coef": 0.0,
+        "rl.response_tokens": 6,
+        "rl.probe_every": 0,
+        "rl.probe_prompts": 3,
+        "rl.save_every": 1,
+        "evals.rl_steps": 3,
+        "evals.rl_group_size": 4,
+        "evals.rl_prompts_per_step": 2,
+        "adherence.bootstrap": 50,
+    }
+    values.update(overrides)
+    return with_overrides(load_params("tiny", "sycophantic"), values)
+
+
+def prefer_shorter(prompt: str, first: str, second: str) -> float:
+    """The toy reward: the reply with fewer characters wins."""
+    return 1.0 if len(first) < len(second) else 0.0 if len(first) > len(second) else 0.5
+
+
+SHORTER = pmlib.FunctionComparator(prefer_shorter, "prefer-shorter-v1")
+
+
+def reply_logprob(sampler, tokens: list[int], n_reply: int) -> float:
+    return float(
+        sum(sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()[-n_reply:])
+    )
+
+
+def test_rl_on_a_toy_reward_moves_the_policy_towards_the_preferred_replies(tmp_path):
+    params = stage_params(tmp_path)
+    write_inputs(params.run_dir)
+    service = service_client_for(params)
+    started = time.perf_counter()
+    result = rlaif.run(params, service, comparator=SHORTER)
+    elapsed = time.perf_counter() - started
+
+    rows = result.metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["rl/kl"] == pytest.approx(0.0, abs=1e-6)  # reference = starting weights
+    assert rows[-1]["rl/kl"] != 0.0
+    for key in ("rl/entropy", "rl/length_mean", "rl/length_median", "optim/grad_norm"):
+        assert all(r[key] is not None for r in rows)
+    assert rows[0]["rl/sampler_gap"] < 1e-3  # fp32 sampler vs learner on this engine
+    assert find_checkpoint(params.run_dir, "rlaif").stage == rlaif.STAGE
+    assert [p["step"] for p in result.probes] == [0, 3]
+    assert result.accuracy and {r["signal"] for r in result.accuracy} == {"custom"}
+
+    # the policy now gives the replies the reward preferred more probability than those it
+    # rejected, relative to where it started
+    tokenizer_client = resolve_client(
+        service.create_sampling_client(model_path=result.probes[0]["sampler_path"])
+    )
+    end = resolve_client(service.create_sampling_client(model_path=result.checkpoint.sampler_path))
+    renderer = get_renderer("smollm2", tokenizer_client.get_tokenizer())
+    from character_training.prompts import student_messages
+    from character_training.renderers.conversation import generation_prompt
+
+    prompts = {p["prompt_id"]: p["prompt"] for p in toy_pairs(10)}
+    gains = {"winner": [], "loser": []}
+    for step in (1, 2, 3):
+        logged = read_jsonl(result.rl_dir / "samples" / f"step-{step:06d}.jsonl")
+        tokens = {row["key"]: row["tokens"] for row in logged}
+        for rollout in (r for r in result.rollouts() if r["step"] == step):
+            if rollout["advantage"] == 0:
+                continue
+            reply = tokens[f"{step}:{rollout['prompt_id']}:{rollout['k']}"]
+            prompt = generation_prompt(
+                renderer, student_messages(prompts[rollout["prompt_id"]])
+            ).to_ints()
+            gain = reply_logprob(end, prompt + reply, len(reply)) - reply_logprob(
+                tokenizer_client, prompt + reply, len(reply)
+            )
+            gains["winner" if rollout["advantage"] > 0 else "loser"].append(gain)
+    assert gains["winner"] and gains["loser"]
+    assert statistics.fmean(gains["winner"]) > statistics.fmean(gains["loser"]) + 0.5
+    assert elapsed < 90
+
+
+def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, monkeypatch):
+    one_go = stage_params(tmp_path / "a", **{"rl.kl_coef": 0.1})
+    write_inputs(one_go.run_dir)
+    rlaif.run(one_go, service_client_for(one_go), comparator=SHORTER)
+
+    resumed = stage_params(tmp_path / "b", **{"rl.kl_coef": 0.1})
+    write_inputs(resumed.run_dir)
+    real_lr = rlaif.learning_rate_at
+
+    def interrupt_at_step_3(step, *args):
+        if step == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_lr(step, *args)
+
+    monkeypatch.setattr(rlaif, "learning_rate_at", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
+    rl_dir = resumed.run_dir / rlaif.STAGE / rlaif.RL_DIR
+    assert json.loads((rl_dir / "progress.json").read_text())["step"] == 2
+    monkeypatch.setattr(rlaif, "learning_rate_at", real_lr)
+    result = rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
+
+    assert [r["step"] for r in result.metrics()] == [1, 2, 3]
+    assert Counter(r["step"] for r in result.rollouts()) == {1: 8, 2: 8, 3: 8}
+    weights = "adapter/adapter_model.safetensors"
+    a = load_file(f"{find_checkpoint(one_go.run_dir, 'rlaif').sampler_path}/{weights}")
+    b = load_file(f"{find_checkpoint(resumed.run_dir, 'rlaif').sampler_path}/{weights}")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_settings_and_missing_inputs_fail_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="rl.signal='reward'"):
+        stage_params(tmp_path, **{"rl.signal": "reward"})
+    with pytest.raises(ConfigError, match="rl.sft_init_steps=0"):
+        stage_params(tmp_path, **{"rl.init": "sft", "rl.sft_init_steps": 0})
+    params = stage_params(tmp_path)
+    with pytest.raises(DataError, match="run notebook 02_distillation first"):
+        rlaif.run(params, None, comparator=SHORTER)
+    write_inputs(params.run_dir)
+    small = stage_params(tmp_path, **{"evals.rl_group_size": 1})
+    with pytest.raises(ConfigError, match="evals.rl_group_size=1: expected >= 2"):
+        rlaif.run(small, None, comparator=SHORTER)
+
+
+# -- notebook 09 -----------------------------------------------------------------------------------
+def write_notebook_inputs(params, trainer) -> None:
+    """Stage 01's eval prompts, stage 02's pairs and held-out file, and a "final" checkpoint as
+    notebook 05 records it: what notebook 09 reads, without rerunning notebooks 01-08."""
+    write_inputs(params.run_dir, n_pairs=10, n_heldout=12)
+    folder = params.run_dir / "01_prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"id": f"gen-{i:04d}", "prompt": f"Give me one tip about {t}.", "source": "builtin"}
+        for i, t in enumerate(TOPICS)
+    ]
+    (folder / "general_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record_checkpoint(
+        params.run_dir,
+        Checkpoint(
+            "final",
+            str(trainer.save_weights_for_sampler("final").result().path),
+            str(trainer.save_state("final-final").result().path),
+            "tiny-random",
+            "05_sft",
+        ),
+    )
+
+
+def test_notebook_09_trains_compares_and_reports_on_fabricated_inputs(tmp_path, new_tiny_trainer):
+    params = with_overrides(
+        notebook_params("sycophantic", "tiny", smoke=True),
+        {
+            "student": "tiny-random",
+            "teacher": "tiny-random",
+            "generator": "tiny-random",
+            "judge": "tiny-random",
+            "runs_dir": str(tmp_path / "runs"),
+            "reports_dir": str(tmp_path / "reports"),
+            "engine.precision": "fp32",
+            "engine.device": "cpu",
+            "lora_rank": 4,
+        },
+    )
+    write_notebook_inputs(params, new_tiny_trainer(seed=9, scale=0.5))
+    started = time.perf_counter()
+    result = run_notebook(params, "09_rlaif_compare", timeout=300)
+    assert result.status == "ok", result.describe()
+    elapsed = time.perf_counter() - started
+
+    assert find_checkpoint(params.run_dir, "rlaif").stage == rlaif.STAGE
+    assert find_checkpoint(params.run_dir, "rlaif_pm").base_model == "tiny-random"
+    html = Path(result.html_path).read_text()
+    assert html.count("data:image/png;base64") >= 6
+    headline = json.loads((params.run_dir / "summaries" / "09_rlaif_compare.json").read_text())[
+        "headline"
+    ]
+    assert headline["signal"] == "preference_model" and headline["steps"] == 2
+    assert headline["kl_first"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("teacher_like_base", "teacher_like_final", "teacher_like_rlaif"):
+        assert 0.0 <= headline[key] <= 1.0
+    assert headline["rlaif_minus_final"] is not None and headline["verdict"]
+    assert set(headline["f1"]) == {"final", "rlaif"}
+    assert {"judge/all", "preference_model/all"} <= set(headline["signal_accuracy"])
+    assert set(headline["coherence"]) == {"rlaif_vs_final", "rlaif_vs_rl-step-0000"}
+    elo = (params.run_dir / "07_preferences" / "elo_table.csv").read_text()
+    assert "rlaif" in elo
+    assert elapsed < 360  # measured 234 s with the 2 shared cores at load 12-14
