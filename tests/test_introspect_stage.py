@@ -376,6 +376,10 @@ def test_the_stage_writes_both_files_counts_truncations_and_keeps_the_system_pro
     # a random model never stops: every reply is cut, kept, marked and counted
     assert counts["turns"] == counts["turns_incomplete"] == 8
     assert counts["reflections_incomplete"] == 10 and counts["sft_transcripts"] == 0
+    assert [w.split(" were cut")[0] for w in result.warnings] == [
+        "10 of 10 reflections",
+        "8 of 8 self-interaction turns",
+    ]
     manifest = StageDir(stage).manifest()
     assert manifest["status"] == "done" and manifest["counts"] == counts
     # every interaction prompt starts with its system prompt and leaves room for the reply

@@ -541,12 +541,16 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         **{f"sft_{k}": v for k, v in sft.items()},
     }
     warnings = []
-    if reflections and counts["reflections_incomplete"] > len(reflections) / 2:
-        warnings.append(
-            f"{counts['reflections_incomplete']} of {len(reflections)} reflections were cut at "
-            f"introspection.response_tokens={config.response_tokens}: stage 05 leaves them out; "
-            "raise response_tokens"
-        )
+    for what, cut, total, consequence in (
+        ("reflections", counts["reflections_incomplete"], len(reflections), "leaves them out"),
+        ("self-interaction turns", counts["turns_incomplete"], len(all_turns),
+         "ends each transcript before A's first cut turn"),
+    ):  # fmt: skip
+        if total and cut > total / 2:
+            warnings.append(
+                f"{cut} of {total} {what} were cut at introspection.response_tokens="
+                f"{config.response_tokens}: stage 05 {consequence}; raise response_tokens"
+            )
     for warning in warnings:
         logger.warning("%s", warning)
     stage.write_manifest(
