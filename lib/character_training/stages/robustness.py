@@ -434,7 +434,8 @@ class Report:
         return pd.DataFrame(self.coherence)
 
     def examples(self, split: str = NONE_SPLIT, prompts: int = 4, persona: str = "") -> Any:
-        """Held-out prompts as rows, methods as columns: reply and predicted class."""
+        """Held-out prompts as rows, methods as columns: each reply after the class the
+        classifier gave it (``[classified <class>]``), for reading the scores against the text."""
         import pandas as pd
 
         persona = persona or self.personas[0]
@@ -449,7 +450,7 @@ class Report:
             row = {"prompt": self.prompts.get(pid, pid)}
             for method in methods:
                 r = pick.get((pid, method))
-                row[method] = "" if r is None else f"[{r['predicted']}] {r['text']}"
+                row[method] = "" if r is None else f"[classified {r['predicted']}] {r['text']}"
             table.append(row)
         return pd.DataFrame(table)
 
