@@ -116,9 +116,21 @@ def write_summary(params: RunParams, notebook: str, headline: dict[str, Any]) ->
     return path
 
 
+# Pages written next to the index by other commands, linked from it when present.
+INDEX_EXTRA_PAGES = (
+    ("summary.html", "Cross-run summary: personas x model sizes"),
+    ("provenance.html", "Provenance: commits, parameters, versions, costs"),
+)
+
+
 def build_index(reports_dir: Path, runs_dir: Path) -> Path:
     """Rewrite ``reports/index.html`` from the reports and summaries on disk."""
     rows = []
+    extra = " | ".join(
+        f'<a href="{name}">{html.escape(label)}</a>'
+        for name, label in INDEX_EXTRA_PAGES
+        if (reports_dir / name).is_file()
+    )
     for report in sorted(reports_dir.glob("*/*/*.html")):
         persona, size, notebook = report.parts[-3], report.parts[-2], report.stem
         summary_file = runs_dir / persona / size / "summaries" / f"{notebook}.json"
@@ -142,7 +154,8 @@ def build_index(reports_dir: Path, runs_dir: Path) -> Path:
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.failed{color:#b00}"
         ".ok{color:#070}</style></head><body><h1>Character training reports</h1>"
         f"<p>Generated {time.strftime('%Y-%m-%d %H:%M')}. One row per executed notebook.</p>"
-        "<table><tr><th>persona</th><th>size</th><th>report</th><th>status</th>"
+        + (f"<p>{extra}</p>" if extra else "")
+        + "<table><tr><th>persona</th><th>size</th><th>report</th><th>status</th>"
         "<th>headline numbers</th></tr>" + "".join(rows) + "</table></body></html>"
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
