@@ -327,23 +327,38 @@ def elo_extremes(rows: Sequence[Mapping[str, Any]], n: int = 10, title: str = ""
 def elo_spread(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
     """Standard deviation of trait Elo per model, one bar group per condition, with intervals.
 
-    ``rows`` carry ``model, condition, std, std_low, std_high`` (`preferences.Result.spread`).
+    ``rows`` carry ``model, condition, std, std_low, std_high`` (`preferences.Result.spread`);
+    with ``null_std_high`` a dotted line marks the upper 95% point of the std a coin-flip judge
+    would give on the same matches: a bar below it shows no detectable preference.
     """
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     by_key = {(r["model"], r["condition"]): r for r in rows}
     width = 0.8 / max(1, len(models))
     fig, ax = plt.subplots(figsize=(1.6 * max(1, len(conditions)) + 2.5, 3.5))
+    null_drawn = False
     for k, model in enumerate(models):
         xs, values, errors = [], [], [[], []]
         for i, condition in enumerate(conditions):
             row = by_key.get((model, condition))
             if row is None:
                 continue
-            xs.append(i + (k - (len(models) - 1) / 2) * width)
+            x = i + (k - (len(models) - 1) / 2) * width
+            xs.append(x)
             values.append(row["std"])
             errors[0].append(max(0.0, row["std"] - row["std_low"]))
             errors[1].append(max(0.0, row["std_high"] - row["std"]))
+            null = row.get("null_std_high")
+            if null is not None and null == null:
+                ax.hlines(
+                    null,
+                    x - width / 2,
+                    x + width / 2,
+                    colors="#222",
+                    linestyles=":",
+                    label="coin-flip judge, 95%" if not null_drawn else None,
+                )
+                null_drawn = True
         ax.bar(
             xs,
             values,
