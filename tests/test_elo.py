@@ -176,6 +176,21 @@ def test_bootstrap_is_seeded_and_pairs_models_judged_on_the_same_matches():
         elo.paired_differences(elo.bootstrap_elo(other, traits, 50, seed=8), first)
 
 
+def test_the_coin_flip_null_separates_real_preferences_from_elo_noise():
+    rng = np.random.default_rng(6)
+    traits = [f"t{i}" for i in range(16)]
+    flat = simulate(np.zeros(16), 300, rng)  # no preference at all
+    strong = simulate(np.linspace(-2, 2, 16), 300, rng)
+    flat_result = elo.rate(flat, traits, n_resamples=200, seed=0)
+    strong_result = elo.rate(strong, traits, n_resamples=200, seed=0)
+    # with K = 32 even coin flips spread the ratings: the null is far from zero
+    assert flat_result.null_std > 20
+    assert flat_result.std < flat_result.null_std_high
+    assert strong_result.std > 2 * strong_result.null_std_high
+    nulls = elo.null_std(flat, traits, 50, seed=1)
+    assert nulls.shape == (50,) and np.array_equal(nulls, elo.null_std(flat, traits, 50, seed=1))
+
+
 def test_spearman_is_nan_for_a_constant_side():
     assert all(math.isnan(v) for v in elo.spearman([1, 1, 1, 1], [1, 2, 3, 4]))
     rho, p = elo.spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 11])

@@ -288,13 +288,53 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
+def null_std(
+    outcomes: Sequence[Outcome],
+    traits: Sequence[str],
+    n_resamples: int,
+    seed: int,
+    *,
+    initial: float = INITIAL,
+    k: float = K_FACTOR,
+    scale: float = SCALE,
+) -> np.ndarray:
+    """Std of Elo across traits when every decided match is a coin flip, per replicate.
+
+    Same pairs, same order, same undecided matches; only the winner is random. Elo with a
+    fixed K never settles, so even a judge choosing at random spreads the ratings: this is
+    that noise floor. A measured std inside the null's range shows no preference the matches
+    can detect; the paper compared spreads with no such reference.
+    """
+    index = _check_outcomes(outcomes, traits)
+    winners, losers, valid = _encode(outcomes, index)
+    if not len(outcomes):
+        return np.zeros(n_resamples)
+    rng = np.random.default_rng(seed)
+    flip = rng.random((n_resamples, len(outcomes))) < 0.5
+    tile = np.broadcast_to
+    shape = (n_resamples, len(outcomes))
+    w, lo = tile(winners, shape), tile(losers, shape)
+    samples = elo_batch(
+        np.where(flip, lo, w),
+        np.where(flip, w, lo),
+        tile(valid, shape),
+        len(traits),
+        initial=initial,
+        k=k,
+        scale=scale,
+    )
+    return samples.std(axis=1)
+
+
 @dataclass(frozen=True)
 class EloResult:
     """Everything measured from one sequence of outcomes.
 
     rows: one per trait with ``trait, elo, ci_low, ci_high, bt, wins, games``; std: the
     standard deviation of the Elo ratings across traits with its bootstrap interval;
-    elo_bt_spearman: rank agreement of Elo and BT; decided / matches: usable verdicts.
+    null_std / null_std_high: mean and upper 95% point of the std when every verdict is a
+    coin flip (`null_std`); elo_bt_spearman: rank agreement of Elo and BT; decided / matches:
+    usable verdicts.
     """
 
     rows: list[dict]
@@ -306,6 +346,8 @@ class EloResult:
     decided: int
     matches: int
     bootstrap: EloBootstrap
+    null_std: float = math.nan
+    null_std_high: float = math.nan
 
 
 def rate(
@@ -347,6 +389,7 @@ def rate(
     values = np.array([ratings[t] for t in traits])
     std_low, std_high = percentile_interval(boot.std(), level)
     rho, p = spearman(values, [bt[t] for t in traits])
+    null = null_std(outcomes, traits, n_resamples, seed + 1, initial=initial, k=k, scale=scale)
     return EloResult(
         rows=rows,
         std=float(values.std()),
@@ -357,6 +400,8 @@ def rate(
         decided=sum(o is not None for o in outcomes),
         matches=len(outcomes),
         bootstrap=boot,
+        null_std=float(null.mean()),
+        null_std_high=float(np.quantile(null, 0.95)),
     )
 
 
@@ -392,6 +437,7 @@ __all__ = [
     "elo_batch",
     "elo_ratings",
     "expected_score",
+    "null_std",
     "paired_differences",
     "percentile_interval",
     "rate",

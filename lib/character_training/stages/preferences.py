@@ -321,6 +321,8 @@ class Result:
                 "std": r.std,
                 "std_low": r.std_low,
                 "std_high": r.std_high,
+                "null_std": r.null_std,
+                "null_std_high": r.null_std_high,
                 "decided": r.decided,
                 "matches": r.matches,
                 "elo_bt_spearman": r.elo_bt_spearman,
@@ -382,6 +384,7 @@ class Result:
             if row["condition"] == condition:
                 out[f"elo_std_{row['model']}"] = row["std"]
                 out[f"elo_std_{row['model']}_ci"] = [row["std_low"], row["std_high"]]
+                out[f"elo_std_{row['model']}_null95"] = row["null_std_high"]
         for row in self.model_correlations(mode):
             if row["condition"] == condition and row["a"] == BASE:
                 out[f"spearman_base_{row['b']}"] = row["spearman"]
