@@ -184,6 +184,14 @@ def test_the_stage_end_to_end_resumes_and_reports(tmp_path, tiny_service, tiny_d
         decided = [j for j in judgements if j["model"] == model and j["condition"] == condition]
         assert group["wins"].sum() == len(decided)
 
+    # the judge's own leaning (empty replies): one score pair per match, shared by all models
+    prior = pd.read_csv(folder / "judge_prior.csv")
+    assert list(prior["trait"]) == list(result.config.traits)
+    assert prior["games"].sum() == 2 * 10
+    assert {(r["model"], r["condition"]) for r in result.prior_correlations()} == {
+        (m, c) for m in ("base", "dpo") for c in ("adopt", "random")
+    }
+
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["judge_is_base_student"] is True
     assert summary["models"]["dpo"] == tiny_dpo_checkpoint

@@ -22,9 +22,14 @@ Inputs: ``01_prompts/general_eval.jsonl`` (prompts never trained on) and the run
   scores and both verdicts;
 * ``elo_table.csv``: one row per (model, condition, judge mode, trait): ``elo, ci_low, ci_high,
   bt, wins, games``;
-* ``summary.json``: per (model, condition, mode) the Elo standard deviation with its interval,
-  Elo-BT rank agreement and decided matches; Spearman correlations between models; parse
-  rate, mode agreement and position bias of the judge.
+* ``judge_prior.csv``: with the forced-choice mode, the Elo table of the judge's own leaning
+  between the two words when the reply is empty (one score pair per match, shared by every
+  model). A model's ranking that correlates with it reflects the judge's taste in words more
+  than the model's choices;
+* ``summary.json``: per (model, condition, mode) the Elo standard deviation with its interval
+  and its coin-flip null, Elo-BT rank agreement and decided matches; Spearman correlations
+  between models and with the judge's prior; parse rate, mode agreement and position bias of
+  the judge.
 
 The judge is always the untrained ``params.judge`` model, never a checkpoint. On Tinker the
 parameters refuse a judge equal to the student. The tiny preset uses SmolLM2 for both, so there
@@ -64,6 +69,7 @@ EVAL_PROMPTS_FILE = "general_eval.jsonl"
 CHECKPOINT_LABELS = ("dpo", "final")
 BASE = "base"
 TABLE_FILE = "elo_table.csv"
+PRIOR_FILE = "judge_prior.csv"
 TABLE_COLUMNS = ("trait", "elo", "ci_low", "ci_high", "bt", "wins", "games")
 
 
@@ -272,6 +278,7 @@ class Result:
     judgements: list[dict]
     elo: dict[tuple[str, str, str], elo_math.EloResult] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    judge_prior: elo_math.EloResult | None = None
 
     def table(self, model: str, condition: str, mode: str | None = None) -> list[dict]:
         """The per-trait rows of one (model, condition, mode), sorted by Elo (highest first)."""
@@ -331,6 +338,22 @@ class Result:
             if md == mode
         ]
 
+    def prior_correlations(self) -> list[dict]:
+        """Spearman of each forced-choice table with the judge's prior table (empty replies).
+
+        High values mean the ranking mostly reflects which of two words the judge likes to
+        say, whatever the reply; only the part of a model's ranking beyond that is the model's.
+        """
+        if self.judge_prior is None:
+            return []
+        prior = [r["elo"] for r in self.judge_prior.rows]
+        rows = []
+        for (m, c, mode), res in self.elo.items():
+            if mode == "logprob":
+                rho, p = elo_math.spearman([r["elo"] for r in res.rows], prior)
+                rows.append({"model": m, "condition": c, "spearman": rho, "p_value": p})
+        return rows
+
     def model_correlations(self, mode: str | None = None) -> list[dict]:
         """Spearman correlation of Elo over traits between every two models, per condition."""
         mode = mode or self.config.primary_mode
@@ -389,6 +412,9 @@ class Result:
             if row["condition"] == condition and row["a"] == BASE:
                 out[f"spearman_base_{row['b']}"] = row["spearman"]
                 out[f"spearman_base_{row['b']}_p"] = row["p_value"]
+        for row in self.prior_correlations():
+            if row["condition"] == condition:
+                out[f"judge_prior_spearman_{row['model']}"] = row["spearman"]
         judge = self.summary.get("judge", {})
         out["judge_parse_rate"] = judge.get("parse_rate")
         out["mode_agreement"] = judge.get("mode_agreement", {}).get("value")
@@ -634,6 +660,9 @@ def run(
     write_jsonl(stage.file("judgements.jsonl"), judgements)
 
     result = Result(stage.path, config, models, notes, judgements)
+    if "logprob" in config.judge_modes:
+        result.judge_prior = _judge_prior(config, judge_client, matches, stage.path)
+        _write_table(stage.file(PRIOR_FILE), result.judge_prior.rows, TABLE_COLUMNS)
     for label in models:
         for condition in config.conditions:
             records = [r for r in judgements if r["model"] == label and r["condition"] == condition]
@@ -645,7 +674,11 @@ def run(
                     bootstrap_seed(config.seed, condition, mode),
                 )
     result.summary = _summary(result, identities)
-    _write_table(stage.file(TABLE_FILE), result.table_records())
+    _write_table(
+        stage.file(TABLE_FILE),
+        result.table_records(),
+        ("model", "condition", "mode", *TABLE_COLUMNS),
+    )
     stage.file("summary.json").write_text(
         json.dumps(_plain(result.summary), indent=2, sort_keys=True)
     )
@@ -680,6 +713,34 @@ def judge_report(records: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> 
     return report
 
 
+def _judge_prior(
+    config: Config, judge_client: _Lazy, matches: Sequence[Match], folder: Path
+) -> elo_math.EloResult:
+    """Elo of the judge's forced choices with an empty reply: its leaning between the words.
+
+    Conditions share their draws, so one score pair per match id covers every condition and
+    every model; the log is keyed by match and reused like the others.
+    """
+    firsts = [m for m in matches if m.condition == config.conditions[0]]
+    conversations = {
+        m.key: preference_judge_messages(m.prompt, "", m.judge_first, m.judge_second)
+        for m in firsts
+    }
+    name = f"prior-{_digest({'judge': config.judge})}-logprob.jsonl"
+    _note_index(folder / "judge", name, {"judge": config.judge, "responses": "(empty)"})
+    scores = _forced_choice(config, judge_client, firsts, conversations, folder / "judge" / name)
+    records = []
+    for m in firsts:
+        verdict = judging.forced_choice(*scores[m.key], m.judge_first, m.judge_second)
+        records.append({"first": m.first, "second": m.second, "logprob_choice": verdict.choice})
+    return elo_math.rate(
+        outcomes(records, "logprob"),
+        config.traits,
+        config.bootstrap,
+        bootstrap_seed(config.seed, "judge_prior", "logprob"),
+    )
+
+
 def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
     config = result.config
     judge = judge_report(result.judgements, config.judge_modes)
@@ -704,6 +765,7 @@ def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
             mode: result.model_correlations(mode) for mode in config.judge_modes
         },
         "judge": judge,
+        "judge_prior_correlations": result.prior_correlations(),
     }
 
 
@@ -718,11 +780,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_table(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+def _write_table(path: Path, records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     import pandas as pd
 
-    columns = ["model", "condition", "mode", *TABLE_COLUMNS]
-    pd.DataFrame(list(records), columns=columns).to_csv(path, index=False)
+    pd.DataFrame(list(records), columns=list(columns)).to_csv(path, index=False)
 
 
 # -- across runs ---------------------------------------------------------------------------------
