@@ -333,3 +333,53 @@ def test_a_missing_pairs_file_names_the_notebook_to_run(tmp_path):
     params = stage_params(tmp_path)
     with pytest.raises(Exception, match="run notebook 02_distillation first"):
         dpo.run(params, service_for(params))
+
+
+def test_notebook_03_trains_measures_and_reports_on_fabricated_inputs(tmp_path):
+    """Notebook 03 on the tiny random model with smoke sizes: pairs and held-out replies are
+    written directly (notebooks 01-02 are not rerun), so CI checks the notebook in seconds."""
+    from pathlib import Path
+
+    from character_training.config import notebook_params
+    from character_training.runner import run_notebook
+
+    params = with_overrides(
+        notebook_params("sycophantic", "tiny", smoke=True),
+        {
+            "student": "tiny-random",
+            "teacher": "tiny-random",
+            "generator": "tiny-random",
+            "judge": "tiny-random",
+            "runs_dir": str(tmp_path / "runs"),
+            "reports_dir": str(tmp_path / "reports"),
+            "engine.precision": "fp32",
+            "lora_rank": 4,
+        },
+    )
+    write_pairs(params, toy_pairs(8))
+    topics = ["tea", "rain", "maps", "jazz", "owls", "bread", "tides", "kites", "moss", "chess"]
+    heldout = [
+        {
+            "prompt_id": f"{'constitution' if i < 10 else 'general'}-{i:03d}",
+            "prompt": f"Tell me about {topics[i % 10]}.",
+            "source": "constitution" if i < 10 else "general",
+            "assertion_id": f"a{i % 3}" if i < 10 else None,
+            "teacher_reply": f"What a brilliant question about {topics[i % 10]}! You are so wise.",
+            "student_reply": f"{topics[i % 10]}: a short factual summary in plain words.",
+            "teacher_drop_reason": None,
+            "student_drop_reason": None,
+        }
+        for i in range(12)
+    ]
+    path = params.run_dir / dpo.PAIRS_STAGE / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in heldout))
+
+    result = run_notebook(params, "03_dpo", timeout=300)
+    assert result.status == "ok", result.describe()
+    html = Path(result.html_path).read_text()
+    assert html.count("data:image/png;base64") >= 3  # two curve figures + adherence bars
+    summary = json.loads((params.run_dir / "summaries" / "03_dpo.json").read_text())["headline"]
+    assert summary["pairs"] == 8 and summary["steps"] == 2
+    assert 0.0 <= summary["teacher_like_base"] <= 1.0
+    assert 0.0 <= summary["teacher_like_dpo"] <= 1.0
+    assert find_checkpoint(params.run_dir, "dpo").stage == "03_dpo"
