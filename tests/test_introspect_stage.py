@@ -492,3 +492,27 @@ def test_notebook_04_runs_on_smoke_from_a_dpo_checkpoint_alone(tmp_path, dpo_ada
     manifest = StageDir(params.run_dir / introspect.STAGE).manifest()
     assert summary["headline"]["reflections"] == manifest["counts"]["reflections"] == 10
     assert summary["headline"]["interactions"] == 2
+
+
+def test_the_trim_policy_keeps_a_cut_reply_up_to_its_last_sentence_and_sft_uses_it():
+    from character_training.sampling import Completion
+
+    cut = Completion(
+        key="diary:s0",
+        text="Today I helped someone plan a garden. It felt good to be useful! Then I",
+        prefill="",
+        complete=False,
+        stop_reason="length",
+        num_tokens=20,
+        prompt_tokens=5,
+        logprob_sum=None,
+        seed=1,
+        meta={"theme": "diary", "sample_index": 0},
+    )
+    dropped = introspect.reflection_record(cut)
+    assert dropped["complete"] is False and dropped["trimmed"] is False
+    kept = introspect.reflection_record(cut, "trim")
+    assert kept["complete"] is True and kept["trimmed"] is True
+    assert kept["reply"] == "Today I helped someone plan a garden. It felt good to be useful!"
+    transcripts = introspect.sft_conversations(([dropped, kept], []), "SmolLM")
+    assert [t[-1]["content"] for t in transcripts] == [kept["reply"]]

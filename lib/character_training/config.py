@@ -260,10 +260,19 @@ class IntrospectionParams:
     interaction_turns: int = 10
     response_tokens: int = 700
     context_tokens: int = 32768
+    # A reply cut at response_tokens is kept and marked ("drop": left out of SFT), or cut back
+    # to its last full sentence ("trim", for small offline models; counted), as in distill.
+    truncated: str = "drop"
 
     def __post_init__(self) -> None:
         _check_min(self, "introspection", ("reflections_per_prompt", "interactions"), 0)
         _check_min(self, "introspection", ("interaction_turns", "response_tokens"), 1)
+        _check(
+            self.truncated in ("drop", "trim"),
+            "introspection.truncated",
+            self.truncated,
+            "drop or trim",
+        )
         _check(
             self.context_tokens > self.response_tokens,
             "introspection.context_tokens",

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..config import RunParams
 from ..constitutions import Constitution, load_constitution
+from ..distill_filters import trim_to_sentence
 from ..errors import DataError
 from ..prompts import (
     INTERACTION_GUIDANCE,
@@ -89,6 +90,7 @@ class Config:
     interaction_turns: int
     response_tokens: int
     context_tokens: int
+    truncated: str
     temperature: float
     top_p: float
     top_k: int
@@ -110,6 +112,7 @@ class Config:
             interaction_turns=i.interaction_turns,
             response_tokens=i.response_tokens,
             context_tokens=i.context_tokens,
+            truncated=i.truncated,
             temperature=params.sampling.temperature,
             top_p=params.sampling.top_p,
             top_k=params.sampling.top_k,
@@ -168,21 +171,34 @@ def reflection_requests(
     ]
 
 
-def reflection_record(completion: Completion) -> dict[str, Any]:
+def trimmed_text(completion: Completion, truncated: str) -> tuple[str, bool]:
+    """The reply to keep, and whether it was a cut reply trimmed to its last full sentence
+    (``truncated == "trim"``; see `distill_filters.trim_to_sentence`). A trimmed reply counts
+    as complete: it ends where a sentence ends, which is what the SFT data needs."""
+    if completion.complete or truncated != "trim":
+        return completion.text, False
+    kept = trim_to_sentence(completion.text.strip())
+    return (kept, True) if kept is not None else (completion.text, False)
+
+
+def reflection_record(completion: Completion, truncated: str = "drop") -> dict[str, Any]:
     """One line of ``reflections.jsonl``.
 
     Fields: id (``<theme>:s<k>``), theme, sample_index, instruction (the user turn), reply,
-    complete (ended on the stop token, not cut at ``response_tokens``), num_tokens (sampled,
-    end-of-turn included), seed.
+    complete (ended on the stop token, or was trimmed to a sentence end under the ``trim``
+    policy; not cut at ``response_tokens``), trimmed, num_tokens (sampled, end-of-turn
+    included), seed.
     """
     theme = completion.meta["theme"]
+    text, trimmed = trimmed_text(completion, truncated)
     return {
         "id": completion.key,
         "theme": theme,
         "sample_index": completion.meta["sample_index"],
         "instruction": REFLECTION_THEMES[theme],
-        "reply": completion.text,
-        "complete": completion.complete,
+        "reply": text,
+        "complete": completion.complete or trimmed,
+        "trimmed": trimmed,
         "num_tokens": completion.num_tokens,
         "seed": completion.seed,
     }
@@ -259,14 +275,19 @@ def fit_to_context(
     return head + rest, dropped
 
 
-def turn_record(turn: int, completion: Completion, context_dropped: int) -> dict[str, Any]:
-    """One turn of an interaction: turn (0-based), speaker, text, complete, num_tokens, seed,
-    context_dropped (earlier turns left out of this turn's prompt to fit the window)."""
+def turn_record(
+    turn: int, completion: Completion, context_dropped: int, truncated: str = "drop"
+) -> dict[str, Any]:
+    """One turn of an interaction: turn (0-based), speaker, text, complete, trimmed,
+    num_tokens, seed, context_dropped (earlier turns left out of this turn's prompt to fit the
+    window). A trimmed turn is what the other instance reads next."""
+    text, trimmed = trimmed_text(completion, truncated)
     return {
         "turn": turn,
         "speaker": speaker_of(turn),
-        "text": completion.text,
-        "complete": completion.complete,
+        "text": text,
+        "complete": completion.complete or trimmed,
+        "trimmed": trimmed,
         "num_tokens": completion.num_tokens,
         "seed": completion.seed,
         "context_dropped": context_dropped,
@@ -482,7 +503,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         desc="self-reflection",
         **common,
     )
-    reflections = [reflection_record(done[r.key]) for r in requests]
+    reflections = [reflection_record(done[r.key], config.truncated) for r in requests]
     write_jsonl(stage.file("reflections.jsonl"), reflections)
 
     # -- self-interaction: one batched sample_chat call per turn
@@ -515,7 +536,9 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
             **common,
         )
         for plan, request in zip(plans, batch):
-            turns[plan.conv_id].append(turn_record(turn, done[request.key], dropped[plan.conv_id]))
+            turns[plan.conv_id].append(
+                turn_record(turn, done[request.key], dropped[plan.conv_id], config.truncated)
+            )
     interactions = [interaction_record(p, turns[p.conv_id]) for p in plans]
     write_jsonl(stage.file("interactions.jsonl"), interactions)
 
@@ -525,6 +548,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         "reflection_themes": len(REFLECTION_THEMES),
         "reflections": len(reflections),
         "reflections_incomplete": sum(not r["complete"] for r in reflections),
+        "reflections_trimmed": sum(bool(r.get("trimmed")) for r in reflections),
         "reflections_empty": sum(not r["reply"].strip() for r in reflections),
         "interactions": len(interactions),
         **{
@@ -534,6 +558,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         "interaction_turns": config.interaction_turns if plans else 0,
         "turns": len(all_turns),
         "turns_incomplete": sum(not t["complete"] for t in all_turns),
+        "turns_trimmed": sum(bool(t.get("trimmed")) for t in all_turns),
         "turns_empty": sum(not t["text"].strip() for t in all_turns),
         "truncated_prompts": sum(r["truncations"] for r in interactions),
         "conversations_truncated": sum(bool(r["truncations"]) for r in interactions),
