@@ -5,6 +5,8 @@
     python -m character_training reproduce                # the README's default run
     python -m character_training dry-run --persona sarcastic --size qwen3.5-9b
     python -m character_training index
+    python -m character_training summary                  # reports/summary.html: all runs
+    python -m character_training publish [--out DIR]      # offline folder for a blog appendix
     python -m character_training persona new|import|check|preview|list ...   # authoring
 
 ``--set key=value`` overrides any parameter (dotted keys: ``--set dpo.beta=0.2``). Errors in
@@ -59,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("index", help="rebuild reports/index.html")
 
+    summary = sub.add_parser(
+        "summary", help="compare every run (persona x size) in reports/summary.html"
+    )
+    summary.add_argument("--runs-dir", default=None, metavar="DIR", help="default: runs/")
+    summary.add_argument("--reports-dir", default=None, metavar="DIR", help="default: reports/")
+
+    publish = sub.add_parser(
+        "publish", help="write a self-contained, offline folder of every report"
+    )
+    publish.add_argument("--out", default=None, metavar="DIR", help="default: dist/blog-appendix")
+    publish.add_argument("--runs-dir", default=None, metavar="DIR", help="default: runs/")
+    publish.add_argument("--reports-dir", default=None, metavar="DIR", help="default: reports/")
+
     _add_persona_commands(sub)
 
     args = parser.parse_args(argv)
@@ -85,6 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "index":
         print(runner.build_index(REPO_ROOT / "reports", REPO_ROOT / "runs"))
         return 0
+    if args.command in ("summary", "publish"):
+        return _summary_or_publish(args)
     if args.command == "reproduce":
         personas = DEFAULT_PERSONAS if args.personas == "default" else tuple(_split(args.personas))
         results = runner.run_matrix(personas, _split(args.size), None, _overrides(args.set))
@@ -103,6 +120,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         f"reports in {REPO_ROOT / 'reports'}/index.html"
     )
     return 1 if failed else 0
+
+
+def _summary_or_publish(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import runner
+
+    runs_dir = Path(args.runs_dir) if args.runs_dir else REPO_ROOT / "runs"
+    reports_dir = Path(args.reports_dir) if args.reports_dir else REPO_ROOT / "reports"
+    if args.command == "summary":
+        from .summary import build_summary
+
+        path = build_summary(runs_dir, reports_dir)
+        runner.build_index(reports_dir, runs_dir)  # so the index links the summary
+        print(path)
+        return 0
+    from .publish import publish
+
+    print(publish(Path(args.out) if args.out else None, runs_dir, reports_dir).describe())
+    return 0
 
 
 # -- persona authoring ----------------------------------------------------------------------
