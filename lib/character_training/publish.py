@@ -694,7 +694,6 @@ def publish(
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     result = Published(out, len(reports), runs, stripped, unlinked)
-    logger.info(result.describe())
     return result
 
 

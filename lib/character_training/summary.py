@@ -73,6 +73,15 @@ METRICS = (
     ("rlaif", "RLAIF vs DPO+SFT", RLAIF),
 )
 
+# Where each metric's numbers live in a run folder (the headlines are in summaries/).
+METRIC_FOLDERS = {
+    "elo": PREFERENCES,
+    "spearman": PREFERENCES,
+    "f1": ROBUSTNESS,
+    "teacher_like": "adherence",
+    "rlaif": "09_rlaif",
+}
+
 # Malformed artifacts raise these while being picked apart; anything else is a bug here.
 _SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
@@ -424,17 +433,25 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
 
 
-def _explain_missing(run: RunSummary) -> None:
-    """Why each absent metric is absent (from the notebook's status), and which models lack it."""
+def _explain_missing(run: RunSummary, run_dir: Path) -> None:
+    """Why each absent metric is absent, and which models lack it.
+
+    The notebook's status says most (failed, skipped, not run); a stage folder without usable
+    numbers is named as such, because another notebook can fill it (09 runs stage 07) and
+    "not run" would then be wrong.
+    """
     for key, _name, notebook in METRICS:
         if run.has(key):
             continue
         status = run.notebooks.get(notebook)
+        folder = METRIC_FOLDERS[key]
         if not run.has_run_dir:
             reason = "no run folder (reports only)"
         elif status in ("failed", "skipped"):
             error = run.errors.get(notebook, "")
             reason = f"{notebook} {status}" + (f": {error}" if error else "")
+        elif (run_dir / folder).is_dir():
+            reason = f"{folder}/ holds no finite numbers for it"
         elif status:
             reason = f"{notebook} ran but left no readable numbers for it"
         else:
@@ -472,7 +489,7 @@ def load_run(
             str(p.relative_to(reports_dir))
             for p in (Path(reports_dir) / persona / size).glob("*.html")
         )
-    _explain_missing(run)
+    _explain_missing(run, run_dir)
     return run
 
 
@@ -1024,7 +1041,7 @@ def build_summary(runs_dir: Path, reports_dir: Path) -> Path:
     reports_dir.mkdir(parents=True, exist_ok=True)
     target = reports_dir / SUMMARY_FILE
     target.write_text(render_summary(runs), encoding="utf-8")
-    logger.info("wrote %s (%d runs)", target, len(runs))
+    logger.debug("wrote %s (%d runs)", target, len(runs))
     return target
 
 
