@@ -174,6 +174,9 @@ def test_bootstrap_is_seeded_and_pairs_models_judged_on_the_same_matches():
     assert all(low <= high for low, high in paired.values())
     with pytest.raises(DataError, match="different resamples"):
         elo.paired_differences(elo.bootstrap_elo(other, traits, 50, seed=8), first)
+    assert elo.paired_std_difference(first, again) == (0.0, 0.0)
+    low, high = elo.paired_std_difference(elo.bootstrap_elo(other, traits, 50, seed=7), first)
+    assert low <= high
 
 
 def test_the_coin_flip_null_separates_real_preferences_from_elo_noise():

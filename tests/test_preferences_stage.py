@@ -209,8 +209,17 @@ def test_the_stage_end_to_end_resumes_and_reports(tmp_path, tiny_service, tiny_d
         ("adopt", "base", "dpo"),
         ("random", "base", "dpo"),
     }
+    (change,) = [r for r in result.spread_changes("logprob") if r["condition"] == "adopt"]
+    assert change["model"] == "dpo" and change["ci_low"] <= change["ci_high"]
     headline = result.headline()
-    for key in ("elo_std_base", "elo_std_dpo", "spearman_base_dpo", "judge_parse_rate"):
+    for key in (
+        "elo_std_base",
+        "elo_std_dpo",
+        "elo_std_change_dpo",
+        "spearman_base_dpo",
+        "judge_parse_rate",
+        "judge_prior_spearman_base",
+    ):
         assert key in headline
     assert "mode_agreement" in headline
     json.dumps(headline, allow_nan=False)  # the index and summaries get plain JSON

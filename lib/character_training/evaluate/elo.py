@@ -405,12 +405,7 @@ def rate(
     )
 
 
-def paired_differences(after: EloBootstrap, before: EloBootstrap) -> dict[str, tuple[float, float]]:
-    """Percentile interval of ``after - before`` per trait, resample by resample.
-
-    Both must come from the same draws (same seed and number of matches: the same matches
-    judged for two models), otherwise the pairing would be meaningless and this refuses.
-    """
+def _check_paired(after: EloBootstrap, before: EloBootstrap) -> None:
     if after.traits != before.traits:
         raise DataError("paired_differences: the two bootstraps rate different traits")
     if after.draws.shape != before.draws.shape or not np.array_equal(after.draws, before.draws):
@@ -418,8 +413,29 @@ def paired_differences(after: EloBootstrap, before: EloBootstrap) -> dict[str, t
             "paired_differences: the bootstraps used different resamples; build both with the "
             "same seed over the same matches"
         )
+
+
+def paired_differences(after: EloBootstrap, before: EloBootstrap) -> dict[str, tuple[float, float]]:
+    """Percentile interval of ``after - before`` per trait, resample by resample.
+
+    Both must come from the same draws (same seed and number of matches: the same matches
+    judged for two models), otherwise the pairing would be meaningless and this refuses.
+    """
+    _check_paired(after, before)
     low, high = percentile_interval(after.samples - before.samples, after.level)
     return {t: (float(a), float(b)) for t, a, b in zip(after.traits, low, high)}
+
+
+def paired_std_difference(after: EloBootstrap, before: EloBootstrap) -> tuple[float, float]:
+    """Percentile interval of the change in std across traits, on paired resamples.
+
+    Resampling inflates each std a little (duplicated matches add noise), which shifts a
+    single std's interval upwards; in a paired difference that shift largely cancels, so
+    "did training widen the preferences" is best read here.
+    """
+    _check_paired(after, before)
+    low, high = percentile_interval(after.std() - before.std(), after.level)
+    return float(low), float(high)
 
 
 __all__ = [
@@ -439,6 +455,7 @@ __all__ = [
     "expected_score",
     "null_std",
     "paired_differences",
+    "paired_std_difference",
     "percentile_interval",
     "rate",
     "spearman",

@@ -318,6 +318,29 @@ class Result:
         ]
         return sorted(rows, key=lambda r: -r["change"])
 
+    def spread_changes(self, mode: str | None = None) -> list[dict]:
+        """Change of the Elo std from the base model to each other model, per condition, with
+        a paired bootstrap interval (a positive change: stronger preferences after training)."""
+        mode = mode or self.config.primary_mode
+        rows = []
+        for condition in self.config.conditions:
+            base = self.elo.get((BASE, condition, mode))
+            for label in self.models:
+                if label == BASE or base is None:
+                    continue
+                after = self.elo[(label, condition, mode)]
+                low, high = elo_math.paired_std_difference(after.bootstrap, base.bootstrap)
+                rows.append(
+                    {
+                        "model": label,
+                        "condition": condition,
+                        "std_change": after.std - base.std,
+                        "ci_low": low,
+                        "ci_high": high,
+                    }
+                )
+        return rows
+
     def spread(self, mode: str | None = None) -> list[dict]:
         """Elo standard deviation across traits per (model, condition), with its interval."""
         mode = mode or self.config.primary_mode
@@ -408,6 +431,10 @@ class Result:
                 out[f"elo_std_{row['model']}"] = row["std"]
                 out[f"elo_std_{row['model']}_ci"] = [row["std_low"], row["std_high"]]
                 out[f"elo_std_{row['model']}_null95"] = row["null_std_high"]
+        for row in self.spread_changes(mode):
+            if row["condition"] == condition:
+                out[f"elo_std_change_{row['model']}"] = row["std_change"]
+                out[f"elo_std_change_{row['model']}_ci"] = [row["ci_low"], row["ci_high"]]
         for row in self.model_correlations(mode):
             if row["condition"] == condition and row["a"] == BASE:
                 out[f"spearman_base_{row['b']}"] = row["spearman"]
@@ -761,6 +788,7 @@ def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
         "bootstrap": config.bootstrap,
         "notes": list(result.notes),
         "spread": {mode: result.spread(mode) for mode in config.judge_modes},
+        "spread_changes": {mode: result.spread_changes(mode) for mode in config.judge_modes},
         "model_correlations": {
             mode: result.model_correlations(mode) for mode in config.judge_modes
         },
