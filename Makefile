@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sampling_throughput.py
 	$(PY) bench/sft_throughput.py
+	$(PY) bench/snapshot_fidelity.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

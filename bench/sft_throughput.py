@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
@@ -147,7 +149,7 @@ def main() -> None:
     data = chat_batch(get_renderer("smollm2", tokenizer), args.batch, args.seq_len)
     trained_tokens = sum(int((d.loss_fn_inputs["weights"].to_torch() > 0).sum()) for d in data)
 
-    engine = service.create_lora_training_client(SMOLLM2_NAME, rank=RANK, seed=args.seed)
+    engine = service.create_lora_training_client(SMOLLM2_NAME, rank=RANK, seed=args.seed).result()
     peer = PeftLoop(service, data, seed=args.seed)
 
     def engine_step() -> float:
@@ -185,6 +187,7 @@ def main() -> None:
         "first_loss_engine": round(first_losses[0], 3),
         "first_loss_peft_loop": round(first_losses[1], 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }

@@ -90,7 +90,7 @@ def main() -> None:
     datum = supervised_datum(
         renderer, [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": REPLY}]
     )
-    trainer = fp32.create_lora_training_client(SMOLLM2_NAME, rank=args.rank, seed=0)
+    trainer = fp32.create_lora_training_client(SMOLLM2_NAME, rank=args.rank, seed=0).result()
     base_lp = {
         "fp32": reply_logprob(base32, datum),
         "bf16": reply_logprob(base16, datum),
