@@ -791,6 +791,7 @@ def run(
     accuracy = signal_accuracy(
         comparators, examples, root.file("signals/cache.jsonl"), config.bootstrap, config.seed
     )
+    root.path.mkdir(parents=True, exist_ok=True)
     (root.path / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2))
 
     stage = stage_dir(params.run_dir, f"{STAGE}/{RL_DIR}")
