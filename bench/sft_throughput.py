@@ -30,6 +30,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md
 
 import torch  # noqa: E402
+from character_training.backends.local.lora import (  # noqa: E402
+    LORA_ALPHA,
+    PARTS,
+    lora_target_modules,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
@@ -92,11 +97,13 @@ class PeftLoop:
         engine = service.engine
         torch.manual_seed(seed)
         base = engine.load_trainable_base(SMOLLM2_NAME)
+        # The same adapter as the engine's: alpha 32, attention + MLP + unembedding (Tinker's
+        # defaults); "all-linear" would leave out lm_head and give the peer less work.
         config = LoraConfig(
             r=RANK,
-            lora_alpha=2 * RANK,
+            lora_alpha=LORA_ALPHA,
             lora_dropout=0.0,
-            target_modules="all-linear",
+            target_modules=lora_target_modules(base, PARTS),
             bias="none",
             task_type="CAUSAL_LM",
         )
