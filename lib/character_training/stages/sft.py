@@ -475,8 +475,17 @@ def run(
     raw = load_conversations(params) if conversations is None else list(conversations)
     transcripts = as_transcripts(raw)
     if not transcripts:
+        left_out = ""
+        if conversations is None:  # say what stage 04 left out (e.g. every reply cut)
+            counts = introspection_counts(params)
+            left_out = (
+                " (stage 04 left out: "
+                + ", ".join(f"{k}={v}" for k, v in counts.items() if v and k != "transcripts")
+                + ")"
+            )
         raise DataError(
-            f"{INTROSPECTION_STAGE}: no transcripts to train on: run notebook 04_introspection"
+            f"{INTROSPECTION_STAGE}: no transcripts to train on{left_out}: check "
+            "introspection.response_tokens and rerun notebook 04_introspection"
         )
     constitution = load_constitution(
         params.constitution_ref, allow_opt_in=params.allow_misaligned, prompts_per_assertion=None
