@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/sampling_throughput.py
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/snapshot_fidelity.py
+	$(PY) bench/dpo_throughput.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
