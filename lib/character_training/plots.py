@@ -405,9 +405,6 @@ def rank_correlations(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fig
     return fig
 
 
-_STAGE_COLORS = {"base": "#8c8c8c", "dpo": "#4c72b0", "final": "#55a868"}
-
-
 # -- robustness and coherence (notebook 08) ------------------------------------------------------
 _METHOD_NAMES = {"system_prompt": "system prompt", "dpo": "dpo", "final": "final", "base": "base"}
 
