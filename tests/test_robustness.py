@@ -301,6 +301,7 @@ def _params(tmp_path, persona="humorous", **overrides):
         "evals.robustness_max_tokens": 8,
         "evals.robustness_bootstrap": 50,
         "evals.classifier_epochs": 1,
+        "evals.classifier_methods": ["system_prompt", "dpo", "final"],  # the paper's choice
         "evals.coherence_pairs": ["final:system_prompt", "final:dpo"],
     }
     values.update(overrides)
@@ -320,6 +321,10 @@ def _fabricate(run_dir, trainer, names=("dpo", "final"), prompts=True):
         sampler = trainer.save_weights_for_sampler(f"{run_dir.parent.name}-{name}").result()
         stage_name = "03_dpo" if name == "dpo" else "05_sft"
         record_checkpoint(run_dir, Checkpoint(name, sampler.path, "", TINY, stage_name))
+
+
+def _refuse(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
 
 
 class CountingService:
@@ -392,6 +397,8 @@ def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
                  "predictions.jsonl", "classifier_metrics.jsonl", "classifier.json"):  # fmt: skip
         assert (folder / name).is_file(), name
     assert (other / "08_robustness" / "responses").is_dir()  # each persona keeps its replies
+    saved = json.loads((folder / "robustness.json").read_text(), parse_constant=_refuse)
+    assert saved["split_prompts"]["heldout"] == report.heldout_prompts
     headline = report.headline()
     assert "f1_final_with_instructions" in headline and "f1_dpo_prefill_ci" in headline
     for figure in (
