@@ -26,7 +26,9 @@ What it does, and why:
    from ``evals.classifier_methods`` (default: system prompt, dpo and final, as the paper trained
    on every method's non-adversarial replies, so no method is favoured by having defined the
    class alone), and the "base" class of the base model's replies. It is then scored only on
-   held-out prompts, so no F1 comes from a prompt it was trained on.
+   held-out prompts, so no F1 comes from a prompt it was trained on. Where training barely
+   moved the models (the tiny preset), their replies in the persona class teach the classifier
+   that base-like text is persona; the tiny preset defines the class by the prompted replies.
 3. **F1 per method x split.** For method m and split s, the scored set is m's replies of every
    persona (true class: the persona) plus the base model's replies under the same split (true
    class: base), on held-out prompts; the number is macro F1 with a 95% interval that resamples
