@@ -129,3 +129,30 @@ def finish_checkpoint(
     )
     record_checkpoint(run_dir, checkpoint)
     return checkpoint
+
+
+def step_record(
+    step: int,
+    total_steps: int,
+    epochs: int,
+    learning_rate: float,
+    optim_response: Any,
+    tokens: int,
+    elapsed: float,
+) -> dict[str, Any]:
+    """The bookkeeping every training stage logs for an optimiser step (its own loss terms
+    and batch counts go next to these)."""
+    return {
+        "epoch": math.floor((step - 1) * epochs / total_steps),
+        "optim/lr": learning_rate,
+        "optim/grad_norm": (getattr(optim_response, "metrics", None) or {}).get("optim/grad_norm"),
+        "train/tokens": tokens,
+        "time/step": elapsed,
+        "time/tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+    }
+
+
+def save_if_due(client: Any, stage: StageDir, step: int, total_steps: int, every: int) -> None:
+    """A resume point every ``every`` steps; none after the last (the checkpoint follows)."""
+    if step % every == 0 and step < total_steps:
+        save_progress(client, stage, step)

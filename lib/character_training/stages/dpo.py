@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -53,7 +52,8 @@ from ..training import (
     finish_checkpoint,
     learning_rate_at,
     open_training_client,
-    save_progress,
+    save_if_due,
+    step_record,
     truncate_metrics,
 )
 
@@ -344,20 +344,14 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
         elapsed = time.perf_counter() - started
         tokens = sum(d.model_input.length for d in data_list)
         row = {k: v for k, v in out.metrics.items() if k.startswith("dpo/")}
+        row.update(step_record(step, total, config.epochs, lr, optim, tokens, elapsed))
         row.update(
             {
-                "epoch": math.floor((step - 1) * config.epochs / total),
-                "optim/lr": lr,
-                "optim/grad_norm": (optim.metrics or {}).get("optim/grad_norm"),
                 "train/pairs": len(batch),
-                "train/tokens": tokens,
-                "time/step": elapsed,
-                "time/tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             }
         )
         log.log(step, row)
-        if step % config.save_every == 0 and step < total:
-            save_progress(client, stage, step)
+        save_if_due(client, stage, step, total, config.save_every)
         bar.update(1)
     bar.close()
 

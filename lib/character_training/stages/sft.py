@@ -57,7 +57,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -81,7 +80,8 @@ from ..training import (
     finish_checkpoint,
     learning_rate_at,
     open_training_client,
-    save_progress,
+    save_if_due,
+    step_record,
     truncate_metrics,
 )
 from .dpo import loss_positions, truncate_datum
@@ -549,21 +549,15 @@ def run(
         elapsed = time.perf_counter() - started
         tokens = sum(e.tokens for e in batch)
         row: dict[str, Any] = batch_losses(batch, out.loss_fn_outputs)
+        row.update(step_record(step, total, config.epochs, lr, optim, tokens, elapsed))
         row.update(
             {
-                "epoch": math.floor((step - 1) * config.epochs / total),
-                "optim/lr": lr,
-                "optim/grad_norm": (optim.metrics or {}).get("optim/grad_norm"),
                 "train/transcripts": len(batch),
-                "train/tokens": tokens,
                 "train/loss_tokens": loss_tokens,
-                "time/step": elapsed,
-                "time/tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             }
         )
         log.log(step, row)
-        if step % config.save_every == 0 and step < total:
-            save_progress(client, stage, step)
+        save_if_due(client, stage, step, total, config.save_every)
         bar.update(1)
     bar.close()
 
