@@ -31,7 +31,10 @@ and the step-1 loss.)
 Both sides start from the same LoRA weights (TRL's adapter is overwritten with the engine
 client's initial A and B) and use the same AdamW (betas 0.9/0.95, eps 1e-12, no weight decay,
 constant learning rate 5e-5 as stage 03, no clipping): in fp32 the later losses agree to 4
-digits; under bf16 they drift by ~0.01, the size of bf16 rounding next to one LoRA step.
+digits; under bf16 autocast they differ by 0.01-0.03 from step 2 on, because the two forwards
+round differently (TRL's tiled reply-only LM head vs the engine's full logits; a sequence's
+summed log-prob differs by up to ~0.85 nats between them, 0.0015 in fp32) and one LoRA step's
+change is of the same size as bf16 rounding.
 
 Same on both sides: SmolLM2-135M-Instruct loaded from ``resolve_model_dir`` (fp32 master
 weights), LoRA rank 8, alpha 32 (the engine's), dropout 0 on the attention and MLP projections
@@ -46,15 +49,22 @@ rendered by the SmolLM2 renderer; TRL receives the rendered prompt and replies a
 script checks that its tokenisation gives exactly the engine's token ids.
 
 Throughput is trained tokens per second: every token of every chosen and rejected sequence
-(prompt + reply) of the timed steps, divided by their wall time (warm-up steps excluded). A TRL
-step is timed from the end of one optimiser step to the end of the next (its whole loop:
+(prompt + reply) of the timed steps, divided by their wall time (warm-up steps excluded); the
+same tokens per CPU-second of this process (``time.process_time``, all threads) are reported
+too, since on a shared machine they move much less with other processes' load than wall time.
+A TRL step is timed from the end of one optimiser step to the end of the next (its whole loop:
 collation, both forwards, backward, AdamW, scheduler, logging); an engine step is
 ``forward_backward_custom`` + ``optim_step`` as stage 03 calls them. Runs alternate engine,
 TRL default, TRL precomputed for ``--rounds`` rounds, each on a fresh model over the same
-batches, so a change of machine load hits all sides alike. Nothing is asserted.
+batches. The peak resident memory of the process during each run is reported (the process
+also holds the engine's cached base model, ~0.5 GB). ``--replay-check`` adds an engine run per
+round with ``micro_batch_tokens`` set to half a step's padded tokens: ``forward_backward_custom``
+then scores every micro-batch without a graph and replays it with one (two forwards per step),
+which is what stage 03's default batches (32 pairs) do once a step exceeds 8192 padded tokens.
+Nothing is asserted.
 
 Usage: python bench/dpo_throughput.py [--pairs 32] [--batch 8] [--warmup 1] [--steps 3]
-       [--rounds 2] [--precision auto|bf16|fp32]
+       [--rounds 2] [--precision auto|bf16|fp32] [--replay-check]
 """
 
 from __future__ import annotations
@@ -265,10 +275,10 @@ def engine_run(service, data, references, args, lora_init: dict | None):
             regrouped_references = compute_reference_logprobs(
                 client, data, Path(tmp) / "ref_regrouped.jsonl", batch_pairs=max(1, args.batch // 2)
             )
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     for step in range(args.warmup + args.steps):
         batch = data[step * args.batch : (step + 1) * args.batch]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss_fn = make_dpo_loss_fn(
             [references[p.pair_id] for p in batch], beta=args.beta, nll_coef=0.0, kl_coef=0.0
         )
@@ -277,12 +287,14 @@ def engine_run(service, data, references, args, lora_init: dict | None):
         ).result()
         client.optim_step(types.AdamParams(learning_rate=args.learning_rate)).result()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
         losses.append(out.metrics["dpo/loss"])
     del client
     release_memory()
     return {
         "losses": losses,
         "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
         "reference_seconds": reference_seconds,
         "regrouped_references": regrouped_references,
         "references": references,
@@ -320,10 +332,10 @@ def trl_run(model_dir, text_rows, data, args, lora_init: dict, use_bf16: bool, p
     class StepClock(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
             if not step_ends:
-                step_ends.append(time.perf_counter())
+                step_ends.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args_, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
+            step_ends.append((time.perf_counter(), time.process_time()))
 
     losses: list[float] = []
     ref_per_step: list[float] = []
@@ -417,12 +429,14 @@ def trl_run(model_dir, text_rows, data, args, lora_init: dict, use_bf16: bool, p
             trainer.train()
         finally:
             dpo_module.use_adapter = original_use_adapter
-    times = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    times = [b[0] - a[0] for a, b in zip(step_ends, step_ends[1:])]
+    cpu_times = [b[1] - a[1] for a, b in zip(step_ends, step_ends[1:])]
     del trainer, model
     release_memory()
     return {
         "losses": losses,
         "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
         "ref_forward_seconds": ref_per_step,
         "build_seconds": build_seconds,
         "precompute_seconds": precompute_watch.seconds if precompute else None,
@@ -604,18 +618,28 @@ def run(args) -> None:
         record[f"round{r}_ratio_engine_vs_trl_precomputed"] = round(
             tps["engine"] / tps["trl_precomputed"], 2
         )
+        cpu = {name: tokens_per_s(rd[name], args, timed_tokens, "step_cpu_seconds") for name in rd}
+        record[f"round{r}_tok_per_cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
+        record[f"round{r}_cpu_ratio_engine_vs_trl_default"] = round(
+            cpu["engine"] / cpu["trl_default"], 2
+        )
+        record[f"round{r}_cpu_ratio_engine_vs_trl_precomputed"] = round(
+            cpu["engine"] / cpu["trl_precomputed"], 2
+        )
         record[f"round{r}_peak_rss_mb"] = {name: rd[name]["peak_rss_mb"] for name in rd}
         ref = rd["trl_default"]["ref_forward_seconds"][args.warmup :]
         step = rd["trl_default"]["step_seconds"][args.warmup :]
         record[f"round{r}_trl_default_ref_forward_share"] = round(sum(ref) / sum(step), 3)
-    totals = {
-        name: sum(sum(rd[name]["step_seconds"][args.warmup :]) for rd in rounds)
-        for name in ("engine", "trl_default", "trl_precomputed")
-    }
-    record["ratio_engine_vs_trl_default"] = round(totals["trl_default"] / totals["engine"], 2)
-    record["ratio_engine_vs_trl_precomputed"] = round(
-        totals["trl_precomputed"] / totals["engine"], 2
-    )
+    for prefix, key in (("", "step_seconds"), ("cpu_", "step_cpu_seconds")):
+        totals = {
+            name: sum(sum(rd[name][key][args.warmup :]) for rd in rounds) for name in rounds[0]
+        }
+        for peer in ("trl_default", "trl_precomputed"):
+            record[f"{prefix}ratio_engine_vs_{peer}"] = round(totals[peer] / totals["engine"], 2)
+        if "engine_replay" in totals:
+            record[f"{prefix}ratio_engine_vs_engine_replay"] = round(
+                totals["engine_replay"] / totals["engine"], 2
+            )
     record.update(
         {
             "load_average_before": load_before,
@@ -630,14 +654,16 @@ def run(args) -> None:
         print(f"{key:>40}: {value}")
 
 
-def tokens_per_s(result: dict, args, timed_tokens: int) -> float:
-    return timed_tokens / sum(result["step_seconds"][args.warmup :])
+def tokens_per_s(result: dict, args, timed_tokens: int, key: str = "step_seconds") -> float:
+    return timed_tokens / sum(result[key][args.warmup :])
 
 
 def summary(result: dict, args, timed_tokens: int) -> str:
     steps = ", ".join(f"{s:.1f}" for s in result["step_seconds"])
     text = (
-        f"{tokens_per_s(result, args, timed_tokens):.1f} tok/s, steps [{steps}] s, "
+        f"{tokens_per_s(result, args, timed_tokens):.1f} tok/s "
+        f"({tokens_per_s(result, args, timed_tokens, 'step_cpu_seconds'):.1f} per CPU-s), "
+        f"steps [{steps}] s, "
         f"first loss {result['losses'][0]:.6f}"
     )
     if result.get("ref_forward_seconds"):
