@@ -206,12 +206,69 @@ def test_a_judge_that_always_says_a_wins_nothing(monkeypatch, tiny_sampler, rend
 
     monkeypatch.setattr(coherence, "reply_logprobs", scripted)
     comparisons = _comparisons(3)
-    verdicts = coherence.judge_logprob(tiny_sampler, renderer, comparisons, judge=TINY)
+    verdicts = coherence.judge_logprob(
+        tiny_sampler, renderer, comparisons, judge=TINY, calibrate=False
+    )
     assert calls == [{"include_end": False, "desc": "coherence judge (forced choice)"}]
     assert [v.choice for v in verdicts] == ["A"] * 6
     (rate,) = [r for r in coherence.win_rates(coherence.resolve_order_swaps(comparisons, verdicts))
                if r.group == "all"]  # fmt: skip
     assert rate.consistent == 0 and rate.inconsistent_share == 1.0 and math.isnan(rate.win_rate)
+    # calibrated, a judge that reads nothing but the letter has no preference left at all
+    flat = coherence.calibrate_positions(verdicts)
+    assert [v.choice for v in flat] == [None] * 6
+    assert coherence.position_offset(verdicts) == pytest.approx(2.9)
+    assert coherence.raw_choice_a_share(flat) == 1.0
+
+
+def _scripted_judge(bias: float, preference: dict[str, float], noise: dict[str, float]):
+    """log p(A) - log p(B) = bias + (preference for the first method, signed by the order)
+    + order noise; the comparison and order are recovered from the reply text shown as A."""
+
+    def scripted(sampler, renderer, items, **kwargs):
+        out = []
+        for messages, letter in items:
+            content = messages[-1]["content"]
+            shown_a = content.split("Reply A:\n<reply_a>\n", 1)[1].split("\n", 1)[0]
+            cid = "c" + shown_a.rsplit(" ", 1)[1]
+            order = "ab" if shown_a.startswith("final") else "ba"
+            sign = 1.0 if order == "ab" else -1.0
+            margin = bias + sign * preference[cid] + noise.get(f"{cid}:{order}", 0.0)
+            out.append(margin / 2 if letter == "A" else -margin / 2)
+        return out
+
+    return scripted
+
+
+def test_calibration_removes_a_position_bias_and_keeps_the_preferences(
+    monkeypatch, tiny_sampler, renderer
+):
+    """Bias 3 nats towards "A" and preferences of 0.5 nats: raw, every verdict is "A" and
+    nothing survives the swap; calibrated, the offset is the bias exactly (the content terms
+    cancel over both orders), the preferences come back, and a comparison whose order noise is
+    larger than its preference is still dropped as inconsistent."""
+    preference = {"c1": 0.5, "c2": 0.5, "c3": -0.5, "c4": 0.2, "c5": 0.2}
+    # noise that pushes one letter in both orders beats c4's and c5's small preferences (noise
+    # of opposite signs in the two orders would be indistinguishable from a preference)
+    noise = {"c4:ab": 0.6, "c4:ba": 0.6, "c5:ab": -0.6, "c5:ba": -0.6}
+    monkeypatch.setattr(coherence, "reply_logprobs", _scripted_judge(3.0, preference, noise))
+    comparisons = _comparisons(5)
+    raw = coherence.judge_logprob(tiny_sampler, renderer, comparisons, judge=TINY, calibrate=False)
+    assert {v.choice for v in raw} == {"A"}
+    verdicts = coherence.judge_logprob(tiny_sampler, renderer, comparisons, judge=TINY)
+    assert coherence.position_offset(verdicts) == pytest.approx(3.0)
+    assert all(v.detail["raw_choice"] == "A" for v in verdicts)
+    outcomes = {o.comparison_id: o for o in coherence.resolve_order_swaps(comparisons, verdicts)}
+    assert [(o.status, o.winner) for o in outcomes.values()] == [
+        ("consistent", "final"),
+        ("consistent", "final"),
+        ("consistent", "system_prompt"),
+        ("inconsistent", None),
+        ("inconsistent", None),
+    ]
+    (rate,) = [r for r in coherence.win_rates(list(outcomes.values()), by_group=False)]
+    assert (rate.consistent, rate.wins_first) == (3, 2)
+    assert rate.chose_a_share == pytest.approx(0.5)
 
 
 def test_forced_choice_scores_the_letters_on_a_real_model(tiny_sampler, renderer, tmp_path):

@@ -321,9 +321,12 @@ class EvalParams:
     classifier_batch_size: int = 8
     classifier_lr: float = 5e-5
     classifier_methods: tuple[str, ...] = ("system_prompt", "dpo", "final")
-    # Coherence: "a:b" method pairs the judge compares (both orders), and how it is asked
+    # Coherence: "a:b" method pairs the judge compares (both orders), and how it is asked;
+    # coherence_calibrate removes the forced-choice judge's constant preference for one letter
+    # (the mean log p(A) - log p(B) over both orders) before the order-swap filter
     coherence_pairs: tuple[str, ...] = ("final:system_prompt", "final:dpo")
     coherence_modes: tuple[str, ...] = ("logprob",)
+    coherence_calibrate: bool = True
 
     def __post_init__(self) -> None:
         _check_min(self, "evals", ("elo_comparisons", "robustness_prompts", "rl_steps"), 0)

@@ -14,6 +14,16 @@ Two ways to ask, the same order-swap filter for both:
   as "B" (`sampling.reply_logprobs` with ``include_end=False``: the letter as the start of a
   reply that could go on), and the likelier letter is the verdict. Nothing is parsed, so it
   works on any backend and any judge size, and it is cheap: two scoring calls per order.
+  *Position calibration* (on by default): a small judge prefers one letter whatever it reads
+  (SmolLM2 said "A" in every order, so every comparison was inconsistent and no win rate
+  existed). Write the margin log p(A) - log p(B) of a comparison shown in order o as
+  bias + s_o * d, with d the judge's preference for the first method and s_o = +1 for "ab",
+  -1 for "ba". Every comparison is asked in both orders, so the mean margin over all asked
+  rows is exactly the bias: the content terms cancel pair by pair. The calibrated verdict of
+  an order is the sign of its margin minus that mean; the order-swap filter then still drops
+  comparisons whose two orders disagree once the constant bias is gone (the judge's
+  preference is smaller than its order noise). The offset (nats towards "A") and the raw,
+  uncalibrated share of "A" verdicts are reported with the rates.
 * ``generative``: the judge writes a short reason and a tagged verdict (A, B or NEITHER, the
   paper's INVALID for ties and out-of-character replies), sampled through `sampling.sample_chat`
   with a resumable log and parsed strictly; anything else counts as no verdict.
@@ -245,6 +255,43 @@ def _digest(judge: str, messages: Sequence[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def position_offset(verdicts: Sequence[Verdict]) -> float:
+    """The judge's position bias in nats towards "A": the mean of log p(A) - log p(B) over
+    forced-choice verdicts. Unbiased for the bias only when every comparison is present in both
+    orders (the content terms cancel pair by pair), which `judge_logprob` guarantees."""
+    margins = [
+        v.detail["logprob_a"] - v.detail["logprob_b"]
+        for v in verdicts
+        if math.isfinite(v.detail.get("logprob_a", math.nan))
+        and math.isfinite(v.detail.get("logprob_b", math.nan))
+    ]
+    return sum(margins) / len(margins) if margins else 0.0
+
+
+def calibrate_positions(verdicts: Sequence[Verdict]) -> list[Verdict]:
+    """Forced-choice verdicts re-decided after removing the judge's constant position bias.
+
+    Each verdict's choice becomes the sign of its margin minus `position_offset` (None on an
+    exact tie); its detail keeps the raw choice and the offset used. See the module docstring
+    for why the mean margin over both orders is the bias.
+    """
+    offset = position_offset(verdicts)
+    out = []
+    for v in verdicts:
+        margin = v.detail["logprob_a"] - v.detail["logprob_b"] - offset
+        choice = "A" if margin > 0 else "B" if margin < 0 else None
+        detail = {**v.detail, "raw_choice": v.choice, "position_offset": offset}
+        out.append(Verdict(v.comparison_id, v.order, choice, v.mode, detail))
+    return out
+
+
+def raw_choice_a_share(verdicts: Sequence[Verdict]) -> float:
+    """Share of single-order verdicts that picked "A" before any calibration (0.5 = no bias)."""
+    raw = [v.detail.get("raw_choice", v.choice) for v in verdicts]
+    letters = [choice for choice in raw if choice is not None]
+    return letters.count("A") / len(letters) if letters else math.nan
+
+
 def judge_logprob(
     sampler: Any,
     renderer: Any,
@@ -252,8 +299,11 @@ def judge_logprob(
     *,
     judge: str,
     cache_path: Path | None = None,
+    calibrate: bool = True,
 ) -> list[Verdict]:
-    """Forced-choice verdicts for every comparison in both orders (see the module docstring).
+    """Forced-choice verdicts for every comparison in both orders (see the module docstring);
+    with ``calibrate`` the judge's position bias over these comparisons is removed first
+    (`calibrate_positions`; the cache keeps raw scores, so the flag can change on a rerun).
 
     ``judge`` identifies the judge model in the cache: a row is reused only when the same judge
     saw the same messages, so a rerun scores only what is new. ``sampler`` may be a zero-argument
@@ -296,7 +346,8 @@ def judge_logprob(
                 append_jsonl(
                     cache_path, {"key": key, "digest": digest, "choice": choice, "detail": detail}
                 )
-    return [verdicts[f"{c.id}:{order}:logprob"] for c in comparisons for order in ORDERS]
+    ordered = [verdicts[f"{c.id}:{order}:logprob"] for c in comparisons for order in ORDERS]
+    return calibrate_positions(ordered) if calibrate else ordered
 
 
 def judge_generative(
@@ -358,9 +409,12 @@ __all__ = [
     "Outcome",
     "Verdict",
     "WinRate",
+    "calibrate_positions",
     "judge_generative",
     "judge_logprob",
     "parse_verdict",
+    "position_offset",
+    "raw_choice_a_share",
     "resolve_order_swaps",
     "win_rates",
 ]

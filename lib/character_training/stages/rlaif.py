@@ -1225,13 +1225,19 @@ def coherence_rates(
         comparisons,
         judge=judge,
         cache_path=Path(params.run_dir) / STAGE / "coherence_logprob.jsonl",
+        calibrate=params.evals.coherence_calibrate,
     )
     outcomes = judge_lib.resolve_order_swaps(comparisons, verdicts)
+    offset = judge_lib.position_offset(verdicts) if params.evals.coherence_calibrate else math.nan
     out = []
     for rate in judge_lib.win_rates(outcomes, by_group=False):
         record = rate.to_record()
         half = 1.96 * rate.se if math.isfinite(rate.se) else math.nan
         record |= {"mode": "logprob", "low": rate.win_rate - half, "high": rate.win_rate + half}
+        record |= {
+            "position_offset": offset,
+            "raw_chose_a_share": judge_lib.raw_choice_a_share(verdicts),
+        }
         out.append(record)
     return out
 

@@ -146,6 +146,7 @@ class Config:
     classifier_methods: tuple[str, ...]
     coherence_pairs: tuple[str, ...]
     coherence_modes: tuple[str, ...]
+    coherence_calibrate: bool
     judge_max_tokens: int
     judge_temperature: float
     judge_top_p: float
@@ -179,6 +180,7 @@ class Config:
             classifier_methods=tuple(e.classifier_methods),
             coherence_pairs=tuple(e.coherence_pairs),
             coherence_modes=tuple(e.coherence_modes),
+            coherence_calibrate=e.coherence_calibrate,
             judge_max_tokens=e.judge_max_tokens,
             judge_temperature=e.judge_temperature,
             judge_top_p=e.judge_top_p,
@@ -804,6 +806,7 @@ def _coherence(
                 comparisons,
                 judge=config.judge,
                 cache_path=stage.file("coherence_logprob.jsonl"),
+                calibrate=config.coherence_calibrate,
             )
         else:
             verdicts = judge_lib.judge_generative(
@@ -817,8 +820,13 @@ def _coherence(
                 log_path=stage.file(f"coherence_generative-{_short(config.judge)}.jsonl"),
             )
         outcomes = judge_lib.resolve_order_swaps(comparisons, verdicts)
+        calibrated = mode == "logprob" and config.coherence_calibrate
+        bias = {
+            "position_offset": judge_lib.position_offset(verdicts) if calibrated else math.nan,
+            "raw_chose_a_share": judge_lib.raw_choice_a_share(verdicts),
+        }
         for rate in judge_lib.win_rates(outcomes):
-            records.append({"mode": mode, **rate.to_record()})
+            records.append({"mode": mode, **rate.to_record(), **bias})
     return records
 
 
