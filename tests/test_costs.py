@@ -125,3 +125,54 @@ def test_measured_prompt_lengths_from_the_tiny_run_replace_the_planning_constant
     measured = _row(estimate(params, lengths=lengths), "02_distillation (student)").prefill_tokens
     assert measured == planned * lengths.user_prompt_tokens // USER_PROMPT_TOKENS
     assert "user prompt length: 20 tokens (measured" in dry_run_report(params)
+
+
+def test_preference_stage_counts_follow_models_conditions_and_judge_modes():
+    """Stage 07 as it runs: three models answer every match of every condition; the judge
+    reads each reply once per mode (forced choice: two trait words) plus one empty-reply prior
+    per match; dropping a mode or a condition drops exactly its share."""
+    from character_training.costs import ELO_SYSTEM_TOKENS, JUDGE_PROMPT_TOKENS
+
+    overrides = {
+        "evals.elo_comparisons": 100,
+        "evals.elo_conditions": ["adopt", "random"],
+        "evals.elo_response_tokens": 50,
+        "evals.judge_max_tokens": 10,
+        "evals.judge_modes": ["logprob", "generative"],
+    }
+    params = with_overrides(load_params("qwen3.5-9b", "sarcastic"), overrides)
+    costs = estimate(params, lengths=Lengths(user_prompt_tokens=40))
+    model, judge = _row(costs, "07_preferences (model)"), _row(costs, "07_preferences (judge)")
+    replies = 3 * 2 * 100
+    assert (model.prefill_tokens, model.sample_tokens) == (
+        replies * (ELO_SYSTEM_TOKENS + 40),
+        replies * 50,
+    )
+    read = JUDGE_PROMPT_TOKENS + 50
+    assert judge.prefill_tokens == replies * read + 2 * replies * read + 2 * 200 * JUDGE_PROMPT_TOKENS
+    assert judge.sample_tokens == replies * 10
+    only_logprob = with_overrides(params, {"evals.judge_modes": ["logprob"]})
+    judge = _row(estimate(only_logprob), "07_preferences (judge)")
+    assert judge.sample_tokens == 0 and judge.prefill_tokens == 2 * replies * read + 400 * JUDGE_PROMPT_TOKENS
+
+
+def test_rlaif_signal_counts_every_matchup_in_both_orders():
+    overrides = {
+        "evals.rl_steps": 10,
+        "evals.rl_prompts_per_step": 4,
+        "evals.rl_group_size": 4,
+        "rl.response_tokens": 100,
+        "rl.matchups_per_group": 0,
+        "rl.signal": "judge",
+    }
+    params = with_overrides(load_params("qwen3.5-9b", "sarcastic"), overrides)
+    from character_training.costs import JUDGE_PROMPT_TOKENS
+
+    signal = _row(estimate(params), "09_rlaif (signal)")
+    # 6 matchups per group of 4, both orders, two letters scored per order
+    assert signal.prefill_tokens == 2 * (10 * 4 * 6 * 2) * (JUDGE_PROMPT_TOKENS + 200)
+    assert signal.train_tokens == 0
+    trained = with_overrides(params, {"rl.signal": "preference_model"})
+    assert _row(estimate(trained), "09_rlaif (signal)").train_tokens > 0
+    policy = _row(estimate(params), "09_rlaif (policy)")
+    assert policy.sample_tokens == 10 * 4 * 4 * 100

@@ -185,59 +185,112 @@ def estimate(
     rows.append(("05_sft", params.student, 0, 0, sft_tokens * s.epochs))
 
     rows.append(("06_samples", params.student, 3 * 24 * user, 3 * 24 * e.response_tokens, 0))
-    elo_calls = 3 * 2 * e.elo_comparisons  # 3 conditions x (before, after)
-    rows.append(
-        (
-            "07_preferences (model)",
-            params.student,
-            elo_calls * (ELO_SYSTEM_TOKENS + user),
-            elo_calls * e.response_tokens,
-            0,
-        )
-    )
-    rows.append(
-        (
-            "07_preferences (judge)",
-            params.judge,
-            elo_calls * (JUDGE_PROMPT_TOKENS + e.response_tokens),
-            elo_calls * JUDGE_OUTPUT_TOKENS,
-            0,
-        )
-    )
-    robust = 3 * e.robustness_prompts * (1 + e.robustness_splits)  # base, dpo, final models
-    rows.append(
-        (
-            "08_robustness",
-            params.student,
-            robust * (user + 25),
-            robust * e.response_tokens,
-            0,
-        )
-    )
-    rl_samples = e.rl_steps * e.rl_prompts_per_step * e.rl_group_size
-    rows.append(
-        (
-            "09_rlaif (policy)",
-            params.student,
-            rl_samples * user,
-            rl_samples * e.response_tokens,
-            rl_samples * (user + e.response_tokens),
-        )
-    )
-    rows.append(
-        (
-            "09_rlaif (judge)",
-            params.judge,
-            rl_samples * (JUDGE_PROMPT_TOKENS + e.response_tokens),
-            rl_samples * JUDGE_OUTPUT_TOKENS,
-            0,
-        )
-    )
-
+    rows.extend(_evaluation_rows(params, user, n_prompts))
     return [
         StageCost(stage, model, pre, samp, train, _price(params, model, pre, samp, train))
         for stage, model, pre, samp, train in rows
     ]
+
+
+def _evaluation_rows(
+    params: RunParams, user: int, distill_prompts: int
+) -> list[tuple[str, str, int, int, int]]:
+    """Stages 07-09 as they run: which models answer, who judges, in which modes.
+
+    07: base, dpo and final answer every match of every condition; the judge reads each reply
+    (generative: writes a short answer; forced choice: scores both trait words) plus, in
+    forced choice, one empty-reply prior per match. 08: base, system prompt, dpo and final
+    answer every prompt plainly and the held-out share under each attack; the prefill attack
+    (base writes turn one, three methods turn two) and the coherence judge (two letters scored
+    per order) on held-out prompts; the classifier runs locally. 09: SFT start, preference
+    model (when it is the signal), group sampling, pairwise matchups in both orders, the
+    learner's forwards (old log-probs, reference, training), then rlaif through 07 and 08.
+    """
+    e, r, s = params.evals, params.rl, params.sft
+    rows: list[tuple[str, str, int, int, int]] = []
+    judge_read = JUDGE_PROMPT_TOKENS + e.elo_response_tokens
+    matches = len(e.elo_conditions) * e.elo_comparisons
+
+    def preference_rows(models: int, label: str) -> None:
+        replies = models * matches
+        rows.append(
+            (
+                f"{label} (model)",
+                params.student,
+                replies * (ELO_SYSTEM_TOKENS + user),
+                replies * e.elo_response_tokens,
+                0,
+            )
+        )
+        prefill = sample = 0
+        if "generative" in e.judge_modes:
+            prefill += replies * judge_read
+            sample += replies * e.judge_max_tokens
+        if "logprob" in e.judge_modes:
+            prefill += 2 * replies * judge_read + 2 * matches * JUDGE_PROMPT_TOKENS
+        rows.append((f"{label} (judge)", params.judge, prefill, sample, 0))
+
+    preference_rows(3, "07_preferences")
+
+    heldout = round(e.robustness_prompts * (1 - e.robustness_train_fraction))
+    per_method = e.robustness_prompts + heldout * e.robustness_splits
+    attack = 25  # tokens of an appended break-character instruction
+    replies = 4 * per_method + heldout * 4  # + prefill attack: base turn one, three turn two
+    rows.append(
+        (
+            "08_robustness",
+            params.student,
+            replies * (user + attack)
+            + per_method * PERSONA_SYSTEM_TOKENS
+            + 3 * heldout * (user + e.robustness_max_tokens),
+            replies * e.robustness_max_tokens,
+            0,
+        )
+    )
+    coherence_scores = len(e.coherence_pairs) * heldout * 2 * 2  # orders x letters
+    rows.append(
+        (
+            "08_robustness (coherence)",
+            params.judge,
+            coherence_scores * (JUDGE_PROMPT_TOKENS + 2 * e.robustness_max_tokens),
+            0,
+            0,
+        )
+    )
+
+    samples = e.rl_steps * e.rl_prompts_per_step * e.rl_group_size
+    reply = user + r.response_tokens
+    sft_init = r.sft_init_steps * s.batch_size * (user + params.distill.max_tokens)
+    rows.append(
+        (
+            "09_rlaif (policy)",
+            params.student,
+            samples * user + 2 * samples * reply,  # sampling; old log-probs and reference
+            samples * r.response_tokens,
+            samples * reply + (sft_init if r.init == "sft" else 0),
+        )
+    )
+    group = e.rl_group_size
+    matchups = r.matchups_per_group or group * (group - 1) // 2
+    scored = e.rl_steps * e.rl_prompts_per_step * matchups * 2  # both orders
+    comparison = JUDGE_PROMPT_TOKENS + 2 * r.response_tokens
+    pm_train = (
+        round(distill_prompts * (1 - r.pm_heldout_fraction)) * r.pm_epochs * comparison
+        if r.signal == "preference_model"
+        else 0
+    )
+    rows.append(("09_rlaif (signal)", params.judge, 2 * scored * comparison, 0, pm_train))
+    preference_rows(1, "09_rlaif: rlaif in 07")
+    rows.append(
+        (
+            "09_rlaif: rlaif in 08",
+            params.student,
+            (per_method + heldout) * (user + attack),
+            (per_method + heldout) * e.robustness_max_tokens,
+            0,
+        )
+    )
+    return rows
 
 
 def total_usd(costs: list[StageCost]) -> float | None:
@@ -281,17 +334,17 @@ def format_estimate(
     lines = [
         f"Planned tokens for persona {params.persona!r} at size {params.size!r} "
         f"(backend {params.backend}):",
-        f"{'stage':<28}{'model':<38}{'prefill':>12}{'sample':>12}{'train':>12}{'USD':>10}",
+        f"{'stage':<32}{'model':<38}{'prefill':>12}{'sample':>12}{'train':>12}{'USD':>10}",
     ]
     for c in costs:
         usd = "n/a" if c.usd is None else f"{c.usd:.2f}"
         lines.append(
-            f"{c.stage:<28}{c.model[:37]:<38}{c.prefill_tokens:>12,}"
+            f"{c.stage[:31]:<32}{c.model[:37]:<38}{c.prefill_tokens:>12,}"
             f"{c.sample_tokens:>12,}{c.train_tokens:>12,}{usd:>10}"
         )
     total = total_usd(costs)
     lines.append(
-        f"{'total':<66}{sum(c.prefill_tokens for c in costs):>12,}"
+        f"{'total':<70}{sum(c.prefill_tokens for c in costs):>12,}"
         f"{sum(c.sample_tokens for c in costs):>12,}"
         f"{sum(c.train_tokens for c in costs):>12,}"
         f"{'n/a' if total is None else f'{total:.2f}':>10}"
