@@ -328,3 +328,35 @@ def test_position_bias_and_agreement_bookkeeping():
     assert agreement.trials == 400 and agreement.value == pytest.approx(expected)
     empty = judge.position_bias(records, "none")
     assert empty.trials == 0 and math.isnan(empty.value)
+
+
+def test_the_paired_spearman_interval_covers_the_agreement_of_two_rankings():
+    """Two models with the same latent strengths (rho of the truth = 1) and two with reversed
+    ones (rho = -1), each judged on the same 600 matches with their own coin flips: the first
+    interval sits well above 0 and the second well below, and both contain the point estimate;
+    unpaired bootstraps are refused."""
+    traits = [f"t{i}" for i in range(12)]
+    strength = np.linspace(-1.5, 1.5, len(traits))
+    rng = np.random.default_rng(3)
+    pairs = [tuple(rng.choice(len(traits), size=2, replace=False)) for _ in range(600)]
+
+    def play(latent):
+        out = []
+        for i, j in pairs:
+            p_i = 1 / (1 + np.exp(-(latent[i] - latent[j])))
+            won = rng.random() < p_i
+            out.append((traits[i], traits[j]) if won else (traits[j], traits[i]))
+        return out
+
+    boot = {
+        name: elo.bootstrap_elo(play(latent), traits, 300, seed=11)
+        for name, latent in (("a", strength), ("b", strength), ("rev", -strength))
+    }
+    rho_same = elo.spearman(boot["a"].samples.mean(0), boot["b"].samples.mean(0))[0]
+    low, high = elo.paired_spearman_interval(boot["a"], boot["b"])
+    assert 0.5 < low <= high <= 1.0 and low - 0.05 <= rho_same <= high + 0.05
+    low, high = elo.paired_spearman_interval(boot["a"], boot["rev"])
+    assert -1.0 <= low <= high < -0.5
+    other = elo.bootstrap_elo(play(strength), traits, 300, seed=12)
+    with pytest.raises(DataError, match="different resamples"):
+        elo.paired_spearman_interval(boot["a"], other)

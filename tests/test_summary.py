@@ -70,7 +70,15 @@ def fabricate_run(
     spread.append({**spread[0], "condition": "random", "std": 999.0})  # other condition: ignored
     correlations = [
         {"condition": "adopt", "a": "base", "b": "dpo", "spearman": 0.61, "p_value": 0.01},
-        {"condition": "adopt", "a": "base", "b": "final", "spearman": 0.42, "p_value": 0.03},
+        {
+            "condition": "adopt",
+            "a": "base",
+            "b": "final",
+            "spearman": 0.42,
+            "ci_low": 0.1,
+            "ci_high": 0.7,
+            "p_value": 0.03,
+        },
         {"condition": "adopt", "a": "dpo", "b": "final", "spearman": 0.9, "p_value": 0.0},
     ]
     _write(
@@ -229,6 +237,7 @@ def test_a_run_is_read_from_stage_outputs_with_intervals(two_sizes):
     }  # first condition only, stage summary preferred over the headline's 1.0
     assert run.elo_setting == "condition adopt, judge mode logprob"
     assert run.spearman == {"dpo": (0.61, 0.01), "final": (0.42, 0.03)}
+    assert run.spearman_ci == {"final": (0.1, 0.7)}  # dpo's row has no interval: none shown
     assert "base" not in run.f1  # NaN macro F1 is not a number to show
     assert run.f1["final"]["with_instructions"] == Interval(0.5, 0.4, 0.6)
     assert run.teacher_like["dpo"].value == 0.31  # the later report (05's) wins
@@ -309,6 +318,7 @@ def test_headlines_are_the_fallback_when_stage_outputs_are_gone(tmp_path):
                 "elo_std_final_ci": [50.0, 61.0],
                 "spearman_base_final": 0.3,
                 "spearman_base_final_p": 0.2,
+                "spearman_base_final_ci": [-0.1, 0.6],
             }
         },
     )
@@ -319,6 +329,7 @@ def test_headlines_are_the_fallback_when_stage_outputs_are_gone(tmp_path):
     run = load_run(runs, "sycophantic", "tiny")
     assert run.elo == {"final": Interval(55.0, 50.0, 61.0)}
     assert run.spearman == {"final": (0.3, 0.2)}
+    assert run.spearman_ci == {"final": (-0.1, 0.6)}
     assert run.f1 == {"dpo": {"with_instructions": Interval(0.6, 0.5, 0.7)}}
     assert run.partial["elo"] == "no base, dpo"
     assert run.missing["teacher_like"] == "03_dpo has not run"

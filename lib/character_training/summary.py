@@ -131,6 +131,7 @@ class RunSummary:
     elo: dict[str, Interval] = field(default_factory=dict)
     elo_setting: str = ""
     spearman: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    spearman_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     f1: dict[str, dict[str, Interval]] = field(default_factory=dict)
     teacher_like: dict[str, Interval] = field(default_factory=dict)
     rlaif: dict[str, Any] = field(default_factory=dict)
@@ -290,6 +291,7 @@ def _read_elo(run: RunSummary, run_dir: Path, root: Path) -> None:
                 rho = _finite(row.get("spearman"))
                 if rho is not None:
                     run.spearman[str(other)] = (rho, _finite(row.get("p_value")))
+                    _set_spearman_ci(run, str(other), row.get("ci_low"), row.get("ci_high"))
             run.elo_setting = f"condition {condition}, judge mode {mode}"
             run.sources["elo"] = run.sources["spearman"] = _rel(path, root)
         except _SHAPE_ERRORS as exc:
@@ -307,14 +309,22 @@ def _elo_from_headline(run: RunSummary, run_dir: Path, root: Path) -> None:
             if estimate:
                 run.elo[name.group(1)] = estimate
         rho = re.fullmatch(r"spearman_base_(.+)", key)
-        if rho and not rho.group(1).endswith("_p") and _finite(value) is not None:
+        if rho and not rho.group(1).endswith(("_p", "_ci")) and _finite(value) is not None:
             run.spearman[rho.group(1)] = (float(value), _finite(headline.get(f"{key}_p")))
+            _set_spearman_ci(run, rho.group(1), *_pair(headline.get(f"{key}_ci")))
     if run.elo or run.spearman:
         run.elo_setting = (
             f"condition {headline.get('condition', '?')}, "
             f"judge mode {headline.get('judge_mode', '?')}"
         )
         run.sources["elo"] = run.sources["spearman"] = f"summaries/{PREFERENCES}.json"
+
+
+def _set_spearman_ci(run: RunSummary, model: str, low: Any, high: Any) -> None:
+    """Record a bootstrap interval of Spearman vs base when both ends are numbers."""
+    low, high = _finite(low), _finite(high)
+    if low is not None and high is not None:
+        run.spearman_ci[model] = (low, high)
 
 
 def _read_f1(run: RunSummary, run_dir: Path, root: Path) -> None:
@@ -894,7 +904,8 @@ def _spearman_section(runs: Sequence[RunSummary]) -> str:
     out = [
         "<h2>Spearman vs base (07)</h2>",
         '<p class="note">Rank correlation of Elo over traits between the base model and each '
-        "trained model (p-value in brackets): low means training reordered the preferences.</p>",
+        "trained model, with a 95% interval from the paired bootstrap over matches and the "
+        "p-value in parentheses: low means training reordered the preferences.</p>",
     ]
     if have:
         models = _ordered(m for r in have for m in r.spearman)
@@ -907,7 +918,9 @@ def _spearman_section(runs: Sequence[RunSummary]) -> str:
                     cells.append('<span class="missing">–</span>')
                 else:
                     p = f" (p={value[1]:.2g})" if value[1] is not None else ""
-                    cells.append(html.escape(f"{value[0]:.2f}{p}"))
+                    ci = r.spearman_ci.get(m)
+                    band = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+                    cells.append(html.escape(f"{value[0]:.2f}{band}{p}"))
             rows.append(cells)
         out.append(table(["run", *(f"base vs {m}" for m in models)], rows))
     out.append(_absent(runs, "spearman"))

@@ -389,8 +389,17 @@ class Result:
                     rho, p = elo_math.spearman(
                         [r["elo"] for r in ra.rows], [r["elo"] for r in rb.rows]
                     )
+                    low, high = elo_math.paired_spearman_interval(ra.bootstrap, rb.bootstrap)
                     rows.append(
-                        {"condition": condition, "a": a, "b": b, "spearman": rho, "p_value": p}
+                        {
+                            "condition": condition,
+                            "a": a,
+                            "b": b,
+                            "spearman": rho,
+                            "ci_low": low,
+                            "ci_high": high,
+                            "p_value": p,
+                        }
                     )
         return rows
 
@@ -439,6 +448,7 @@ class Result:
             if row["condition"] == condition and row["a"] == BASE:
                 out[f"spearman_base_{row['b']}"] = row["spearman"]
                 out[f"spearman_base_{row['b']}_p"] = row["p_value"]
+                out[f"spearman_base_{row['b']}_ci"] = [row["ci_low"], row["ci_high"]]
         for row in self.prior_correlations():
             if row["condition"] == condition:
                 out[f"judge_prior_spearman_{row['model']}"] = row["spearman"]
