@@ -304,3 +304,34 @@ def test_asyncio_gather_of_sample_async_returns_what_the_sync_path_returns(tiny_
         assert len(s.sequences) == len(a.sequences)
         assert all(seqs_equal(x, y) for x, y in zip(s.sequences, a.sequences))
     assert async_scores == sync_scores
+
+
+def test_sequences_that_differ_only_in_the_last_token_share_one_forward(tiny_sampler, tokenizer):
+    """Forced-choice judging scores "prompt + A" and "prompt + B": the engine runs one forward
+    over the shared prompt and reads both answers from its last position. The numbers must be
+    those of scoring each sequence alone (by hand: log-softmax of the model's logits), and
+    the forward must see each shared prefix once."""
+    import torch
+
+    prompt = as_input(tokenizer, "Which reply is clearer, A or B? Answer:").to_ints()
+    other = as_input(tokenizer, "An unrelated sentence to score.").to_ints()
+    answers = as_input(tokenizer, " A B C").to_ints()[-3:]
+    sequences = [prompt + [a] for a in answers] + [other, other[:1]]
+    model = tiny_sampler.model
+    rows: list[int] = []
+    hook = model.register_forward_hook(lambda _m, args, kwargs, _o: rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
+    try:
+        futures = [tiny_sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
+        scores = [f.result() for f in futures]
+    finally:
+        hook.remove()
+    assert sum(rows) == 2  # the shared prompt once, the other sentence once; a 1-token one: none
+    assert scores[-1] == [None]
+    with torch.inference_mode():
+        for seq, got in zip(sequences[:-1], scores[:-1]):
+            logits = model(input_ids=torch.tensor([seq])).logits[0].float()
+            expected = torch.log_softmax(logits, -1)[torch.arange(len(seq) - 1), seq[1:]]
+            assert got[0] is None and len(got) == len(seq)
+            assert np.allclose(got[1:], expected.numpy(), atol=1e-4)
+    assert len({s[-1] for s in scores[:3]}) == 3  # three answers, three different numbers

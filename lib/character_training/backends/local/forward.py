@@ -81,6 +81,39 @@ def token_logprobs(
     return [flat[row, : len(seq)] for row, seq in enumerate(inputs)]
 
 
+def logprobs_with_alternatives(
+    model: torch.nn.Module,
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    alternatives: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`token_logprobs`, plus log p(a | the whole input) for each id ``a`` of ``alternatives``.
+
+    For row ``r``: ``(logprobs of targets[r], logprobs of alternatives[r] at the position after
+    the last input token)``. Scoring sequences that differ only in their last token (a forced
+    choice between one-token answers) then needs one forward of the shared part, not one per
+    answer: the last position's distribution already holds every answer's probability.
+    """
+    ids, mask = right_pad(inputs, pad_id, device)
+    tgt, _ = right_pad(targets, 0, device)
+    with autocast_context(device, autocast_dtype):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = logits.float()
+    flat = -F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
+    ).reshape(tgt.shape)
+    out = []
+    for row, seq in enumerate(inputs):
+        last = torch.log_softmax(logits[row, len(seq) - 1], dim=-1)
+        picked = last[torch.as_tensor(list(alternatives[row]), dtype=torch.long, device=device)]
+        out.append((flat[row, : len(seq)], picked))
+    return out
+
+
 def iter_scored_micro_batches(
     model: torch.nn.Module,
     inputs: Sequence[Sequence[int]],

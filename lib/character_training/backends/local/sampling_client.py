@@ -37,7 +37,7 @@ from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from ...errors import BackendError
 from .adapters import load_adapter, with_adapter
 from .engine import LocalEngine, read_checkpoint_meta
-from .forward import iter_scored_micro_batches
+from .forward import logprobs_with_alternatives, micro_batches
 from .futures import LocalFuture
 from .generation import BatchedSampler, GenerationRequest
 from .sdk_surface import tinker_deprecated, tinker_only
@@ -446,23 +446,46 @@ class LocalSamplingClient:
         return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     def _score_now(self, sequences: Sequence[list[int]]) -> list[list[float | None]]:
+        """Score every sequence; those that differ only in their last token share a forward.
+
+        Token ``i``'s log-probability depends on tokens ``< i`` only, so a sequence is scored by
+        a forward over all but its last token. Sequences with the same such prefix (the judge
+        prompt followed by "A", then by "B") are grouped: one forward, and the last position's
+        distribution gives each one's final token. On forced-choice judging that halves the
+        work; Tinker reaches the same by caching prefixes.
+        """
         if not sequences:
             return []
-        out: list[list[float | None]] = [[] for _ in sequences]
+        out: list[list[float | None]] = [[None] for _ in sequences]
+        shared: dict[tuple[int, ...], list[int]] = {}
+        for idx, seq in enumerate(sequences):
+            if len(seq) > 1:
+                shared.setdefault(tuple(seq[:-1]), []).append(idx)
+        if not shared:
+            return out
+        prefixes = list(shared)
+        members = [shared[prefix] for prefix in prefixes]
+        inputs = [list(prefix) for prefix in prefixes]
+        targets = [inputs[k][1:] + [sequences[idx[0]][-1]] for k, idx in enumerate(members)]
+        alternatives = [[sequences[i][-1] for i in idx] for idx in members]
         pad = int(self._tokenizer.pad_token_id)
-        targets = [seq[1:] + [pad] for seq in sequences]
         with torch.inference_mode():
-            for group, logprobs in iter_scored_micro_batches(
-                self.model,
-                sequences,
-                targets,
-                pad_id=pad,
-                device=self.engine.device,
-                autocast_dtype=None,
-                token_budget=self.engine.config.micro_batch_tokens,
+            for group in micro_batches(
+                [len(x) for x in inputs], self.engine.config.micro_batch_tokens
             ):
-                for idx, lp in zip(group, logprobs):
-                    out[idx] = [None] + [float(v) for v in lp[:-1].tolist()]
+                scored = logprobs_with_alternatives(
+                    self.model,
+                    [inputs[k] for k in group],
+                    [targets[k] for k in group],
+                    [alternatives[k] for k in group],
+                    pad_id=pad,
+                    device=self.engine.device,
+                    autocast_dtype=None,
+                )
+                for k, (logprobs, last) in zip(group, scored):
+                    head = [None] + [float(v) for v in logprobs[:-1].tolist()]
+                    for idx, value in zip(members[k], last.tolist()):
+                        out[idx] = head + [float(value)]
         return out
 
 
