@@ -319,7 +319,7 @@ def test_sequences_that_differ_only_in_the_last_token_share_one_forward(tiny_sam
     sequences = [prompt + [a] for a in answers] + [other, other[:1]]
     model = tiny_sampler.model
     rows: list[int] = []
-    hook = model.register_forward_hook(lambda _m, args, kwargs, _o: rows.append(
+    hook = model.get_decoder().register_forward_hook(lambda _m, args, kwargs, _o: rows.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
     try:
         futures = [tiny_sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
@@ -335,3 +335,17 @@ def test_sequences_that_differ_only_in_the_last_token_share_one_forward(tiny_sam
             assert got[0] is None and len(got) == len(seq)
             assert np.allclose(got[1:], expected.numpy(), atol=1e-4)
     assert len({s[-1] for s in scores[:3]}) == 3  # three answers, three different numbers
+
+
+def test_last_n_scores_only_the_tail_with_the_same_numbers(tiny_sampler, tokenizer):
+    """``prompt_logprobs_last_n`` (what `reply_logprobs` sends: only the reply's positions)
+    returns None before the tail and the full scoring's numbers on it."""
+    seq = as_input(tokenizer, "A short prompt, then a reply of several tokens to score.").to_ints()
+    full = tiny_sampler.compute_logprobs(types.ModelInput.from_ints(seq)).result()
+    for last_n in (1, 3, len(seq) - 1):
+        tail = tiny_sampler.compute_logprobs(
+            types.ModelInput.from_ints(seq), prompt_logprobs_last_n=last_n
+        ).result()
+        cut = len(seq) - last_n
+        assert tail[:cut] == [None] * cut
+        assert np.allclose(tail[cut:], full[cut:], atol=1e-5)

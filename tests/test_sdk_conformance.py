@@ -672,9 +672,9 @@ def test_prompt_side_sampling_options_agree_with_compute_logprobs(trainer, token
     length = len(tokens)
     prompt = types.ModelInput.from_ints(tokens)
     full = sampler.compute_logprobs(prompt).result()
-    assert sampler.compute_logprobs(prompt, prompt_logprobs_last_n=3).result() == (
-        [None] * (length - 3) + full[-3:]
-    )
+    tail = sampler.compute_logprobs(prompt, prompt_logprobs_last_n=3).result()
+    assert tail[: length - 3] == [None] * (length - 3)  # only the tail is unembedded locally
+    np.testing.assert_allclose(tail[-3:], full[-3:], atol=1e-5)
 
     ids = torch.full((length - 1, 2), -1, dtype=torch.long)
     ids[:, 0] = torch.tensor(tokens[1:])  # the prompt's own next tokens ...

@@ -437,10 +437,23 @@ def reply_logprobs(
         positions = [i + 1 for i, w in enumerate(datum.loss_fn_inputs["weights"].data) if w > 0]
         while positions and tokens[positions[-1]] in stop_ids:
             positions.pop()
-        future = sampler.compute_logprobs(types.ModelInput.from_ints(tokens))
+        if not positions:  # nothing to score (an empty prefix reply): log-probability 0
+            pending.append((positions, None))
+            continue
+        # Only the reply's positions are asked for, and nothing after the last one is sent: the
+        # service (or the local engine) then unembeds just those positions, and candidates that
+        # differ only in a one-token answer share everything before it.
+        tokens = tokens[: positions[-1] + 1]
+        future = sampler.compute_logprobs(
+            types.ModelInput.from_ints(tokens),
+            prompt_logprobs_last_n=len(tokens) - positions[0],
+        )
         pending.append((positions, future))
     scores = []
     for positions, future in tqdm(pending, desc=desc, unit="seq", disable=desc is None):
+        if future is None:
+            scores.append(0.0)
+            continue
         logprobs = future.result()
         scores.append(float(sum(logprobs[p] for p in positions)))
     return scores

@@ -90,27 +90,43 @@ def logprobs_with_alternatives(
     pad_id: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    starts: Sequence[int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`token_logprobs`, plus log p(a | the whole input) for each id ``a`` of ``alternatives``.
+    """Log-probabilities of ``targets[r][starts[r]:]`` given ``inputs[r]``, plus log p(a | the
+    whole input) for each id ``a`` of ``alternatives[r]``; one padded forward for the batch.
 
-    For row ``r``: ``(logprobs of targets[r], logprobs of alternatives[r] at the position after
-    the last input token)``. Scoring sequences that differ only in their last token (a forced
-    choice between one-token answers) then needs one forward of the shared part, not one per
-    answer: the last position's distribution already holds every answer's probability.
+    Two savings over `token_logprobs`, both exact. Sequences that differ only in their last
+    token (a forced choice between one-token answers) are one row here: the last position's
+    distribution holds every answer. And only positions from ``starts[r]`` on go through the
+    unembedding and the softmax (a vocabulary-sized product per position, about a fifth of a
+    small model's forward): a judge's verdict needs one position, not the whole prompt.
     """
+    starts = [0] * len(inputs) if starts is None else list(starts)
     ids, mask = right_pad(inputs, pad_id, device)
-    tgt, _ = right_pad(targets, 0, device)
+    selective = getattr(model.config, "final_logit_softcapping", None) is None and hasattr(
+        model, "get_decoder"
+    )
     with autocast_context(device, autocast_dtype):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = logits.float()
-    flat = -F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
-    ).reshape(tgt.shape)
-    out = []
-    for row, seq in enumerate(inputs):
-        last = torch.log_softmax(logits[row, len(seq) - 1], dim=-1)
-        picked = last[torch.as_tensor(list(alternatives[row]), dtype=torch.long, device=device)]
-        out.append((flat[row, : len(seq)], picked))
+        if selective:
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+            hidden = hidden.last_hidden_state
+            head = model.get_output_embeddings()
+            # one product per row: a row's numbers must not depend on what shares its batch
+            rows = [head(hidden[r, starts[r] : len(seq)]) for r, seq in enumerate(inputs)]
+            logits = torch.cat(rows)
+        else:
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = torch.cat([full[r, starts[r] : len(seq)] for r, seq in enumerate(inputs)])
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out, offset = [], 0
+    for r, seq in enumerate(inputs):
+        count = len(seq) - starts[r]
+        block = logprobs[offset : offset + count]
+        offset += count
+        wanted = torch.as_tensor(list(targets[r][starts[r] :]), dtype=torch.long, device=device)
+        picked = block[torch.arange(count, device=device), wanted]
+        last = block[-1, torch.as_tensor(list(alternatives[r]), dtype=torch.long, device=device)]
+        out.append((picked, last))
     return out
 
 

@@ -76,7 +76,7 @@ class LocalSamplingClient:
             model, self._tokenizer, engine.device, engine.config.max_batch_size
         )
         self._pending_samples: list[tuple[GenerationRequest, bool, LocalFuture]] = []
-        self._pending_scores: list[tuple[list[int], LocalFuture]] = []
+        self._pending_scores: list[tuple[list[int], int, LocalFuture]] = []
         self._context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
 
     @classmethod
@@ -374,7 +374,8 @@ class LocalSamplingClient:
             pending, self._pending_samples = self._pending_samples, []
             try:
                 outputs = self._sampler.generate([req for req, _, _ in pending])
-                prompt_lps = self._score_now([list(req.prompt) for req, want, _ in pending if want])
+                prompts = [list(req.prompt) for req, want, _ in pending if want]
+                prompt_lps = self._score_now(prompts, [1] * len(prompts))
             except BaseException as exc:
                 for _, _, fut in pending:
                     fut.set_exception(exc)
@@ -405,12 +406,15 @@ class LocalSamplingClient:
         if self._pending_scores:
             pending_scores, self._pending_scores = self._pending_scores, []
             try:
-                results = self._score_now([tokens for tokens, _ in pending_scores])
+                results = self._score_now(
+                    [tokens for tokens, _, _ in pending_scores],
+                    [first for _, first, _ in pending_scores],
+                )
             except BaseException as exc:
-                for _, fut in pending_scores:
+                for _, _, fut in pending_scores:
                     fut.set_exception(exc)
                 raise
-            for (_, fut), result in zip(pending_scores, results):
+            for (_, _, fut), result in zip(pending_scores, results):
                 fut.set_result(result)
 
     # -- scoring ------------------------------------------------------------------------------
@@ -421,7 +425,8 @@ class LocalSamplingClient:
 
         With ``prompt_logprobs_last_n=N`` only the last N entries are scored and the earlier
         ones are ``None``, as on Tinker (which then serves the prefix from its cache; locally
-        the whole prompt is scored and the prefix dropped, so the numbers are the same).
+        the prefix still runs through the model, but only the last N positions go through the
+        unembedding, and the numbers are the same).
         """
         tokens = prompt.to_ints()
         if not tokens:
@@ -433,11 +438,9 @@ class LocalSamplingClient:
         _check_last_n("compute_logprobs", prompt_logprobs_last_n, len(tokens))
         future: LocalFuture[list[float | None]] = LocalFuture()
         future._compute = self._resolve_samples_then(future)
-        self._pending_scores.append((tokens, future))
-        if prompt_logprobs_last_n is None:
-            return future
-        first_scored = len(tokens) - prompt_logprobs_last_n
-        return LocalFuture(lambda: [None] * first_scored + future.result()[first_scored:])
+        first_scored = 1 if prompt_logprobs_last_n is None else len(tokens) - prompt_logprobs_last_n
+        self._pending_scores.append((tokens, max(first_scored, 1), future))
+        return future
 
     @tinker_deprecated("SamplingClient.compute_logprobs_async()", "await compute_logprobs()")
     async def compute_logprobs_async(
@@ -445,8 +448,10 @@ class LocalSamplingClient:
     ) -> list[float | None]:
         return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
-    def _score_now(self, sequences: Sequence[list[int]]) -> list[list[float | None]]:
-        """Score every sequence; those that differ only in their last token share a forward.
+    def _score_now(
+        self, sequences: Sequence[list[int]], first_scored: Sequence[int]
+    ) -> list[list[float | None]]:
+        """Score every sequence from its ``first_scored`` position on (``None`` before).
 
         Token ``i``'s log-probability depends on tokens ``< i`` only, so a sequence is scored by
         a forward over all but its last token. Sequences with the same such prefix (the judge
@@ -468,11 +473,12 @@ class LocalSamplingClient:
         inputs = [list(prefix) for prefix in prefixes]
         targets = [inputs[k][1:] + [sequences[idx[0]][-1]] for k, idx in enumerate(members)]
         alternatives = [[sequences[i][-1] for i in idx] for idx in members]
+        # input position j predicts token j + 1: scoring from token f starts at position f - 1
+        starts = [min(first_scored[i] for i in idx) - 1 for idx in members]
         pad = int(self._tokenizer.pad_token_id)
+        budget = self.engine.config.micro_batch_tokens
         with torch.inference_mode():
-            for group in micro_batches(
-                [len(x) for x in inputs], self.engine.config.micro_batch_tokens
-            ):
+            for group in micro_batches([len(x) for x in inputs], budget):
                 scored = logprobs_with_alternatives(
                     self.model,
                     [inputs[k] for k in group],
@@ -481,11 +487,14 @@ class LocalSamplingClient:
                     pad_id=pad,
                     device=self.engine.device,
                     autocast_dtype=None,
+                    starts=[starts[k] for k in group],
                 )
                 for k, (logprobs, last) in zip(group, scored):
-                    head = [None] + [float(v) for v in logprobs[:-1].tolist()]
+                    head = [None] * (starts[k] + 1) + [float(v) for v in logprobs[:-1].tolist()]
                     for idx, value in zip(members[k], last.tolist()):
-                        out[idx] = head + [float(value)]
+                        keep = first_scored[idx] - starts[k] - 1  # None up to this one's start
+                        row = head + [float(value)]
+                        out[idx] = [None] * (starts[k] + 1 + keep) + row[starts[k] + 1 + keep :]
         return out
 
 
