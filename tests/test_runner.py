@@ -127,3 +127,16 @@ def test_papermill_refusing_a_notebook_is_a_failed_row_with_an_error_page(tmp_pa
     assert result.executed_path == "" and not stale.exists()
     page = Path(result.html_path).read_text()
     assert "95_missing: failed (papermill)" in page and "Nothing executed" in page
+
+
+def test_headlines_are_standard_json_with_nan_as_null(tmp_path):
+    """A notebook's headline often holds NaN (no verdict, no interval); the summary file must
+    still parse in a browser or any strict JSON reader."""
+    from character_training.config import load_params
+    from character_training.runner import write_summary
+
+    params = load_params("tiny", "sycophantic", {"runs_dir": str(tmp_path)})
+    path = write_summary(params, "09_rlaif_compare", {"coherence": {"a": float("nan")}, "n": 3})
+    text = path.read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["headline"] == {"coherence": {"a": None}, "n": 3}

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
+from .store import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def write_summary(params: RunParams, notebook: str, headline: dict[str, Any]) ->
         "written": time.time(),
         "headline": headline,
     }
-    path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    text = json.dumps(json_safe(record), indent=2, sort_keys=True, default=str, allow_nan=False)
+    path.write_text(text)
     return path
 
 

@@ -14,6 +14,7 @@ holds results made with *different* parameters is never silently reused: the cal
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,6 +26,18 @@ from typing import Any, Iterable
 from .errors import ConfigError, DataError
 
 ON_EXISTING = ("resume", "overwrite", "raise")
+
+
+def json_safe(value: Any) -> Any:
+    """A copy that standard JSON can hold: NaN and infinities become null (``json.dumps``
+    would write ``NaN``, which browsers' and most languages' JSON parsers reject)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
