@@ -149,11 +149,16 @@ def test_preference_stage_counts_follow_models_conditions_and_judge_modes():
         replies * 50,
     )
     read = JUDGE_PROMPT_TOKENS + 50
-    assert judge.prefill_tokens == replies * read + 2 * replies * read + 2 * 200 * JUDGE_PROMPT_TOKENS
+    assert (
+        judge.prefill_tokens == replies * read + 2 * replies * read + 2 * 200 * JUDGE_PROMPT_TOKENS
+    )
     assert judge.sample_tokens == replies * 10
     only_logprob = with_overrides(params, {"evals.judge_modes": ["logprob"]})
     judge = _row(estimate(only_logprob), "07_preferences (judge)")
-    assert judge.sample_tokens == 0 and judge.prefill_tokens == 2 * replies * read + 400 * JUDGE_PROMPT_TOKENS
+    assert (
+        judge.sample_tokens == 0
+        and judge.prefill_tokens == 2 * replies * read + 400 * JUDGE_PROMPT_TOKENS
+    )
 
 
 def test_rlaif_signal_counts_every_matchup_in_both_orders():

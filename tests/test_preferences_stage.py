@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from character_training.backends.local import TINY_RANDOM_NAME as TINY
 from character_training.config import load_params, notebook_params, with_overrides
-from character_training.errors import DataError
+from character_training.errors import ConfigError, DataError
 from character_training.stages import preferences
 from character_training.store import Checkpoint, record_checkpoint
 
@@ -109,6 +109,44 @@ def test_outcomes_follow_the_verdict_and_skip_undecided_matches():
     assert preferences.bootstrap_seed(0, "adopt", "logprob") != preferences.bootstrap_seed(
         0, "random", "logprob"
     )
+
+
+def test_the_calibrated_mode_reads_the_reply_not_the_judges_taste_in_words(tmp_path, monkeypatch):
+    """A scripted judge that likes alphabetically earlier words by 3 nats whatever it reads,
+    and gives +1 nat to a word the reply contains. Plain forced choice then always names the
+    earlier word (its Elo would rank the vocabulary alphabetically, for any model); the
+    calibrated mode subtracts the empty-reply prior and names the word the reply shows."""
+    from types import SimpleNamespace
+
+    params = stage_params(tmp_path, **{"evals.judge_modes": ["calibrated", "logprob"]})
+    config = preferences.Config.from_params(params, "digest")
+    traits = ("calm", "blunt", "poetic", "formal")
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(3)]
+    matches = preferences.draw_matches(traits, prompts, ("adopt",), 12, seed=1)
+
+    def scripted(_client, _renderer, items, desc=None):
+        def score(messages, word):
+            reply = messages[-1]["content"]
+            shown = reply.count(f"SHOWN:{word}") > 0
+            return -3.0 * sorted(traits).index(word) + (1.0 if shown else 0.0)
+
+        return [(score(m, a), score(m, b)) for m, a, b in items]
+
+    monkeypatch.setattr(preferences.judging, "forced_choice_scores", scripted)
+    monkeypatch.setattr(preferences, "get_renderer", lambda *a, **k: None)
+    client = preferences._Lazy(lambda: SimpleNamespace(get_tokenizer=lambda: None))
+    # the reply shows the later word of each pair: the one the judge's taste works against
+    shows = {m.key: max(m.first, m.second) for m in matches}
+    responses = {k: SimpleNamespace(full_text=f"SHOWN:{w}") for k, w in shows.items()}
+    prior = preferences._prior_scores(config, client, matches, tmp_path)
+    verdicts = preferences._judge(
+        config, client, "base", "log", matches, responses, tmp_path, prior
+    )
+    for m in matches:
+        assert verdicts[m.key]["logprob_choice"] == min(m.first, m.second)  # taste wins
+        assert verdicts[m.key]["calibrated_choice"] == shows[m.key]  # the reply wins
+    with pytest.raises(ConfigError, match="evals.coherence_modes"):
+        stage_params(tmp_path, **{"evals.coherence_modes": ["calibrated"]})
 
 
 def test_missing_stage_01_prompts_fail_in_one_line(tmp_path):

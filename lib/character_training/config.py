@@ -33,7 +33,9 @@ DEVICES = ("auto", "cpu", "cuda")
 MODEL_ROLES = ("student", "teacher", "generator", "judge")  # RunParams fields naming a model
 PRICE_KINDS = ("prefill", "sample", "train")  # USD per million tokens of each kind
 ELO_CONDITIONS = ("adopt", "like_you", "random")  # stage 07 (prompts.PREFERENCE_CONDITIONS)
-JUDGE_MODES = ("generative", "logprob")  # stage 07: sampled + parsed, forced choice
+# stage 07: sampled + parsed; forced choice; forced choice minus the judge's empty-reply prior
+JUDGE_MODES = ("generative", "logprob", "calibrated")
+COHERENCE_MODES = ("generative", "logprob")  # stage 08's coherence judge
 # stage 08: the models compared (prompts.ADVERSARIAL_INSTRUCTIONS holds the eight attacks)
 ROBUSTNESS_METHODS = ("base", "system_prompt", "dpo", "final")
 ADVERSARIAL_SPLITS = 8
@@ -404,12 +406,12 @@ class EvalParams:
                 f"'a:b' with two different methods of {list(ROBUSTNESS_METHODS)}",
             )
         _check(
-            set(self.coherence_modes) <= set(JUDGE_MODES)
+            set(self.coherence_modes) <= set(COHERENCE_MODES)
             and len(set(self.coherence_modes)) == len(self.coherence_modes)
             and (bool(self.coherence_modes) or not self.coherence_pairs),
             "evals.coherence_modes",
             list(self.coherence_modes),
-            f"a list without repeats drawn from {list(JUDGE_MODES)} (non-empty with pairs)",
+            f"a list without repeats drawn from {list(COHERENCE_MODES)} (non-empty with pairs)",
         )
 
 

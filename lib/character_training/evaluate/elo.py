@@ -440,7 +440,6 @@ def paired_std_difference(after: EloBootstrap, before: EloBootstrap) -> tuple[fl
     return float(low), float(high)
 
 
-
 def paired_spearman_interval(a: EloBootstrap, b: EloBootstrap) -> tuple[float, float]:
     """Percentile interval of Spearman's rho between two models' ratings, resample by resample.
 
@@ -465,6 +464,7 @@ def paired_spearman_interval(a: EloBootstrap, b: EloBootstrap) -> tuple[float, f
     rho = (ranks_a * ranks_b).sum(axis=1)[valid] / norm[valid]
     low, high = percentile_interval(rho, a.level)
     return float(low), float(high)
+
 
 __all__ = [
     "DEFAULT_RIDGE",

@@ -372,9 +372,11 @@ class Result:
         prior = [r["elo"] for r in self.judge_prior.rows]
         rows = []
         for (m, c, mode), res in self.elo.items():
-            if mode == "logprob":
+            if mode in ("logprob", "calibrated"):
                 rho, p = elo_math.spearman([r["elo"] for r in res.rows], prior)
-                rows.append({"model": m, "condition": c, "spearman": rho, "p_value": p})
+                rows.append(
+                    {"model": m, "condition": c, "mode": mode, "spearman": rho, "p_value": p}
+                )
         return rows
 
     def model_correlations(self, mode: str | None = None) -> list[dict]:
@@ -451,7 +453,8 @@ class Result:
                 out[f"spearman_base_{row['b']}_ci"] = [row["ci_low"], row["ci_high"]]
         for row in self.prior_correlations():
             if row["condition"] == condition:
-                out[f"judge_prior_spearman_{row['model']}"] = row["spearman"]
+                infix = "" if row["mode"] == "logprob" else f"{row['mode']}_"
+                out[f"judge_prior_spearman_{infix}{row['model']}"] = row["spearman"]
         judge = self.summary.get("judge", {})
         out["judge_parse_rate"] = judge.get("parse_rate")
         out["mode_agreement"] = judge.get("mode_agreement", {}).get("value")
@@ -537,8 +540,14 @@ def _judge(
     matches: Sequence[Match],
     responses: Mapping[str, Any],
     folder: Path,
+    prior: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Both judge modes for one model's replies; returns key -> verdict fields."""
+    """The judge modes for one model's replies; returns key -> verdict fields.
+
+    ``prior`` (match id -> the judge's forced-choice scores with an empty reply) is needed for
+    the "calibrated" mode: the verdict is the trait whose log-probability rose more over the
+    judge's own leaning, i.e. the sign of ``(s1 - s2) - (p1 - p2)``.
+    """
     out: dict[str, dict[str, Any]] = {m.key: {} for m in matches}
     conversations = {
         m.key: preference_judge_messages(
@@ -576,7 +585,7 @@ def _judge(
                 generative_choice=verdict.choice,
                 generative_reason=verdict.reason,
             )
-    if "logprob" in config.judge_modes:
+    if {"logprob", "calibrated"} & set(config.judge_modes):
         name = f"{base_name}-logprob.jsonl"
         _note_index(folder / "judge", name, {"judge": config.judge, "responses": response_log})
         scores = _forced_choice(
@@ -591,6 +600,17 @@ def _judge(
                 logprob_choice=verdict.choice,
                 logprob_reason=verdict.reason,
             )
+            if prior is not None:
+                p_first, p_second = prior[m.match_id]
+                calibrated = judging.forced_choice(
+                    lp_first - p_first, lp_second - p_second, m.judge_first, m.judge_second
+                )
+                out[m.key].update(
+                    calibrated_prior_first=p_first,
+                    calibrated_prior_second=p_second,
+                    calibrated_choice=calibrated.choice,
+                    calibrated_reason=calibrated.reason,
+                )
     return out
 
 
@@ -673,6 +693,11 @@ def run(
     write_jsonl(stage.file("matches.jsonl"), (asdict(m) for m in matches))
 
     judge_client = _Lazy(lambda: service_client.create_sampling_client(base_model=config.judge))
+    prior_scores = (
+        _prior_scores(config, judge_client, matches, stage.path)
+        if {"logprob", "calibrated"} & set(config.judge_modes)
+        else None
+    )
     judgements: list[dict] = []
     identities: dict[str, str] = {}
     for label, path in models.items():
@@ -680,7 +705,16 @@ def run(
             config, service_client, label, path, matches, stage.path
         )
         identities[label] = path if path is not None else f"base:{config.student}"
-        verdicts = _judge(config, judge_client, label, log_name, matches, responses, stage.path)
+        verdicts = _judge(
+            config,
+            judge_client,
+            label,
+            log_name,
+            matches,
+            responses,
+            stage.path,
+            prior_scores if "calibrated" in config.judge_modes else None,
+        )
         for m in matches:
             reply = responses[m.key]
             judgements.append(
@@ -697,8 +731,8 @@ def run(
     write_jsonl(stage.file("judgements.jsonl"), judgements)
 
     result = Result(stage.path, config, models, notes, judgements)
-    if "logprob" in config.judge_modes:
-        result.judge_prior = _judge_prior(config, judge_client, matches, stage.path)
+    if prior_scores is not None:
+        result.judge_prior = _judge_prior(config, matches, prior_scores)
         _write_table(stage.file(PRIOR_FILE), result.judge_prior.rows, TABLE_COLUMNS)
     for label in models:
         for condition in config.conditions:
@@ -750,13 +784,15 @@ def judge_report(records: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> 
     return report
 
 
-def _judge_prior(
+def _prior_scores(
     config: Config, judge_client: _Lazy, matches: Sequence[Match], folder: Path
-) -> elo_math.EloResult:
-    """Elo of the judge's forced choices with an empty reply: its leaning between the words.
+) -> dict[str, tuple[float, float]]:
+    """The judge's forced-choice scores with an empty reply, per match id: its leaning between
+    the two words before reading anything.
 
-    Conditions share their draws, so one score pair per match id covers every condition and
-    every model; the log is keyed by match and reused like the others.
+    Conditions share their draws (pair, prompt, listing order), so one score pair per match id
+    covers every condition and every model; the log is keyed by match and reused like the
+    others.
     """
     firsts = [m for m in matches if m.condition == config.conditions[0]]
     conversations = {
@@ -766,9 +802,19 @@ def _judge_prior(
     name = f"prior-{_digest({'judge': config.judge})}-logprob.jsonl"
     _note_index(folder / "judge", name, {"judge": config.judge, "responses": "(empty)"})
     scores = _forced_choice(config, judge_client, firsts, conversations, folder / "judge" / name)
+    return {m.match_id: scores[m.key] for m in firsts}
+
+
+def _judge_prior(
+    config: Config, matches: Sequence[Match], prior: Mapping[str, tuple[float, float]]
+) -> elo_math.EloResult:
+    """Elo of the judge's empty-reply forced choices: the ranking its word preferences alone
+    would produce (compare with each model's table in `Result.prior_correlations`)."""
     records = []
-    for m in firsts:
-        verdict = judging.forced_choice(*scores[m.key], m.judge_first, m.judge_second)
+    for m in matches:
+        if m.condition != config.conditions[0]:
+            continue
+        verdict = judging.forced_choice(*prior[m.match_id], m.judge_first, m.judge_second)
         records.append({"first": m.first, "second": m.second, "logprob_choice": verdict.choice})
     return elo_math.rate(
         outcomes(records, "logprob"),
