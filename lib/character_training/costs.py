@@ -226,7 +226,7 @@ def _evaluation_rows(
         if "generative" in e.judge_modes:
             prefill += replies * judge_read
             sample += replies * e.judge_max_tokens
-        if "logprob" in e.judge_modes:
+        if {"logprob", "calibrated"} & set(e.judge_modes):  # calibrated reuses these scores
             prefill += 2 * replies * judge_read + 2 * matches * JUDGE_PROMPT_TOKENS
         rows.append((f"{label} (judge)", params.judge, prefill, sample, 0))
 
