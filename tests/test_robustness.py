@@ -510,3 +510,17 @@ def test_notebook_08_runs_on_smoke_sizes_without_the_earlier_notebooks(tmp_path,
     summary = json.loads((params.run_dir / "summaries" / "08_robustness.json").read_text())
     assert "f1_final_no_instruction" in summary["headline"]
     assert (params.run_dir / "08_robustness" / "f1_table.csv").is_file()
+
+
+def test_wilson_intervals_match_hand_values_and_never_collapse():
+    """Hand values (z = 1.96): 1 of 1 -> [0.2065, 1]; 5 of 10 -> [0.2366, 0.7634]; 0 of 4 ->
+    [0, 0.4899]; and the win-rate records carry them."""
+    assert coherence.wilson_interval(1, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)
+    assert coherence.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert coherence.wilson_interval(0, 4) == pytest.approx((0.0, 0.4899), abs=1e-4)
+    assert all(math.isnan(x) for x in coherence.wilson_interval(0, 0))
+    comparisons = _comparisons(1)
+    verdicts = [coherence.Verdict("c1", "ab", "A"), coherence.Verdict("c1", "ba", "B")]
+    (rate,) = coherence.win_rates(coherence.resolve_order_swaps(comparisons, verdicts), False)
+    assert (rate.win_rate, rate.se) == (1.0, 0.0)
+    assert rate.low == pytest.approx(0.2065, abs=1e-4) and rate.high == 1.0

@@ -480,7 +480,7 @@ def robustness_summary(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fi
 
 
 def coherence_win_rates(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
-    """Win rate of each pair's first method (consistent verdicts only) ± one standard error.
+    """Win rate of each pair's first method (consistent verdicts only), Wilson 95% interval.
 
     One bar per (judge mode, pair) over all personas (``group == "all"``), labelled with the
     number of consistent comparisons and the share the order swap threw out; the dashed line is
@@ -497,7 +497,8 @@ def coherence_win_rates(rows: Sequence[Mapping[str, Any]], title: str = "") -> F
         labels.append(f"{first}\nvs {second}\n({r['mode']})")
         rate = r["win_rate"]
         if rate == rate:  # not NaN
-            ax.bar(i, rate, yerr=r["se"], capsize=4, color="#8172b2")
+            low, high = r.get("low", rate - r["se"]), r.get("high", rate + r["se"])
+            ax.bar(i, rate, yerr=[[rate - low], [high - rate]], capsize=4, color="#8172b2")
         share = r["inconsistent_share"]
         note = f"n={r['consistent']}\n{share:.0%} inconsistent" if share == share else "no verdict"
         ax.annotate(note, (i, 1.02), ha="center", va="bottom", fontsize=7)

@@ -160,7 +160,9 @@ def resolve_order_swaps(
 
 @dataclass(frozen=True)
 class WinRate:
-    """How often ``first`` beat ``second`` among consistent comparisons, ± a binomial SE.
+    """How often ``first`` beat ``second`` among consistent comparisons, ± a binomial SE, with a
+    Wilson 95% interval (``low``, ``high``): with few consistent verdicts the SE alone misleads,
+    e.g. one win out of one has SE 0 while the interval is [0.21, 1].
 
     comparisons: all comparisons of the pair (and group); consistent / inconsistent / invalid /
     incomplete: their outcomes; inconsistent_share: inconsistent / (consistent + inconsistent),
@@ -179,6 +181,8 @@ class WinRate:
     wins_first: int
     win_rate: float
     se: float
+    low: float
+    high: float
     inconsistent_share: float
     chose_a_share: float
 
@@ -204,6 +208,7 @@ def win_rates(outcomes: Sequence[Outcome], by_group: bool = True) -> list[WinRat
         n = count[CONSISTENT]
         rate = wins / n if n else math.nan
         se = math.sqrt(rate * (1 - rate) / n) if n else math.nan
+        low, high = wilson_interval(wins, n)
         judged = count[CONSISTENT] + count[INCONSISTENT]
         letters = [ch for o in items for ch in o.choices if ch is not None]
         rates.append(
@@ -219,11 +224,25 @@ def win_rates(outcomes: Sequence[Outcome], by_group: bool = True) -> list[WinRat
                 wins_first=wins,
                 win_rate=rate,
                 se=se,
+                low=low,
+                high=high,
                 inconsistent_share=count[INCONSISTENT] / judged if judged else math.nan,
                 chose_a_share=letters.count("A") / len(letters) if letters else math.nan,
             )
         )
     return rates
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (NaN, NaN) without trials. Unlike
+    rate ± z·SE it stays inside [0, 1] and does not collapse to a point at 0 or n successes."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # -- asking the judge ----------------------------------------------------------------------------
@@ -416,5 +435,6 @@ __all__ = [
     "position_offset",
     "raw_choice_a_share",
     "resolve_order_swaps",
+    "wilson_interval",
     "win_rates",
 ]

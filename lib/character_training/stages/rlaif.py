@@ -1192,7 +1192,7 @@ def coherence_rates(
 ) -> list[dict[str, Any]]:
     """Order-swapped coherence verdicts of the untrained judge (`evaluate.coherence`, stage 08's
     judge) on the adherence probe replies (first sample per prompt) of each pair; one record per
-    pair with the win rate of its first model, its standard error and a normal 95% interval."""
+    pair with the win rate of its first model, its standard error and a Wilson 95% interval."""
     from ..evaluate import coherence as judge_lib
 
     constitution = load_constitution(
@@ -1231,9 +1231,7 @@ def coherence_rates(
     offset = judge_lib.position_offset(verdicts) if params.evals.coherence_calibrate else math.nan
     out = []
     for rate in judge_lib.win_rates(outcomes, by_group=False):
-        record = rate.to_record()
-        half = 1.96 * rate.se if math.isfinite(rate.se) else math.nan
-        record |= {"mode": "logprob", "low": rate.win_rate - half, "high": rate.win_rate + half}
+        record = rate.to_record() | {"mode": "logprob"}  # low/high: Wilson 95% interval
         record |= {
             "position_offset": offset,
             "raw_chose_a_share": judge_lib.raw_choice_a_share(verdicts),
