@@ -427,3 +427,38 @@ def test_notebook_09_trains_compares_and_reports_on_fabricated_inputs(tmp_path, 
     elo = (params.run_dir / "07_preferences" / "elo_table.csv").read_text()
     assert "rlaif" in elo
     assert elapsed < 360  # measured 234 s with the 2 shared cores at load 12-14
+
+
+def test_robustness_replies_already_sampled_by_stage_08_are_not_sampled_again(
+    tmp_path, monkeypatch
+):
+    """09 asks base and final the same robustness requests (same seeds and settings) as 08:
+    it starts from 08's log, copied into its own folder, so nothing is sampled twice."""
+    from character_training.stages import robustness as r08
+
+    params = with_overrides(
+        load_params("tiny", "sycophantic"), {"runs_dir": str(tmp_path / "runs")}
+    )
+    folder = params.run_dir / "01_prompts"
+    folder.mkdir(parents=True)
+    rows = [{"id": f"g{i}", "prompt": f"Question {i}?"} for i in range(16)]
+    (folder / "general_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = r08.Config.from_params(params)
+    name = r08.log_name("base", f"base:{config.student}", config.sampling())
+    sampled = params.run_dir / r08.STAGE / "responses" / name
+    sampled.parent.mkdir(parents=True)
+    sampled.write_text('{"key": "logged by 08"}\n')
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_sample_chat(*args, log_path, **kwargs):
+        seen.append(log_path)
+        raise Stop
+
+    monkeypatch.setattr(rlaif, "sample_chat", fake_sample_chat)
+    with pytest.raises(Stop):
+        rlaif.robustness_f1(params, service=None, models={"base": None})
+    assert seen == [params.run_dir / rlaif.STAGE / "robustness" / name]
+    assert seen[0].read_text() == '{"key": "logged by 08"}\n'

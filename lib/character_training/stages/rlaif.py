@@ -79,6 +79,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -1267,6 +1268,13 @@ def robustness_f1(
     rows = []
     for label, path in models.items():
         identity = path or f"base:{config.student}"
+        name = r08.log_name(label, identity, settings)
+        # Stage 08 already sampled base and final with the same requests, seeds and settings
+        # (the log name hashes model and settings): start from its log instead of again.
+        sampled_by_08 = Path(params.run_dir) / r08.STAGE / "responses" / name
+        if sampled_by_08.is_file() and not (folder / name).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sampled_by_08, folder / name)
         replies = sample_chat(
             (lambda path=path: service.create_sampling_client(model_path=path))
             if path
@@ -1274,7 +1282,7 @@ def robustness_f1(
             config.student_renderer,
             r08.reply_requests(prompts, heldout, config.splits),
             **settings,
-            log_path=folder / r08.log_name(label, identity, settings),
+            log_path=folder / name,
             desc=f"robustness: {label}",
         )
         for c in replies.values():
