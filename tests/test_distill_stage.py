@@ -61,6 +61,7 @@ def tiny_params(tmp_path: Path, persona: str = "sarcastic", **overrides):
             **TINY_ROLES,
             "runs_dir": str(tmp_path / "runs"),
             "distill.max_tokens": 6,
+            "distill.general_share": 0.5,  # the counts below assume it, whatever the preset says
             "adherence.probe_general_prompts": 3,
             **overrides,
         },
