@@ -349,3 +349,26 @@ def test_cli_summary_writes_the_page_and_the_index(two_sizes, capsys):
     assert capsys.readouterr().out.strip() == str(reports / "summary.html")
     assert (reports / "summary.html").stat().st_mtime >= started - 1
     assert '<a href="summary.html">' in (reports / "index.html").read_text()
+
+
+def test_a_spread_below_its_bootstrap_interval_still_draws(tmp_path):
+    """Resampling inflates an Elo spread, so a std can sit below its own percentile interval
+    (a real tiny run: dpo 27.9 [28.5, 50.0]); the page must render, not raise on a negative
+    error bar."""
+    runs = tmp_path / "runs"
+    _write(
+        runs / "sycophantic" / "tiny" / "summaries" / "07_preferences.json",
+        {
+            "headline": {
+                "condition": "adopt",
+                "judge_mode": "calibrated",
+                "elo_std_base": 40.0,
+                "elo_std_base_ci": [36.1, 59.1],
+                "elo_std_dpo": 27.9,
+                "elo_std_dpo_ci": [28.5, 50.0],
+            }
+        },
+    )
+    text = build_summary(runs, tmp_path / "reports").read_text()
+    assert "27.9 [28.5, 50.0]" in text or "28 [28, 50]" in text
+    assert text.count('src="data:image/png;base64,') >= 1

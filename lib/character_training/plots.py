@@ -620,9 +620,15 @@ def turn_lengths(interactions: Sequence[Mapping[str, Any]], title: str = "") -> 
 
 
 def _interval_errors(values, lows, highs) -> list[list[float]]:
-    """Asymmetric error-bar lengths from point values and interval ends (0 where missing)."""
-    below = [v - lo if v is not None and lo is not None else 0.0 for v, lo in zip(values, lows)]
-    above = [hi - v if v is not None and hi is not None else 0.0 for v, hi in zip(values, highs)]
+    """Asymmetric error-bar lengths from point values and interval ends (0 where missing, and
+    0 where a percentile interval does not contain its point estimate)."""
+    below = [
+        max(0.0, v - lo) if v is not None and lo is not None else 0.0 for v, lo in zip(values, lows)
+    ]
+    above = [
+        max(0.0, hi - v) if v is not None and hi is not None else 0.0
+        for v, hi in zip(values, highs)
+    ]
     return [below, above]
 
 

@@ -671,8 +671,10 @@ def _figure_png(
             if not points:
                 continue
             shift = (k - (len(series) - 1) / 2) * width
-            below = [e.value - e.low if e.has_interval else 0.0 for _, e in points]  # type: ignore[operator]
-            above = [e.high - e.value if e.has_interval else 0.0 for _, e in points]  # type: ignore[operator]
+            # A bootstrap percentile interval need not contain its point estimate (resampling
+            # inflates an Elo spread, so the std can sit below its interval): clip at 0.
+            below = [max(0.0, e.value - e.low) if e.has_interval else 0.0 for _, e in points]  # type: ignore[operator]
+            above = [max(0.0, e.high - e.value) if e.has_interval else 0.0 for _, e in points]  # type: ignore[operator]
             color = FIGURE_COLORS[line.color % len(FIGURE_COLORS)]
             ax.errorbar(
                 [i + shift for i, _ in points],
