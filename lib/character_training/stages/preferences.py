@@ -59,7 +59,15 @@ from ..evaluate import judge as judging
 from ..prompts import preference_judge_messages, preference_messages
 from ..renderers import get_renderer, renderer_for_model
 from ..sampling import SampleRequest, sample_chat
-from ..store import StageDir, append_jsonl, list_checkpoints, read_jsonl, stage_dir, write_jsonl
+from ..store import (
+    StageDir,
+    append_jsonl,
+    json_safe,
+    list_checkpoints,
+    read_jsonl,
+    stage_dir,
+    write_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +467,7 @@ class Result:
         out["judge_parse_rate"] = judge.get("parse_rate")
         out["mode_agreement"] = judge.get("mode_agreement", {}).get("value")
         out["judge_is_base_student"] = self.config.judge == self.config.student
-        return _plain(out)
+        return json_safe(out)
 
 
 # -- sampling and judging (I/O) ------------------------------------------------------------------
@@ -751,7 +759,7 @@ def run(
         ("model", "condition", "mode", *TABLE_COLUMNS),
     )
     stage.file("summary.json").write_text(
-        json.dumps(_plain(result.summary), indent=2, sort_keys=True)
+        json.dumps(json_safe(result.summary), indent=2, sort_keys=True)
     )
     stage.finish(
         models=len(models),
@@ -851,17 +859,6 @@ def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
         "judge": judge,
         "judge_prior_correlations": result.prior_correlations(),
     }
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: NaN becomes null (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _write_table(path: Path, records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

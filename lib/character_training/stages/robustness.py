@@ -100,6 +100,7 @@ from ..store import (
     CHECKPOINTS_FILE,
     Checkpoint,
     StageDir,
+    json_safe,
     list_checkpoints,
     read_jsonl,
     stage_dir,
@@ -477,7 +478,7 @@ class Report:
                 key = f"coherence_{row['mode']}_{row['first']}_vs_{row['second']}"
                 out[key] = None if math.isnan(row["win_rate"]) else round(row["win_rate"], 4)
                 out[f"{key}_inconsistent"] = row["inconsistent_share"]
-        return _finite(out)
+        return json_safe(out)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -712,20 +713,9 @@ def _f1_rows(
     return out, sets
 
 
-def _finite(value: Any) -> Any:
-    """The value with NaN (no verdict, no interval) as None, so the JSON stays standard."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(_finite(data), indent=2, ensure_ascii=False, default=_json_default)
+    text = json.dumps(json_safe(data), indent=2, ensure_ascii=False, default=_json_default)
     tmp.write_text(text)
     os.replace(tmp, path)
 
