@@ -311,6 +311,15 @@ def raw_choice_a_share(verdicts: Sequence[Verdict]) -> float:
     return letters.count("A") / len(letters) if letters else math.nan
 
 
+def bias_fields(verdicts: Sequence[Verdict], calibrated: bool) -> dict[str, float]:
+    """What a win-rate record reports of the judge's letter bias: the offset removed (NaN when
+    the verdicts were not calibrated) and the raw share of "A" verdicts."""
+    return {
+        "position_offset": position_offset(verdicts) if calibrated else math.nan,
+        "raw_chose_a_share": raw_choice_a_share(verdicts),
+    }
+
+
 def judge_logprob(
     sampler: Any,
     renderer: Any,
@@ -428,6 +437,7 @@ __all__ = [
     "Outcome",
     "Verdict",
     "WinRate",
+    "bias_fields",
     "calibrate_positions",
     "judge_generative",
     "judge_logprob",

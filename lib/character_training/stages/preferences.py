@@ -141,6 +141,12 @@ class Config:
     def primary_mode(self) -> str:
         return self.judge_modes[0]
 
+    @property
+    def scores_forced_choice(self) -> bool:
+        """Whether the judge's word log-probabilities (and its empty-reply prior) are needed:
+        the calibrated mode is built on the plain forced-choice scores."""
+        return bool({"logprob", "calibrated"} & set(self.judge_modes))
+
 
 # -- traits and matches (pure) -------------------------------------------------------------------
 def load_traits(path: Path | None = None) -> tuple[str, ...]:
@@ -593,7 +599,7 @@ def _judge(
                 generative_choice=verdict.choice,
                 generative_reason=verdict.reason,
             )
-    if {"logprob", "calibrated"} & set(config.judge_modes):
+    if config.scores_forced_choice:
         name = f"{base_name}-logprob.jsonl"
         _note_index(folder / "judge", name, {"judge": config.judge, "responses": response_log})
         scores = _forced_choice(
@@ -703,7 +709,7 @@ def run(
     judge_client = _Lazy(lambda: service_client.create_sampling_client(base_model=config.judge))
     prior_scores = (
         _prior_scores(config, judge_client, matches, stage.path)
-        if {"logprob", "calibrated"} & set(config.judge_modes)
+        if config.scores_forced_choice
         else None
     )
     judgements: list[dict] = []

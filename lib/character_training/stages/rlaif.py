@@ -1229,14 +1229,10 @@ def coherence_rates(
         calibrate=params.evals.coherence_calibrate,
     )
     outcomes = judge_lib.resolve_order_swaps(comparisons, verdicts)
-    offset = judge_lib.position_offset(verdicts) if params.evals.coherence_calibrate else math.nan
+    bias = judge_lib.bias_fields(verdicts, params.evals.coherence_calibrate)
     out = []
     for rate in judge_lib.win_rates(outcomes, by_group=False):
-        record = rate.to_record() | {"mode": "logprob"}  # low/high: Wilson 95% interval
-        record |= {
-            "position_offset": offset,
-            "raw_chose_a_share": judge_lib.raw_choice_a_share(verdicts),
-        }
+        record = rate.to_record() | {"mode": "logprob", **bias}  # low/high: Wilson 95% interval
         out.append(record)
     return out
 

@@ -810,11 +810,7 @@ def _coherence(
                 log_path=stage.file(f"coherence_generative-{_short(config.judge)}.jsonl"),
             )
         outcomes = judge_lib.resolve_order_swaps(comparisons, verdicts)
-        calibrated = mode == "logprob" and config.coherence_calibrate
-        bias = {
-            "position_offset": judge_lib.position_offset(verdicts) if calibrated else math.nan,
-            "raw_chose_a_share": judge_lib.raw_choice_a_share(verdicts),
-        }
+        bias = judge_lib.bias_fields(verdicts, mode == "logprob" and config.coherence_calibrate)
         for rate in judge_lib.win_rates(outcomes):
             records.append({"mode": mode, **rate.to_record(), **bias})
     return records

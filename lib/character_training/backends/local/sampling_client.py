@@ -492,9 +492,8 @@ class LocalSamplingClient:
                 for k, (logprobs, last) in zip(group, scored):
                     head = [None] * (starts[k] + 1) + [float(v) for v in logprobs[:-1].tolist()]
                     for idx, value in zip(members[k], last.tolist()):
-                        keep = first_scored[idx] - starts[k] - 1  # None up to this one's start
-                        row = head + [float(value)]
-                        out[idx] = [None] * (starts[k] + 1 + keep) + row[starts[k] + 1 + keep :]
+                        first = first_scored[idx]  # None before this sequence's own start
+                        out[idx] = [None] * first + (head + [float(value)])[first:]
         return out
 
 
