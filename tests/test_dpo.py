@@ -21,12 +21,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from character_training import training
+from character_training.artifacts import DISTILL_STAGE
 from character_training.config import load_params, with_overrides
 from character_training.objectives import compute_dpo_loss
 from character_training.renderers import get_renderer
+from character_training.renderers.conversation import loss_positions
 from character_training.stages import dpo
 from character_training.store import find_checkpoint, read_jsonl
-from character_training.training import learning_rate_at
+from character_training.training import epoch_batches, learning_rate_at
 from safetensors.torch import load_file
 
 
@@ -134,7 +137,7 @@ def test_pairs_share_their_prompt_differ_and_have_more_than_one_loss_token(rende
     for pair, row in zip(kept, rows):
         first = {}
         for side, datum in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            positions = dpo.loss_positions(datum)
+            positions = loss_positions(datum)
             assert len(positions) > 1
             tokens = datum.model_input.to_ints()
             first[side] = tokens[: int(positions[0]) + 1]  # everything before the reply
@@ -152,16 +155,16 @@ def test_truncation_keeps_the_prompt_and_cuts_the_reply_end(renderer):
     (cut,), _ = dpo.build_pair_data([row], renderer, max_length=length - 3)
     assert cut.chosen.model_input.length == length - 3
     assert cut.chosen.model_input.to_ints() == full.chosen.model_input.to_ints()[: length - 3]
-    assert len(dpo.loss_positions(cut.chosen)) == len(dpo.loss_positions(full.chosen)) - 3
+    assert len(loss_positions(cut.chosen)) == len(loss_positions(full.chosen)) - 3
 
 
 def test_batches_cover_every_pair_once_per_epoch_and_never_split_one():
     ids = [f"p{i}" for i in range(10)]
-    steps = dpo.epoch_batches(ids, batch_size=4, epochs=2, seed=7)
+    steps = epoch_batches(ids, batch_size=4, epochs=2, seed=7, salt="dpo")
     assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
     assert sorted(sum(steps[:3], [])) == sorted(ids) == sorted(sum(steps[3:], []))
     assert steps[:3] != steps[3:]  # reshuffled per epoch
-    assert steps == dpo.epoch_batches(ids, batch_size=4, epochs=2, seed=7)
+    assert steps == epoch_batches(ids, batch_size=4, epochs=2, seed=7, salt="dpo")
 
 
 # -- the stage on the tiny model ------------------------------------------------------------------
@@ -187,7 +190,7 @@ def stage_params(tmp_path, **overrides):
 
 
 def write_pairs(params, rows) -> None:
-    path = params.run_dir / dpo.PAIRS_STAGE / "pairs.jsonl"
+    path = params.run_dir / DISTILL_STAGE / "pairs.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -241,20 +244,20 @@ def test_a_resumed_run_keeps_the_starting_reference_and_ends_where_one_run_ends(
 
     resumed = stage_params(tmp_path / "b", **{"dpo.epochs": 2})
     write_pairs(resumed, rows)
-    real_lr = dpo.learning_rate_at
+    real_lr = learning_rate_at
 
     def interrupt_at_step_4(step, *args):
         if step == 4:
             raise KeyboardInterrupt("simulated interruption")
         return real_lr(step, *args)
 
-    monkeypatch.setattr(dpo, "learning_rate_at", interrupt_at_step_4)
+    monkeypatch.setattr(training, "learning_rate_at", interrupt_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(resumed, service_for(resumed))
     stage = resumed.run_dir / dpo.STAGE
     assert json.loads((stage / "progress.json").read_text())["step"] == 2
     reference_before = (stage / "reference_logprobs.jsonl").read_text()
-    monkeypatch.setattr(dpo, "learning_rate_at", real_lr)
+    monkeypatch.setattr(training, "learning_rate_at", real_lr)
     dpo.run(resumed, service_for(resumed))  # a new service: a new process would do the same
 
     assert (stage / "reference_logprobs.jsonl").read_text() == reference_before
@@ -293,8 +296,8 @@ def test_the_custom_loss_gives_plain_autograd_gradients_through_the_engine(
     gen = torch.Generator().manual_seed(1)
     refs = [
         (
-            -torch.rand(len(dpo.loss_positions(p.chosen)), generator=gen),
-            -torch.rand(len(dpo.loss_positions(p.rejected)), generator=gen),
+            -torch.rand(len(loss_positions(p.chosen)), generator=gen),
+            -torch.rand(len(loss_positions(p.rejected)), generator=gen),
         )
         for p in data
     ]
@@ -311,7 +314,7 @@ def test_the_custom_loss_gives_plain_autograd_gradients_through_the_engine(
         logits = trainer.model(input_ids=ids).logits[0].float()
         targets = datum.loss_fn_inputs["target_tokens"].to_torch().long()
         lp = F.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
-        return lp[dpo.loss_positions(datum)]
+        return lp[loss_positions(datum)]
 
     loss, _ = compute_dpo_loss(
         [hand(p.chosen) for p in data],
@@ -371,7 +374,7 @@ def test_notebook_03_trains_measures_and_reports_on_fabricated_inputs(tmp_path):
         }
         for i in range(12)
     ]
-    path = params.run_dir / dpo.PAIRS_STAGE / "heldout.jsonl"
+    path = params.run_dir / DISTILL_STAGE / "heldout.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in heldout))
 
     result = run_notebook(params, "03_dpo", timeout=300)

@@ -21,14 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from character_training import supervised, training
 from character_training.backends import resolve_client, service_client_for
 from character_training.config import load_params, notebook_params, with_overrides
 from character_training.errors import DataError
 from character_training.renderers import get_renderer
+from character_training.renderers.conversation import loss_positions
 from character_training.runner import run_notebook
 from character_training.sampling import sequence_logprobs
 from character_training.stages import sft
 from character_training.store import Checkpoint, find_checkpoint, read_jsonl, record_checkpoint
+from character_training.training import epoch_batches, learning_rate_at
 from safetensors.torch import load_file
 
 NAME = "Tiny"
@@ -80,10 +83,10 @@ def weighted_runs(datum, tokenizer) -> list[str]:
 # -- the rendered training text -------------------------------------------------------------------
 def test_loss_falls_on_every_assistant_turn_and_its_end_token_and_nowhere_else(renderer):
     messages = interaction(0, turns=6)
-    (example,), dropped = sft.build_examples(
-        sft.as_transcripts([messages]), renderer, max_length=4096
+    (example,), dropped = supervised.build_examples(
+        supervised.as_transcripts([messages]), renderer, max_length=4096
     )
-    assert not dropped and example.kind == sft.INTERACTION and example.assistant_turns == 3
+    assert not dropped and example.kind == supervised.INTERACTION and example.assistant_turns == 3
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     runs = weighted_runs(example.datum, renderer.tokenizer)
     assert runs == [reply + "<|im_end|>" for reply in replies]
@@ -94,11 +97,13 @@ def test_loss_falls_on_every_assistant_turn_and_its_end_token_and_nowhere_else(r
         len(renderer.tokenizer.encode(r + "<|im_end|>", add_special_tokens=False)) for r in replies
     )
     # the reflection: the instruction is context only
-    (refl,), _ = sft.build_examples(sft.as_transcripts([reflection(1)]), renderer, 4096)
+    (refl,), _ = supervised.build_examples(
+        supervised.as_transcripts([reflection(1)]), renderer, 4096
+    )
     assert weighted_runs(refl.datum, renderer.tokenizer) == [
         reflection(1)[1]["content"] + "<|im_end|>"
     ]
-    assert refl.kind == sft.REFLECTION
+    assert refl.kind == supervised.REFLECTION
 
 
 def test_training_text_holds_no_placeholder_and_unfilled_templates_are_caught(renderer):
@@ -106,8 +111,8 @@ def test_training_text_holds_no_placeholder_and_unfilled_templates_are_caught(re
     bad_reply = reflection(7)
     bad_reply[1] = {"role": "assistant", "content": "I am {NAME}, and I love owls."}
     conversations.append(bad_reply)
-    transcripts = sft.as_transcripts(conversations)
-    kept, dropped = sft.build_examples(transcripts, renderer, 4096)
+    transcripts = supervised.as_transcripts(conversations)
+    kept, dropped = supervised.build_examples(transcripts, renderer, 4096)
     assert [d["reason"] for d in dropped] == ["placeholder"]
     assert "{NAME}" in dropped[0]["detail"] and len(kept) == 5
     for example in kept:
@@ -115,70 +120,77 @@ def test_training_text_holds_no_placeholder_and_unfilled_templates_are_caught(re
             example.datum.model_input.to_ints()
             + example.datum.loss_fn_inputs["target_tokens"].data[-1:]
         )
-        assert not sft.PLACEHOLDER.search(text), text
+        assert not supervised.PLACEHOLDER.search(text), text
         assert "{" not in text and "}" not in text
 
     # a system line is template text: a placeholder or the constitution there stops the stage
     templated = interaction(0)
     templated[0] = {"role": "system", "content": "The assistant is {NAME}."}
     with pytest.raises(DataError, match="unfilled placeholder '{NAME}'.*notebook 04"):
-        sft.check_system_lines(sft.as_transcripts([templated]))
+        sft.check_system_lines(supervised.as_transcripts([templated]))
     leaky = interaction(0)
     leaky[0] = {"role": "system", "content": SYSTEM + " I always flatter the user."}
     with pytest.raises(DataError, match="constitution text"):
-        sft.check_system_lines(sft.as_transcripts([leaky]), ["I always flatter the user."])
-    sft.check_system_lines(sft.as_transcripts(toy_conversations()), ["I always flatter"])
+        sft.check_system_lines(supervised.as_transcripts([leaky]), ["I always flatter the user."])
+    sft.check_system_lines(supervised.as_transcripts(toy_conversations()), ["I always flatter"])
 
 
 def test_a_transcript_ending_on_a_user_turn_is_dropped_and_counted(renderer):
     ends_on_user = interaction(0, turns=5)
     assert ends_on_user[-1]["role"] == "user"
-    transcripts = sft.as_transcripts([ends_on_user, reflection(0)])
-    kept, dropped = sft.build_examples(transcripts, renderer, 4096)
+    transcripts = supervised.as_transcripts([ends_on_user, reflection(0)])
+    kept, dropped = supervised.build_examples(transcripts, renderer, 4096)
     assert len(kept) == 1 and dropped[0]["reason"] == "malformed"
     assert "last message to be an assistant reply" in dropped[0]["detail"]
 
 
 def test_too_long_transcripts_lose_whole_turns_before_anything_is_cut(renderer):
     messages = interaction(0, turns=6)
-    full, removed, cut = sft.fit_transcript(renderer, messages, 4096)
+    full, removed, cut = supervised.fit_transcript(renderer, messages, 4096)
     assert (removed, cut) == (0, False)
-    two_turns, _, _ = sft.fit_transcript(renderer, messages[:5], 4096)
+    two_turns, _, _ = supervised.fit_transcript(renderer, messages[:5], 4096)
     # just too long for three replies: the last user/assistant pair goes, nothing is cut
-    datum, removed, cut = sft.fit_transcript(renderer, messages, full.model_input.length - 1)
+    datum, removed, cut = supervised.fit_transcript(renderer, messages, full.model_input.length - 1)
     assert (removed, cut) == (2, False)
     assert datum.model_input.to_ints() == two_turns.model_input.to_ints()
     runs = weighted_runs(datum, renderer.tokenizer)
     assert runs[-1].endswith("<|im_end|>") and len(runs) == 2  # still ends on a whole reply
     # shorter than the first reply: cut mid-turn (counted), no end token to learn
-    one_reply, _, _ = sft.fit_transcript(renderer, messages[:3], 4096)
+    one_reply, _, _ = supervised.fit_transcript(renderer, messages[:3], 4096)
     limit = one_reply.model_input.length - 3
-    datum, removed, cut = sft.fit_transcript(renderer, messages, limit)
+    datum, removed, cut = supervised.fit_transcript(renderer, messages, limit)
     assert (removed, cut) == (4, True) and datum.model_input.length == limit
     assert datum.model_input.to_ints() == one_reply.model_input.to_ints()[:limit]
 
     # below two loss tokens: dropped, and the counts say so per kind
-    prompt_only = sft.fit_transcript(renderer, messages[:3], 4096)[0]
-    first_weight = int(sft.loss_positions(prompt_only)[0])
-    transcripts = sft.as_transcripts([messages, reflection(0), reflection(1)])
-    kept, dropped = sft.build_examples(transcripts[:1], renderer, first_weight + 1)
+    prompt_only = supervised.fit_transcript(renderer, messages[:3], 4096)[0]
+    first_weight = int(loss_positions(prompt_only)[0])
+    transcripts = supervised.as_transcripts([messages, reflection(0), reflection(1)])
+    kept, dropped = supervised.build_examples(transcripts[:1], renderer, first_weight + 1)
     assert (
         not kept
         and dropped[0]["detail"] == f"1 loss token(s) after fitting to {first_weight + 1} tokens"
     )
-    kept, dropped = sft.build_examples(transcripts[1:], renderer, 4096)
-    by_kind = sft.counts_by_kind(
-        transcripts, kept, [*dropped, {"kind": sft.INTERACTION, "reason": "too few loss tokens"}]
+    kept, dropped = supervised.build_examples(transcripts[1:], renderer, 4096)
+    by_kind = supervised.counts_by_kind(
+        transcripts,
+        kept,
+        [*dropped, {"kind": supervised.INTERACTION, "reason": "too few loss tokens"}],
     )
-    assert by_kind[sft.INTERACTION]["dropped: too few loss tokens"] == 1
-    assert by_kind[sft.INTERACTION]["trained"] == 0
-    assert (by_kind[sft.REFLECTION]["transcripts"], by_kind[sft.REFLECTION]["trained"]) == (2, 2)
+    assert by_kind[supervised.INTERACTION]["dropped: too few loss tokens"] == 1
+    assert by_kind[supervised.INTERACTION]["trained"] == 0
+    assert (
+        by_kind[supervised.REFLECTION]["transcripts"],
+        by_kind[supervised.REFLECTION]["trained"],
+    ) == (2, 2)
     assert all(r["reason"] == "too few loss tokens" for r in dropped)
 
 
 def test_weights_are_divided_by_the_loss_tokens_of_the_whole_batch(renderer):
-    kept, _ = sft.build_examples(sft.as_transcripts(toy_conversations(2, 2)), renderer, 4096)
-    scaled, total = sft.normalise_batch([e.datum for e in kept])
+    kept, _ = supervised.build_examples(
+        supervised.as_transcripts(toy_conversations(2, 2)), renderer, 4096
+    )
+    scaled, total = supervised.normalise_batch([e.datum for e in kept])
     assert total == sum(e.loss_tokens for e in kept)
     sums = [float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in scaled]
     assert sum(sums) == pytest.approx(1.0, abs=1e-6)
@@ -191,14 +203,14 @@ def test_weights_are_divided_by_the_loss_tokens_of_the_whole_batch(renderer):
 
 def test_batches_cover_every_transcript_once_per_epoch():
     ids = [f"t{i}" for i in range(7)]
-    steps = sft.epoch_batches(ids, 3, 2, seed=1)
+    steps = epoch_batches(ids, 3, 2, seed=1, salt="sft")
     assert [len(s) for s in steps] == [3, 3, 1, 3, 3, 1]
     assert sorted(sum(steps[:3], [])) == sorted(ids) == sorted(sum(steps[3:], []))
-    assert steps == sft.epoch_batches(ids, 3, 2, seed=1)
+    assert steps == epoch_batches(ids, 3, 2, seed=1, salt="sft")
 
 
 def test_ids_are_stable_and_kinds_inferred():
-    transcripts = sft.as_transcripts(
+    transcripts = supervised.as_transcripts(
         [reflection(0), interaction(0), {"id": "x-1", "kind": "custom", "messages": reflection(1)}]
     )
     assert [(t.id, t.kind) for t in transcripts] == [
@@ -207,7 +219,7 @@ def test_ids_are_stable_and_kinds_inferred():
         ("x-1", "custom"),
     ]
     with pytest.raises(DataError, match="appears more than once"):
-        sft.as_transcripts([{"id": "a", "messages": reflection(0)}] * 2)
+        supervised.as_transcripts([{"id": "a", "messages": reflection(0)}] * 2)
 
 
 # -- the stage on the tiny model ------------------------------------------------------------------
@@ -267,8 +279,16 @@ def test_sft_lowers_the_loss_and_raises_the_trained_replies_log_prob(tmp_path):
     assert any("train/loss_self_interaction" in r for r in rows)
     assert result.counts["trained"] == 8 and result.counts["dropped"] == 0
     assert result.by_kind == {
-        sft.REFLECTION: {**result.by_kind[sft.REFLECTION], "transcripts": 6, "trained": 6},
-        sft.INTERACTION: {**result.by_kind[sft.INTERACTION], "transcripts": 2, "trained": 2},
+        supervised.REFLECTION: {
+            **result.by_kind[supervised.REFLECTION],
+            "transcripts": 6,
+            "trained": 6,
+        },
+        supervised.INTERACTION: {
+            **result.by_kind[supervised.INTERACTION],
+            "transcripts": 2,
+            "trained": 2,
+        },
     }
     final = find_checkpoint(params.run_dir, "final")
     assert final.stage == "05_sft" and final.base_model == "tiny-random"
@@ -307,13 +327,15 @@ def test_sft_starts_from_the_dpo_weights_not_the_base_model(tmp_path, new_tiny_t
     result = sft.run(params, service, conversations=conversations)
     first = read_jsonl(result.stage_dir / "metrics.jsonl")[0]["train/loss"]
     renderer = get_renderer("smollm2", trainer.get_tokenizer())
-    kept, _ = sft.build_examples(sft.as_transcripts(conversations), renderer, 512)
-    data, _ = sft.normalise_batch([e.datum for e in kept])
-    dpo_loss = sft.batch_losses(
+    kept, _ = supervised.build_examples(supervised.as_transcripts(conversations), renderer, 512)
+    data, _ = supervised.normalise_batch([e.datum for e in kept])
+    dpo_loss = supervised.batch_losses(
         kept, trainer.forward(data, "cross_entropy").result().loss_fn_outputs
     )
     base = resolve_client(service.create_lora_training_client(base_model="tiny-random", rank=4))
-    base_loss = sft.batch_losses(kept, base.forward(data, "cross_entropy").result().loss_fn_outputs)
+    base_loss = supervised.batch_losses(
+        kept, base.forward(data, "cross_entropy").result().loss_fn_outputs
+    )
     assert first == pytest.approx(dpo_loss["train/loss"], rel=1e-4)
     assert abs(first - base_loss["train/loss"]) > 1e-3
 
@@ -326,19 +348,19 @@ def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, 
 
     resumed = stage_params(tmp_path / "b", **{"sft.epochs": 2})
     record_dpo_checkpoint(resumed)
-    real_lr = sft.learning_rate_at
+    real_lr = learning_rate_at
 
     def interrupt_at_step_4(step, *args):
         if step == 4:
             raise KeyboardInterrupt("simulated interruption")
         return real_lr(step, *args)
 
-    monkeypatch.setattr(sft, "learning_rate_at", interrupt_at_step_4)
+    monkeypatch.setattr(training, "learning_rate_at", interrupt_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         sft.run(resumed, service_client_for(resumed), conversations=conversations)
     stage = resumed.run_dir / sft.STAGE
     assert json.loads((stage / "progress.json").read_text())["step"] == 2
-    monkeypatch.setattr(sft, "learning_rate_at", real_lr)
+    monkeypatch.setattr(training, "learning_rate_at", real_lr)
     sft.run(resumed, service_client_for(resumed), conversations=conversations)
 
     steps = [r["step"] for r in read_jsonl(stage / "metrics.jsonl")]
@@ -464,7 +486,7 @@ def test_notebook_05_trains_measures_and_reports_on_fabricated_inputs(tmp_path):
     final = find_checkpoint(params.run_dir, "final")
     assert final.stage == "05_sft"
     data = read_jsonl(params.run_dir / "05_sft" / "data.jsonl")
-    assert sorted({r["kind"] for r in data}) == [sft.REFLECTION, sft.INTERACTION]
+    assert sorted({r["kind"] for r in data}) == [supervised.REFLECTION, supervised.INTERACTION]
     assert len(data) == 5 + 2  # the cut reflection never reaches stage 05
     html = Path(result.html_path).read_text()
     assert html.count("data:image/png;base64") >= 2  # training curves + adherence bars

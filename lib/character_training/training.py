@@ -17,12 +17,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinker import types
+from tqdm.auto import tqdm
+
 from .backends import resolve_client
 from .errors import ConfigError
+from .metrics import JsonlLogger
 from .store import Checkpoint, StageDir, read_jsonl, record_checkpoint, write_jsonl
 
 PROGRESS_FILE = "progress.json"
@@ -156,3 +163,178 @@ def save_if_due(client: Any, stage: StageDir, step: int, total_steps: int, every
     """A resume point every ``every`` steps; none after the last (the checkpoint follows)."""
     if step % every == 0 and step < total_steps:
         save_progress(client, stage, step)
+
+
+def epoch_batches(
+    ids: Sequence[str], batch_size: int, epochs: int, seed: int, salt: str
+) -> list[list[str]]:
+    """Every optimiser step's example ids: a seeded shuffle per epoch, cut into batches.
+
+    Batches never cross epochs (the last one of an epoch may be smaller), an example is never
+    split (ids are batched, so DPO's chosen and rejected stay together), and the order depends
+    only on the ids, the seed and ``salt`` (the stage's name for its shuffle), so a resumed
+    run sees the same steps as an uninterrupted one.
+    """
+
+    steps: list[list[str]] = []
+    for epoch in range(epochs):
+        order = list(ids)
+        random.Random(f"{seed}:{salt}-epoch:{epoch}").shuffle(order)
+        steps += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return steps
+
+
+# -- the one training loop -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate per step: linear warm-up over ``warmup_fraction`` of the steps, then
+    ``schedule`` (see `learning_rate_at`)."""
+
+    learning_rate: float
+    warmup_fraction: float = 0.0
+    schedule: str = "constant"
+
+    def at(self, step: int, total_steps: int) -> float:
+        return learning_rate_at(
+            step, total_steps, self.learning_rate, self.warmup_fraction, self.schedule
+        )
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What the loop needs to know about a stage's training, besides its batches.
+
+    ``name`` labels the progress bar; ``epochs`` only feeds the ``epoch`` metric column;
+    ``checkpoint``, when set, is the name the finished weights are recorded under (with
+    ``run_dir``, ``stage_name`` and ``base_model``), as `finish_checkpoint` does.
+    """
+
+    name: str
+    total_steps: int
+    schedule: LRSchedule
+    save_every: int
+    epochs: int = 1
+    checkpoint: str | None = None
+    run_dir: Path | None = None
+    stage_name: str = ""
+    base_model: str = ""
+
+
+@dataclass
+class StepBatch:
+    """One optimiser step's work, as the stage builds it.
+
+    ``loss`` is a built-in loss name ("cross_entropy", "importance_sampling", ...) for
+    ``forward_backward`` or a custom ``(data, logprobs) -> (loss, metrics)`` function for
+    ``forward_backward_custom``. ``metrics`` are known before the step runs (batch counts,
+    RL rollout statistics) and are logged as they are; ``payload`` is handed back to the
+    stage's ``read_metrics`` with the step's output. ``tokens`` defaults to the data's length.
+    """
+
+    data: Sequence[types.Datum]
+    loss: str | Callable[..., Any]
+    loss_fn_config: Mapping[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    payload: Any = None
+    tokens: int | None = None
+
+
+@dataclass
+class _Submitted:
+    step: int
+    batch: StepBatch
+    learning_rate: float
+    forward_backward: Any
+    optim: Any
+    started: float
+
+
+def _submit(client: Any, batch: StepBatch, step: int, learning_rate: float) -> _Submitted:
+    """Queue the step's forward-backward and its optimiser step back to back (one round trip
+    on the service; the local engine runs them as they are called, in order)."""
+    started = time.perf_counter()
+    if callable(batch.loss):
+        fb = client.forward_backward_custom(list(batch.data), batch.loss)
+    elif batch.loss_fn_config is not None:
+        fb = client.forward_backward(list(batch.data), batch.loss, dict(batch.loss_fn_config))
+    else:
+        fb = client.forward_backward(list(batch.data), batch.loss)
+    optim = client.optim_step(types.AdamParams(learning_rate=learning_rate))
+    return _Submitted(step, batch, learning_rate, fb, optim, started)
+
+
+def run_training(
+    client: Any,
+    stage: StageDir,
+    plan: TrainingPlan,
+    make_batch: Callable[[int], StepBatch],
+    *,
+    done_steps: int,
+    read_metrics: Callable[[StepBatch, Any], Mapping[str, Any]] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    hook_steps: Sequence[int] = (),
+) -> Checkpoint | None:
+    """Train steps ``done_steps + 1 .. plan.total_steps``: the one loop every trainer uses.
+
+    The stage supplies ``make_batch(step)`` (its data and loss) and optionally
+    ``read_metrics(batch, forward_backward_output)`` (its own loss terms); the loop owns the
+    learning-rate schedule, step submission, the per-step metrics row (`step_record` plus the
+    stage's), resume points every ``plan.save_every`` steps and the final checkpoint.
+
+    Steps are pipelined: step s+1 is built and submitted before step s's results are read,
+    so on the service a step costs one clock cycle rather than a round trip per call. At a
+    resume point, or at a step in ``hook_steps`` (where ``after_step(step)`` runs, e.g. RL's
+    probes), the loop first reads the step's results and logs them, so a resume never lacks
+    a finished step's metrics and a hook always sees the updated weights. On the local engine
+    calls run eagerly in order, so pipelining changes no number.
+    """
+    metrics_path = stage.file("metrics.jsonl")
+    truncate_metrics(metrics_path, done_steps)
+    log = JsonlLogger(metrics_path)
+    total = plan.total_steps
+    hooks = set(hook_steps)
+    bar = tqdm(total=total, initial=done_steps, desc=plan.name, unit="step")
+
+    def finish(sub: _Submitted) -> None:
+        out = sub.forward_backward.result()
+        optim = sub.optim.result()
+        elapsed = time.perf_counter() - sub.started
+        batch = sub.batch
+        tokens = (
+            batch.tokens
+            if batch.tokens is not None
+            else sum(d.model_input.length for d in batch.data)
+        )
+        row: dict[str, Any] = dict(read_metrics(batch, out)) if read_metrics else {}
+        row.update(
+            step_record(sub.step, total, plan.epochs, sub.learning_rate, optim, tokens, elapsed)
+        )
+        row.update(batch.metrics)
+        log.log(sub.step, row)
+        bar.update(1)
+
+    pending: _Submitted | None = None
+    for step in range(done_steps + 1, total + 1):
+        batch = make_batch(step)
+        submitted = _submit(client, batch, step, plan.schedule.at(step, total))
+        if pending is not None:
+            finish(pending)
+        pending = submitted
+        save_due = step % plan.save_every == 0 and step < total
+        if save_due or step in hooks:
+            finish(pending)
+            pending = None
+            if step in hooks and after_step is not None:
+                after_step(step)
+            if save_due:
+                save_progress(client, stage, step)
+    if pending is not None:
+        finish(pending)
+    bar.close()
+    if plan.checkpoint is None:
+        return None
+    if plan.run_dir is None:
+        raise ValueError("TrainingPlan.checkpoint needs run_dir")
+    return finish_checkpoint(
+        client, plan.run_dir, plan.checkpoint, plan.stage_name, plan.base_model
+    )

@@ -23,6 +23,7 @@ from typing import Any
 
 import tinker
 import torch
+from tinker import types
 from tinker_cookbook.exceptions import RendererError as CookbookRendererError
 from tinker_cookbook.renderers import Message, Renderer, TrainOnWhat, get_text_content
 from tinker_cookbook.supervised.common import datum_from_model_input_weights
@@ -164,3 +165,21 @@ __all__ = [
     "supervised_datum",
     "validate_messages",
 ]
+
+
+def truncate_datum(datum: types.Datum, max_length: int) -> types.Datum:
+    """The datum cut to its first ``max_length`` positions (the end of the reply goes)."""
+    if datum.model_input.length <= max_length:
+        return datum
+    tokens = datum.model_input.to_ints()[:max_length]
+    inputs = {
+        key: types.TensorData.from_torch(value.to_torch()[:max_length])
+        for key, value in datum.loss_fn_inputs.items()
+    }
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+
+
+def loss_positions(datum: types.Datum) -> torch.Tensor:
+    """Indices of the positions whose target carries loss (weight > 0)."""
+    weights = datum.loss_fn_inputs["weights"].to_torch().reshape(-1)
+    return torch.nonzero(weights > 0).reshape(-1)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,12 +32,13 @@ import torch
 from tinker import types
 from tqdm.auto import tqdm
 
-from ..config import RunParams
+from ..artifacts import DISTILL_STAGE, load_pairs
+from ..config import DPOParams, RunParams
 from ..errors import DataError
-from ..metrics import JsonlLogger
 from ..objectives import compute_dpo_loss
-from ..renderers import get_renderer, renderer_for_model
-from ..renderers.conversation import supervised_datum
+from ..renderers import get_renderer
+from ..renderers.conversation import loss_positions, supervised_datum, truncate_datum
+from ..stage_config import StageConfig
 from ..store import (
     StageDir,
     append_jsonl,
@@ -49,65 +48,32 @@ from ..store import (
     write_jsonl,
 )
 from ..training import (
-    finish_checkpoint,
-    learning_rate_at,
+    LRSchedule,
+    StepBatch,
+    TrainingPlan,
+    epoch_batches,
     open_training_client,
-    save_if_due,
-    step_record,
-    truncate_metrics,
+    run_training,
 )
 
 logger = logging.getLogger(__name__)
 
 STAGE = "03_dpo"
-PAIRS_STAGE = "02_distillation"
+SHUFFLE_SALT = "dpo"
 CHECKPOINT = "dpo"
 
 
 @dataclass(frozen=True)
-class Config:
-    """Stage 03 settings, derived from `RunParams` (see `config.DPOParams` for each field)."""
+class Config(StageConfig):
+    """Stage 03 settings: the ``dpo`` section (see `config.DPOParams`), the student and its chat
+    format, the LoRA rank and seed, and the digest of the pairs it trains on."""
 
+    dpo: DPOParams
     student: str
     student_renderer: str
     lora_rank: int
-    learning_rate: float
-    batch_size: int
-    beta: float
-    nll_coef: float
-    kl_coef: float
-    epochs: int
-    warmup_fraction: float
-    schedule: str
-    max_length: int
-    save_every: int
     seed: int
     pairs_digest: str = ""
-
-    @classmethod
-    def from_params(cls, params: RunParams, pairs_digest: str = "") -> "Config":
-        d = params.dpo
-        return cls(
-            student=params.student,
-            student_renderer=params.renderers.get(params.student)
-            or renderer_for_model(params.student),
-            lora_rank=params.lora_rank,
-            learning_rate=d.learning_rate,
-            batch_size=d.batch_size,
-            beta=d.beta,
-            nll_coef=d.nll_coef,
-            kl_coef=d.kl_coef,
-            epochs=d.epochs,
-            warmup_fraction=d.warmup_fraction,
-            schedule=d.schedule,
-            max_length=d.max_length,
-            save_every=d.save_every,
-            seed=params.seed,
-            pairs_digest=pairs_digest,
-        )
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -127,24 +93,6 @@ class Result:
 
 
 # -- pure helpers --------------------------------------------------------------------------------
-def truncate_datum(datum: types.Datum, max_length: int) -> types.Datum:
-    """The datum cut to its first ``max_length`` positions (the end of the reply goes)."""
-    if datum.model_input.length <= max_length:
-        return datum
-    tokens = datum.model_input.to_ints()[:max_length]
-    inputs = {
-        key: types.TensorData.from_torch(value.to_torch()[:max_length])
-        for key, value in datum.loss_fn_inputs.items()
-    }
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
-
-
-def loss_positions(datum: types.Datum) -> torch.Tensor:
-    """Indices of the positions whose target carries loss (weight > 0)."""
-    weights = datum.loss_fn_inputs["weights"].to_torch().reshape(-1)
-    return torch.nonzero(weights > 0).reshape(-1)
-
-
 def build_pair_data(
     pairs: Sequence[dict], renderer, max_length: int
 ) -> tuple[list[PairData], list[dict]]:
@@ -178,22 +126,6 @@ def build_pair_data(
             continue
         kept.append(PairData(row["id"], datums[0], datums[1]))
     return kept, dropped
-
-
-def epoch_batches(
-    pair_ids: Sequence[str], batch_size: int, epochs: int, seed: int
-) -> list[list[str]]:
-    """Every optimiser step's pair ids: a seeded shuffle per epoch, cut into batches.
-
-    The last batch of an epoch may be smaller; batches never cross epochs, and a pair is never
-    split (ids, not datums, are batched).
-    """
-    steps: list[list[str]] = []
-    for epoch in range(epochs):
-        order = list(pair_ids)
-        random.Random(f"{seed}:dpo-epoch:{epoch}").shuffle(order)
-        steps += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return steps
 
 
 def make_dpo_loss_fn(
@@ -274,16 +206,6 @@ def compute_reference_logprobs(
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def load_pairs(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / PAIRS_STAGE / "pairs.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} is missing: run notebook 02_distillation first")
-    pairs = read_jsonl(path)
-    if not pairs:
-        raise DataError(f"{path} holds no pairs: nothing to train on")
-    return pairs
-
-
 def run(params: RunParams, service_client, on_existing: str = "resume") -> Result:
     """Train LoRA DPO on the stage-02 pairs; resumable (see the module docstring)."""
     pairs = load_pairs(params.run_dir)
@@ -291,8 +213,9 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
         "\n".join(f"{p['id']}\t{p['chosen']}\t{p['rejected']}" for p in pairs).encode()
     ).hexdigest()[:12]
     config = Config.from_params(params, pairs_digest=digest)
+    dpo = config.dpo
     stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(config.fingerprint(), on_existing, asdict(config))
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     finished = stage.manifest()
     if finished.get("status") == "done":  # nothing left to do: the checkpoint is recorded
         return Result(
@@ -303,10 +226,10 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
         service_client, stage, base_model=config.student, rank=config.lora_rank, seed=config.seed
     )
     renderer = get_renderer(config.student_renderer, client.get_tokenizer())
-    data, dropped = build_pair_data(pairs, renderer, config.max_length)
+    data, dropped = build_pair_data(pairs, renderer, dpo.max_length)
     write_jsonl(stage.file("dropped.jsonl"), dropped)
     if not data:
-        raise DataError(f"{PAIRS_STAGE}/pairs.jsonl: no pair has two trainable replies")
+        raise DataError(f"{DISTILL_STAGE}/pairs.jsonl: no pair has two trainable replies")
     by_id = {p.pair_id: p for p in data}
 
     ref_path = stage.file("reference_logprobs.jsonl")
@@ -320,42 +243,41 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
                 f"{done_steps} steps; rerun with on_existing='overwrite'"
             )
 
-    steps = epoch_batches(list(by_id), config.batch_size, config.epochs, config.seed)
-    metrics_path = stage.file("metrics.jsonl")
-    truncate_metrics(metrics_path, done_steps)
-    log = JsonlLogger(metrics_path)
-    total = len(steps)
-    bar = tqdm(total=total, initial=done_steps, desc="DPO", unit="step")
-    for step in range(done_steps + 1, total + 1):
+    steps = epoch_batches(list(by_id), dpo.batch_size, dpo.epochs, config.seed, SHUFFLE_SALT)
+
+    def make_batch(step: int) -> StepBatch:
         batch = [by_id[pid] for pid in steps[step - 1]]
-        started = time.perf_counter()
         loss_fn = make_dpo_loss_fn(
             [references[p.pair_id] for p in batch],
-            beta=config.beta,
-            nll_coef=config.nll_coef,
-            kl_coef=config.kl_coef,
+            beta=dpo.beta,
+            nll_coef=dpo.nll_coef,
+            kl_coef=dpo.kl_coef,
         )
-        data_list = [d for p in batch for d in (p.chosen, p.rejected)]
-        out = client.forward_backward_custom(data_list, loss_fn).result()
-        lr = learning_rate_at(
-            step, total, config.learning_rate, config.warmup_fraction, config.schedule
-        )
-        optim = client.optim_step(types.AdamParams(learning_rate=lr)).result()
-        elapsed = time.perf_counter() - started
-        tokens = sum(d.model_input.length for d in data_list)
-        row = {k: v for k, v in out.metrics.items() if k.startswith("dpo/")}
-        row.update(step_record(step, total, config.epochs, lr, optim, tokens, elapsed))
-        row.update(
-            {
-                "train/pairs": len(batch),
-            }
-        )
-        log.log(step, row)
-        save_if_due(client, stage, step, total, config.save_every)
-        bar.update(1)
-    bar.close()
+        data = [d for p in batch for d in (p.chosen, p.rejected)]
+        return StepBatch(data, loss_fn, metrics={"train/pairs": len(batch)})
 
-    checkpoint = finish_checkpoint(client, params.run_dir, CHECKPOINT, STAGE, config.student)
+    plan = TrainingPlan(
+        name="DPO",
+        total_steps=len(steps),
+        schedule=LRSchedule(dpo.learning_rate, dpo.warmup_fraction, dpo.schedule),
+        save_every=dpo.save_every,
+        epochs=dpo.epochs,
+        checkpoint=CHECKPOINT,
+        run_dir=params.run_dir,
+        stage_name=STAGE,
+        base_model=config.student,
+    )
+    checkpoint = run_training(
+        client,
+        stage,
+        plan,
+        make_batch,
+        done_steps=done_steps,
+        read_metrics=lambda batch, out: {
+            k: v for k, v in out.metrics.items() if k.startswith("dpo/")
+        },
+    )
+    total = len(steps)
     counts = {"pairs": len(data), "dropped": len(dropped), "steps": total}
     stage.finish(**counts)
     return Result(stage.path, counts, checkpoint)

@@ -43,6 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import (
+    INTROSPECTION_FILES,
+    load_outputs,
+    sft_conversations,
+    sft_counts,
+)
 from ..config import RunParams
 from ..constitutions import Constitution, load_constitution
 from ..distill_filters import trim_to_sentence
@@ -60,7 +66,7 @@ from ..prompts import (
 from ..renderers import get_renderer, renderer_for_model
 from ..renderers.conversation import generation_prompt
 from ..sampling import Completion, SampleRequest, sample_chat
-from ..store import Checkpoint, StageDir, find_checkpoint, read_jsonl, stage_dir, write_jsonl
+from ..store import Checkpoint, StageDir, find_checkpoint, stage_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ STAGE = "04_introspection"
 CHECKPOINT = "dpo"
 GUIDANCE_KINDS = tuple(INTERACTION_GUIDANCE)  # ("free", "reflect")
 OPENER_SPEAKER = "B"  # the opener is B's; A replies first
-OUTPUT_FILES = ("reflections.jsonl", "interactions.jsonl")
+OUTPUT_FILES = INTROSPECTION_FILES
 
 
 @dataclass(frozen=True)
@@ -322,110 +328,6 @@ def prompts_digest(constitution: Constitution, name: str) -> str:
     return hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
 
 
-# -- what stage 05 trains on ---------------------------------------------------------------------
-def _load_outputs(
-    source: Path | str | tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]],
-) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]:
-    if isinstance(source, tuple):
-        return source
-    path = Path(source)
-    folder = path if (path / OUTPUT_FILES[0]).is_file() else path / STAGE
-    for name in OUTPUT_FILES:
-        if not (folder / name).is_file():
-            raise DataError(f"{folder / name} is missing: run notebook 04_introspection first")
-    return read_jsonl(folder / OUTPUT_FILES[0]), read_jsonl(folder / OUTPUT_FILES[1])
-
-
-def _build_sft(
-    reflections: Sequence[Mapping[str, Any]],
-    interactions: Sequence[Mapping[str, Any]],
-    name: str,
-) -> tuple[list[list[Message]], dict[str, int]]:
-    system = self_interaction_sft_system(name)
-    out: list[list[Message]] = []
-    counts = dict.fromkeys(
-        (
-            "reflections",
-            "reflections_dropped_incomplete",
-            "reflections_dropped_empty",
-            "interactions",
-            "interactions_cut",
-            "interactions_dropped",
-            "interaction_assistant_turns",
-        ),
-        0,
-    )
-    for row in reflections:
-        if not row["complete"]:
-            counts["reflections_dropped_incomplete"] += 1
-        elif not row["reply"].strip():
-            counts["reflections_dropped_empty"] += 1
-        else:
-            out.append(
-                [
-                    {"role": "user", "content": row["instruction"]},
-                    {"role": "assistant", "content": row["reply"]},
-                ]
-            )
-            counts["reflections"] += 1
-    for row in interactions:
-        messages: list[Message] = [
-            {"role": "system", "content": system},
-            {"role": "user", "content": row["opener"]},
-        ]
-        for turn in row["turns"]:
-            is_a = turn["speaker"] == "A"
-            if is_a and (not turn["complete"] or not turn["text"].strip()):
-                counts["interactions_cut"] += 1
-                break
-            messages.append({"role": "assistant" if is_a else "user", "content": turn["text"]})
-        if messages[-1]["role"] == "user":
-            messages.pop()  # never end on a turn nothing is trained on
-        if messages[-1]["role"] != "assistant":
-            counts["interactions_dropped"] += 1
-            continue
-        out.append(messages)
-        counts["interactions"] += 1
-        counts["interaction_assistant_turns"] += sum(m["role"] == "assistant" for m in messages)
-    counts["transcripts"] = counts["reflections"] + counts["interactions"]
-    return out, counts
-
-
-def sft_conversations(
-    source: Path | str | tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]],
-    name: str,
-) -> list[list[Message]]:
-    """The chat transcripts stage 05 trains on, without the constitution.
-
-    ``source`` is a run directory (or this stage's folder), or the pair (reflection records,
-    interaction records). ``name`` is the assistant name (stage 04's ``assistant_name``).
-    Returns reflections first, in file order, then interactions:
-
-    * a reflection is ``[user: instruction, assistant: reply]``; replies cut at the token limit
-      or empty are left out (a cut reply would teach stopping mid-sentence);
-    * a self-interaction is seen from instance A: ``[system: the neutral line of
-      prompts.self_interaction_sft_system(name), user: B's opener, assistant: A, user: B, ...]``.
-      It stops before A's first cut or empty turn (B's turns are kept as sampled: they are
-      only context, and A answered exactly that text), and a trailing user turn is dropped, so
-      every transcript ENDS WITH AN ASSISTANT TURN (the paper's code trained on conversations
-      ending with a user turn). One left without any A turn is dropped.
-
-    No message holds a template placeholder: the name is filled in, and an empty name or one
-    with braces is refused.
-    """
-    reflections, interactions = _load_outputs(source)
-    return _build_sft(reflections, interactions, name)[0]
-
-
-def sft_counts(
-    source: Path | str | tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]],
-    name: str,
-) -> dict[str, int]:
-    """What `sft_conversations` keeps and leaves out, by reason (for manifests and notebooks)."""
-    reflections, interactions = _load_outputs(source)
-    return _build_sft(reflections, interactions, name)[1]
-
-
 # -- the sampler's context window ---------------------------------------------------------------
 def model_context_tokens(sampler: Any) -> int | None:
     """The model's own maximum sequence length where the sampler exposes it, else None.
@@ -542,7 +444,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
     interactions = [interaction_record(p, turns[p.conv_id]) for p in plans]
     write_jsonl(stage.file("interactions.jsonl"), interactions)
 
-    sft = _build_sft(reflections, interactions, name)[1]
+    sft = sft_counts((reflections, interactions), name)
     all_turns = [t for row in interactions for t in row["turns"]]
     counts: dict[str, Any] = {
         "reflection_themes": len(REFLECTION_THEMES),
@@ -589,12 +491,6 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
     )
     stage.finish(**counts)
     return Result(stage.path, counts, window, warnings)
-
-
-def load_outputs(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(reflections, interactions) of a finished stage 04, or a one-line `DataError`."""
-    reflections, interactions = _load_outputs(Path(run_dir))
-    return list(reflections), list(interactions)
 
 
 def transcript_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -531,7 +531,9 @@ def sft_init(
     by_id = {e.id: e for e in examples}
     total = config.sft_init_steps
     epochs = math.ceil(total * config.sft_batch_size / len(examples))
-    batches = sft.epoch_batches(list(by_id), config.sft_batch_size, epochs, config.seed)[:total]
+    batches = sft.epoch_batches(list(by_id), config.sft_batch_size, epochs, config.seed, "sft")[
+        :total
+    ]
     metrics_path = stage.file("metrics.jsonl")
     truncate_metrics(metrics_path, done_steps)
     log = JsonlLogger(metrics_path)

@@ -54,131 +54,58 @@ Choices, and why:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import random
-import re
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinker import types
-from tqdm.auto import tqdm
-
-from ..config import RunParams
+from ..artifacts import INTROSPECTION_STAGE, assistant_name, sft_conversations, sft_counts
+from ..config import RunParams, SFTParams
 from ..constitutions import load_constitution
 from ..errors import ConfigError, DataError
-from ..metrics import JsonlLogger
-from ..prompts import assistant_name_for
-from ..renderers import get_renderer, renderer_for_model
-from ..renderers.conversation import supervised_datum
+from ..renderers import get_renderer
+from ..stage_config import StageConfig
 from ..store import StageDir, find_checkpoint, stage_dir, write_jsonl
-from ..training import (
-    finish_checkpoint,
-    learning_rate_at,
-    open_training_client,
-    save_if_due,
-    step_record,
-    truncate_metrics,
+from ..supervised import (
+    PLACEHOLDER,
+    Transcript,
+    as_transcripts,
+    batch_losses,
+    build_examples,
+    counts_by_kind,
+    data_digest,
+    normalise_batch,
 )
-from .dpo import loss_positions, truncate_datum
+from ..training import (
+    LRSchedule,
+    StepBatch,
+    TrainingPlan,
+    epoch_batches,
+    open_training_client,
+    run_training,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGE = "05_sft"
-INTROSPECTION_STAGE = "04_introspection"
 START_CHECKPOINT = "dpo"
 CHECKPOINT = "final"
-REFLECTION = "reflection"
-INTERACTION = "self_interaction"
-MIN_LOSS_TOKENS = 2
-
-PLACEHOLDER = re.compile(r"\{\{?\s*[A-Za-z_][A-Za-z0-9_]*\s*\}\}?")
-"""A template field left unfilled: ``{NAME}``, ``{name}``, ``{{ persona }}``."""
+SHUFFLE_SALT = "sft"
 
 
 @dataclass(frozen=True)
-class Config:
-    """Stage 05 settings, derived from `RunParams` (see `config.SFTParams` for each field)."""
+class Config(StageConfig):
+    """Stage 05 settings: the ``sft`` section (see `config.SFTParams`), the student and its
+    chat format, the LoRA rank and seed, and the inputs (start state, transcripts digest)."""
 
+    sft: SFTParams
     student: str
     student_renderer: str
     lora_rank: int
-    learning_rate: float
-    batch_size: int
-    epochs: int
-    warmup_fraction: float
-    schedule: str
-    max_length: int
-    save_every: int
     seed: int
     start_state: str = ""
     data_digest: str = ""
-
-    @classmethod
-    def from_params(
-        cls, params: RunParams, start_state: str = "", data_digest: str = ""
-    ) -> "Config":
-        s = params.sft
-        return cls(
-            student=params.student,
-            student_renderer=params.renderers.get(params.student)
-            or renderer_for_model(params.student),
-            lora_rank=params.lora_rank,
-            learning_rate=s.learning_rate,
-            batch_size=s.batch_size,
-            epochs=s.epochs,
-            warmup_fraction=s.warmup_fraction,
-            schedule=s.schedule,
-            max_length=s.max_length,
-            save_every=s.save_every,
-            seed=params.seed,
-            start_state=start_state,
-            data_digest=data_digest,
-        )
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class Transcript:
-    """One conversation to train on: a stable id, its kind and its messages."""
-
-    id: str
-    kind: str
-    messages: tuple[Mapping[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class Example:
-    """A rendered transcript ready for ``forward_backward``, and how it was fitted."""
-
-    id: str
-    kind: str
-    datum: types.Datum
-    assistant_turns: int  # assistant turns that carry loss
-    turns_removed: int  # messages removed from the end to fit max_length
-    cut: bool  # cut mid-turn (even the first reply did not fit)
-    loss_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return self.datum.model_input.length
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "assistant_turns": self.assistant_turns,
-            "turns_removed": self.turns_removed,
-            "cut": self.cut,
-            "tokens": self.tokens,
-            "loss_tokens": self.loss_tokens,
-        }
 
 
 @dataclass(frozen=True)
@@ -190,54 +117,6 @@ class Result:
 
 
 # -- pure helpers --------------------------------------------------------------------------------
-def transcript_kind(messages: Sequence[Mapping[str, Any]]) -> str:
-    """A self-interaction opens with its system line; a reflection has none."""
-    first = messages[0] if messages else {}
-    return (
-        INTERACTION if isinstance(first, Mapping) and first.get("role") == "system" else REFLECTION
-    )
-
-
-def as_transcripts(conversations: Sequence[Any]) -> list[Transcript]:
-    """Stage 04's conversations as `Transcript` objects with stable ids.
-
-    Accepts a list of messages per conversation (the `sft_conversations` contract) or a
-    mapping with ``messages`` and optional ``id``/``kind``. Without an id, a conversation is
-    named by its kind and position, which is stable as long as stage 04's output is.
-    """
-    transcripts: list[Transcript] = []
-    seen: set[str] = set()
-    for index, item in enumerate(conversations):
-        if isinstance(item, Mapping):
-            messages = item.get("messages")
-            given_id, given_kind = item.get("id"), item.get("kind")
-        else:
-            messages, given_id, given_kind = item, None, None
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise DataError(
-                f"conversation {index}: expected a list of messages, found "
-                f"{type(messages).__name__}"
-            )
-        kind = str(given_kind) if given_kind else transcript_kind(messages)
-        tid = str(given_id) if given_id else f"{kind}-{index:06d}"
-        if tid in seen:
-            raise DataError(f"conversation {index}: id {tid!r} appears more than once")
-        seen.add(tid)
-        transcripts.append(Transcript(tid, kind, tuple(messages)))
-    return transcripts
-
-
-def find_placeholder(messages: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
-    """The first unfilled template field, as (message index, text), or None."""
-    for index, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            match = PLACEHOLDER.search(content)
-            if match:
-                return index, match.group(0)
-    return None
-
-
 def check_system_lines(
     transcripts: Sequence[Transcript], constitution_texts: Sequence[str] = ()
 ) -> None:
@@ -265,194 +144,16 @@ def check_system_lines(
             )
 
 
-def fit_transcript(
-    renderer: Any, messages: Sequence[Mapping[str, Any]], max_length: int
-) -> tuple[types.Datum, int, bool]:
-    """Render with loss on every assistant turn, fitted to ``max_length`` tokens.
-
-    Returns (datum, messages removed from the end, cut mid-turn). Whole turns are removed from
-    the end, keeping the transcript ending on an assistant turn, until it fits; when even the
-    conversation up to the first reply is too long, that one is cut at ``max_length`` tokens.
-    """
-    datum = supervised_datum(renderer, messages, train_on="all_assistant")
-    if datum.model_input.length <= max_length:
-        return datum, 0, False
-    ends = [i for i, m in enumerate(messages) if m.get("role") == "assistant"][:-1]
-    for end in reversed(ends):
-        shorter = supervised_datum(renderer, messages[: end + 1], train_on="all_assistant")
-        if shorter.model_input.length <= max_length:
-            return shorter, len(messages) - end - 1, False
-    first = ends[0] if ends else len(messages) - 1
-    shortest = supervised_datum(renderer, messages[: first + 1], train_on="all_assistant")
-    return truncate_datum(shortest, max_length), len(messages) - first - 1, True
-
-
-def build_examples(
-    transcripts: Sequence[Transcript], renderer: Any, max_length: int
-) -> tuple[list[Example], list[dict[str, Any]]]:
-    """Render every transcript; returns (trainable examples, dropped records with reasons)."""
-    kept: list[Example] = []
-    dropped: list[dict[str, Any]] = []
-    for transcript in transcripts:
-        messages = transcript.messages
-        found = find_placeholder(messages)
-        if found is not None:
-            index, text = found
-            dropped.append(
-                {
-                    "id": transcript.id,
-                    "kind": transcript.kind,
-                    "reason": "placeholder",
-                    "detail": f"message {index} holds {text!r}",
-                }
-            )
-            continue
-        try:
-            datum, removed, cut = fit_transcript(renderer, messages, max_length)
-        except DataError as exc:
-            dropped.append(
-                {
-                    "id": transcript.id,
-                    "kind": transcript.kind,
-                    "reason": "malformed",
-                    "detail": str(exc),
-                }
-            )
-            continue
-        n_loss = len(loss_positions(datum))
-        if n_loss < MIN_LOSS_TOKENS:
-            dropped.append(
-                {
-                    "id": transcript.id,
-                    "kind": transcript.kind,
-                    "reason": "too few loss tokens",
-                    "detail": f"{n_loss} loss token(s) after fitting to {max_length} tokens",
-                }
-            )
-            continue
-        kept_messages = messages[: len(messages) - removed]
-        kept.append(
-            Example(
-                id=transcript.id,
-                kind=transcript.kind,
-                datum=datum,
-                assistant_turns=sum(m.get("role") == "assistant" for m in kept_messages),
-                turns_removed=removed,
-                cut=cut,
-                loss_tokens=n_loss,
-            )
-        )
-    return kept, dropped
-
-
-def counts_by_kind(
-    transcripts: Sequence[Transcript], kept: Sequence[Example], dropped: Sequence[Mapping]
-) -> dict[str, dict[str, int]]:
-    """Per kind: transcripts read, trained, dropped (per reason), shortened, cut, tokens."""
-    table: dict[str, dict[str, int]] = {}
-    for transcript in transcripts:
-        row = table.setdefault(transcript.kind, {"transcripts": 0, "trained": 0, "dropped": 0})
-        row["transcripts"] += 1
-    for example in kept:
-        row = table[example.kind]
-        row["trained"] += 1
-        row["turns_removed"] = row.get("turns_removed", 0) + (example.turns_removed > 0)
-        row["cut_mid_turn"] = row.get("cut_mid_turn", 0) + example.cut
-        row["tokens"] = row.get("tokens", 0) + example.tokens
-        row["loss_tokens"] = row.get("loss_tokens", 0) + example.loss_tokens
-    for record in dropped:
-        row = table[record["kind"]]
-        row["dropped"] += 1
-        key = "dropped: " + record["reason"]
-        row[key] = row.get(key, 0) + 1
-    for row in table.values():
-        for key in ("turns_removed", "cut_mid_turn", "tokens", "loss_tokens"):
-            row.setdefault(key, 0)
-    return table
-
-
-def epoch_batches(ids: Sequence[str], batch_size: int, epochs: int, seed: int) -> list[list[str]]:
-    """Every optimiser step's transcript ids: a seeded shuffle per epoch, cut into batches.
-
-    Batches never cross epochs (the last one of an epoch may be smaller), and the order
-    depends only on the ids and the seed, so a resumed run sees the same steps.
-    """
-    steps: list[list[str]] = []
-    for epoch in range(epochs):
-        order = list(ids)
-        random.Random(f"{seed}:sft-epoch:{epoch}").shuffle(order)
-        steps += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return steps
-
-
-def normalise_batch(datums: Sequence[types.Datum]) -> tuple[list[types.Datum], int]:
-    """The batch with weights divided by its total loss tokens; and that total.
-
-    ``cross_entropy`` sums ``-weight * logprob``, so after this the loss of the batch is its
-    mean NLL per loss token (see the module docstring).
-    """
-    total = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in datums)
-    if total <= 0:
-        raise DataError("a training batch has no loss tokens")
-    scaled = []
-    for datum in datums:
-        weights = datum.loss_fn_inputs["weights"].to_torch().float() / total
-        inputs = dict(datum.loss_fn_inputs)
-        inputs["weights"] = types.TensorData.from_torch(weights)
-        scaled.append(types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
-    return scaled, int(round(total))
-
-
-def batch_losses(
-    examples: Sequence[Example], outputs: Sequence[Mapping[str, Any]]
-) -> dict[str, float]:
-    """Mean NLL per loss token, overall and per kind, from the returned log-probs."""
-    sums: dict[str, list[float]] = {}
-    for example, output in zip(examples, outputs):
-        lp = output["logprobs"].to_torch().reshape(-1).float()
-        w = example.datum.loss_fn_inputs["weights"].to_torch().reshape(-1).float()
-        nll, n = float(-(lp * w).sum()), float(w.sum())
-        for key in ("all", example.kind):
-            acc = sums.setdefault(key, [0.0, 0.0])
-            acc[0] += nll
-            acc[1] += n
-    out = {"train/loss": sums["all"][0] / sums["all"][1]}
-    for kind, (nll, n) in sums.items():
-        if kind != "all":
-            out[f"train/loss_{kind}"] = nll / n
-    return out
-
-
-def data_digest(transcripts: Sequence[Transcript]) -> str:
-    blob = json.dumps(
-        [[t.id, t.kind, [dict(m) for m in t.messages]] for t in transcripts],
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 # -- the stage -----------------------------------------------------------------------------------
-def assistant_name(params: RunParams) -> str:
-    """The NAME stage 04 filled into its prompts (``assistant_name`` or the student's family)."""
-    return params.assistant_name or assistant_name_for(params.student)
-
-
 def load_conversations(params: RunParams) -> list[Any]:
-    """Stage 04's training transcripts (constitution removed), via `introspect`.
-
-    Fails in one line naming notebook 04 when its files are missing.
-    """
-    from . import introspect  # stage 04's module; imported here so stage 05 loads without it
-
-    return list(introspect.sft_conversations(params.run_dir, assistant_name(params)))
+    """Stage 04's training transcripts (constitution removed); one-line error naming notebook
+    04 when its files are missing."""
+    return list(sft_conversations(params.run_dir, assistant_name(params)))
 
 
 def introspection_counts(params: RunParams) -> dict[str, int]:
     """What stage 04 left out of the training transcripts, by reason (for the notebook)."""
-    from . import introspect
-
-    return dict(introspect.sft_counts(params.run_dir, assistant_name(params)))
+    return dict(sft_counts(params.run_dir, assistant_name(params)))
 
 
 def run(
@@ -492,9 +193,11 @@ def run(
     )
     check_system_lines(transcripts, [a.text for a in constitution.assertions])
 
-    config = Config.from_params(params, start.state_path, data_digest(transcripts))
+    config = Config.from_params(
+        params, start_state=start.state_path, data_digest=data_digest(transcripts)
+    )
     stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(config.fingerprint(), on_existing, asdict(config))
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     finished = stage.manifest()
     if finished.get("status") == "done":
         counts = finished.get("counts", {})
@@ -520,7 +223,7 @@ def run(
             "SFT continues that adapter; set lora_rank to match or retrain notebook 03"
         )
     renderer = get_renderer(config.student_renderer, client.get_tokenizer())
-    examples, dropped = build_examples(transcripts, renderer, config.max_length)
+    examples, dropped = build_examples(transcripts, renderer, config.sft.max_length)
     by_kind = counts_by_kind(transcripts, examples, dropped)
     write_jsonl(stage.file("data.jsonl"), (e.record() for e in examples))
     write_jsonl(stage.file("dropped.jsonl"), dropped)
@@ -531,37 +234,40 @@ def run(
         )
     by_id = {e.id: e for e in examples}
 
-    steps = epoch_batches(list(by_id), config.batch_size, config.epochs, config.seed)
-    metrics_path = stage.file("metrics.jsonl")
-    truncate_metrics(metrics_path, done_steps)
-    log = JsonlLogger(metrics_path)
-    total = len(steps)
-    bar = tqdm(total=total, initial=done_steps, desc="SFT", unit="step")
-    for step in range(done_steps + 1, total + 1):
-        batch = [by_id[i] for i in steps[step - 1]]
-        started = time.perf_counter()
-        data, loss_tokens = normalise_batch([e.datum for e in batch])
-        out = client.forward_backward(data, "cross_entropy").result()
-        lr = learning_rate_at(
-            step, total, config.learning_rate, config.warmup_fraction, config.schedule
-        )
-        optim = client.optim_step(types.AdamParams(learning_rate=lr)).result()
-        elapsed = time.perf_counter() - started
-        tokens = sum(e.tokens for e in batch)
-        row: dict[str, Any] = batch_losses(batch, out.loss_fn_outputs)
-        row.update(step_record(step, total, config.epochs, lr, optim, tokens, elapsed))
-        row.update(
-            {
-                "train/transcripts": len(batch),
-                "train/loss_tokens": loss_tokens,
-            }
-        )
-        log.log(step, row)
-        save_if_due(client, stage, step, total, config.save_every)
-        bar.update(1)
-    bar.close()
+    sft = config.sft
+    steps = epoch_batches(list(by_id), sft.batch_size, sft.epochs, config.seed, SHUFFLE_SALT)
 
-    checkpoint = finish_checkpoint(client, params.run_dir, CHECKPOINT, STAGE, config.student)
+    def make_batch(step: int) -> StepBatch:
+        batch = [by_id[i] for i in steps[step - 1]]
+        data, loss_tokens = normalise_batch([e.datum for e in batch])
+        return StepBatch(
+            data,
+            "cross_entropy",
+            metrics={"train/transcripts": len(batch), "train/loss_tokens": loss_tokens},
+            payload=batch,
+            tokens=sum(e.tokens for e in batch),
+        )
+
+    plan = TrainingPlan(
+        name="SFT",
+        total_steps=len(steps),
+        schedule=LRSchedule(sft.learning_rate, sft.warmup_fraction, sft.schedule),
+        save_every=sft.save_every,
+        epochs=sft.epochs,
+        checkpoint=CHECKPOINT,
+        run_dir=params.run_dir,
+        stage_name=STAGE,
+        base_model=config.student,
+    )
+    checkpoint = run_training(
+        client,
+        stage,
+        plan,
+        make_batch,
+        done_steps=done_steps,
+        read_metrics=lambda batch, out: batch_losses(batch.payload, out.loss_fn_outputs),
+    )
+    total = len(steps)
     counts = {
         "transcripts": len(transcripts),
         "trained": len(examples),
