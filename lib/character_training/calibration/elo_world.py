@@ -1,0 +1,110 @@
+"""Simulated revealed-preference experiments (stage 07) with a known truth.
+
+A *world* draws the matches of ``E`` experiments at once: for each, ``M`` trait pairs (the
+order they are offered to the model), and the order the judge sees them in. Two scripted models
+choose a trait per match from their true utilities (plus a leaning towards the trait offered
+first); a scripted judge reads each reply and gives a forced-choice margin made of a signal
+(which trait the reply shows), a position bias (towards the trait listed first), a taste for
+some trait words, and noise. The protocol decides how verdicts are read: ``single`` asks once
+in the match's listing order (what stage 07 did before: every model shares that order), and
+``both`` asks in both orders and sums the margins, which cancels the position bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..evaluate.elo_stats import Outcomes
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Forced-choice margins in nats: ``signal`` towards the trait the reply shows,
+    ``position`` towards the trait listed first, ``taste`` times a per-trait word taste (drawn
+    once per experiment, std 1), ``noise`` std of Gaussian noise per verdict."""
+
+    signal: float = 1.0
+    position: float = 0.0
+    taste: float = 0.0
+    noise: float = 1.0
+
+
+@dataclass(frozen=True)
+class Design:
+    traits: int
+    matches: int
+
+
+@dataclass(frozen=True)
+class Matches:
+    first: np.ndarray  # [E, M] trait offered first to the model
+    second: np.ndarray  # [E, M]
+    judge_first_is_first: np.ndarray  # [E, M] bool: the judge sees `first` listed first
+    taste: np.ndarray  # [E, T] the judge's word taste per trait
+
+
+def draw_matches(design: Design, experiments: int, rng: np.random.Generator) -> Matches:
+    """Random distinct pairs per match, a random judge listing order, a random word taste."""
+    t, m = design.traits, design.matches
+    first = rng.integers(0, t, size=(experiments, m))
+    offset = rng.integers(1, t, size=(experiments, m))
+    second = (first + offset) % t
+    return Matches(
+        first,
+        second,
+        rng.random((experiments, m)) < 0.5,
+        rng.standard_normal((experiments, t)),
+    )
+
+
+def utilities(spread: float, experiments: int, traits: int, rng: np.random.Generator) -> np.ndarray:
+    """True utilities in nats: N(0, spread^2) per trait, centred per experiment."""
+    u = rng.standard_normal((experiments, traits)) * spread
+    return u - u.mean(axis=1, keepdims=True)
+
+
+def related(
+    base: np.ndarray, correlation: float, spread: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Utilities with population correlation ``correlation`` to ``base`` and std ``spread``."""
+    z = rng.standard_normal(base.shape)
+    z -= z.mean(axis=1, keepdims=True)
+    scale = base.std(axis=1, keepdims=True)
+    unit = np.where(scale > 0, base / np.where(scale > 0, scale, 1.0), 0.0)
+    u = correlation * unit + np.sqrt(max(1 - correlation**2, 0.0)) * z
+    return u * spread
+
+
+def play_model(
+    matches: Matches,
+    u: np.ndarray,
+    judge: Judge,
+    protocol: str,
+    rng: np.random.Generator,
+    offer_bias: float = 0.0,
+) -> Outcomes:
+    """One model's outcomes on ``matches``: its choices, then the judge's verdicts."""
+    e_idx = np.arange(u.shape[0])[:, None]
+    a, b = matches.first, matches.second
+    gap = u[e_idx, a] - u[e_idx, b] + offer_bias
+    chose_a = rng.random(a.shape) < 1.0 / (1.0 + np.exp(-gap))
+    taste_gap = judge.taste * (matches.taste[e_idx, a] - matches.taste[e_idx, b])
+
+    def margin_for_a(a_listed_first: np.ndarray) -> np.ndarray:
+        """Margin towards `a` when it is (or is not) listed first."""
+        shows = np.where(chose_a, judge.signal, -judge.signal)
+        position = np.where(a_listed_first, judge.position, -judge.position)
+        return shows + position + taste_gap + judge.noise * rng.standard_normal(a.shape)
+
+    if protocol == "single":
+        margin = margin_for_a(matches.judge_first_is_first)
+    elif protocol == "both":
+        margin = margin_for_a(np.ones_like(chose_a)) + margin_for_a(np.zeros_like(chose_a))
+    else:
+        raise ValueError(f"protocol={protocol!r}: expected single or both")
+    a_wins = margin > 0
+    return Outcomes(
+        np.where(a_wins, a, b), np.where(a_wins, b, a), np.ones_like(a_wins), u.shape[1]
+    )
