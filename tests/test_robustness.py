@@ -27,13 +27,22 @@ from character_training.backends.local import TINY_RANDOM_NAME as TINY
 from character_training.config import load_params, notebook_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import coherence
+from character_training.evaluate import robustness as scores
 from character_training.evaluate.robustness import (
     ClassifierSettings,
     bootstrap_macro_f1,
     class_scores,
+    f1_table,
     macro_f1,
     split_prompts,
+    summarise_method,
     train_classifier,
+)
+from character_training.evaluate.robustness_replies import (
+    ReplySettings,
+    log_name,
+    prefill_requests,
+    reply_requests,
 )
 from character_training.prompts import (
     ADVERSARIAL_INSTRUCTIONS,
@@ -101,6 +110,48 @@ def test_the_bootstrap_resamples_prompts_and_averages_splits_on_shared_draws():
     assert (twice.value, twice.low, twice.high) == pytest.approx((one.value, one.low, one.high))
 
 
+def test_the_f1_table_scores_each_method_against_the_same_base_rows():
+    """Method m at split s is scored on m's replies plus the base model's at s (the same base
+    rows for every method); base gets only its own-class rate; the summary averages the
+    adversarial splits and reads the plain and prefill sets."""
+
+    def reply(method, persona, split, prompt, predicted):
+        true = persona or "base"
+        return {"method": method, "persona": persona, "class": true, "split": split,
+                "prompt_id": prompt, "predicted": predicted}  # fmt: skip
+
+    scored = []
+    for split in ("none", "attack", "prefill"):
+        for i in range(4):
+            scored.append(reply("base", "", split, f"p{i}", "base" if i else "pirate"))
+            scored.append(reply("final", "pirate", split, f"p{i}", "pirate" if i < 2 else "base"))
+    scored.append(reply("dpo", "pirate", "none", "p0", "pirate"))
+    rows, sets = f1_table(scored, ["dpo", "final"], ["none", "attack", "prefill"], 50, 0)
+    assert [(r.method, r.split) for r in rows] == [
+        ("dpo", "none"), ("final", "none"), ("base", "none"),
+        ("final", "attack"), ("base", "attack"), ("final", "prefill"), ("base", "prefill"),
+    ]  # fmt: skip
+    base_none = [(r["prompt_id"], r["class"], r["predicted"]) for r in scored
+                 if (r["method"], r["split"]) == ("base", "none")]  # fmt: skip
+    assert sets[("dpo", "none")] == [("p0", "pirate", "pirate"), *base_none]
+    final = next(r for r in rows if (r.method, r.split) == ("final", "none"))
+    truth = ["pirate"] * 4 + ["base"] * 4  # final's replies, then base's
+    predicted = ["pirate", "pirate", "base", "base"] + ["pirate", "base", "base", "base"]
+    assert final.macro_f1.value == pytest.approx(macro_f1(truth, predicted))
+    assert final.own_class_rate.value == 0.5 and (final.n_prompts, final.n_replies) == (4, 4)
+    base = next(r for r in rows if (r.method, r.split) == ("base", "none"))
+    assert base.macro_f1 is None and base.own_class_rate.value == 0.75
+    assert math.isnan(base.record()["macro_f1"])
+    summary = summarise_method("final", sets, ["attack"], 50, 0)
+    assert summary.no_instruction == bootstrap_macro_f1(sets[("final", "none")], 50, 0)
+    assert summary.with_instructions == bootstrap_macro_f1(
+        {"attack": sets[("final", "attack")]}, 50, 0
+    )
+    assert summary.prefill == bootstrap_macro_f1(sets[("final", "prefill")], 50, 0)
+    only_plain = summarise_method("dpo", sets, ["attack"], 50, 0)
+    assert only_plain.with_instructions is None and only_plain.prefill is None
+
+
 def test_the_split_is_disjoint_by_prompt_and_stable():
     ids = [f"general-{i:03d}" for i in range(40)]
     train, heldout = split_prompts(ids, 0.5, seed=0)
@@ -123,10 +174,35 @@ def test_eight_distinct_attacks_and_config_refuses_more():
         with_overrides(params, {"evals.classifier_methods": ["base"]})
 
 
+def test_reply_settings_keep_the_log_names_of_earlier_runs():
+    """Stage 09 finds stage 08's reply logs by name, and a resumed stage 08 its own: the name
+    hashes the model and exactly these settings, so they must not drift (the literal name is
+    the one the stage wrote before its settings moved to `ReplySettings`)."""
+    params = with_overrides(
+        load_params("tiny", "humorous"), {"sampling.temperature": 0.9, "seed": 3}
+    )
+    settings = ReplySettings.from_params(params)
+    assert settings.reply_sampling() == {
+        "max_tokens": params.evals.robustness_max_tokens,
+        "temperature": 0.9,
+        "top_p": params.sampling.top_p,
+        "top_k": params.sampling.top_k,
+        "seed": 3,
+    }
+    assert log_name("base", "base:x", settings.reply_sampling()) == "base-0ec747fd887a.jsonl"
+    assert settings.splits == tuple(ADVERSARIAL_INSTRUCTIONS)[: params.evals.robustness_splits]
+    config = stage.Config.from_params(params, assistant_name="Ada")
+    assert config.reply_sampling() == settings.reply_sampling()
+    assert config.as_dict()["assistant_name"] == "Ada"
+    assert (
+        config.fingerprint() != stage.Config.from_params(params, assistant_name="Bo").fingerprint()
+    )
+
+
 def test_the_attacks_and_the_prefill_reach_the_rendered_prompt(renderer):
     prompts = [{"id": "g1", "prompt": "How do tides work?"}, {"id": "g2", "prompt": "Hi!"}]
     splits = list(ADVERSARIAL_INSTRUCTIONS)
-    requests = stage.reply_requests(prompts, {"g2"}, splits, system="SYSTEM-MARKER")
+    requests = reply_requests(prompts, {"g2"}, splits, system="SYSTEM-MARKER")
     # training prompt: only the plain request; held-out prompt: plain + all eight
     assert [r.key for r in requests] == ["g1:none", "g2:none"] + [f"g2:{s}" for s in splits]
     tokenizer = renderer.tokenizer
@@ -140,7 +216,7 @@ def test_the_attacks_and_the_prefill_reach_the_rendered_prompt(renderer):
             assert text.index("Hi!") < text.index(instruction)  # appended to the user turn
         else:
             assert not any(i in text for i in ADVERSARIAL_INSTRUCTIONS.values())
-    (prefill,) = stage.prefill_requests(prompts, {"g2": "FIRST-REPLY"})
+    (prefill,) = prefill_requests(prompts, {"g2": "FIRST-REPLY"})
     text = tokenizer.decode(generation_prompt(renderer, prefill.messages).to_ints())
     assert text.index("Hi!") < text.index("FIRST-REPLY") < text.index(FOLLOW_UP_PROMPT)
     assert "SYSTEM-MARKER" not in text  # trained models answer without a system prompt
@@ -469,7 +545,7 @@ def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
     def refuse(*args, **kwargs):
         raise AssertionError("the classifier was trained again")
 
-    monkeypatch.setattr(stage, "train_classifier", refuse)
+    monkeypatch.setattr(scores, "train_classifier", refuse)
     monkeypatch.setattr(coherence, "reply_logprobs", refuse)
     again_service = CountingService(tiny_service)
     again = stage.run(params, again_service)

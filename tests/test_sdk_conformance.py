@@ -47,17 +47,20 @@ from character_training.backends import resolve_client
 from character_training.backends.local import (
     TINY_RANDOM_NAME,
     LocalSamplingClient,
+    LocalSamplingClientFuture,
     LocalServiceClient,
     LocalTrainingClient,
-)
-from character_training.backends.local.futures import (
-    LocalSamplingClientFuture,
     LocalTrainingClientFuture,
 )
 from character_training.backends.local.losses import (
     BUILTIN_LOSSES,
     TINKER_LOSS_TYPES,
     UNSUPPORTED_LOSSES,
+)
+from character_training.backends.local.sdk_arguments import (
+    ARGUMENT_RULES,
+    DEPRECATED_ARGUMENTS,
+    literal_values,
 )
 from character_training.errors import BackendError, DataError
 from tinker import types
@@ -136,6 +139,25 @@ def test_the_docstring_counts_match_the_installed_sdk():
     assert per_client == {"ServiceClient": 17, "TrainingClient": 27, "SamplingClient": 12}
     assert len(SURFACE) == 56
     assert sum(len(names) for names in TINKER_ONLY.values()) == 9
+
+
+def test_every_argument_rule_names_a_parameter_the_sdk_still_has():
+    """The checks are keyed by SDK parameter name: a rename in the SDK would silently drop one."""
+    parameters = {
+        (name, parameter.name): parameter
+        for sdk, _ in CLIENT_PAIRS.values()
+        for name in public_members(sdk)
+        if descriptor_kind(sdk, name) == "method"
+        for parameter in inspect.signature(getattr(sdk, name)).parameters.values()
+    }
+    assert set(ARGUMENT_RULES) <= {parameter for _, parameter in parameters}
+    assert set(DEPRECATED_ARGUMENTS) <= set(parameters)
+    literals = {key for key, p in parameters.items() if literal_values(p.annotation) is not None}
+    assert literals == {
+        ("close", "status"),
+        ("forward_backward_custom", "loss_type_input"),
+        ("forward_backward_custom_async", "loss_type_input"),
+    }
 
 
 @pytest.mark.parametrize(("client", "name"), SURFACE, ids=[f"{c}.{n}" for c, n in SURFACE])
@@ -351,6 +373,14 @@ def _bad_calls(service, trainer, sampler, tokenizer) -> dict[str, tuple]:
         "access_token": (
             lambda: service.create_training_client_from_state(state, weights_access_token="t"),
             "weights_access_token is Tinker-only",
+        ),
+        "access_token_to_an_async_twin": (
+            lambda: trainer.load_state_async(state, weights_access_token="t"),
+            "load_state: weights_access_token is Tinker-only",
+        ),
+        "loss_type_input_outside_its_literal": (
+            lambda: trainer.forward_backward_custom(sft, _weighted_square, loss_type_input="x"),
+            "loss_type_input='x', expected one of ('logprobs', None)",
         ),
         "other_base_model": (
             lambda: service.create_training_client_from_state(state, base_model="other"),

@@ -18,6 +18,14 @@ the fingerprint, so a changed setting reuses an old folder). Here a stage's ``Co
 `StageConfig.fingerprint` hashes the canonical JSON of all of it (plus optional extras the
 stage only knows later, such as the digest of its input file), and `StageConfig.as_dict` is
 what goes into the stage folder's ``config.json``.
+
+A section shared by several stages (``evals`` holds the settings of stages 07, 08 and 09)
+would make every stage's fingerprint change when any other stage's setting does, and a
+resumed stage would refuse its folder (and ``overwrite`` would throw away expensive logs).
+Such a stage names the field-name prefixes it reads in ``SECTION_PREFIXES`` (stage 08:
+``{"evals": ("robustness_", "classifier_", "coherence_", "judge_")}``): only those fields are
+recorded and fingerprinted. Fields follow a per-stage naming convention, so a new
+``robustness_*`` setting is covered without editing the stage.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import ConfigError
 
@@ -63,6 +71,8 @@ def renderer_of(params: Any, model: str) -> str:
 class StageConfig:
     """Base of every stage's ``Config``; subclasses only declare fields (see module docstring)."""
 
+    SECTION_PREFIXES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
     @classmethod
     def from_params(cls: type[S], params: Any, **derived: Any) -> S:
         """Fill every declared field from ``params`` (by name) or from ``derived``.
@@ -91,8 +101,14 @@ class StageConfig:
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        """Every setting as plain JSON types (what ``config.json`` holds)."""
-        return json_ready(self)
+        """Every setting as plain JSON types (what ``config.json`` holds); a section named in
+        ``SECTION_PREFIXES`` keeps only the fields with those prefixes."""
+        data = json_ready(self)
+        for section, prefixes in self.SECTION_PREFIXES.items():
+            data[section] = {
+                k: v for k, v in data[section].items() if k.startswith(tuple(prefixes))
+            }
+        return data
 
     def fingerprint(self, **extra: Any) -> str:
         """Hash of every setting plus ``extra`` (inputs the stage knows only at run time)."""

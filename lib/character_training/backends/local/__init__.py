@@ -1,11 +1,11 @@
 """In-process engine implementing the Tinker client interface on torch + transformers + peft."""
 
-from .futures import LocalFuture, LocalSamplingClientFuture, LocalTrainingClientFuture
+from .futures import LocalFuture
 from .model_files import KNOWN_LOCAL_MODELS, SMOLLM2_NAME, TINY_RANDOM_NAME, resolve_model_dir
-from .sampling_client import LocalSamplingClient
+from .sampling_client import LocalSamplingClient, LocalSamplingClientFuture
 from .service_client import LocalServiceClient
 from .settings import LocalEngineConfig
-from .training_client import LocalTrainingClient
+from .training_client import LocalTrainingClient, LocalTrainingClientFuture
 
 __all__ = [
     "KNOWN_LOCAL_MODELS",

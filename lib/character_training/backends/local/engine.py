@@ -94,6 +94,16 @@ class LocalEngine:
             logger.info("loaded %s (%s) in %.1fs", base_model, dtype, time.perf_counter() - started)
         return self._frozen[key]
 
+    # -- the session ----------------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        """The local stand-in for a Tinker session id: one per engine (so per service client).
+
+        ``LossHandle``s carry it, so a handle is only accepted by clients of the service client
+        that created it, as on Tinker.
+        """
+        return f"local-{self._session}-{id(self):x}"
+
     # -- checkpoints --------------------------------------------------------------------------
     def new_run_id(self) -> str:
         return f"{self._session}-{next(self._run_counter)}"

@@ -56,31 +56,6 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.dev
     return ids.to(device), mask.to(device)
 
 
-def token_logprobs(
-    model: torch.nn.Module,
-    inputs: Sequence[Sequence[int]],
-    targets: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-) -> list[torch.Tensor]:
-    """Log-probabilities (float32, one per input position) of ``targets`` given ``inputs``.
-
-    All sequences run in one padded forward pass; call it per micro-batch. Gradients flow when
-    grad mode is on, so the training client uses the result directly as its loss input.
-    """
-    ids, mask = right_pad(inputs, pad_id, device)
-    tgt, _ = right_pad(targets, 0, device)
-    with autocast_context(device, autocast_dtype):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = logits.float()
-    flat = -F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
-    ).reshape(tgt.shape)
-    return [flat[row, : len(seq)] for row, seq in enumerate(inputs)]
-
-
 def logprobs_with_alternatives(
     model: torch.nn.Module,
     inputs: Sequence[Sequence[int]],
@@ -95,11 +70,12 @@ def logprobs_with_alternatives(
     """Log-probabilities of ``targets[r][starts[r]:]`` given ``inputs[r]``, plus log p(a | the
     whole input) for each id ``a`` of ``alternatives[r]``; one padded forward for the batch.
 
-    Two savings over `token_logprobs`, both exact. Sequences that differ only in their last
-    token (a forced choice between one-token answers) are one row here: the last position's
-    distribution holds every answer. And only positions from ``starts[r]`` on go through the
-    unembedding and the softmax (a vocabulary-sized product per position, about a fifth of a
-    small model's forward): a judge's verdict needs one position, not the whole prompt.
+    Two savings over `iter_scored_micro_batches`, both exact. Sequences that differ only in
+    their last token (a forced choice between one-token answers) are one row here: the last
+    position's distribution holds every answer. And only positions from ``starts[r]`` on go
+    through the unembedding and the softmax (a vocabulary-sized product per position, about a
+    fifth of a small model's forward): a judge's verdict needs one position, not the whole
+    prompt.
     """
     starts = [0] * len(inputs) if starts is None else list(starts)
     ids, mask = right_pad(inputs, pad_id, device)
@@ -140,16 +116,20 @@ def iter_scored_micro_batches(
     autocast_dtype: torch.dtype | None,
     token_budget: int,
 ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-    """Yield ``(indices, logprobs)`` per micro-batch, in the packing order of `micro_batches`."""
+    """Yield ``(indices, logprobs)`` per micro-batch, in the packing order of `micro_batches`.
+
+    ``logprobs`` holds the log-probabilities (float32, one per input position) of each
+    sequence's ``targets`` given its ``inputs``, from one padded forward pass per micro-batch.
+    Gradients flow when grad mode is on, so the training client uses them directly as its loss
+    input.
+    """
     for group in micro_batches([len(s) for s in inputs], token_budget):
-        yield (
-            group,
-            token_logprobs(
-                model,
-                [inputs[i] for i in group],
-                [targets[i] for i in group],
-                pad_id=pad_id,
-                device=device,
-                autocast_dtype=autocast_dtype,
-            ),
-        )
+        ids, mask = right_pad([inputs[i] for i in group], pad_id, device)
+        tgt, _ = right_pad([targets[i] for i in group], 0, device)
+        with autocast_context(device, autocast_dtype):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = logits.float()
+        flat = -F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
+        ).reshape(tgt.shape)
+        yield group, [flat[row, : len(inputs[i])] for row, i in enumerate(group)]

@@ -7,9 +7,11 @@ hold). Work is *lazy*: a future holds a thunk that runs when the result is first
 That laziness is what lets the sampler batch thousands of ``sample()`` calls: they queue up
 until someone needs a result, then all pending requests are generated together.
 
-`LocalTrainingClientFuture` and `LocalSamplingClientFuture` are what the ``create_*`` methods
-return, as the SDK returns its ``Backcompat*ClientFuture``: a future of the client that can
-still be used, with a deprecation warning, as the client itself.
+`LocalClientFuture` is what the ``create_*`` methods return, as the SDK returns its
+``Backcompat*ClientFuture``: a future of the client that can still be used, with a deprecation
+warning, as the client itself. It is generic in the client: each client module names its own
+subclass (`LocalTrainingClientFuture` in `training_client`, `LocalSamplingClientFuture` in
+`sampling_client`), so this module needs to know no client and imports none.
 """
 
 from __future__ import annotations
@@ -17,13 +19,9 @@ from __future__ import annotations
 import asyncio
 import warnings
 from concurrent.futures import Future as ConcurrentFuture
-from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from tinker.lib.public_interfaces.api_future import APIFuture
-
-if TYPE_CHECKING:  # named in string type arguments below, which ruff does not count as uses
-    from .sampling_client import LocalSamplingClient  # noqa: F401
-    from .training_client import LocalTrainingClient  # noqa: F401
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -96,7 +94,7 @@ class LocalClientFuture(LocalFuture[C], Generic[C]):
       the engine's own tests inspect them; they are not part of the SDK's surface.
     """
 
-    _client_kind = "client"
+    _client_kind = "client"  # the SDK's name for the client, for the deprecation warning
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the future itself lacks. Dunder lookups (copy, pickle) and
@@ -115,15 +113,3 @@ class LocalClientFuture(LocalFuture[C], Generic[C]):
     def __repr__(self) -> str:
         state = "pending" if not self.done() else repr(self._value)
         return f"<{type(self).__name__}: {state}>"
-
-
-class LocalTrainingClientFuture(LocalClientFuture["LocalTrainingClient"]):
-    """What ``create_lora_training_client`` and friends return (SDK: a training client future)."""
-
-    _client_kind = "TrainingClient"
-
-
-class LocalSamplingClientFuture(LocalClientFuture["LocalSamplingClient"]):
-    """What ``create_sampling_client`` and friends return (SDK: a sampling client future)."""
-
-    _client_kind = "SamplingClient"

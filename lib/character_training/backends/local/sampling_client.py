@@ -14,7 +14,8 @@ tokens include the stop token (or the tokens that complete a stop string).
 The public methods take the SDK's exact parameters: ``sample`` and ``compute_logprobs``
 return futures, their deprecated ``*_async`` twins return values, and the options the local
 engine cannot honour (top-k log-probabilities of sampled tokens, alternative prompt tokens,
-sampler handles) fail in one line instead of being ignored.
+sampler handles) fail in one line instead of being ignored. The twins, the deprecations and
+the checks that need only the argument come from the SDK class (`sdk_surface.follows_sdk`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+import tinker
 import torch
 from tinker import types
 from tinker.lib.api_future_impl import QueueState
@@ -38,15 +40,11 @@ from ...errors import BackendError
 from .adapters import load_adapter, with_adapter
 from .engine import LocalEngine, read_checkpoint_meta
 from .forward import logprobs_with_alternatives, micro_batches
-from .futures import LocalFuture
+from .futures import LocalClientFuture, LocalFuture
 from .generation import BatchedSampler, GenerationRequest
-from .sdk_surface import tinker_deprecated, tinker_only
+from .sdk_surface import follows_sdk, no_telemetry
 
 if TYPE_CHECKING:
-    from tinker.lib.internal_client_holder import InternalClientHolder
-    from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
-    from tinker.lib.retry_handler import RetryConfig
-    from tinker.lib.telemetry import Telemetry
     from transformers import PreTrainedTokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +53,24 @@ _sequence_ids = itertools.count()
 _QUEUE_LOG_INTERVAL = 60.0  # seconds between "sampling is paused" warnings, as in the SDK
 
 
+class LocalSamplingClientFuture(LocalClientFuture["LocalSamplingClient"]):
+    """What ``create_sampling_client`` and friends return (SDK: a sampling client future)."""
+
+    _client_kind = "SamplingClient"
+
+
+@follows_sdk(
+    tinker.SamplingClient,
+    tinker_only={
+        "get_sampler_handle": (
+            "a handle names a sampler session on the service; pass the local client itself"
+        ),
+        "from_sampler_handle": "a handle names a sampler session on the service",
+        "create": (
+            "it takes the SDK's session holder; use LocalServiceClient.create_sampling_client()"
+        ),
+    },
+)
 class LocalSamplingClient:
     """Generates from, and scores with, one frozen model."""
 
@@ -104,13 +120,7 @@ class LocalSamplingClient:
     def get_base_model(self) -> str:
         return self.base_model
 
-    @tinker_deprecated("SamplingClient.get_base_model_async()", "SamplingClient.get_base_model()")
-    async def get_base_model_async(self) -> str:
-        return self.base_model
-
-    def get_telemetry(self) -> Telemetry | None:
-        """Always None: what the SDK returns while no telemetry is collected (never, locally)."""
-        return None
+    get_telemetry = no_telemetry
 
     def on_queue_state_change(
         self, queue_state: QueueState, queue_state_reason: str | None
@@ -130,34 +140,6 @@ class LocalSamplingClient:
             "sampling is paused for %s: %s",
             self.model_path or self.base_model,
             queue_state_reason or queue_state.name.lower(),
-        )
-
-    def get_sampler_handle(self) -> str:
-        raise tinker_only(
-            "SamplingClient.get_sampler_handle()",
-            "a handle names a sampler session on the service; pass the local client itself",
-        )
-
-    @staticmethod
-    def from_sampler_handle(handle: str, *, api_key: str | None = None) -> LocalSamplingClient:
-        raise tinker_only(
-            "SamplingClient.from_sampler_handle()",
-            "a handle names a sampler session on the service",
-        )
-
-    @staticmethod
-    def create(
-        holder: InternalClientHolder,
-        *,
-        model_path: str | None = None,
-        base_model: str | None = None,
-        sampling_session_id: str | None = None,
-        retry_config: RetryConfig | None = None,
-        record_stability_info: bool = False,
-    ) -> AwaitableConcurrentFuture[LocalSamplingClient]:
-        raise tinker_only(
-            "SamplingClient.create()",
-            "it takes the SDK's session holder; use LocalServiceClient.create_sampling_client()",
         )
 
     # -- sampling -----------------------------------------------------------------------------
@@ -228,15 +210,13 @@ class LocalSamplingClient:
         (the k most likely tokens at each prompt position) and ``target_prompt_logprobs``
         (dense int64 ``[len(prompt) - 1, K]`` token ids, ``-1`` for unused cells). Two options
         fail in one line: ``topk_sample_logprobs`` (the decoder keeps only the sampled token's
-        log-probability) and ``prompt_alt_tokens_k``.
+        log-probability) and ``prompt_alt_tokens_k`` (both checked by `sdk_arguments`).
         """
         extras = self._prompt_options(
             prompt,
             include_prompt_logprobs,
             topk_prompt_logprobs,
-            topk_sample_logprobs,
             target_prompt_logprobs,
-            prompt_alt_tokens_k,
             prompt_logprobs_last_n,
         )
         request = self._normalise(prompt, num_samples, sampling_params)
@@ -249,60 +229,18 @@ class LocalSamplingClient:
             lambda: self._add_prompt_options(future.result(), request.prompt, extras)
         )
 
-    @tinker_deprecated("SamplingClient.sample_async()", "await SamplingClient.sample()")
-    async def sample_async(
-        self,
-        prompt: types.ModelInput,
-        num_samples: int,
-        sampling_params: types.SamplingParams,
-        include_prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-        topk_sample_logprobs: int = 0,
-        target_prompt_logprobs: types.TensorData | None = None,
-        prompt_alt_tokens_k: int = 0,
-        prompt_logprobs_last_n: int | None = None,
-    ) -> types.SampleResponse:
-        return await self.sample(
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
-            target_prompt_logprobs,
-            prompt_alt_tokens_k,
-            prompt_logprobs_last_n,
-        )
-
     def _prompt_options(
         self,
         prompt: types.ModelInput,
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: int,
-        topk_sample_logprobs: int,
         target_prompt_logprobs: types.TensorData | None,
-        prompt_alt_tokens_k: int,
         prompt_logprobs_last_n: int | None,
     ) -> _PromptOptions | None:
-        """Check the prompt-side options of ``sample`` as the SDK and service do; None when
-        nothing beyond plain prompt log-probabilities is asked for."""
+        """Check the prompt-side options of ``sample`` that depend on the prompt or the model
+        as the SDK and service do; None when nothing beyond plain prompt log-probabilities is
+        asked for."""
         length = prompt.length
-        for name, value in (
-            ("topk_prompt_logprobs", topk_prompt_logprobs),
-            ("topk_sample_logprobs", topk_sample_logprobs),
-            ("prompt_alt_tokens_k", prompt_alt_tokens_k),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise BackendError(f"sample: {name}={value!r}, expected an integer >= 0")
-        if topk_sample_logprobs:
-            raise BackendError(
-                "sample: topk_sample_logprobs is not supported by the local engine (its decoder "
-                "keeps only the sampled token's log-probability); pass 0"
-            )
-        if prompt_alt_tokens_k:
-            raise BackendError(
-                "sample: prompt_alt_tokens_k is not supported by the local engine; pass 0"
-            )
         vocab = int(self.model.config.vocab_size)
         if topk_prompt_logprobs > vocab:
             raise BackendError(
@@ -441,12 +379,6 @@ class LocalSamplingClient:
         first_scored = 1 if prompt_logprobs_last_n is None else len(tokens) - prompt_logprobs_last_n
         self._pending_scores.append((tokens, max(first_scored, 1), future))
         return future
-
-    @tinker_deprecated("SamplingClient.compute_logprobs_async()", "await compute_logprobs()")
-    async def compute_logprobs_async(
-        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
-    ) -> list[float | None]:
-        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     def _score_now(
         self, sequences: Sequence[list[int]], first_scored: Sequence[int]

@@ -9,9 +9,10 @@ Checkpoints are plain directories with the PEFT adapter, the optimiser state and
 manifest, so a run can resume after an interruption.
 
 The public methods take the SDK's exact parameters and return what the SDK returns: futures
-(already resolved, since work runs eagerly in order), deprecated ``*_async`` twins that warn as
-the SDK's do, and futures of sampling clients from the ``*sampling_client`` methods. Arguments
-and methods that only make sense on the service fail in one line (`sdk_surface`).
+(already resolved, since work runs eagerly in order), and futures of sampling clients from the
+``*sampling_client`` methods. The deprecated ``*_async`` twins, the deprecation warnings, the
+argument checks and the one-line failures of arguments and methods that only make sense on the
+service come from the SDK class itself (`sdk_surface.follows_sdk`, `sdk_arguments`).
 
 ``forward_backward_custom`` follows the SDK's contract ``loss_fn(data, logprobs_list) ->
 (loss, metrics)``, with the log-probabilities handed over as the SDK hands them (CPU float32
@@ -30,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Literal, Mapping, Sequence
 
+import tinker
 import torch
 from tinker import LossHandle, types
 from tinker.lib.public_interfaces.api_future import APIFuture
@@ -38,27 +40,16 @@ from tinker.lib.public_interfaces.custom_loss import check_loss_inputs, run_loss
 from ...errors import BackendError, DataError
 from .engine import LocalEngine, read_checkpoint_meta, write_checkpoint_meta
 from .forward import iter_scored_micro_batches, micro_batches
-from .futures import LocalFuture, LocalSamplingClientFuture
+from .futures import LocalClientFuture, LocalFuture
 from .lora import LORA_ALPHA, lora_parts, lora_target_modules
 from .losses import loss_inputs_as_tensors, resolve_loss
-from .sdk_surface import (
-    check_no_access_token,
-    check_no_stability_info,
-    check_retry_config,
-    check_ttl_seconds,
-    check_user_metadata,
-    local_session_id,
-    tinker_deprecated,
-    tinker_only,
-)
+from .sampling_client import LocalSamplingClient, LocalSamplingClientFuture
+from .sdk_surface import follows_sdk, no_telemetry
 
 if TYPE_CHECKING:
     from tinker.lib.public_interfaces.training_client import CustomLossFnV1
     from tinker.lib.retry_handler import RetryConfig
-    from tinker.lib.telemetry import Telemetry
     from transformers import PreTrainedTokenizer
-
-    from .sampling_client import LocalSamplingClient
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +84,28 @@ def _inputs_and_targets(data: Sequence[types.Datum]) -> tuple[list[list[int]], l
     return inputs, targets
 
 
-class LocalTrainingClient:
-    """LoRA fine-tuning of a local Hugging Face causal LM behind the SDK's interface."""
+class LocalTrainingClientFuture(LocalClientFuture["LocalTrainingClient"]):
+    """What ``create_lora_training_client`` and friends return (SDK: a training client future)."""
 
-    # Set by the service client from ``user_metadata=``; recorded in every checkpoint manifest.
-    user_metadata: dict[str, str] | None = None
+    _client_kind = "TrainingClient"
+
+
+@follows_sdk(
+    tinker.TrainingClient,
+    tinker_only={
+        "get_console_url": "the local engine has no console",
+        "save_weights_external": (
+            "external-weights storage is a service bucket; locally, save_weights_for_sampler "
+            "already writes a PEFT adapter directory"
+        ),
+    },
+)
+class LocalTrainingClient:
+    """LoRA fine-tuning of a local Hugging Face causal LM behind the SDK's interface.
+
+    ``user_metadata`` (the service client's ``user_metadata=``) is recorded in every checkpoint
+    manifest of the run.
+    """
 
     def __init__(
         self,
@@ -107,6 +115,7 @@ class LocalTrainingClient:
         seed: int | None = None,
         run_id: str | None = None,
         *,
+        user_metadata: Mapping[str, str] | None = None,
         train_mlp: bool = True,
         train_attn: bool = True,
         train_unembed: bool = True,
@@ -118,6 +127,7 @@ class LocalTrainingClient:
         self.engine = engine
         self.base_model = base_model
         self.rank = rank
+        self.user_metadata = dict(user_metadata or {})
         self.trained_parts = lora_parts(train_mlp, train_attn, train_unembed)
         self.run_id = run_id or engine.new_run_id()
         self._tokenizer = engine.tokenizer(base_model)
@@ -157,29 +167,11 @@ class LocalTrainingClient:
             model_name=self.base_model,
         )
 
-    @tinker_deprecated("TrainingClient.get_info_async()", "TrainingClient.get_info()")
-    async def get_info_async(self) -> types.GetInfoResponse:
-        return self.get_info()
-
-    def get_console_url(self) -> str:
-        raise tinker_only("TrainingClient.get_console_url()", "the local engine has no console")
-
-    def get_telemetry(self) -> Telemetry | None:
-        """Always None: the SDK's answer when no telemetry is being collected.
-
-        The SDK returns its session's `Telemetry` (an uploader of client-side events to the
-        service) or None when there is none; the local engine uploads nothing, so None is the
-        truthful answer and code that checks for telemetry keeps working.
-        """
-        return None
+    get_telemetry = no_telemetry
 
     @property
     def _pad_id(self) -> int:
         return int(self._tokenizer.pad_token_id)
-
-    @property
-    def _session_id(self) -> str:
-        return local_session_id(self.engine)
 
     def _score(self, inputs, targets):
         return iter_scored_micro_batches(
@@ -204,16 +196,6 @@ class LocalTrainingClient:
             result = self._builtin(data, loss_fn, loss_fn_config, backward=False)
         return LocalFuture.completed(result)
 
-    @tinker_deprecated("TrainingClient.forward_async()", "TrainingClient.forward()")
-    async def forward_async(
-        self,
-        data: List[types.Datum],
-        loss_fn: types.LossFnType,
-        loss_fn_config: Mapping[str, float | str] | None = None,
-    ) -> APIFuture[types.ForwardBackwardOutput]:
-        """As in the SDK, awaiting this gives the *future*, not the output."""
-        return self.forward(data, loss_fn, loss_fn_config)
-
     def forward_backward(
         self,
         data: List[types.Datum],
@@ -226,18 +208,6 @@ class LocalTrainingClient:
         missing required one or a loss without a local implementation fails in one line.
         """
         return LocalFuture.completed(self._builtin(data, loss_fn, loss_fn_config, backward=True))
-
-    @tinker_deprecated(
-        "TrainingClient.forward_backward_async()", "TrainingClient.forward_backward()"
-    )
-    async def forward_backward_async(
-        self,
-        data: List[types.Datum],
-        loss_fn: types.LossFnType,
-        loss_fn_config: Mapping[str, float | str] | None = None,
-    ) -> APIFuture[types.ForwardBackwardOutput]:
-        """As in the SDK, awaiting this gives the *future*, not the output."""
-        return self.forward_backward(data, loss_fn, loss_fn_config)
 
     def _builtin(
         self, data, loss_fn: str, loss_fn_config, backward: bool
@@ -282,20 +252,9 @@ class LocalTrainingClient:
         from ``create_custom_loss`` (run per datum and summed, as the SDK runs one client-side).
         The log-probabilities reach it as the SDK hands them: CPU float32 leaf tensors that
         require grad, one per datum. As on Tinker, a loss with no gradient, or one that leaves
-        some datum's log-probabilities without a gradient, is an error.
+        some datum's log-probabilities without a gradient, is an error. ``loss_type_input`` is
+        deprecated and can only be ``"logprobs"`` (checked by `sdk_arguments`).
         """
-        if loss_type_input is not None:
-            warnings.warn(
-                "forward_backward_custom(loss_type_input=...) is deprecated in the Tinker SDK: "
-                "the loss always receives logprobs; remove the argument",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            if loss_type_input != "logprobs":
-                raise BackendError(
-                    f"forward_backward_custom: loss_type_input={loss_type_input!r}, expected "
-                    "'logprobs' or None"
-                )
         run_loss = self._custom_loss_runner(data, loss_fn)
         if not data:
             raise DataError("forward_backward_custom got an empty batch")
@@ -338,23 +297,10 @@ class LocalTrainingClient:
             )
         )
 
-    @tinker_deprecated(
-        "TrainingClient.forward_backward_custom_async()", "TrainingClient.forward_backward_custom()"
-    )
-    async def forward_backward_custom_async(
-        self,
-        data: List[types.Datum],
-        loss_fn: CustomLossFnV1 | LossHandle,
-        *,
-        loss_type_input: Literal["logprobs"] | None = None,
-    ) -> APIFuture[types.ForwardBackwardOutput]:
-        """As in the SDK, awaiting this gives the *future*, not the output."""
-        return self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
-
     def _custom_loss_runner(self, data: Sequence[types.Datum], loss_fn) -> CustomLossFnV1:
         """``loss_fn`` as a ``(data, logprobs_list)`` callable, after the SDK's handle checks."""
         if isinstance(loss_fn, LossHandle):
-            if loss_fn.session_id != self._session_id:
+            if loss_fn.session_id != self.engine.session_id:
                 raise BackendError(
                     f"LossHandle {loss_fn.name!r} was created by another service client (session "
                     f"{loss_fn.session_id}); create it with this client's ServiceClient"
@@ -414,16 +360,6 @@ class LocalTrainingClient:
             )
         )
 
-    @tinker_deprecated("TrainingClient.optim_step_async()", "TrainingClient.optim_step()")
-    async def optim_step_async(
-        self,
-        optim_params: types.OptimParams | None = None,
-        *,
-        adam_params: types.AdamParams | None = None,
-    ) -> APIFuture[types.OptimStepResponse]:
-        """As in the SDK, awaiting this gives the *future*, not the response."""
-        return self.optim_step(optim_params, adam_params=adam_params)
-
     def _ensure_optimizer(self, params: types.AdamParams) -> torch.optim.AdamW:
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(
@@ -439,8 +375,20 @@ class LocalTrainingClient:
         return self._optimizer
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _new_checkpoint_dir(self, method: str, kind: str, name: str, overwrite: bool) -> Path:
-        """The directory for a new checkpoint; an existing one is replaced only on request."""
+    def _save_adapter(
+        self,
+        method: str,
+        kind: str,
+        name: str,
+        overwrite: bool,
+        ttl_seconds: int | None,
+        user_metadata: Mapping[str, str] | None,
+    ) -> Path:
+        """A new checkpoint directory with the adapter and the manifest.
+
+        An existing checkpoint of that name is replaced only on request. The base weights never
+        change, so the (tied) embedding matrix is not saved with the adapter.
+        """
         path = self.engine.checkpoint_dir(self.run_id, kind, name)
         if path.exists():
             if not overwrite:
@@ -449,10 +397,6 @@ class LocalTrainingClient:
                     f"{method}: checkpoint {name!r} already exists at {path}; {hint}"
                 )
             shutil.rmtree(path)
-        return path
-
-    def _save_adapter(self, path: Path, kind: str, **extra_meta) -> None:
-        # The base weights never change, so the (tied) embedding matrix is not saved with it.
         self.model.save_pretrained(str(path / _ADAPTER), save_embedding_layers=False)
         write_checkpoint_meta(
             path,
@@ -462,9 +406,11 @@ class LocalTrainingClient:
             trained_parts=list(self.trained_parts),
             steps=self.steps,
             run_id=self.run_id,
-            run_user_metadata=self.user_metadata or {},
-            **extra_meta,
+            run_user_metadata=self.user_metadata,
+            ttl_seconds=ttl_seconds,
+            user_metadata=dict(user_metadata or {}),
         )
+        return path
 
     def save_state(
         self,
@@ -479,10 +425,9 @@ class LocalTrainingClient:
         whole checkpoint, metadata included (the SDK's rule). ``ttl_seconds`` is checked and
         recorded, but local checkpoints are never deleted automatically.
         """
-        check_ttl_seconds("save_state", ttl_seconds)
-        metadata = check_user_metadata("save_state", user_metadata)
-        path = self._new_checkpoint_dir("save_state", "state", name, overwrite)
-        self._save_adapter(path, "state", ttl_seconds=ttl_seconds, user_metadata=metadata)
+        path = self._save_adapter(
+            "save_state", "state", name, overwrite, ttl_seconds, user_metadata
+        )
         optimizer_state = (
             self._optimizer.state_dict()
             if self._optimizer is not None
@@ -492,18 +437,6 @@ class LocalTrainingClient:
             torch.save(optimizer_state, path / _OPTIMIZER_FILE)
         return LocalFuture.completed(types.SaveWeightsResponse(path=str(path)))
 
-    @tinker_deprecated("TrainingClient.save_state_async()", "TrainingClient.save_state()")
-    async def save_state_async(
-        self,
-        name: str,
-        ttl_seconds: int | None = None,
-        overwrite: bool = False,
-        user_metadata: dict[str, str] | None = None,
-    ) -> APIFuture[types.SaveWeightsResponse]:
-        return self.save_state(
-            name, ttl_seconds=ttl_seconds, overwrite=overwrite, user_metadata=user_metadata
-        )
-
     def save_weights_for_sampler(
         self,
         name: str,
@@ -511,91 +444,22 @@ class LocalTrainingClient:
         user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Adapter only: what a sampling client needs. Names are unique within a run."""
-        check_ttl_seconds("save_weights_for_sampler", ttl_seconds)
-        metadata = check_user_metadata("save_weights_for_sampler", user_metadata)
-        path = self._new_checkpoint_dir("save_weights_for_sampler", "sampler", name, False)
-        self._save_adapter(path, "sampler", ttl_seconds=ttl_seconds, user_metadata=metadata)
+        path = self._save_adapter(
+            "save_weights_for_sampler", "sampler", name, False, ttl_seconds, user_metadata
+        )
         return LocalFuture.completed(types.SaveWeightsForSamplerResponse(path=str(path)))
 
-    @tinker_deprecated(
-        "TrainingClient.save_weights_for_sampler_async()",
-        "TrainingClient.save_weights_for_sampler()",
-    )
-    async def save_weights_for_sampler_async(
-        self,
-        name: str,
-        ttl_seconds: int | None = None,
-        user_metadata: dict[str, str] | None = None,
-    ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
-        return self.save_weights_for_sampler(
-            name, ttl_seconds=ttl_seconds, user_metadata=user_metadata
-        )
-
-    def save_weights_external(
-        self,
-        name: str,
-        ttl_seconds: int | None = None,
-        age_encryption_recipients: list[str] | None = None,
-    ) -> APIFuture[types.SaveWeightsExternalResponse]:
-        raise tinker_only(
-            "TrainingClient.save_weights_external()",
-            "external-weights storage is a service bucket; locally, save_weights_for_sampler "
-            "already writes a PEFT adapter directory",
-        )
-
-    @tinker_deprecated(
-        "TrainingClient.save_weights_external_async()", "TrainingClient.save_weights_external()"
-    )
-    async def save_weights_external_async(
-        self,
-        name: str,
-        ttl_seconds: int | None = None,
-        age_encryption_recipients: list[str] | None = None,
-    ) -> APIFuture[types.SaveWeightsExternalResponse]:
-        return self.save_weights_external(
-            name, ttl_seconds=ttl_seconds, age_encryption_recipients=age_encryption_recipients
-        )
-
-    @tinker_deprecated(
-        "TrainingClient.load_state()", "ServiceClient.create_training_client_from_state()"
-    )
     def load_state(
         self, path: str, weights_access_token: str | None = None
     ) -> APIFuture[types.LoadWeightsResponse]:
-        """Load adapter weights (not the optimiser), like the SDK's ``load_state``."""
-        check_no_access_token("load_state", weights_access_token)
+        """Load adapter weights (not the optimiser), like the SDK's (deprecated) ``load_state``."""
         self._load(path, with_optimizer=False)
         return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
 
-    @tinker_deprecated(
-        "TrainingClient.load_state_async()", "ServiceClient.create_training_client_from_state()"
-    )
-    async def load_state_async(
-        self, path: str, weights_access_token: str | None = None
-    ) -> APIFuture[types.LoadWeightsResponse]:
-        check_no_access_token("load_state_async", weights_access_token)
-        self._load(path, with_optimizer=False)
-        return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
-
-    @tinker_deprecated(
-        "TrainingClient.load_state_with_optimizer()",
-        "ServiceClient.create_training_client_from_state_with_optimizer()",
-    )
     def load_state_with_optimizer(
         self, path: str, weights_access_token: str | None = None
     ) -> APIFuture[types.LoadWeightsResponse]:
-        check_no_access_token("load_state_with_optimizer", weights_access_token)
-        self._load(path, with_optimizer=True)
-        return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
-
-    @tinker_deprecated(
-        "TrainingClient.load_state_with_optimizer_async()",
-        "ServiceClient.create_training_client_from_state_with_optimizer()",
-    )
-    async def load_state_with_optimizer_async(
-        self, path: str, weights_access_token: str | None = None
-    ) -> APIFuture[types.LoadWeightsResponse]:
-        check_no_access_token("load_state_with_optimizer_async", weights_access_token)
+        """Load adapter weights and the Adam moments (deprecated in the SDK too)."""
         self._load(path, with_optimizer=True)
         return LocalFuture.completed(types.LoadWeightsResponse(path=str(path)))
 
@@ -639,48 +503,13 @@ class LocalTrainingClient:
         name), and the return value is a future of the client. ``kind="inflight"`` (weights
         shared with later saves) is Tinker-only.
         """
-        method = "save_weights_and_get_sampling_client"
-        if name is not None:
-            warnings.warn(
-                f"{method}(name=...) is deprecated in the Tinker SDK and has no effect; use "
-                "save_weights_for_sampler(name) + create_sampling_client(model_path=...) for a "
-                "named checkpoint",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        check_retry_config(method, retry_config)
-        check_no_stability_info(method, record_stability_info)
-        if kind != "snapshot":
-            raise BackendError(
-                f"{method}: kind={kind!r}; the local engine implements 'snapshot' only "
-                "('inflight' shared weights are Tinker-only)"
-            )
-        from .sampling_client import LocalSamplingClient
-
         while True:  # the first free name: snapshots are never overwritten
             self._sampler_counter += 1
             snapshot = f"snapshot-{self.steps:06d}-{self._sampler_counter}"
             if not self.engine.checkpoint_dir(self.run_id, "sampler", snapshot).exists():
                 break
         path = self.save_weights_for_sampler(snapshot).result().path
-        return LocalSamplingClientFuture.completed(
-            LocalSamplingClient.from_checkpoint(self.engine, path)
-        )
-
-    @tinker_deprecated(
-        "TrainingClient.save_weights_and_get_sampling_client_async()",
-        "await TrainingClient.save_weights_and_get_sampling_client()",
-    )
-    async def save_weights_and_get_sampling_client_async(
-        self,
-        name: str | None = None,
-        retry_config: RetryConfig | None = None,
-        record_stability_info: bool = False,
-        kind: types.SamplingClientKind = "snapshot",
-    ) -> LocalSamplingClient:
-        return await self.save_weights_and_get_sampling_client(
-            name, retry_config=retry_config, record_stability_info=record_stability_info, kind=kind
-        )
+        return self.create_sampling_client(path, retry_config, record_stability_info)
 
     def create_sampling_client(
         self,
@@ -688,26 +517,9 @@ class LocalTrainingClient:
         retry_config: RetryConfig | None = None,
         record_stability_info: bool = False,
     ) -> LocalSamplingClientFuture:
-        from .sampling_client import LocalSamplingClient
-
-        check_retry_config("create_sampling_client", retry_config)
-        check_no_stability_info("create_sampling_client", record_stability_info)
+        """A future of a sampling client on a checkpoint (any run's, as in the SDK)."""
         return LocalSamplingClientFuture.completed(
             LocalSamplingClient.from_checkpoint(self.engine, model_path)
-        )
-
-    @tinker_deprecated(
-        "TrainingClient.create_sampling_client_async()",
-        "await TrainingClient.create_sampling_client()",
-    )
-    async def create_sampling_client_async(
-        self,
-        model_path: str,
-        retry_config: RetryConfig | None = None,
-        record_stability_info: bool = False,
-    ) -> LocalSamplingClient:
-        return await self.create_sampling_client(
-            model_path, retry_config=retry_config, record_stability_info=record_stability_info
         )
 
 

@@ -1,0 +1,240 @@
+"""The teacher-vs-student classifier of the adherence measure: a logistic head on frozen
+sentence vectors, how it is trained, and how it is validated.
+
+Why a linear head on a frozen encoder: the question is whether a reply *reads like* the
+persona-prompted teacher's, on a scale every notebook (03, 05, 06, 08, 09) can recompute in
+seconds. A ridge-penalised logistic regression on the 384 MiniLM numbers (`sentence_encoder`)
+fits in milliseconds; a fully fine-tuned classifier (notebook 08's robustness classifier) is
+worth its cost only where the question is whether *any* classifier can tell the two apart.
+
+The head is trained on teacher (label 1) and student (label 0) replies to classifier prompts
+and validated only on probe prompts (`adherence` makes the split), overall and per prompt
+source, so no accuracy or AUC is reported on a prompt the head was fitted on. A reply is
+teacher-like when the head gives it probability > `THRESHOLD`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .sentence_encoder import SentenceEncoder, embed_texts
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD = 0.5  # p(teacher) above which a reply counts as teacher-like
+
+
+@dataclass(frozen=True)
+class LogisticHead:
+    """p(teacher | x) = sigmoid(((x - mean) / scale) @ weights + bias).
+
+    Features are standardised with the training set's mean and scale before the penalty
+    applies, so ``l2`` means the same whatever the encoder's scale (unit vectors have tiny
+    per-dimension spread). `direction` gives the boundary's normal in raw feature space.
+    """
+
+    weights: np.ndarray
+    bias: float
+    mean: np.ndarray
+    scale: np.ndarray
+    l2: float
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return ((x - self.mean) / self.scale) @ self.weights + self.bias
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.decision(x))
+
+    @property
+    def direction(self) -> np.ndarray:
+        """Unit normal of the decision boundary in raw feature space."""
+        raw = self.weights / self.scale
+        return raw / max(float(np.linalg.norm(raw)), 1e-300)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as handle:
+            np.savez(
+                handle,
+                weights=self.weights,
+                bias=np.array(self.bias),
+                mean=self.mean,
+                scale=self.scale,
+                l2=np.array(self.l2),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "LogisticHead":
+        with np.load(path) as data:
+            return cls(
+                data["weights"], float(data["bias"]), data["mean"], data["scale"], float(data["l2"])
+            )
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def fit_logistic(
+    x: np.ndarray,
+    y: np.ndarray,
+    l2: float,
+    *,
+    balanced: bool = True,
+    max_iter: int = 2000,
+) -> LogisticHead:
+    """Ridge-penalised logistic regression, fitted in float64 with L-BFGS (scipy).
+
+    Minimises ``mean_i s_i * logloss_i + l2 / 2 * ||w||^2`` on standardised features; the bias is
+    not penalised. ``balanced`` weights each class to half the total (``s_i = n / (2 n_class)``),
+    so unequal drop counts between teacher and student do not move the 0.5 threshold. In
+    scikit-learn's terms this is ``C = 1 / (l2 * n)`` with ``class_weight="balanced"``.
+    """
+    from scipy.optimize import minimize
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.ndim != 2 or len(x) != len(y):
+        raise DataError(f"expected x of shape (n, d) and y of shape (n,), got {x.shape}, {y.shape}")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise DataError("expected labels 0 (student) and 1 (teacher)")
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise DataError(f"need both classes to fit, found {n_pos} positive and {n_neg} negative")
+    if l2 < 0:
+        raise ConfigError(f"l2={l2!r}: expected >= 0")
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    z = (x - mean) / scale
+    n, d = z.shape
+    if balanced:
+        sample = np.where(y == 1, n / (2 * n_pos), n / (2 * n_neg))
+    else:
+        sample = np.ones(n)
+    sample = sample / n
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:d], theta[d]
+        logits = z @ w + b
+        loss = float(sample @ (np.logaddexp(0.0, logits) - y * logits) + 0.5 * l2 * (w @ w))
+        residual = sample * (_sigmoid(logits) - y)
+        grad = np.empty(d + 1)
+        grad[:d] = z.T @ residual + l2 * w
+        grad[d] = residual.sum()
+        return loss, grad
+
+    result = minimize(
+        objective,
+        np.zeros(d + 1),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_iter, "gtol": 1e-9, "ftol": 1e-14},
+    )
+    if not result.success and l2 > 0:
+        logger.warning("logistic head: L-BFGS stopped early (%s)", result.message)
+    return LogisticHead(result.x[:d].copy(), float(result.x[d]), mean, scale, float(l2))
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float = THRESHOLD) -> float:
+    """Share of items whose thresholded probability matches the 0/1 label."""
+    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
+    if len(labels) == 0:
+        return math.nan
+    return float(np.mean((probabilities > threshold) == (labels == 1)))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > a random negative), ties 1/2."""
+    from scipy.stats import rankdata
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    n_pos = int((labels == 1).sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# -- training and validation ---------------------------------------------------------------------
+def train_teacher_head(
+    encoder: SentenceEncoder,
+    teacher_replies: Sequence[str],
+    student_replies: Sequence[str],
+    l2: float,
+    cache_dir: Path | None = None,
+) -> tuple[LogisticHead, float]:
+    """The head fitted on embedded teacher (1) and student (0) replies, and its training
+    accuracy. Vectors come from (and extend) the embedding cache in ``cache_dir``."""
+    x = embed_texts(encoder, list(teacher_replies) + list(student_replies), cache_dir)
+    y = np.r_[np.ones(len(teacher_replies)), np.zeros(len(student_replies))]
+    head = fit_logistic(x, y, l2)
+    return head, accuracy(head.predict_proba(x), y)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How well the head separates teacher (1) from student (0) replies it was not fitted on.
+
+    ``by_source``: per prompt source, the teacher and student counts, accuracy and AUC.
+    """
+
+    accuracy: float
+    auc: float
+    by_source: dict[str, dict[str, float]]
+
+
+def validate(probabilities: np.ndarray, labels: np.ndarray, sources: Sequence[str]) -> Validation:
+    """Accuracy and AUC of ``probabilities`` against 0/1 ``labels``, overall and per source
+    (sources in order of first appearance)."""
+    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
+    source_of = np.array(list(sources))
+    by_source = {}
+    for source in dict.fromkeys(source_of.tolist()):
+        pick = source_of == source
+        by_source[source] = {
+            "teacher": int(labels[pick].sum()),
+            "student": int((1 - labels[pick]).sum()),
+            "accuracy": accuracy(probabilities[pick], labels[pick]),
+            "auc": roc_auc(probabilities[pick], labels[pick]),
+        }
+    return Validation(accuracy(probabilities, labels), roc_auc(probabilities, labels), by_source)
+
+
+@dataclass(frozen=True)
+class ClassifierSummary:
+    """How the head was trained and how well it separates teacher from student on probes.
+
+    train_*/val_* count kept replies (teacher = 1, student = 0) on classifier / probe prompts;
+    val_accuracy and val_auc are measured on probe prompts only (never trained on), overall and
+    in ``val_by_source`` per prompt source (general prompts test transfer: the head never saw
+    one).
+    """
+
+    encoder: str
+    l2: float
+    heldout_prompts: int
+    classifier_prompts: int
+    probe_prompts: int
+    train_teacher: int
+    train_student: int
+    train_accuracy: float
+    val_teacher: int
+    val_student: int
+    val_accuracy: float
+    val_auc: float
+    dropped_teacher: int
+    dropped_student: int
+    val_by_source: dict[str, dict[str, float]] = field(default_factory=dict)
