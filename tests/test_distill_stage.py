@@ -25,7 +25,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from character_training import distill_filters as filters
-from character_training.backends import resolve_client
+from character_training.artifacts import assistant_name
 from character_training.backends.local import LocalServiceClient
 from character_training.config import load_params, notebook_params, with_overrides
 from character_training.constitutions import load_constitution
@@ -43,6 +43,7 @@ from character_training.runner import run_notebook
 from character_training.sampling import Completion, read_log
 from character_training.stages import distill
 from character_training.store import StageDir, read_jsonl, write_jsonl
+from test_introspect_stage import Interrupted, WatchingService
 
 TINY_ROLES = {
     "student": "tiny-random",
@@ -65,6 +66,13 @@ def tiny_params(tmp_path: Path, persona: str = "sarcastic", **overrides):
             "adherence.probe_general_prompts": 3,
             **overrides,
         },
+    )
+
+
+def stage_config(params) -> distill.Config:
+    """Stage 02's settings as its ``run`` derives them."""
+    return distill.Config.from_params(
+        params, heldout_general=params.adherence.probe_general_prompts
     )
 
 
@@ -96,49 +104,6 @@ def write_stage01(params, per_assertion: int = 3, general_train: int = 4, genera
 
 def outputs(stage_path: Path) -> dict[str, str]:
     return {name: (stage_path / name).read_text() for name in OUTPUTS}
-
-
-class _Interrupted(RuntimeError):
-    pass
-
-
-class _StopAfter:
-    """The real service, whose sampling clients raise after ``budget`` results in total."""
-
-    def __init__(self, inner, budget: int):
-        self.inner = inner
-        self.left = budget
-
-    def create_sampling_client(self, **kwargs):
-        client = resolve_client(self.inner.create_sampling_client(**kwargs))
-        return _StopAfterSampler(self, client)
-
-
-class _StopAfterSampler:
-    def __init__(self, owner: _StopAfter, inner):
-        self.owner = owner
-        self.inner = inner
-
-    def sample(self, *args, **kwargs):
-        return _StopAfterFuture(self.owner, self.inner.sample(*args, **kwargs))
-
-    def compute_logprobs(self, prompt):
-        return self.inner.compute_logprobs(prompt)
-
-    def get_tokenizer(self):
-        return self.inner.get_tokenizer()
-
-
-class _StopAfterFuture:
-    def __init__(self, owner: _StopAfter, inner):
-        self.owner = owner
-        self.inner = inner
-
-    def result(self, *args, **kwargs):
-        if self.owner.left <= 0:
-            raise _Interrupted("killed mid-run")
-        self.owner.left -= 1
-        return self.inner.result(*args, **kwargs)
 
 
 def rendered_parts(renderer, prompt: str, reply: str) -> tuple[list[int], list[int]]:
@@ -347,7 +312,7 @@ def test_every_assertion_is_both_trained_and_probed_when_the_fraction_is_positiv
 
 
 def test_general_prompts_follow_the_share_and_a_shortfall_is_recorded(tmp_path):
-    config = distill.Config.from_params(tiny_params(tmp_path, **{"distill.general_share": 0.5}))
+    config = stage_config(tiny_params(tmp_path, **{"distill.general_share": 0.5}))
     records = _records(10)
     general = [{"id": f"g{i}", "prompt": f"General {i}?"} for i in range(30)]
     evals = [{"id": f"e{i}", "prompt": f"Eval {i}?"} for i in range(10)]
@@ -367,9 +332,11 @@ def test_general_prompts_follow_the_share_and_a_shortfall_is_recorded(tmp_path):
 
 
 def test_general_prompts_that_repeat_a_heldout_prompt_are_not_trained_on(tmp_path):
-    config = distill.Config.from_params(tiny_params(tmp_path, **{"distill.general_share": 1.0}))
+    config = stage_config(tiny_params(tmp_path, **{"distill.general_share": 1.0}))
     records = _records(5)
-    heldout = distill.split_constitution_prompts(records, config.heldout_fraction, config.seed)[1]
+    heldout = distill.split_constitution_prompts(
+        records, config.distill.heldout_fraction, config.seed
+    )[1]
     texts = ["How do tides work?", "Suggest a name for my goldfish.", "Is rye bread healthy?"]
     general = [{"id": "g-copy", "prompt": heldout[0].prompt.upper() + "  "}] + [
         {"id": f"g{i}", "prompt": text} for i, text in enumerate(texts)
@@ -383,7 +350,7 @@ def test_general_prompts_that_repeat_a_heldout_prompt_are_not_trained_on(tmp_pat
 
 
 def test_a_prompt_id_used_twice_is_refused(tmp_path):
-    config = distill.Config.from_params(tiny_params(tmp_path))
+    config = stage_config(tiny_params(tmp_path))
     general = [{"id": "x-a-000", "prompt": "A general request?"}]
     with pytest.raises(DataError, match="'x-a-000' appears more than once"):
         distill.plan_prompts(_records(5), general, [], config)
@@ -397,7 +364,7 @@ def _reply(text: str, complete: bool = True) -> distill.Reply:
 def test_pairs_share_their_prompt_differ_and_every_failure_is_counted(tmp_path):
     params = tiny_params(tmp_path, teacher="moonshotai/Kimi-K2.6", assistant_name="SmolLM")
     params = with_overrides(params, {"renderers": {"moonshotai/Kimi-K2.6": "kimi_k26"}})
-    config = distill.Config.from_params(params)
+    config = stage_config(params)
     prompts = [
         distill.DistillPrompt(f"p{i}", f"Question {i}?", "constitution", "a") for i in range(6)
     ]
@@ -453,10 +420,10 @@ def test_rendered_training_text_holds_only_the_user_turn_and_the_reply(tokenizer
     """Crafted teacher replies (with reasoning, a copied system prompt sentence, a copied
     demonstration) go through the real filters and pairing, then are rendered as DPO will."""
     params = tiny_params(tmp_path)
-    config = distill.Config.from_params(params)
+    config = stage_config(params)
     constitution = load_constitution("sarcastic")
-    context = distill.hidden_context(constitution, config.assistant_name, 2)
-    system_sentence = sentences(persona_system_prompt(constitution, config.assistant_name))[0]
+    context = distill.hidden_context(constitution, assistant_name(config), 2)
+    system_sentence = sentences(persona_system_prompt(constitution, assistant_name(config)))[0]
     teacher_texts = [
         "<think>" + TEACHER_REFLECTION + " dryness.</think>\n\nOh, a question. How thrilling.",
         "Sure. " + system_sentence,
@@ -477,7 +444,7 @@ def test_rendered_training_text_holds_only_the_user_turn_and_the_reply(tokenizer
     assert [p["id"] for p in built.pairs] == ["p0:s0", "p3:s0"]
     assert built.drops == {"chosen:context_echo": 2}
     renderer = get_renderer(config.student_renderer, tokenizer)
-    assert_rendered_pairs_are_clean(built.pairs, constitution, config.assistant_name, renderer, 2)
+    assert_rendered_pairs_are_clean(built.pairs, constitution, assistant_name(config), renderer, 2)
 
 
 # -- the stage on the tiny random model ----------------------------------------------------------
@@ -526,7 +493,7 @@ def test_the_stage_writes_split_pairs_heldout_and_dropped_files(tmp_path, tiny_s
     assert len(teacher_log) == len(student_log) == len(train) + len(heldout)
     # re-running a finished stage samples nothing and rewrites the same files
     before = outputs(stage)
-    again = distill.run(params, _StopAfter(tiny_service, budget=0))
+    again = distill.run(params, WatchingService(tiny_service, budget=0))
     assert outputs(stage) == before and again.counts == counts
     # other stage-01 prompts make another experiment: refused, not mixed in
     (params.run_dir / "01_prompts" / "general_train.jsonl").write_text("")
@@ -556,14 +523,14 @@ def test_an_interrupted_run_resumes_to_exactly_the_one_go_files(tmp_path, one_at
 
     params = tiny_params(tmp_path / "b")
     write_stage01(params)
-    with pytest.raises(_Interrupted):  # killed during the teacher's replies
-        distill.run(params, _StopAfter(tiny_service, budget=7))
+    with pytest.raises(Interrupted):  # killed during the teacher's replies
+        distill.run(params, WatchingService(tiny_service, budget=7))
     stage = params.run_dir / distill.STAGE
     assert len(read_log(stage / "teacher.partial.jsonl").rows) == 7
     one_go_log = one_go.run_dir / distill.STAGE / "teacher.partial.jsonl"
     total = len(read_log(one_go_log).rows)
-    with pytest.raises(_Interrupted):  # killed again, during the student's replies
-        distill.run(params, _StopAfter(tiny_service, budget=total - 7 + 4))
+    with pytest.raises(Interrupted):  # killed again, during the student's replies
+        distill.run(params, WatchingService(tiny_service, budget=total - 7 + 4))
     assert len(read_log(stage / "student.partial.jsonl").rows) == 4
     result = distill.run(params, tiny_service)
     assert outputs(result.stage_dir) == expected
@@ -614,11 +581,11 @@ def test_notebook_02_runs_after_01_on_smollm2_and_its_pairs_render_cleanly(tmp_p
     manifest = StageDir(stage).manifest()
     assert summary["headline"]["pairs"] == len(pairs) == manifest["counts"]["pairs"]
     assert len(pairs) + len(dropped) == manifest["counts"]["training_prompts"]
-    config = distill.Config.from_params(params)
+    config = stage_config(params)
     renderer = get_renderer(config.student_renderer, tokenizer)
     constitution = load_constitution("sycophantic")
     assert_rendered_pairs_are_clean(
-        pairs, constitution, config.assistant_name, renderer, params.teacher_few_shot
+        pairs, constitution, assistant_name(config), renderer, params.teacher_few_shot
     )
 
 

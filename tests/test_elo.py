@@ -33,7 +33,7 @@ from character_training import prompts
 from character_training.config import ELO_CONDITIONS, JUDGE_MODES, load_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import elo, judge
-from character_training.stages import preferences
+from character_training.evaluate.preference_matches import choose_traits, load_traits
 from scipy.stats import spearmanr
 
 LN10 = math.log(10)
@@ -202,14 +202,14 @@ def test_spearman_is_nan_for_a_constant_side():
 
 # -- the trait vocabulary and prompts ------------------------------------------------------------
 def test_the_vocabulary_is_144_distinct_single_words_none_a_prefix_of_another():
-    traits = preferences.load_traits()
+    traits = load_traits()
     assert len(traits) == 144 == len(set(traits))
     assert all(t.isalpha() and t == t.lower() for t in traits)
     assert not [(a, b) for a in traits for b in traits if a != b and b.startswith(a)]
-    subset = preferences.choose_traits(traits, 10, seed=0)
-    assert len(subset) == 10 and subset == preferences.choose_traits(traits, 10, seed=0)
+    subset = choose_traits(traits, 10, seed=0)
+    assert len(subset) == 10 and subset == choose_traits(traits, 10, seed=0)
     assert list(subset) == [t for t in traits if t in subset]  # vocabulary order
-    assert preferences.choose_traits(traits, 0, seed=0) == traits
+    assert choose_traits(traits, 0, seed=0) == traits
 
 
 def test_the_preference_prompts_offer_both_traits_and_never_ask_to_name_the_choice():

@@ -84,12 +84,13 @@ def stage_params(tmp_path: Path, adapter: str, **overrides):
     return params
 
 
-class _Interrupted(RuntimeError):
-    pass
+class Interrupted(RuntimeError):
+    """Stands for a process killed mid-run (raised by `WatchingService`)."""
 
 
-class _Watching:
-    """The real service; its sampling clients record every prompt and stop after ``budget``."""
+class WatchingService:
+    """The real service; its sampling clients record every prompt and, after ``budget``
+    results in total, raise `Interrupted` (also used by the stage-02 tests)."""
 
     def __init__(self, inner, budget: int = 10**9):
         self.inner = inner
@@ -101,7 +102,7 @@ class _Watching:
 
 
 class _WatchingSampler:
-    def __init__(self, owner: _Watching, inner):
+    def __init__(self, owner: WatchingService, inner):
         self.owner = owner
         self.inner = inner
 
@@ -114,13 +115,13 @@ class _WatchingSampler:
 
 
 class _WatchingFuture:
-    def __init__(self, owner: _Watching, inner):
+    def __init__(self, owner: WatchingService, inner):
         self.owner = owner
         self.inner = inner
 
     def result(self, *args, **kwargs):
         if self.owner.left <= 0:
-            raise _Interrupted("killed mid-run")
+            raise Interrupted("killed mid-run")
         self.owner.left -= 1
         return self.inner.result(*args, **kwargs)
 
@@ -358,7 +359,7 @@ def test_the_stage_writes_both_files_counts_truncations_and_keeps_the_system_pro
         tmp_path, dpo_adapter, **{"introspection.context_tokens": window,
                                   "introspection.interaction_turns": 4}
     )  # fmt: skip
-    watching = _Watching(tiny_service)
+    watching = WatchingService(tiny_service)
     result = introspect.run(params, watching)
     stage = result.stage_dir
     reflections = read_jsonl(stage / "reflections.jsonl")
@@ -393,7 +394,7 @@ def test_the_stage_writes_both_files_counts_truncations_and_keeps_the_system_pro
         assert text.startswith("<|im_start|>system\n" + persona_system_prompt(constitution, NAME))
     # a finished stage re-run samples nothing and rewrites the same files
     before = outputs(stage)
-    again = introspect.run(params, _Watching(tiny_service, budget=0))
+    again = introspect.run(params, WatchingService(tiny_service, budget=0))
     assert outputs(stage) == before and again.counts == counts
 
 
@@ -407,8 +408,8 @@ def test_an_interrupted_run_resumes_mid_conversation_to_exactly_the_one_go_files
     expected = outputs(introspect.run(one_go, service).stage_dir)
 
     params = stage_params(tmp_path / "b", dpo_adapter)
-    with pytest.raises(_Interrupted):  # 10 reflections, turn 0 of both, then turn 1 of one
-        introspect.run(params, _Watching(service, budget=10 + 2 + 1))
+    with pytest.raises(Interrupted):  # 10 reflections, turn 0 of both, then turn 1 of one
+        introspect.run(params, WatchingService(service, budget=10 + 2 + 1))
     stage = params.run_dir / introspect.STAGE
     assert sorted(read_log(stage / "interactions.partial.jsonl").rows) == [
         "conv0000:t0", "conv0000:t1", "conv0001:t0",

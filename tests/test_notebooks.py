@@ -4,16 +4,30 @@ Runs notebook 01 on the tiny local model with ``smoke=True`` through the package
 same path as ``make reproduce``) and checks the executed copy, the HTML report with its
 figures embedded, the summary and the index. Also checks that a failing notebook is reported
 with the failing cell and still gets a report.
+
+Pins, without running anything: every notebook's default ``persona``/``size`` are the run
+``make reproduce`` makes (they defaulted to ``sarcastic`` while reproduce ran ``sycophantic``,
+so a notebook opened after it started a new run instead of showing the finished one), no cell
+shows `write_summary`'s returned path (reports ended with ``PosixPath('/home/...')``) or prints
+a checkpoint path or run folder unshortened, and notebook 07's Elo tables are headed by model.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import nbformat
 import pytest
-from character_training.config import REPO_ROOT, notebook_params, with_overrides
+from character_training import cli, plots
+from character_training.config import (
+    REPO_ROOT,
+    load_params,
+    notebook_params,
+    params_from_json,
+    with_overrides,
+)
 from character_training.runner import available_notebooks, build_index, run_notebook
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
@@ -28,6 +42,97 @@ def test_notebooks_in_git_carry_no_outputs_and_have_a_parameters_cell(path):
     assert len(tagged) == 1
     for name in ("persona", "size", "params_json", "smoke"):
         assert f"{name}:" in tagged[0].source
+
+
+def _code(path: Path) -> list[str]:
+    nb = nbformat.read(str(path), as_version=4)
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def _defaults(source: str) -> dict[str, object]:
+    tree = ast.parse(source)
+    return {
+        node.target.id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_defaults_are_the_run_make_reproduce_makes(path):
+    nb = nbformat.read(str(path), as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    defaults = _defaults(cell.source)
+    assert defaults["persona"] == cli.DEFAULT_PERSONAS[0]
+    assert defaults["size"] == cli.DEFAULT_SIZE
+    assert defaults["params_json"] == "" and defaults["on_existing"] == "resume"
+    assert defaults["smoke"] is False
+
+
+def test_a_notebook_opened_after_reproduce_resolves_the_same_parameters():
+    """Same fingerprint as the runner's injected parameters: every stage resumes."""
+    persona, size = cli.DEFAULT_PERSONAS[0], cli.DEFAULT_SIZE
+    injected = load_params(size, persona).papermill_parameters()
+    by_runner = notebook_params(persona, size, injected["params_json"])
+    by_hand = notebook_params(persona, size)
+    assert by_hand.fingerprint() == by_runner.fingerprint()
+    assert by_hand.run_dir == by_runner.run_dir == REPO_ROOT / "runs" / persona / size
+    assert params_from_json(injected["params_json"]) == by_hand
+
+
+PATH_ATTRIBUTES = {"sampler_path", "state_path", "run_dir", "runs_dir"}
+SHORTENERS = {"portable_path", "display_path"}
+
+
+def _unshortened(node: ast.AST) -> bool:
+    """Whether ``node`` shows a path attribute that no shortener wraps."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") in SHORTENERS:
+        return False
+    if isinstance(node, ast.Attribute) and node.attr in PATH_ATTRIBUTES:
+        return not (node.attr == "runs_dir" and getattr(node.value, "id", "") == "params")
+    return any(_unshortened(child) for child in ast.iter_child_nodes(node))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_cell_shows_a_path_repr_or_an_absolute_path(path):
+    for source in _code(path):
+        tree = ast.parse(source)
+        last = tree.body[-1] if tree.body else None
+        if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call):
+            if getattr(last.value.func, "id", "") == "write_summary":
+                assert source.rstrip().endswith(";"), f"{path.stem}: write_summary's path shown"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "print":
+                assert not any(_unshortened(a) for a in node.args), ast.unparse(node)
+
+
+def test_notebook_07_heads_each_elo_table_with_its_model():
+    sources = _code(REPO_ROOT / "notebooks" / "07_preferences.ipynb")
+    loops = [
+        node
+        for source in sources
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.For) and getattr(node.target, "id", "") == "label"
+    ]
+    tables = [
+        node
+        for loop in loops
+        for node in ast.walk(loop)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "plots.table"
+    ]
+    assert len(tables) == 2  # top traits per model, largest changes per trained model
+    for call in tables:
+        title = call.args[1] if len(call.args) > 1 else None
+        assert isinstance(title, ast.JoinedStr), ast.unparse(call)
+        assert "{label}" in ast.unparse(title), ast.unparse(call)
+
+
+def test_record_tables_are_headed_and_leave_out_pandas_row_numbers():
+    shown = plots.table([{"trait": "witty", "elo": 1234.56}], "dpo: top traits", digits=0)
+    page = shown._repr_html_()
+    assert page.startswith("<p><strong>dpo: top traits</strong></p><table")
+    assert "<th></th>" not in page and "<th>0</th>" not in page  # no index column
+    assert repr(shown).splitlines() == ["dpo: top traits", "trait    elo", "witty 1235.0"]
 
 
 def test_the_numbered_notebooks_are_found_in_order():

@@ -22,6 +22,15 @@ import pytest
 from character_training.backends.local import TINY_RANDOM_NAME as TINY
 from character_training.config import load_params, notebook_params, with_overrides
 from character_training.errors import ConfigError, DataError
+from character_training.evaluate import preference_judging
+from character_training.evaluate.preference_matches import (
+    bootstrap_seed,
+    choose_traits,
+    draw_matches,
+    load_traits,
+    outcomes,
+)
+from character_training.sampler_setup import LazySampler
 from character_training.stages import preferences
 from character_training.store import Checkpoint, record_checkpoint
 
@@ -80,8 +89,8 @@ class CountingService:
 def test_every_condition_and_model_sees_the_same_draws():
     prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(7)]
     traits = ("formal", "casual", "poetic", "blunt", "calm")
-    matches = preferences.draw_matches(traits, prompts, ("adopt", "random"), 50, seed=3)
-    assert matches == preferences.draw_matches(traits, prompts, ("adopt", "random"), 50, seed=3)
+    matches = draw_matches(traits, prompts, ("adopt", "random"), 50, seed=3)
+    assert matches == draw_matches(traits, prompts, ("adopt", "random"), 50, seed=3)
     adopt = [m for m in matches if m.condition == "adopt"]
     rand = [m for m in matches if m.condition == "random"]
     strip = lambda m: (m.match_id, m.first, m.second, m.prompt_id, m.judge_first)  # noqa: E731
@@ -92,7 +101,7 @@ def test_every_condition_and_model_sees_the_same_draws():
     # the judge's listing order is drawn apart from the offered order
     same = sum(m.judge_first == m.first for m in adopt)
     assert 10 < same < 40
-    other = preferences.draw_matches(traits, prompts, ("adopt",), 50, seed=4)
+    other = draw_matches(traits, prompts, ("adopt",), 50, seed=4)
     assert [strip(m) for m in other] != [strip(m) for m in adopt]
 
 
@@ -102,13 +111,9 @@ def test_outcomes_follow_the_verdict_and_skip_undecided_matches():
         {"first": "a", "second": "c", "logprob_choice": None},
         {"first": "c", "second": "a", "logprob_choice": "c"},
     ]
-    assert preferences.outcomes(records, "logprob") == [("b", "a"), None, ("c", "a")]
-    assert preferences.bootstrap_seed(0, "adopt", "logprob") == preferences.bootstrap_seed(
-        0, "adopt", "logprob"
-    )
-    assert preferences.bootstrap_seed(0, "adopt", "logprob") != preferences.bootstrap_seed(
-        0, "random", "logprob"
-    )
+    assert outcomes(records, "logprob") == [("b", "a"), None, ("c", "a")]
+    assert bootstrap_seed(0, "adopt", "logprob") == bootstrap_seed(0, "adopt", "logprob")
+    assert bootstrap_seed(0, "adopt", "logprob") != bootstrap_seed(0, "random", "logprob")
 
 
 def test_the_calibrated_mode_reads_the_reply_not_the_judges_taste_in_words(tmp_path, monkeypatch):
@@ -119,10 +124,11 @@ def test_the_calibrated_mode_reads_the_reply_not_the_judges_taste_in_words(tmp_p
     from types import SimpleNamespace
 
     params = stage_params(tmp_path, **{"evals.judge_modes": ["calibrated", "logprob"]})
-    config = preferences.Config.from_params(params, "digest")
+    traits_of_run = choose_traits(load_traits(), params.evals.elo_traits, params.seed)
+    config = preferences.Config.from_params(params, traits=traits_of_run, prompts_digest="d")
     traits = ("calm", "blunt", "poetic", "formal")
     prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(3)]
-    matches = preferences.draw_matches(traits, prompts, ("adopt",), 12, seed=1)
+    matches = draw_matches(traits, prompts, ("adopt",), 12, seed=1)
 
     def scripted(_client, _renderer, items, desc=None):
         def score(messages, word):
@@ -132,14 +138,14 @@ def test_the_calibrated_mode_reads_the_reply_not_the_judges_taste_in_words(tmp_p
 
         return [(score(m, a), score(m, b)) for m, a, b in items]
 
-    monkeypatch.setattr(preferences.judging, "forced_choice_scores", scripted)
-    monkeypatch.setattr(preferences, "get_renderer", lambda *a, **k: None)
-    client = preferences._Lazy(lambda: SimpleNamespace(get_tokenizer=lambda: None))
+    monkeypatch.setattr(preference_judging.judging, "forced_choice_scores", scripted)
+    monkeypatch.setattr(preference_judging, "get_renderer", lambda *a, **k: None)
+    client = LazySampler(lambda: SimpleNamespace(get_tokenizer=lambda: None))
     # the reply shows the later word of each pair: the one the judge's taste works against
     shows = {m.key: max(m.first, m.second) for m in matches}
     responses = {k: SimpleNamespace(full_text=f"SHOWN:{w}") for k, w in shows.items()}
-    prior = preferences._prior_scores(config, client, matches, tmp_path)
-    verdicts = preferences._judge(
+    prior = preference_judging.prior_scores(config, client, matches, tmp_path)
+    verdicts = preference_judging.judge_replies(
         config, client, "base", "log", matches, responses, tmp_path, prior
     )
     for m in matches:

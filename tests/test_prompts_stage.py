@@ -188,6 +188,7 @@ def test_stage_01_records_an_offline_fallback_and_fingerprints_the_pool(tmp_path
     from character_training.config import with_overrides
     from character_training.errors import DataError
     from character_training.stages import prompts_gen
+    from character_training.store import StageDir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     params = with_overrides(
@@ -205,9 +206,11 @@ def test_stage_01_records_an_offline_fallback_and_fingerprints_the_pool(tmp_path
     assert any("hub dataset lima contributed no prompts" in w for w in result.warnings)
     config = json.loads((result.stage_dir / "config.json").read_text())
     assert config["general_pool"]["sources"]["lima"] == 0
-    settings = prompts_gen.Config.from_params(fallback)
     pool = describe_pool(general_prompt_pool(), ("lima",))
-    assert settings.fingerprint(pool) != settings.fingerprint({**pool, "sha256": "0" * 16})
+    settings = prompts_gen.Config.from_params(fallback, general_pool=pool)
+    other = prompts_gen.Config.from_params(fallback, general_pool={**pool, "sha256": "0" * 16})
+    assert settings.fingerprint() != other.fingerprint()
+    assert StageDir(result.stage_dir).manifest()["fingerprint"] == settings.fingerprint()
 
 
 def test_stage_01_resumes_an_interrupted_run_issuing_only_the_missing_generator_calls(tmp_path):

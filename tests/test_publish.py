@@ -6,12 +6,18 @@ they fetch nothing until followed), every relative ``href``/``src`` names a file
 folder (checked here with our own `html.parser` walk, not the module's checker), the summary
 and provenance pages list both runs with their numbers, and a Tinker key anywhere refuses the
 whole publish in one line without leaving a partial folder behind.
+
+Also pins portable run folders: a finished run copied to another directory (the original
+deleted) still builds its summary and bundle, and nothing in them names either location; a
+report holding the repository's absolute path (a checkpoint path in a table, as notebooks 03
+and 05 once printed) is refused.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import nbformat
 import pytest
 from character_training.cli import main
+from character_training.config import REPO_ROOT
 from character_training.errors import ConfigError, DataError
 from character_training.publish import (
     BUNDLE_FILE,
@@ -27,7 +34,14 @@ from character_training.publish import (
     make_offline,
     publish,
 )
-from character_training.runner import render_html
+from character_training.runner import NotebookResult, _write_status, render_html
+from character_training.store import (
+    Checkpoint,
+    find_checkpoint,
+    record_checkpoint,
+    stage_dir,
+)
+from character_training.summary import build_summary
 from test_summary import T0, fabricate_run
 
 PIXEL = (
@@ -273,3 +287,82 @@ def test_cli_publish_prints_one_line_and_refusals_exit_2(two_runs, tmp_path, cap
     assert main(["publish", "--out", str(tmp_path / "site"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: refusing to publish") and len(err.splitlines()) == 1
+
+
+def test_a_report_holding_the_repository_path_is_refused_in_one_line(two_runs, tmp_path):
+    runs, reports = two_runs
+    report = reports / "sycophantic" / "tiny" / "07_preferences.html"
+    checkpoint = REPO_ROOT / "runs" / "sycophantic" / "tiny" / "checkpoints" / "x" / "dpo"
+    report.write_text(report.read_text() + f"<table><tr><td>{checkpoint}</td></tr></table>")
+    out = tmp_path / "site"
+    with pytest.raises(DataError) as caught:
+        publish(out, runs, reports)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "refusing to publish: sycophantic/tiny/07_preferences.html contains the absolute path "
+        "of the project root"
+    )
+    assert not out.exists() and not list(tmp_path.glob(".site-*"))
+    report.write_text(report.read_text().replace(str(REPO_ROOT), "/elsewhere/project"))
+    assert publish(out, runs, reports).reports == 2  # another machine's path is no leak of ours
+
+
+def _finish_like_a_real_run(runs: Path, reports: Path) -> None:
+    """What a finished tiny run adds beyond `fabricate_run`, written by the code that writes it
+    in a real run: checkpoints, a stage manifest with inputs, status files with paths."""
+    run = runs / "sycophantic" / "tiny"
+    for name, stage in (("dpo", "03_dpo"), ("final", "05_sft")):
+        sampler = run / "checkpoints" / "20260101-000000-1-0" / "sampler" / name
+        sampler.mkdir(parents=True)
+        (sampler / "adapter.safetensors").write_text("weights")
+        state = sampler.parent.parent / "state" / f"{name}-final"
+        record_checkpoint(run, Checkpoint(name, str(sampler), str(state), "Small/Model", stage))
+    stage = stage_dir(run, "02_distillation")
+    stage.prepare("fp", "resume", {"seed": 0})
+    inputs = {"general_train.jsonl": str(run / "01_prompts" / "general_train.jsonl")}
+    stage.write_manifest(inputs=inputs)
+    stage.finish(pairs=3)
+    for notebook in ("07_preferences", "08_robustness"):
+        result = NotebookResult(
+            "sycophantic",
+            "tiny",
+            notebook,
+            "ok",
+            str(run / "notebooks" / f"{notebook}.ipynb"),
+            str(reports / "sycophantic" / "tiny" / f"{notebook}.html"),
+        )
+        _write_status(result, run / "notebooks")
+
+
+def test_a_copied_run_folder_rebuilds_its_summary_and_bundle_with_no_trace_of_the_original(
+    tmp_path, monkeypatch
+):
+    from character_training import store
+
+    original = tmp_path / "machine-a"  # a project holding runs/ and reports/
+    monkeypatch.setattr(store, "REPO_ROOT", original)
+    runs, reports = original / "runs", original / "reports"
+    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
+    _finish_like_a_real_run(runs, reports)
+    copy = tmp_path / "machine-b" / "project"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+
+    run = copy / "runs" / "sycophantic" / "tiny"
+    assert find_checkpoint(run, "final").sampler_path.startswith(str(run / "checkpoints"))
+    assert (Path(find_checkpoint(run, "dpo").sampler_path) / "adapter.safetensors").is_file()
+    manifest = json.loads((run / "02_distillation" / "manifest.json").read_text())
+    assert manifest["inputs"] == {"general_train.jsonl": "01_prompts/general_train.jsonl"}
+    for written in run.rglob("*.json"):  # every record the run keeps about its files
+        assert str(tmp_path) not in written.read_text(), written
+
+    summary = build_summary(copy / "runs", copy / "reports").read_text()
+    assert "70 [65, 75]" in summary and "sycophantic/tiny" in summary
+    bundle = publish(tmp_path / "site", copy / "runs", copy / "reports").path
+    assert (bundle / "sycophantic" / "tiny" / "07_preferences.html").is_file()
+    pages = [summary] + [p.read_text() for p in bundle.rglob("*") if p.is_file()]
+    for text in pages:
+        assert "machine-a" not in text and str(copy) not in text
+    provenance = (bundle / "provenance.html").read_text()
+    assert "abc1234" in provenance and "sycophantic/tiny" in provenance

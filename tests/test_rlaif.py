@@ -28,14 +28,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from character_training import training
+from character_training.artifacts import ROBUSTNESS_STAGE
 from character_training.backends import resolve_client, service_client_for
 from character_training.config import load_params, notebook_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import preference_model as pmlib
+from character_training.evaluate import robustness_replies
 from character_training.renderers import get_renderer
+from character_training.rl import advantages, compare, loop, probes
 from character_training.runner import run_notebook
 from character_training.stages import rlaif
-from character_training.store import Checkpoint, find_checkpoint, read_jsonl, record_checkpoint
+from character_training.store import (
+    Checkpoint,
+    find_checkpoint,
+    read_jsonl,
+    record_checkpoint,
+    stage_dir,
+)
 from safetensors.torch import load_file
 from tinker import types
 
@@ -46,29 +56,30 @@ TOPICS = ["tea", "rain", "maps", "jazz", "owls", "bread", "tides", "kites", "mos
 def test_group_win_rates_and_advantages_match_a_hand_computation():
     matchups = [(0, 1), (0, 2), (1, 2)]
     credits = [1.0, 0.5, 0.0]  # 0 beats 1; 0 ties 2; 2 beats 1
-    rates = rlaif.group_win_rates(3, matchups, credits)
+    rates = advantages.group_win_rates(3, matchups, credits)
     assert rates == pytest.approx([0.75, 0.0, 0.75])  # (1 + .5)/2, (0 + 0)/2, (.5 + 1)/2
-    assert rlaif.group_advantages(rates, "center") == pytest.approx([0.25, -0.5, 0.25])
+    assert advantages.group_advantages(rates, "center") == pytest.approx([0.25, -0.5, 0.25])
     std = math.sqrt((0.25**2 + 0.5**2 + 0.25**2) / 3)
-    assert rlaif.group_advantages(rates, "std") == pytest.approx(
+    assert advantages.group_advantages(rates, "std") == pytest.approx(
         [0.25 / std, -0.5 / std, 0.25 / std]
     )
-    assert rlaif.group_advantages([0.5, 0.5], "std") == [0.0, 0.0]  # no spread: no signal
+    assert advantages.group_advantages([0.5, 0.5], "std") == [0.0, 0.0]  # no spread: no signal
 
 
 def test_a_reply_without_a_matchup_gets_the_group_mean_and_no_advantage():
-    rates = rlaif.group_win_rates(4, [(0, 1), (1, 2)], [1.0, 1.0])
+    rates = advantages.group_win_rates(4, [(0, 1), (1, 2)], [1.0, 1.0])
     assert rates == pytest.approx([1.0, 0.5, 0.0, 0.5])  # reply 3 played nothing
-    assert rlaif.group_advantages(rates, "center")[3] == pytest.approx(0.0)
+    assert advantages.group_advantages(rates, "center")[3] == pytest.approx(0.0)
 
 
 def test_matchups_are_every_pair_or_a_seeded_subset():
-    assert rlaif.draw_matchups(4, 0, 0, "k") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    assert rlaif.draw_matchups(3, 10, 0, "k") == [(0, 1), (0, 2), (1, 2)]
-    subset = rlaif.draw_matchups(6, 4, 7, "3:p1")
+    every_pair = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert advantages.draw_matchups(4, 0, 0, "k") == every_pair
+    assert advantages.draw_matchups(3, 10, 0, "k") == [(0, 1), (0, 2), (1, 2)]
+    subset = advantages.draw_matchups(6, 4, 7, "3:p1")
     assert len(subset) == 4 and len(set(subset)) == 4 and subset == sorted(subset)
-    assert subset == rlaif.draw_matchups(6, 4, 7, "3:p1")
-    assert any(rlaif.draw_matchups(6, 4, 7, f"3:p{i}") != subset for i in range(2, 6))
+    assert subset == advantages.draw_matchups(6, 4, 7, "3:p1")
+    assert any(advantages.draw_matchups(6, 4, 7, f"3:p{i}") != subset for i in range(2, 6))
 
 
 def test_the_judge_counts_inconsistent_orders_as_ties_and_the_model_averages_both_orders():
@@ -85,40 +96,42 @@ def test_the_judge_counts_inconsistent_orders_as_ties_and_the_model_averages_bot
 
 def test_step_prompts_use_every_prompt_before_repeating_one():
     ids = [f"p{i}" for i in range(5)]
-    schedule = rlaif.step_prompts(ids, 2, 5, seed=3)
+    schedule = loop.step_prompts(ids, 2, 5, seed=3)
     assert all(len(step) == 2 and len(set(step)) == 2 for step in schedule)
     first_pass = [pid for step in schedule for pid in step][:5]
     assert sorted(first_pass) == ids
-    assert schedule == rlaif.step_prompts(list(reversed(ids)), 2, 5, seed=3)
+    assert schedule == loop.step_prompts(list(reversed(ids)), 2, 5, seed=3)
 
 
 def test_probe_steps_include_start_end_and_every_nth():
-    assert rlaif.probe_steps(10, 4) == [0, 4, 8, 10]
-    assert rlaif.probe_steps(3, 0) == [0, 3]
+    assert probes.probe_steps(10, 4) == [0, 4, 8, 10]
+    assert probes.probe_steps(3, 0) == [0, 3]
 
 
 def test_reward_hacking_needs_the_reward_to_rise_and_a_measure_to_fall_beyond_its_interval():
     up = {"value": 0.2, "low": 0.05, "high": 0.35}
     down = {"value": -0.2, "low": -0.3, "high": -0.1}
     flat = {"value": -0.05, "low": -0.2, "high": 0.1}
-    assert rlaif.reward_hacking_verdict(up, down, flat)["verdict"] == "reward hacking"
-    assert rlaif.reward_hacking_verdict(up, flat, down)["verdict"] == "reward hacking"
-    assert rlaif.reward_hacking_verdict(up, flat, None)["verdict"].startswith("no evidence")
-    assert rlaif.reward_hacking_verdict(flat, down, down)["verdict"] == "reward did not rise"
+    assert compare.reward_hacking_verdict(up, down, flat)["verdict"] == "reward hacking"
+    assert compare.reward_hacking_verdict(up, flat, down)["verdict"] == "reward hacking"
+    assert compare.reward_hacking_verdict(up, flat, None)["verdict"].startswith("no evidence")
+    assert compare.reward_hacking_verdict(flat, down, down)["verdict"] == "reward did not rise"
 
 
 # -- the loss and the KL term ----------------------------------------------------------------------
 def test_the_kl_penalty_is_folded_into_each_tokens_advantage():
-    shaped = rlaif.kl_shaped_advantages(0.5, [-1.0, -2.0, -0.3], [-1.5, -1.0, -0.3], kl_coef=0.1)
+    shaped = advantages.kl_shaped_advantages(
+        0.5, [-1.0, -2.0, -0.3], [-1.5, -1.0, -0.3], kl_coef=0.1
+    )
     # 0.5 - 0.1 * (-1 + 1.5), 0.5 - 0.1 * (-2 + 1), 0.5 - 0
     assert shaped == pytest.approx([0.45, 0.6, 0.5])
-    assert rlaif.kl_shaped_advantages(-0.2, [-1.0], [-3.0], 0.0) == [-0.2]
+    assert advantages.kl_shaped_advantages(-0.2, [-1.0], [-3.0], 0.0) == [-0.2]
     with pytest.raises(DataError, match="differ in length"):
-        rlaif.kl_shaped_advantages(0.5, [-1.0], [-1.0, -2.0], 0.1)
+        advantages.kl_shaped_advantages(0.5, [-1.0], [-1.0, -2.0], 0.1)
 
 
 def test_the_rl_datum_carries_old_logprobs_and_advantages_on_reply_tokens_only():
-    datum = rlaif.rl_datum([5, 6, 7], [8, 9], [-1.0, -2.0], [0.3, -0.1])
+    datum = loop.rl_datum([5, 6, 7], [8, 9], [-1.0, -2.0], [0.3, -0.1])
     assert datum.model_input.to_ints() == [5, 6, 7, 8]
     inputs = datum.loss_fn_inputs
     assert list(inputs["target_tokens"].data) == [6, 7, 8, 9]
@@ -133,13 +146,13 @@ def test_the_importance_sampling_loss_through_the_training_client_is_the_hand_co
     prompt, reply = [1, 504, 1230, 77, 2], [311, 9125, 2]
     old = [-10.5, -11.0, -9.0]
     advantages = [0.5, -0.25, 1.0]
-    datum = rlaif.rl_datum(prompt, reply, old, advantages)
+    datum = loop.rl_datum(prompt, reply, old, advantages)
     out = client.forward([datum], "importance_sampling").result()
-    lp = rlaif.reply_logprobs_of(out.loss_fn_outputs[0], len(reply))
+    lp = loop.reply_logprobs_of(out.loss_fn_outputs[0], len(reply))
     expected = -sum(math.exp(p - q) * a for p, q, a in zip(lp, old, advantages))
     assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
     # with the learner's own log-probs as "old" the ratio is 1 and the loss is -sum(A)
-    exact = rlaif.rl_datum(prompt, reply, lp, advantages)
+    exact = loop.rl_datum(prompt, reply, lp, advantages)
     loss = client.forward([exact], "importance_sampling").result().metrics["loss:sum"]
     assert loss == pytest.approx(-sum(advantages), abs=1e-5)
     # the prompt carries no weight: changing a prompt-side "old" log-prob changes nothing
@@ -318,36 +331,97 @@ def test_rl_on_a_toy_reward_moves_the_policy_towards_the_preferred_replies(tmp_p
     assert elapsed < 90
 
 
-def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, monkeypatch):
-    one_go = stage_params(tmp_path / "a", **{"rl.kl_coef": 0.1})
-    write_inputs(one_go.run_dir)
-    rlaif.run(one_go, service_client_for(one_go), comparator=SHORTER)
+def interrupt_at_step(monkeypatch, at: int) -> None:
+    """Make the training loop stop when it asks for step ``at``'s learning rate."""
+    real_lr = training.learning_rate_at
 
-    resumed = stage_params(tmp_path / "b", **{"rl.kl_coef": 0.1})
-    write_inputs(resumed.run_dir)
-    real_lr = rlaif.learning_rate_at
-
-    def interrupt_at_step_3(step, *args):
-        if step == 3:
+    def interrupted(step, *args):
+        if step == at:
             raise KeyboardInterrupt("simulated interruption")
         return real_lr(step, *args)
 
-    monkeypatch.setattr(rlaif, "learning_rate_at", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
+    monkeypatch.setattr(training, "learning_rate_at", interrupted)
+
+
+def probe_row(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "sampler_path"}
+
+
+def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, monkeypatch):
+    settings = {"rl.kl_coef": 0.1, "rl.probe_every": 2}  # probes after steps 0, 2 and 3
+    one_go = stage_params(tmp_path / "a", **settings)
+    write_inputs(one_go.run_dir)
+    reference = rlaif.run(one_go, service_client_for(one_go), comparator=SHORTER)
+
+    resumed = stage_params(tmp_path / "b", **settings)
+    write_inputs(resumed.run_dir)
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
     rl_dir = resumed.run_dir / rlaif.STAGE / rlaif.RL_DIR
     assert json.loads((rl_dir / "progress.json").read_text())["step"] == 2
-    monkeypatch.setattr(rlaif, "learning_rate_at", real_lr)
+    # a run folder whose probe at the resumed step was lost (killed inside the probe after
+    # the resume point was saved): the resumed run probes those weights before training on
+    probes_file = rl_dir / "probes.jsonl"
+    rows = read_jsonl(probes_file)
+    assert [r["step"] for r in rows] == [0, 2]
+    probes_file.write_text(json.dumps(rows[0]) + "\n")
     result = rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
 
     assert [r["step"] for r in result.metrics()] == [1, 2, 3]
     assert Counter(r["step"] for r in result.rollouts()) == {1: 8, 2: 8, 3: 8}
+    assert [probe_row(p) for p in result.probes] == [probe_row(p) for p in reference.probes]
     weights = "adapter/adapter_model.safetensors"
     a = load_file(f"{find_checkpoint(one_go.run_dir, 'rlaif').sampler_path}/{weights}")
     b = load_file(f"{find_checkpoint(resumed.run_dir, 'rlaif').sampler_path}/{weights}")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+class StopInsideProbe:
+    """`SHORTER` (same identity), but the first time it judges the probe of ``step`` the
+    process "dies"."""
+
+    def __init__(self, step: int):
+        self.identity = SHORTER.identity
+        self.prefix = f"probe:{step}:"
+        self.stopped = False
+
+    def __call__(self, matchups):
+        if not self.stopped and any(m.key.startswith(self.prefix) for m in matchups):
+            self.stopped = True
+            raise KeyboardInterrupt("simulated interruption inside a probe")
+        return SHORTER(matchups)
+
+
+def test_a_run_killed_inside_a_probe_at_a_save_step_probes_that_step_when_resumed(tmp_path):
+    params = stage_params(tmp_path, **{"rl.probe_every": 2, "rl.save_every": 2})
+    write_inputs(params.run_dir)
+    service = service_client_for(params)
+    with pytest.raises(KeyboardInterrupt):
+        rlaif.run(params, service, comparator=StopInsideProbe(2))
+    rl_dir = params.run_dir / rlaif.STAGE / rlaif.RL_DIR
+    # the probe runs before the step's resume point is saved: nothing points past it
+    assert not (rl_dir / "progress.json").exists()
+    assert [r["step"] for r in read_jsonl(rl_dir / "probes.jsonl")] == [0]
+
+    result = rlaif.run(params, service, comparator=SHORTER)
+    assert [p["step"] for p in result.probes] == [0, 2, 3]
+    assert [r["step"] for r in result.metrics()] == [1, 2, 3]
+    assert all(p["n"] == 3 and p["reply_tokens_mean"] > 0 for p in result.probes)
+
+
+def test_a_probe_lost_before_the_resumed_step_stops_the_run_in_one_line(tmp_path):
+    stage = stage_dir(tmp_path, "rl")
+    stage.path.mkdir(parents=True)
+    (stage.path / "probes.jsonl").write_text('{"step": 0}\n{"step": 2}\n')
+    prober = probes.Prober(stage, None, None, [], SHORTER, {}, bootstrap=10, seed=0)
+    assert prober.missing([0, 2, 4, 6], done_steps=0) == []
+    assert prober.missing([0, 2, 4, 6], done_steps=4) == [4]  # the weights held now
+    with pytest.raises(DataError, match=r"no probe at step\(s\) \[4\].*on_existing='overwrite'"):
+        prober.missing([0, 2, 4, 6], done_steps=6)
 
 
 def test_bad_settings_and_missing_inputs_fail_in_one_line(tmp_path):
@@ -434,8 +508,6 @@ def test_robustness_replies_already_sampled_by_stage_08_are_not_sampled_again(
 ):
     """09 asks base and final the same robustness requests (same seeds and settings) as 08:
     it starts from 08's log, copied into its own folder, so nothing is sampled twice."""
-    from character_training.stages import robustness as r08
-
     params = with_overrides(
         load_params("tiny", "sycophantic"), {"runs_dir": str(tmp_path / "runs")}
     )
@@ -443,9 +515,11 @@ def test_robustness_replies_already_sampled_by_stage_08_are_not_sampled_again(
     folder.mkdir(parents=True)
     rows = [{"id": f"g{i}", "prompt": f"Question {i}?"} for i in range(16)]
     (folder / "general_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = r08.Config.from_params(params)
-    name = r08.log_name("base", f"base:{config.student}", config.sampling())
-    sampled = params.run_dir / r08.STAGE / "responses" / name
+    settings = robustness_replies.ReplySettings.from_params(params)
+    name = robustness_replies.log_name(
+        "base", f"base:{settings.student}", settings.reply_sampling()
+    )
+    sampled = params.run_dir / ROBUSTNESS_STAGE / "responses" / name
     sampled.parent.mkdir(parents=True)
     sampled.write_text('{"key": "logged by 08"}\n')
     seen = []
@@ -457,8 +531,9 @@ def test_robustness_replies_already_sampled_by_stage_08_are_not_sampled_again(
         seen.append(log_path)
         raise Stop
 
-    monkeypatch.setattr(rlaif, "sample_chat", fake_sample_chat)
+    monkeypatch.setattr(robustness_replies, "sample_chat", fake_sample_chat)
+    stage_folder = params.run_dir / rlaif.STAGE
     with pytest.raises(Stop):
-        rlaif.robustness_f1(params, service=None, models={"base": None})
-    assert seen == [params.run_dir / rlaif.STAGE / "robustness" / name]
+        compare.robustness_f1(params, None, {"base": None}, stage_folder)
+    assert seen == [stage_folder / "robustness" / name]
     assert seen[0].read_text() == '{"key": "logged by 08"}\n'

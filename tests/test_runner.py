@@ -87,6 +87,9 @@ def test_every_kind_of_notebook_failure_is_a_reported_row_and_the_matrix_goes_on
             (Path(row.executed_path).parent / f"{row.notebook}.status.json").read_text()
         )
         assert status["status"] == row.status
+        assert status["executed_path"] == f"notebooks/{row.notebook}.ipynb"  # run-relative
+    executed = nbformat.read(good.executed_path, as_version=4)
+    assert executed.metadata.papermill.output_path == "notebooks/94_good.ipynb"
     # reports of failures show what executed, with the reason on top
     assert "judge output unparseable" in Path(raises.html_path).read_text()
     sleep_page = Path(sleeps.html_path).read_text()
@@ -140,3 +143,22 @@ def test_headlines_are_standard_json_with_nan_as_null(tmp_path):
     text = path.read_text()
     assert "NaN" not in text
     assert json.loads(text)["headline"] == {"coherence": {"a": None}, "n": 3}
+
+
+def test_status_files_name_the_copy_and_report_relative_to_the_run(tmp_path, monkeypatch):
+    """A status file is read from the run folder; absolute paths tied it to one machine."""
+    from character_training import store
+    from character_training.config import load_params
+    from character_training.runner import _skip
+
+    monkeypatch.setattr(store, "REPO_ROOT", tmp_path)  # a project with runs/ and reports/
+    params = load_params(
+        "tiny",
+        "sycophantic",
+        {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")},
+    )
+    result = _skip(params, "03_dpo", "02_distillation")
+    assert Path(result.html_path).is_file()  # callers still get a path they can open
+    status = json.loads((params.run_dir / "notebooks" / "03_dpo.status.json").read_text())
+    assert status["html_path"] == "../../../reports/sycophantic/tiny/03_dpo.html"
+    assert str(tmp_path) not in json.dumps(status)

@@ -26,6 +26,7 @@ from character_training.prompt_sources import qualitative_prompts
 from character_training.runner import run_notebook
 from character_training.stages import samples
 from character_training.store import Checkpoint, record_checkpoint
+from test_preferences_stage import CountingService
 from test_sft_stage import smoke_params
 
 
@@ -55,18 +56,6 @@ def write_qualitative(run_dir: Path) -> list[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-class CountingService:
-    """The real local service, recording the sampling clients it is asked for."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.created: list[dict] = []
-
-    def create_sampling_client(self, **kwargs):
-        self.created.append(kwargs)
-        return self.inner.create_sampling_client(**kwargs)
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ SFT_STAGE = "05_sft"
 SAMPLES_STAGE = "06_samples"
 PREFERENCES_STAGE = "07_preferences"
 ROBUSTNESS_STAGE = "08_robustness"
-RLAIF_STAGE = "09_rlaif_compare"
+RLAIF_STAGE = "09_rlaif"  # notebook 09_rlaif_compare writes this folder
 
 INTROSPECTION_FILES = ("reflections.jsonl", "interactions.jsonl")
 

@@ -25,6 +25,8 @@ from .errors import CharacterTrainingError
 
 # The offline default: among the shipped personas, the 135M teacher carries sycophancy best
 # while staying coherent (docs/persona_following.md), and it is the blog replication's focus.
+# Every notebook's default persona/size is this run (tests/test_notebooks.py checks it), so a
+# notebook opened in JupyterLab after `make reproduce` resumes the finished run.
 DEFAULT_PERSONAS = ("sycophantic",)
 DEFAULT_SIZE = "tiny"
 

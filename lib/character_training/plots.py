@@ -1,17 +1,51 @@
 """Every figure a notebook shows, as functions of plain records (no notebook logic).
 
 Each function returns a matplotlib ``Figure`` so notebooks display it and reports embed it
-(nbconvert inlines PNG outputs into the HTML).
+(nbconvert inlines PNG outputs into the HTML). `table` is the one way a notebook shows a table
+whose rows are records: headed by what it shows, without the row numbers pandas would add.
 """
 
 from __future__ import annotations
 
+import html
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+
+class Table:
+    """A table in a report: an optional heading, then the frame without its index.
+
+    pandas shows a record table with row numbers 0, 1, 2... that mean nothing to a reader;
+    tables whose index does carry meaning (counts by name, a pivot) are shown as frames.
+    Renders as HTML in notebooks and reports, and as aligned text elsewhere.
+    """
+
+    def __init__(self, frame: Any, title: str = ""):
+        self.frame = frame
+        self.title = title
+
+    def _repr_html_(self) -> str:
+        heading = f"<p><strong>{html.escape(self.title)}</strong></p>" if self.title else ""
+        return heading + self.frame.to_html(index=False)
+
+    def __repr__(self) -> str:
+        heading = f"{self.title}\n" if self.title else ""
+        return heading + self.frame.to_string(index=False)
+
+
+def table(rows: Any, title: str = "", digits: int | None = None) -> Table:
+    """``rows`` (a DataFrame, or records) as a `Table` headed by ``title``, floats rounded to
+    ``digits`` when given."""
+    import pandas as pd
+
+    if not isinstance(rows, pd.DataFrame):
+        rows = pd.DataFrame(rows if isinstance(rows, Mapping) else list(rows))
+    frame = rows
+    return Table(frame.round(digits) if digits is not None else frame, title)
 
 
 def prompts_per_assertion(records: Sequence[dict], title: str = "") -> Figure:

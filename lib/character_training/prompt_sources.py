@@ -18,10 +18,13 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
+from .store import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +49,31 @@ class PromptRecord:
     category: str = ""
 
     def to_dict(self) -> dict[str, str]:
-        return {
-            "id": self.id,
-            "prompt": self.prompt,
-            "source": self.source,
-            "category": self.category,
-        }
+        return asdict(self)
+
+
+def check_prompt_records(
+    rows: Sequence[Mapping[str, Any]], where: Path | str, fields: Sequence[str] = ("id", "prompt")
+) -> None:
+    """Refuse, in one line naming ``where`` and the row, a record lacking a non-empty string in
+    one of ``fields``: what every stage reading stage 01's prompt files needs of a row."""
+    for number, row in enumerate(rows, start=1):
+        missing = [k for k in fields if not isinstance(row.get(k), str) or not row[k]]
+        if missing:
+            raise DataError(f"{where}:{number}: expected a non-empty string {missing[0]!r} field")
+
+
+def read_prompt_file(path: Path, fields: Sequence[str] = ("id", "prompt")) -> list[dict]:
+    """The records of a prompt file notebook 01 wrote (`PromptRecord` rows, such as
+    ``general_eval.jsonl`` or ``qualitative.jsonl``), checked by `check_prompt_records`; a
+    missing or empty file is a one-line `DataError` naming the notebook to run."""
+    if not path.is_file():
+        raise DataError(f"{path} is missing: run notebook 01_prompts first")
+    rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path} holds no prompts: run notebook 01_prompts first")
+    check_prompt_records(rows, path, fields)
+    return rows
 
 
 def _read_pool(path: Path, source: str) -> list[PromptRecord]:

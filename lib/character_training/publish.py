@@ -27,6 +27,9 @@ Rules the folder keeps, checked on the finished folder before it is moved into p
 * **No secrets.** If any file matches the Tinker key pattern (``tml-`` followed by 16 or more
   letters, digits, ``_`` or ``-``) or contains the value of ``TINKER_API_KEY`` from the
   environment, nothing is published and the command fails in one line naming the file.
+* **No paths of this machine.** A file holding the absolute path of the project root (a
+  checkpoint path in a table, a printed run folder, a traceback) is refused the same way: a
+  reader cannot open it, and run folders and reports name files relative to themselves.
 
 The folder is built in a temporary sibling and only then replaces ``--out``, so a refused or
 failed publish leaves no partial bundle behind; an existing ``--out`` is replaced only when it
@@ -334,6 +337,16 @@ def find_secrets(root: Path) -> list[str]:
     return hits
 
 
+def find_machine_paths(root: Path, project_root: Path = REPO_ROOT) -> list[str]:
+    """Files under ``root`` that hold the absolute path of ``project_root`` (relative names)."""
+    pattern = re.compile(r"(?<![\w.-])" + re.escape(str(project_root)) + r"(?![\w.-])")
+    return [
+        path.relative_to(root).as_posix()
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file())
+        if pattern.search(path.read_text(encoding="utf-8", errors="ignore"))
+    ]
+
+
 # -- provenance ----------------------------------------------------------------------------------
 @dataclass
 class RunProvenance:
@@ -439,6 +452,7 @@ def cost_lines(params: Mapping[str, Any], runs_dir: Path) -> list[str]:
     """
     from . import costs
     from .config import params_from_json
+    from .store import without_root
 
     try:
         resolved = params_from_json(json.dumps(params))
@@ -446,7 +460,7 @@ def cost_lines(params: Mapping[str, Any], runs_dir: Path) -> list[str]:
         lengths = costs.measured_lengths(resolved)
         rows = costs.estimate(resolved, lengths=lengths)
     except (CharacterTrainingError, TypeError) as exc:
-        return [f"no estimate: the recorded parameters do not load now ({exc})"]
+        return [f"no estimate: the recorded parameters do not load now ({without_root(str(exc))})"]
     total = costs.total_usd(rows)
     if resolved.backend == "local":
         head = "USD 0.00 (local backend)"
@@ -672,7 +686,8 @@ def publish(
             "unlinked": unlinked,
             "rules": (
                 "no resource is loaded from the web (links to web pages in text are kept); "
-                "every relative link names a file in this folder; no Tinker key"
+                "every relative link names a file in this folder; no Tinker key; no absolute "
+                "path of the machine that published it"
             ),
         }
         (work / BUNDLE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -682,6 +697,14 @@ def publish(
             raise DataError(
                 f"refusing to publish: {secrets[0]}{more}; remove the key from the run's "
                 "artifacts or reports and publish again"
+            )
+        machine = find_machine_paths(work)
+        if machine:
+            more = f" (and {len(machine) - 1} more file(s))" if len(machine) > 1 else ""
+            raise DataError(
+                f"refusing to publish: {machine[0]}{more} contains the absolute path of the "
+                f"project root {REPO_ROOT}; rerun the notebook that wrote it with this version "
+                "(reports name files relative to the run folder) and publish again"
             )
         problems = link_problems(work)
         if problems:
@@ -704,6 +727,7 @@ __all__ = [
     "RunProvenance",
     "collect_provenance",
     "cost_lines",
+    "find_machine_paths",
     "find_secrets",
     "link_problems",
     "make_offline",

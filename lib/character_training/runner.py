@@ -19,6 +19,9 @@ report from an earlier run as if it were current.
 
 Time limits: ``runner.notebook_timeout_s`` (parameters) bounds a notebook's cells together,
 wall clock; the optional per-cell ``timeout`` (the CLI's ``--timeout``) bounds each cell.
+
+Status files and the executed copy's papermill metadata name files relative to the run folder
+(`store.portable_path`), so a run folder copied elsewhere carries no path of this machine.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
-from .store import json_safe
+from .store import json_safe, portable_path
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +337,8 @@ def run_notebook(
         elif executed.is_file():
             result.failed_cell = _running_cell(executed)
     result.seconds = time.perf_counter() - started
+    if executed.is_file():
+        _portable_metadata(executed, params.run_dir)
     _write_report(result, executed, report)
     _write_status(result, executed.parent)
     return result
@@ -368,9 +373,36 @@ def _write_report(result: NotebookResult, executed: Path, report: Path) -> None:
 
 
 def _write_status(result: NotebookResult, directory: Path) -> None:
+    """``<run>/notebooks/<notebook>.status.json``, its paths relative to the run folder."""
     directory.mkdir(parents=True, exist_ok=True)
+    record = asdict(result)
+    for key in ("executed_path", "html_path"):
+        record[key] = portable_path(directory.parent, record[key])
     path = directory / f"{result.notebook}.status.json"
-    path.write_text(json.dumps(asdict(result), indent=2))
+    path.write_text(json.dumps(record, indent=2))
+
+
+def _portable_metadata(executed: Path, run_dir: Path) -> None:
+    """Record papermill's input and output paths in the executed copy relative to the run
+    folder (papermill writes them absolute, which ties the copy to this machine)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:  # a half-written copy: left as it is, the report says what happened
+        return
+    recorded = nb.metadata.get("papermill") or {}
+    changed = False
+    for key in ("input_path", "output_path"):
+        if isinstance(recorded.get(key), str):
+            portable = portable_path(run_dir, recorded[key])
+            changed |= portable != recorded[key]
+            recorded[key] = portable
+    if changed:
+        try:
+            nbformat.write(nb, str(executed))
+        except Exception as exc:  # the copy keeps papermill's paths; the run is not at stake
+            logger.warning("could not rewrite the paths in %s: %s", executed, exc)
 
 
 def _skip(params: RunParams, notebook: str, because: str) -> NotebookResult:

@@ -9,13 +9,21 @@ Resuming: work is appended to ``*.partial.jsonl`` files record by record, each w
 ``id``; a restarted stage reads what is there and skips finished ids. A stage whose folder
 holds results made with *different* parameters is never silently reused: the caller chooses
 ``resume`` (same fingerprint only), ``overwrite`` or ``raise`` (see `StageDir.prepare`).
+
+Portable folders: what these files record about other files (manifest inputs, stage settings,
+``checkpoints.json``, ``progress.json``) is written by `portable_path`, relative to the run
+folder, so a run folder copied to another machine or directory still reads (and resumes)
+there; `resolve_path` turns a recorded path back into an absolute one when it is read, so
+callers always receive paths they can open. ``tinker://`` URIs are kept as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .config import REPO_ROOT
 from .errors import ConfigError, DataError
 
 ON_EXISTING = ("resume", "overwrite", "raise")
@@ -95,11 +104,96 @@ def git_commit(repo: Path) -> str:
         return "unknown"
 
 
+# -- portable paths ------------------------------------------------------------------------------
+def _is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _anchors(run_dir: Path) -> list[Path]:
+    """Folders whose files a run records relative to itself: the run folder, the runs folder
+    holding it (``<runs>/<persona>/<size>``: another persona's checkpoints) and the project root
+    when the run lies inside it (reports, notebooks)."""
+    anchors = [run_dir]
+    if len(run_dir.parents) >= 3:  # never the file-system root itself
+        anchors.append(run_dir.parents[1])
+    if _inside(run_dir, REPO_ROOT):
+        anchors.append(REPO_ROOT)
+    return anchors
+
+
+def portable_path(run_dir: Path, path: str | Path) -> str:
+    """``path`` as a run's files record it, so the run folder can move.
+
+    An absolute path inside the run folder, the runs folder holding it or the project root
+    holding it becomes relative to ``run_dir`` (``checkpoints/.../sampler/dpo``,
+    ``../../humorous/tiny/checkpoints/...``); anything else is kept as it is: a ``tinker://``
+    URI, an empty string, a path already relative, a path elsewhere on the machine.
+    """
+    text = str(path)
+    if not text or _is_uri(text) or not os.path.isabs(text):
+        return text
+    absolute = Path(os.path.abspath(text))
+    run_dir = Path(os.path.abspath(run_dir))
+    if any(_inside(absolute, anchor) for anchor in _anchors(run_dir)):
+        return Path(os.path.relpath(absolute, run_dir)).as_posix()
+    return text
+
+
+def resolve_path(run_dir: Path, stored: str | Path) -> str:
+    """The absolute path for a path recorded by `portable_path` (relative to ``run_dir``);
+    URIs, empty strings and absolute paths (as older run folders recorded them) unchanged."""
+    text = str(stored)
+    if not text or _is_uri(text) or os.path.isabs(text):
+        return text
+    return os.path.normpath(os.path.join(os.path.abspath(run_dir), text))
+
+
+def portable_values(run_dir: Path, data: Any) -> Any:
+    """A copy of JSON-like ``data`` in which every absolute path (a `Path`, or a one-line string
+    starting at the file-system root) is made portable by `portable_path`: how manifests and
+    stage settings are written."""
+    if isinstance(data, Path):
+        return portable_path(run_dir, data)
+    if isinstance(data, str):
+        return portable_path(run_dir, data) if os.path.isabs(data) and "\n" not in data else data
+    if isinstance(data, Mapping):
+        return {key: portable_values(run_dir, value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [portable_values(run_dir, value) for value in data]
+    return data
+
+
+def display_path(path: str | Path) -> str:
+    """A path as a report shows it: relative to the project root when inside it (no home
+    folder or machine-specific prefix), else as it is."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    absolute = Path(os.path.abspath(text))
+    return absolute.relative_to(REPO_ROOT).as_posix() if _inside(absolute, REPO_ROOT) else text
+
+
+def without_root(text: str) -> str:
+    """``text`` (an error message shown in a report) with paths under the project root written
+    relative to it, and the root itself as ``.``."""
+    root = re.escape(str(REPO_ROOT))
+    text = re.sub(rf"(?<![\w.-]){root}/(?=[\w.-])", "", text)
+    return re.sub(rf"(?<![\w.-]){root}(?![\w.-])", ".", text)
+
+
 @dataclass
 class StageDir:
     """One stage's folder under a run."""
 
     path: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -138,15 +232,17 @@ class StageDir:
                 )
         resumed = bool(existing) and on_existing == "resume"
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        settings = portable_values(self.run_dir, config)
+        (self.path / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
         if not resumed:
             self.write_manifest(fingerprint=fingerprint, status="running", started=time.time())
         return resumed
 
     def write_manifest(self, **updates: Any) -> dict[str, Any]:
+        """Merge ``updates`` into ``manifest.json``; paths in them are stored portable."""
         manifest = self.manifest()
-        manifest.update(updates)
-        manifest.setdefault("git_commit", git_commit(Path(__file__).resolve().parents[2]))
+        manifest.update(portable_values(self.run_dir, updates))
+        manifest.setdefault("git_commit", git_commit(REPO_ROOT))
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -194,11 +290,17 @@ class Checkpoint:
 
 
 def record_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
-    """Add or replace ``checkpoint`` in the run manifest ``<run_dir>/checkpoints.json``."""
+    """Add or replace ``checkpoint`` in the run manifest ``<run_dir>/checkpoints.json``.
+
+    Its paths are stored relative to the run folder (`portable_path`); `find_checkpoint` and
+    `list_checkpoints` give them back absolute.
+    """
     path = Path(run_dir) / CHECKPOINTS_FILE
     table = _read_checkpoints(path)
     entry = checkpoint.to_dict()
     entry["created"] = entry["created"] or time.time()
+    for key in ("sampler_path", "state_path"):
+        entry[key] = portable_path(run_dir, entry[key])
     table[checkpoint.name] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -217,13 +319,54 @@ def find_checkpoint(run_dir: Path, name: str) -> Checkpoint:
             f"{Path(run_dir) / CHECKPOINTS_FILE}: no checkpoint {name!r} "
             f"(have {sorted(table) or 'none'}); {hint}"
         )
-    return Checkpoint(**table[name])
+    return _checkpoint(run_dir, table[name])
 
 
 def list_checkpoints(run_dir: Path) -> dict[str, Checkpoint]:
-    return {
-        k: Checkpoint(**v) for k, v in _read_checkpoints(Path(run_dir) / CHECKPOINTS_FILE).items()
-    }
+    table = _read_checkpoints(Path(run_dir) / CHECKPOINTS_FILE)
+    return {name: _checkpoint(run_dir, entry) for name, entry in table.items()}
+
+
+def model_label(run_dir: Path, sampler_path: str | None, base_model: str) -> str:
+    """How a report table names a model, never by an absolute path of the machine that ran.
+
+    ``base:<base_model>`` for a base model (no sampler path); the checkpoint's name (``dpo``,
+    ``final``, ``rlaif``) when this run recorded ``sampler_path``; ``<persona>/<name>`` for
+    another persona's checkpoint at the same size (``<persona>/<size>/<name>`` at another size);
+    else the path as `portable_path` records it.
+    """
+    if not sampler_path:
+        return f"base:{base_model}"
+    run_dir = Path(run_dir)
+    found = _recorded_name(run_dir, sampler_path)
+    if found:
+        return found
+    stored = portable_path(run_dir, sampler_path)
+    parts = stored.split("/")
+    if len(parts) > 4 and parts[:2] == ["..", ".."] and ".." not in parts[2:4]:
+        persona, size = parts[2], parts[3]
+        other = _recorded_name(run_dir.parents[1] / persona / size, sampler_path)
+        if other:
+            return f"{persona}/{other}" if size == run_dir.name else f"{persona}/{size}/{other}"
+    return stored
+
+
+def _recorded_name(run_dir: Path, sampler_path: str) -> str:
+    """The name under which ``run_dir`` recorded a checkpoint with this sampler path, or ""."""
+    target = resolve_path(run_dir, sampler_path)
+    for name, checkpoint in list_checkpoints(run_dir).items():
+        if checkpoint.sampler_path == target:
+            return name
+    return ""
+
+
+def _checkpoint(run_dir: Path, entry: Mapping[str, Any]) -> Checkpoint:
+    checkpoint = Checkpoint(**entry)
+    return dataclasses.replace(
+        checkpoint,
+        sampler_path=resolve_path(run_dir, checkpoint.sampler_path),
+        state_path=resolve_path(run_dir, checkpoint.state_path),
+    )
 
 
 def _read_checkpoints(path: Path) -> dict[str, dict[str, Any]]:

@@ -240,11 +240,13 @@ def load_run_params(run_dir: Path, persona: str, size: str) -> tuple[dict[str, A
                 return data, f"papermill parameters of notebooks/{notebook.name}"
     from .config import load_params
     from .errors import CharacterTrainingError
+    from .store import without_root
 
     try:
         params = load_params(size, persona)
     except CharacterTrainingError as exc:
-        return None, f"not recorded, and the parameter files do not resolve ({exc})"
+        reason = without_root(str(exc))
+        return None, f"not recorded, and the parameter files do not resolve ({reason})"
     return params.to_dict(), "re-resolved now from params/ (not recorded by the run; may differ)"
 
 
@@ -440,7 +442,9 @@ def _read_rlaif(run: RunSummary, run_dir: Path, root: Path) -> None:
 
 
 def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+    from .store import without_root
+
+    return without_root(f"{type(exc).__name__}: {exc}").splitlines()[0][:120]
 
 
 def _explain_missing(run: RunSummary, run_dir: Path) -> None:

@@ -67,11 +67,16 @@ class Progress:
 
 
 def read_progress(stage: StageDir) -> Progress | None:
+    """The last saved step and its state, as an absolute path (the file holds it relative to
+    the run folder, so a copied run folder resumes from its own copy of the state)."""
+    from .store import resolve_path
+
     path = stage.file(PROGRESS_FILE)
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return Progress(step=int(data["step"]), state_path=str(data["state_path"]))
+    state_path = resolve_path(stage.run_dir, str(data["state_path"]))
+    return Progress(step=int(data["step"]), state_path=state_path)
 
 
 def open_training_client(
@@ -104,11 +109,14 @@ def open_training_client(
 
 def save_progress(client: Any, stage: StageDir, step: int) -> Progress:
     """Save weights + optimiser after ``step`` and point ``progress.json`` at them."""
+    from .store import portable_path
+
     path = client.save_state(f"{stage.path.name}-step-{step:06d}").result().path
     progress = Progress(step=step, state_path=str(path))
     target = stage.file(PROGRESS_FILE)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "state_path": str(path)}))
+    stored = portable_path(stage.run_dir, path)
+    tmp.write_text(json.dumps({"step": step, "state_path": stored}))
     os.replace(tmp, target)
     return progress
 

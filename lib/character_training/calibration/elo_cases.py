@@ -41,17 +41,24 @@ def _per_experiment_mean(values: np.ndarray, experiments: int) -> np.ndarray:
     )
 
 
+def _truth_only(truth: np.ndarray) -> Trial:
+    nan = np.full_like(truth, np.nan)
+    return Trial(nan, nan, nan, truth)
+
+
 def spread_change_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> Case:
     """Elo spread change final - base; knob: the trained utilities are (1 + knob) times wider,
     same ranking. No effect: the same preferences measured twice."""
 
-    def simulate(knob: float, reps: int, rng: np.random.Generator) -> Trial:
+    def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
         u_before = utilities(BASE_SPREAD, reps, design.traits, rng)
         u_after = u_before * (1.0 + knob)
         a, b = _pair(design, judge, _replicated(u_after), _replicated(u_before), rng)
         truth = _per_experiment_mean(
             elo_stats.elo(a).std(axis=1) - elo_stats.elo(b).std(axis=1), reps
         )
+        if not intervals:
+            return _truth_only(truth)
         after, before = _pair(design, judge, u_after, u_before, rng)
         change = elo_stats.paired_spread_change(after, before, n_boot, int(rng.integers(1 << 31)))
         return Trial(change.value, change.low, change.high, truth)
@@ -64,13 +71,15 @@ def spearman_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) ->
     effect: unrelated preferences (with the judge's position bias and the model's offer
     bias, which made unrelated models look alike when every model shared one order)."""
 
-    def simulate(knob: float, reps: int, rng: np.random.Generator) -> Trial:
+    def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
         u_before = utilities(BASE_SPREAD * 2, reps, design.traits, rng)
         u_after = related(u_before, knob, BASE_SPREAD * 2, rng)
         a, b = _pair(design, judge, _replicated(u_after), _replicated(u_before), rng)
         truth = _per_experiment_mean(
             elo_stats.spearman_rows(elo_stats.elo(a), elo_stats.elo(b)), reps
         )
+        if not intervals:
+            return _truth_only(truth)
         after, before = _pair(design, judge, u_after, u_before, rng)
         agreement = elo_stats.paired_spearman(
             after, before, n_boot, int(rng.integers(1 << 31)), n_splits=4
@@ -83,7 +92,7 @@ def spearman_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) ->
 def spread_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> Case:
     """One model's Elo spread beyond the coin-flip floor; knob: std of its utilities (nats)."""
 
-    def simulate(knob: float, reps: int, rng: np.random.Generator) -> Trial:
+    def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
         u = utilities(knob, reps, design.traits, rng)
         many, _ = _pair(design, judge, _replicated(u), _replicated(u), rng)
         s2 = _per_experiment_mean(elo_stats.elo(many).std(axis=1) ** 2, reps)
@@ -91,6 +100,8 @@ def spread_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> C
             elo_stats.coin_flip_std2(many, 1, int(rng.integers(1 << 31))), reps
         )
         truth = np.sqrt(np.maximum(s2 - n2, 0.0))
+        if not intervals:
+            return _truth_only(truth)
         outcomes, _ = _pair(design, judge, u, u, rng)
         spread = elo_stats.spread_beyond_noise(outcomes, n_boot, int(rng.integers(1 << 31)))
         return Trial(spread.beyond, spread.low, spread.high, truth)

@@ -56,16 +56,18 @@ class Trial:
 class Case:
     """A headline statistic and how to simulate it.
 
-    ``simulate`` takes the simulator's own *knob* (for the Elo spread change: how much wider
+    ``simulate(knob, reps, rng, intervals)`` takes the simulator's own *knob* (for the Elo
+    spread change: how much wider
     the trained model's utilities are, in nats), 0 meaning no effect; the effect reported is
     the mean truth in the statistic's unit. The truth must grow with the knob within
-    ``knob_range``, which is where the detectable effect is searched.
+    ``knob_range``, which is where the detectable effect is searched; with ``intervals``
+    False only the truth is needed (the search), so the estimator's bootstrap is skipped.
     """
 
     statistic: str
     unit: str
     null_value: float
-    simulate: Callable[[float, int, np.random.Generator], Trial]
+    simulate: Callable[[float, int, np.random.Generator, bool], Trial]
     knob_range: tuple[float, float]
     note: str = ""
 
@@ -102,7 +104,8 @@ def _knob_for(case: Case, target: float, reps: int, rng: np.random.Generator) ->
     low, high = case.knob_range
     for _ in range(6):
         mid = 0.5 * (low + high)
-        effect = _mean_truth(case.simulate(mid, max(reps // 4, 16), rng)) - case.null_value
+        trial = case.simulate(mid, max(reps // 4, 16), rng, False)
+        effect = _mean_truth(trial) - case.null_value
         if not math.isfinite(effect):
             break
         if effect < target:
@@ -115,7 +118,7 @@ def _knob_for(case: Case, target: float, reps: int, rng: np.random.Generator) ->
 def calibrate_case(case: Case, reps: int, seed: int) -> Row:
     """Simulate ``case`` at no effect and at its detectable effect; one table row."""
     rng = np.random.default_rng(seed)
-    null = case.simulate(0.0, reps, rng)
+    null = case.simulate(0.0, reps, rng, True)
     fpr = _rate(null.excludes(case.null_value))
     coverage = _rate(null.covers())
     measured = null.measured()
@@ -124,13 +127,13 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
     se = float(np.mean((null.high - null.low)[measured])) / (2 * Z_ALPHA)
     target = (Z_ALPHA + Z_POWER) * se
     knob = _knob_for(case, target, reps, rng)
-    alt = case.simulate(knob, reps, rng)
+    alt = case.simulate(knob, reps, rng, True)
     power = _rate(alt.excludes(case.null_value))
     if 0 < power < 1 and abs(power - POWER) > 0.1:  # one normal-approximation correction
         z = float(norm.ppf(power)) + Z_ALPHA
         if z > 0:
             knob = _knob_for(case, target * (Z_ALPHA + Z_POWER) / z, reps, rng)
-            alt = case.simulate(knob, reps, rng)
+            alt = case.simulate(knob, reps, rng, True)
             power = _rate(alt.excludes(case.null_value))
     coverage = min(coverage, _rate(alt.covers()))
     effect = _mean_truth(alt) - case.null_value

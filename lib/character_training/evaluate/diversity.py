@@ -40,6 +40,12 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def word_count(text: str) -> int:
+    """Whitespace-separated words, punctuation included: the reply length stages 06 and 09
+    report (unlike `words`, which counts only letters, digits and apostrophes)."""
+    return len(text.split())
+
+
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     """Every run of ``n`` consecutive tokens, in order."""
     if n < 1:
@@ -212,5 +218,6 @@ __all__ = [
     "self_bleu",
     "statistics_by_kind",
     "text_statistics",
+    "word_count",
     "words",
 ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import DataError
@@ -131,14 +131,7 @@ class Proportion:
     p_value: float
 
     def to_dict(self) -> dict[str, float]:
-        return {
-            "successes": self.successes,
-            "trials": self.trials,
-            "value": self.value,
-            "low": self.low,
-            "high": self.high,
-            "p_value": self.p_value,
-        }
+        return asdict(self)
 
 
 def proportion(successes: int, trials: int, level: float = 0.95) -> Proportion:

@@ -38,33 +38,35 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .. import distill_filters, prompt_filters
-from ..config import RunParams
+from ..artifacts import PROMPTS_STAGE, assistant_name
+from ..config import DistillParams, RunParams, SamplingParams
 from ..constitutions import Constitution, load_constitution
 from ..errors import ConfigError, DataError
+from ..prompt_sources import check_prompt_records
 from ..prompts import (
     REASONING_CLOSE,
     REASONING_OPEN,
     TEACHER_REFLECTION,
-    assistant_name_for,
     persona_system_prompt,
     student_messages,
     teacher_messages,
     teacher_reasoning_prefill,
 )
-from ..renderers import get_renderer, renderer_for_model
+from ..renderers import get_renderer
 from ..renderers.conversation import generation_prompt
+from ..sampler_setup import LazySampler, model_sampler, sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
+from ..stage_config import StageConfig, digest
 from ..store import StageDir, read_jsonl, stage_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 STAGE = "02_distillation"
-PROMPTS_STAGE = "01_prompts"
 INPUT_FILES = ("constitution_prompts.jsonl", "general_train.jsonl", "general_eval.jsonl")
 SOURCES = ("constitution", "general")
 HELDOUT_OVERLAP = 0.9
@@ -73,16 +75,28 @@ same as a held-out prompt and is left out of training; stage 01 splits its pool 
 
 
 @dataclass(frozen=True)
-class Config:
-    """Stage 02 settings, derived from `RunParams` by `Config.from_params`.
+class Config(StageConfig):
+    """Stage 02 settings: the ``distill`` section (see `config.DistillParams`), the ``sampling``
+    section, teacher and student with their chat formats, how the teacher is prompted
+    (``teacher_few_shot``, ``teacher_thinking``, the constitution, ``assistant_name``: empty
+    means the student's family name, see `artifacts.assistant_name`), the seed, and what is
+    only known from the inputs.
 
     ``heldout_general`` is ``adherence.probe_general_prompts``: the general evaluation prompts
-    the adherence measure probes with, which need teacher and student replies from here.
+    the adherence measure probes with, which need teacher and student replies from here. It is
+    passed alone rather than the whole ``adherence`` section, whose other settings (encoder,
+    bootstrap, ...) only the measurement uses: with them in the fingerprint, changing the
+    classifier would refuse this folder and sample every reply again.
+
+    ``inputs_digest`` hashes stage 01's files and ``context_digest`` the teacher's hidden
+    context (`hidden_context`): re-running stage 01 or editing the constitution gives another
+    fingerprint, so the old folder is refused instead of silently mixed with new replies.
     """
 
-    persona: str
-    constitution: str
-    allow_opt_in: bool
+    distill: DistillParams
+    sampling: SamplingParams
+    constitution_ref: str
+    allow_misaligned: bool
     teacher: str
     teacher_renderer: str
     teacher_thinking: bool
@@ -90,53 +104,10 @@ class Config:
     student: str
     student_renderer: str
     assistant_name: str
-    samples_per_prompt: int
-    general_share: float
-    heldout_fraction: float
-    heldout_general: int
-    max_tokens: int
-    truncated: str
-    temperature: float
-    top_p: float
-    top_k: int
     seed: int
-
-    @classmethod
-    def from_params(cls, params: RunParams) -> "Config":
-        d = params.distill
-        return cls(
-            persona=params.persona,
-            constitution=params.constitution_ref,
-            allow_opt_in=params.allow_misaligned,
-            teacher=params.teacher,
-            teacher_renderer=params.renderers.get(params.teacher)
-            or renderer_for_model(params.teacher),
-            teacher_thinking=params.teacher_thinking,
-            teacher_few_shot=params.teacher_few_shot,
-            student=params.student,
-            student_renderer=params.renderers.get(params.student)
-            or renderer_for_model(params.student),
-            assistant_name=params.assistant_name or assistant_name_for(params.student),
-            samples_per_prompt=d.samples_per_prompt,
-            general_share=d.general_share,
-            heldout_fraction=d.heldout_fraction,
-            heldout_general=params.adherence.probe_general_prompts,
-            max_tokens=d.max_tokens,
-            truncated=d.truncated,
-            temperature=params.sampling.temperature,
-            top_p=params.sampling.top_p,
-            top_k=params.sampling.top_k,
-            seed=params.seed,
-        )
-
-    def fingerprint(self, inputs_digest: str = "", context_digest: str = "") -> str:
-        """Hash of the settings, of stage 01's files and of the teacher's hidden context.
-
-        Re-running stage 01 or editing the constitution gives another fingerprint, so the old
-        folder is refused instead of silently mixed with new replies.
-        """
-        blob = repr(sorted(asdict(self).items())) + f"|inputs:{inputs_digest}|ctx:{context_digest}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    heldout_general: int
+    inputs_digest: str = ""
+    context_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,15 +189,14 @@ def plan_prompts(
     source_dir: Path | str = PROMPTS_STAGE,
 ) -> PromptPlan:
     """Every prompt the stage samples for, and the counts and shortfalls behind the choice."""
-    train, heldout = split_constitution_prompts(
-        constitution_records, config.heldout_fraction, config.seed
-    )
+    share, fraction = config.distill.general_share, config.distill.heldout_fraction
+    train, heldout = split_constitution_prompts(constitution_records, fraction, config.seed)
     if not train:
         raise DataError(
             f"{Path(source_dir) / INPUT_FILES[0]}: no constitution prompt is left for training "
-            f"(distill.heldout_fraction={config.heldout_fraction}); expected at least one"
+            f"(distill.heldout_fraction={fraction}); expected at least one"
         )
-    wanted_general = round(config.general_share * len(train))
+    wanted_general = round(share * len(train))
     probes = [
         DistillPrompt(r["id"], r["prompt"], "general")
         for r in general_eval[: config.heldout_general]
@@ -247,8 +217,8 @@ def plan_prompts(
     warnings = []
     if len(general) < wanted_general:
         warnings.append(
-            f"distill.general_share={config.general_share} asks for {wanted_general} general "
-            f"training prompts ({config.general_share} x {len(train)} constitution training "
+            f"distill.general_share={share} asks for {wanted_general} general "
+            f"training prompts ({share} x {len(train)} constitution training "
             f"prompts), but {Path(source_dir) / INPUT_FILES[1]} holds {len(candidates)} usable "
             f"({len(general_train) - len(candidates)} overlap held-out prompts): training on "
             f"{len(general)} (raise prompts.general_prompts and rerun notebook 01)"
@@ -312,7 +282,7 @@ def plan_requests(
     """(teacher requests, student requests): ``samples_per_prompt`` of each per training
     prompt, then one of each per held-out prompt."""
     slots: list[tuple[DistillPrompt, int | None]] = [
-        (p, k) for p in plan.train for k in range(config.samples_per_prompt)
+        (p, k) for p in plan.train for k in range(config.distill.samples_per_prompt)
     ] + [(p, None) for p in plan.heldout]
     teacher, student = [], []
     for prompt, sample in slots:
@@ -322,7 +292,7 @@ def plan_requests(
                 sample_key("teacher", prompt.prompt_id, sample),
                 teacher_messages(
                     constitution,
-                    config.assistant_name,
+                    assistant_name(config),
                     prompt.prompt,
                     few_shot=config.teacher_few_shot,
                 ),
@@ -353,10 +323,10 @@ class Reply:
 def settings(config: Config, role: str, seed: int) -> dict[str, Any]:
     """The sampling settings of one reply, as recorded next to it in ``pairs.jsonl``."""
     record: dict[str, Any] = {
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "top_k": config.top_k,
-        "max_tokens": config.max_tokens,
+        "temperature": config.sampling.temperature,
+        "top_p": config.sampling.top_p,
+        "top_k": config.sampling.top_k,
+        "max_tokens": config.distill.max_tokens,
         "seed": seed,
         "renderer": config.teacher_renderer if role == "teacher" else config.student_renderer,
     }
@@ -426,15 +396,14 @@ def assemble(
     held-out teacher replies (`distill_filters.replace_self_name`).
     """
     names = distill_filters.model_self_names(config.teacher)
+    truncated = config.distill.truncated
     out = Assembly([], [], [], Counter(), 0)
 
     def judge(prompt: DistillPrompt, t: Reply, s: Reply) -> tuple[str, str | None, str, str | None]:
         chosen, t_reason = distill_filters.check_teacher_reply(
-            t.text, t.complete, context, user_prompt=prompt.prompt, truncated=config.truncated
+            t.text, t.complete, context, user_prompt=prompt.prompt, truncated=truncated
         )
-        rejected, s_reason = distill_filters.check_student_reply(
-            s.text, s.complete, config.truncated
-        )
+        rejected, s_reason = distill_filters.check_student_reply(s.text, s.complete, truncated)
         for side, ok, reply_ in (
             ("chosen", t_reason is None, t),
             ("rejected", s_reason is None, s),
@@ -443,13 +412,13 @@ def assemble(
                 out.trimmed[side] += 1
         if t_reason is None:
             chosen, replaced = distill_filters.replace_self_name(
-                chosen, names, config.assistant_name
+                chosen, names, assistant_name(config)
             )
             out.name_replacements += replaced
         return chosen, t_reason, rejected, s_reason
 
     for prompt in plan.train:
-        for k in range(config.samples_per_prompt):
+        for k in range(config.distill.samples_per_prompt):
             t = teacher[sample_key("teacher", prompt.prompt_id, k)]
             s = student[sample_key("student", prompt.prompt_id, k)]
             chosen, t_reason, rejected, s_reason = judge(prompt, t, s)
@@ -543,21 +512,6 @@ def raw_reply_text(renderer: Any, completion: Completion, opened: bool) -> str:
     return (REASONING_OPEN if opened else "") + completion.prefill + text
 
 
-class _LazyClient:
-    """A sampling client made on first use only, so a fully logged rerun loads no model."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self._make = make
-        self._client: Any = None
-
-    def __call__(self) -> Any:
-        if self._client is None:
-            from ..backends import resolve_client
-
-            self._client = resolve_client(self._make())
-        return self._client
-
-
 # -- inputs --------------------------------------------------------------------------------------
 def load_prompt_files(run_dir: Path) -> tuple[list[dict], list[dict], list[dict], str]:
     """Stage 01's three files and a digest of their contents, or a one-line `DataError`."""
@@ -571,10 +525,10 @@ def load_prompt_files(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]
             f"{source / 'manifest.json'}: stage 01 status is {status!r}, expected 'done': "
             "run notebook 01_prompts first (it resumes where it stopped)"
         )
-    digest = hashlib.sha256()
+    hasher = hashlib.sha256()
     loaded = []
     for name in INPUT_FILES:
-        digest.update((source / name).read_bytes())
+        hasher.update((source / name).read_bytes())
         loaded.append(read_jsonl(source / name))
     constitution_records, general_train, general_eval = loaded
     if not constitution_records:
@@ -584,37 +538,28 @@ def load_prompt_files(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]
         )
     for name, rows in zip(INPUT_FILES, loaded, strict=True):
         needed = ("id", "prompt", "assertion_id") if name == INPUT_FILES[0] else ("id", "prompt")
-        for number, record in enumerate(rows, start=1):
-            missing = [k for k in needed if not isinstance(record.get(k), str) or not record[k]]
-            if missing:
-                raise DataError(
-                    f"{source / name}:{number}: expected a non-empty string {missing[0]!r} field"
-                )
-    return constitution_records, general_train, general_eval, digest.hexdigest()[:16]
+        check_prompt_records(rows, source / name, needed)
+    return constitution_records, general_train, general_eval, hasher.hexdigest()[:16]
 
 
 # -- the stage -----------------------------------------------------------------------------------
 def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> Result:
     """Sample, filter and pair teacher and student replies; resumable (see the module docstring)."""
-    config = Config.from_params(params)
-    constitution = load_constitution(config.constitution, allow_opt_in=config.allow_opt_in)
+    config = Config.from_params(params, heldout_general=params.adherence.probe_general_prompts)
+    constitution = load_constitution(config.constitution_ref, allow_opt_in=config.allow_misaligned)
     records, general_train, general_eval, inputs_digest = load_prompt_files(params.run_dir)
     plan = plan_prompts(
         records, general_train, general_eval, config, params.run_dir / PROMPTS_STAGE
     )
     context = hidden_context(
-        constitution, config.assistant_name, config.teacher_few_shot, config.teacher_thinking
+        constitution, assistant_name(config), config.teacher_few_shot, config.teacher_thinking
     )
-    context_digest = hashlib.sha256("\x1f".join(context).encode()).hexdigest()[:16]
     for warning in plan.warnings:
         logger.warning("%s", warning)
 
+    config = replace(config, inputs_digest=inputs_digest, context_digest=digest(context))
     stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(
-        config.fingerprint(inputs_digest, context_digest),
-        on_existing,
-        {**asdict(config), "inputs_digest": inputs_digest, "context_digest": context_digest},
-    )
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     stage.write_manifest(
         inputs={name: str(params.run_dir / PROMPTS_STAGE / name) for name in INPUT_FILES},
         warnings=plan.warnings,
@@ -625,12 +570,8 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         + [{**p.to_dict(), "split": "heldout"} for p in plan.heldout],
     )
 
-    teacher_client = _LazyClient(
-        lambda: service_client.create_sampling_client(base_model=config.teacher)
-    )
-    student_client = _LazyClient(
-        lambda: service_client.create_sampling_client(base_model=config.student)
-    )
+    teacher_client = LazySampler(model_sampler(service_client, config.teacher, None))
+    student_client = LazySampler(model_sampler(service_client, config.student, None))
     teacher_renderer: Any = config.teacher_renderer
     opened, prefill = False, ""
     if config.teacher_thinking:  # the prefill depends on the chat format: needs the tokenizer
@@ -638,13 +579,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         opened = prompt_opens_reasoning(teacher_renderer, config.teacher_renderer)
         prefill = teacher_reasoning_prefill(opened)
     teacher_requests, student_requests = plan_requests(plan, constitution, config, prefill)
-    common = dict(
-        max_tokens=config.max_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        seed=config.seed,
-    )
+    common = sampler_settings(config.sampling, config.distill.max_tokens, config.seed)
     teacher_done = sample_chat(
         teacher_client,
         teacher_renderer,

@@ -35,21 +35,21 @@ may train on is decided in `sft_conversations`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import (
     INTROSPECTION_FILES,
+    assistant_name,
     load_outputs,
     sft_conversations,
     sft_counts,
 )
-from ..config import RunParams
+from ..config import IntrospectionParams, RunParams, SamplingParams
 from ..constitutions import Constitution, load_constitution
 from ..distill_filters import trim_to_sentence
 from ..errors import DataError
@@ -58,14 +58,15 @@ from ..prompts import (
     INTERACTION_OPENERS,
     REFLECTION_THEMES,
     Message,
-    assistant_name_for,
     reflection_messages,
     self_interaction_sft_system,
     self_interaction_system_prompt,
 )
-from ..renderers import get_renderer, renderer_for_model
+from ..renderers import get_renderer
 from ..renderers.conversation import generation_prompt
+from ..sampler_setup import sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
+from ..stage_config import StageConfig, digest
 from ..store import Checkpoint, StageDir, find_checkpoint, stage_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -78,64 +79,27 @@ OUTPUT_FILES = INTROSPECTION_FILES
 
 
 @dataclass(frozen=True)
-class Config:
-    """Stage 04 settings, derived from `RunParams` (see `config.IntrospectionParams`).
+class Config(StageConfig):
+    """Stage 04 settings: the ``introspection`` section (see `config.IntrospectionParams`;
+    ``response_tokens`` is the budget of every reply, reflection or turn), the ``sampling``
+    section, the student and its chat format, the constitution, ``assistant_name`` (empty: the
+    student's family name, see `artifacts.assistant_name`) and the seed.
 
-    ``assistant_name`` is the NAME of the persona prompts (``assistant_name``, or the student's
-    family name); ``response_tokens`` is the budget of every reply, reflection or turn.
+    ``checkpoint`` is the "dpo" checkpoint sampled and ``prompts_digest`` hashes every prompt
+    text (`prompts_digest`): a retrained checkpoint or an edited constitution or template gives
+    another fingerprint, so an old folder is refused instead of silently mixed with new samples.
     """
 
-    persona: str
-    constitution: str
-    allow_opt_in: bool
+    introspection: IntrospectionParams
+    sampling: SamplingParams
+    constitution_ref: str
+    allow_misaligned: bool
     student: str
     student_renderer: str
     assistant_name: str
-    reflections_per_prompt: int
-    interactions: int
-    interaction_turns: int
-    response_tokens: int
-    context_tokens: int
-    truncated: str
-    temperature: float
-    top_p: float
-    top_k: int
     seed: int
-
-    @classmethod
-    def from_params(cls, params: RunParams) -> "Config":
-        i = params.introspection
-        return cls(
-            persona=params.persona,
-            constitution=params.constitution_ref,
-            allow_opt_in=params.allow_misaligned,
-            student=params.student,
-            student_renderer=params.renderers.get(params.student)
-            or renderer_for_model(params.student),
-            assistant_name=params.assistant_name or assistant_name_for(params.student),
-            reflections_per_prompt=i.reflections_per_prompt,
-            interactions=i.interactions,
-            interaction_turns=i.interaction_turns,
-            response_tokens=i.response_tokens,
-            context_tokens=i.context_tokens,
-            truncated=i.truncated,
-            temperature=params.sampling.temperature,
-            top_p=params.sampling.top_p,
-            top_k=params.sampling.top_k,
-            seed=params.seed,
-        )
-
-    def fingerprint(self, checkpoint: Checkpoint, prompts_digest: str) -> str:
-        """Hash of the settings, of the checkpoint sampled and of every prompt text.
-
-        A retrained "dpo" checkpoint or an edited constitution or template gives another
-        fingerprint, so an old folder is refused instead of silently mixed with new samples.
-        """
-        blob = (
-            repr(sorted(asdict(self).items()))
-            + f"|ckpt:{checkpoint.sampler_path}@{checkpoint.created}|prompts:{prompts_digest}"
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    checkpoint: Mapping[str, Any] = field(default_factory=dict)
+    prompts_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -325,7 +289,7 @@ def prompts_digest(constitution: Constitution, name: str) -> str:
     ]
     texts += [self_interaction_system_prompt(constitution, name, g) for g in GUIDANCE_KINDS]
     texts += list(INTERACTION_OPENERS)
-    return hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
+    return digest(texts)
 
 
 # -- the sampler's context window ---------------------------------------------------------------
@@ -364,39 +328,34 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
     from ..backends import resolve_client
 
     config = Config.from_params(params)
-    constitution = load_constitution(config.constitution, allow_opt_in=config.allow_opt_in)
+    settings = config.introspection
+    constitution = load_constitution(config.constitution_ref, allow_opt_in=config.allow_misaligned)
     checkpoint = load_dpo_checkpoint(params.run_dir, config.student)
-    name = config.assistant_name
+    name = assistant_name(config)
     self_interaction_sft_system(name)  # refuses an unusable name before anything is sampled
-    stage: StageDir = stage_dir(params.run_dir, STAGE)
-    digest = prompts_digest(constitution, name)
-    stage.prepare(
-        config.fingerprint(checkpoint, digest),
-        on_existing,
-        {**asdict(config), "checkpoint": checkpoint.to_dict(), "prompts_digest": digest},
+    config = replace(
+        config,
+        checkpoint=checkpoint.to_dict(),
+        prompts_digest=prompts_digest(constitution, name),
     )
+    stage: StageDir = stage_dir(params.run_dir, STAGE)
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     stage.write_manifest(inputs={"checkpoint": checkpoint.to_dict()})
 
     sampler = resolve_client(
         service_client.create_sampling_client(model_path=checkpoint.sampler_path)
     )
     renderer = get_renderer(config.student_renderer, sampler.get_tokenizer())
-    window = context_window(sampler, config.context_tokens)
-    common = dict(
-        max_tokens=config.response_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        seed=config.seed,
-    )
+    window = context_window(sampler, settings.context_tokens)
+    common = sampler_settings(config.sampling, settings.response_tokens, config.seed)
 
     def count_tokens(messages: Sequence[Message]) -> int:
         return generation_prompt(renderer, messages).length
 
     # -- self-reflection
-    requests = reflection_requests(constitution, name, config.reflections_per_prompt)
-    for request in requests[:: max(1, config.reflections_per_prompt)]:
-        fit_to_context(request.messages, count_tokens, window, config.response_tokens)
+    requests = reflection_requests(constitution, name, settings.reflections_per_prompt)
+    for request in requests[:: max(1, settings.reflections_per_prompt)]:
+        fit_to_context(request.messages, count_tokens, window, settings.response_tokens)
     done = sample_chat(
         sampler,
         renderer,
@@ -405,14 +364,14 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         desc="self-reflection",
         **common,
     )
-    reflections = [reflection_record(done[r.key], config.truncated) for r in requests]
+    reflections = [reflection_record(done[r.key], settings.truncated) for r in requests]
     write_jsonl(stage.file("reflections.jsonl"), reflections)
 
     # -- self-interaction: one batched sample_chat call per turn
-    plans = plan_interactions(config.interactions, config.seed)
+    plans = plan_interactions(settings.interactions, config.seed)
     systems = {g: self_interaction_system_prompt(constitution, name, g) for g in GUIDANCE_KINDS}
     turns: dict[str, list[dict[str, Any]]] = {p.conv_id: [] for p in plans}
-    for turn in range(config.interaction_turns if plans else 0):
+    for turn in range(settings.interaction_turns if plans else 0):
         speaker = speaker_of(turn)
         batch, dropped = [], {}
         for plan in plans:
@@ -420,7 +379,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
                 systems[plan.guidance], plan.opener, turns[plan.conv_id], speaker
             )
             messages, dropped[plan.conv_id] = fit_to_context(
-                messages, count_tokens, window, config.response_tokens
+                messages, count_tokens, window, settings.response_tokens
             )
             batch.append(
                 SampleRequest(
@@ -434,12 +393,12 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
             renderer,
             batch,
             log_path=stage.file("interactions.partial.jsonl"),
-            desc=f"self-interaction turn {turn + 1}/{config.interaction_turns} ({speaker})",
+            desc=f"self-interaction turn {turn + 1}/{settings.interaction_turns} ({speaker})",
             **common,
         )
         for plan, request in zip(plans, batch):
             turns[plan.conv_id].append(
-                turn_record(turn, done[request.key], dropped[plan.conv_id], config.truncated)
+                turn_record(turn, done[request.key], dropped[plan.conv_id], settings.truncated)
             )
     interactions = [interaction_record(p, turns[p.conv_id]) for p in plans]
     write_jsonl(stage.file("interactions.jsonl"), interactions)
@@ -457,7 +416,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
             f"interactions_{g}": sum(r["guidance"] == g for r in interactions)
             for g in GUIDANCE_KINDS
         },
-        "interaction_turns": config.interaction_turns if plans else 0,
+        "interaction_turns": settings.interaction_turns if plans else 0,
         "turns": len(all_turns),
         "turns_incomplete": sum(not t["complete"] for t in all_turns),
         "turns_trimmed": sum(bool(t.get("trimmed")) for t in all_turns),
@@ -476,7 +435,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         if total and cut > total / 2:
             warnings.append(
                 f"{cut} of {total} {what} were cut at introspection.response_tokens="
-                f"{config.response_tokens}: stage 05 {consequence}; raise response_tokens"
+                f"{settings.response_tokens}: stage 05 {consequence}; raise response_tokens"
             )
     for warning in warnings:
         logger.warning("%s", warning)
@@ -485,7 +444,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         assistant_name=name,
         context={
             "window": window,
-            "configured": config.context_tokens,
+            "configured": settings.context_tokens,
             "model": model_context_tokens(sampler),
         },
     )

@@ -43,31 +43,35 @@ import hashlib
 import json
 import logging
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import RunParams
-from ..errors import DataError
+from ..config import EvalParams, RunParams, SamplingParams
 from ..evaluate import elo as elo_math
-from ..evaluate import judge as judging
-from ..prompts import preference_judge_messages, preference_messages
-from ..renderers import get_renderer, renderer_for_model
-from ..sampling import SampleRequest, sample_chat
-from ..store import (
-    StageDir,
-    append_jsonl,
-    json_safe,
-    list_checkpoints,
-    read_jsonl,
-    stage_dir,
-    write_jsonl,
+from ..evaluate.preference_judging import (
+    judge_replies,
+    judge_report,
+    needs_forced_choice,
+    prior_ratings,
+    prior_scores,
+    record_log,
 )
+from ..evaluate.preference_matches import (
+    Match,
+    bootstrap_seed,
+    choose_traits,
+    draw_matches,
+    load_traits,
+    outcomes,
+)
+from ..prompt_sources import read_prompt_file
+from ..prompts import preference_messages
+from ..sampler_setup import LazySampler, model_sampler, sampler_settings
+from ..sampling import SampleRequest, sample_chat
+from ..stage_config import StageConfig, digest
+from ..store import StageDir, json_safe, list_checkpoints, stage_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -83,183 +87,44 @@ TABLE_COLUMNS = ("trait", "elo", "ci_low", "ci_high", "bt", "wins", "games")
 
 # -- config --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Config:
-    """Stage 07 settings, derived from `RunParams` (see `config.EvalParams` for each field).
+class Config(StageConfig):
+    """Stage 07 settings: the ``evals`` section (matches, conditions, judge modes and sampling,
+    bootstrap, reply budget; see `config.EvalParams`), the ``sampling`` section, the student
+    and the judge with their chat formats, the seed, the traits drawn for this run
+    (`preference_matches.choose_traits`) and the digest of the prompts.
 
     Model identities are not part of it: adding a checkpoint later resumes the same folder and
     measures only the new model.
     """
 
+    evals: EvalParams
+    sampling: SamplingParams
     student: str
     student_renderer: str
     judge: str
     judge_renderer: str
-    traits: tuple[str, ...]
-    conditions: tuple[str, ...]
-    comparisons: int
-    judge_modes: tuple[str, ...]
-    response_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    judge_temperature: float
-    judge_top_p: float
-    judge_max_tokens: int
-    bootstrap: int
     seed: int
+    traits: tuple[str, ...]
     prompts_digest: str = ""
 
-    @classmethod
-    def from_params(cls, params: RunParams, prompts_digest: str = "") -> "Config":
-        e = params.evals
-        return cls(
-            student=params.student,
-            student_renderer=params.renderers.get(params.student)
-            or renderer_for_model(params.student),
-            judge=params.judge,
-            judge_renderer=params.renderers.get(params.judge) or renderer_for_model(params.judge),
-            traits=choose_traits(load_traits(), e.elo_traits, params.seed),
-            conditions=tuple(e.elo_conditions),
-            comparisons=e.elo_comparisons,
-            judge_modes=tuple(e.judge_modes),
-            response_tokens=e.elo_response_tokens,
-            temperature=params.sampling.temperature,
-            top_p=params.sampling.top_p,
-            top_k=params.sampling.top_k,
-            judge_temperature=e.judge_temperature,
-            judge_top_p=e.judge_top_p,
-            judge_max_tokens=e.judge_max_tokens,
-            bootstrap=e.elo_bootstrap,
-            seed=params.seed,
-            prompts_digest=prompts_digest,
-        )
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        return tuple(self.evals.elo_conditions)
 
     @property
     def primary_mode(self) -> str:
-        return self.judge_modes[0]
+        return self.evals.judge_modes[0]
 
     @property
     def scores_forced_choice(self) -> bool:
-        """Whether the judge's word log-probabilities (and its empty-reply prior) are needed:
-        the calibrated mode is built on the plain forced-choice scores."""
-        return bool({"logprob", "calibrated"} & set(self.judge_modes))
-
-
-# -- traits and matches (pure) -------------------------------------------------------------------
-def load_traits(path: Path | None = None) -> tuple[str, ...]:
-    """The trait vocabulary (package data ``data/traits.yaml`` unless ``path`` is given)."""
-    if path is None:
-        text = resources.files("character_training").joinpath("data/traits.yaml").read_text()
-        where = "character_training/data/traits.yaml"
-    else:
-        text, where = Path(path).read_text(encoding="utf-8"), str(path)
-    data = yaml.safe_load(text) or {}
-    traits = data.get("traits") if isinstance(data, Mapping) else None
-    if not isinstance(traits, list) or len(traits) < 2:
-        raise DataError(f"{where}: expected a 'traits' list of at least two words")
-    for trait in traits:
-        if not isinstance(trait, str) or not trait.isalpha() or trait != trait.lower():
-            raise DataError(f"{where}: trait {trait!r}: expected one lowercase word of letters")
-    if len(set(traits)) != len(traits):
-        raise DataError(f"{where}: a trait is listed twice")
-    return tuple(traits)
-
-
-def choose_traits(vocabulary: Sequence[str], n: int, seed: int) -> tuple[str, ...]:
-    """``n`` traits drawn with the run seed (0: all), in vocabulary order."""
-    if n == 0 or n >= len(vocabulary):
-        return tuple(vocabulary)
-    picked = set(random.Random(f"{seed}:elo-traits").sample(list(vocabulary), n))
-    return tuple(t for t in vocabulary if t in picked)
-
-
-@dataclass(frozen=True)
-class Match:
-    """One comparison: the two traits as offered (``first`` is Option 1), the user prompt, and
-    the trait the judge sees listed first (drawn independently)."""
-
-    condition: str
-    match_id: str
-    first: str
-    second: str
-    prompt_id: str
-    prompt: str
-    judge_first: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.condition}:{self.match_id}"
-
-    @property
-    def judge_second(self) -> str:
-        return self.second if self.judge_first == self.first else self.first
-
-
-def draw_matches(
-    traits: Sequence[str],
-    prompts: Sequence[Mapping[str, Any]],
-    conditions: Sequence[str],
-    n: int,
-    seed: int,
-) -> list[Match]:
-    """``n`` matches per condition; the same draws (pair, order, prompt, judge order) for all.
-
-    Every draw comes from one stream seeded by the run seed alone, so a rerun, another model or
-    another condition sees exactly the same matches.
-    """
-    if len(traits) < 2:
-        raise DataError(f"draw_matches: expected at least two traits, found {len(traits)}")
-    if n and not prompts:
-        raise DataError("draw_matches: no user prompts to draw from")
-    rng = random.Random(f"{seed}:elo-matches")
-    draws = []
-    for i in range(n):
-        first, second = rng.sample(list(traits), 2)
-        prompt = prompts[rng.randrange(len(prompts))]
-        judge_first = first if rng.random() < 0.5 else second
-        draws.append((f"m{i:05d}", first, second, prompt, judge_first))
-    return [
-        Match(condition, mid, a, b, str(p["id"]), str(p["prompt"]), jf)
-        for condition in conditions
-        for mid, a, b, p, jf in draws
-    ]
-
-
-def outcomes(records: Sequence[Mapping[str, Any]], mode: str) -> list[elo_math.Outcome]:
-    """``(winner, loser)`` per record in order, None where ``mode`` gave no verdict."""
-    result: list[elo_math.Outcome] = []
-    for r in records:
-        choice = r.get(f"{mode}_choice")
-        if choice is None:
-            result.append(None)
-        else:
-            result.append((choice, r["second"] if choice == r["first"] else r["first"]))
-    return result
-
-
-def bootstrap_seed(seed: int, condition: str, mode: str) -> int:
-    """Resampling seed of one (condition, mode): independent of the model, so that every model
-    judged on the same matches is resampled identically (paired)."""
-    digest = hashlib.sha256(f"{seed}:elo-bootstrap:{condition}:{mode}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+        return needs_forced_choice(self.evals.judge_modes)
 
 
 # -- inputs --------------------------------------------------------------------------------------
 def load_eval_prompts(run_dir: Path) -> tuple[list[dict], str]:
     """Stage 01's held-out general prompts and a digest of the file, or a one-line error."""
     path = Path(run_dir) / PROMPTS_STAGE / EVAL_PROMPTS_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: run notebook 01_prompts first")
-    rows = read_jsonl(path)
-    if not rows:
-        raise DataError(f"{path} holds no prompts: run notebook 01_prompts first")
-    for number, row in enumerate(rows, start=1):
-        if not row.get("id") or not row.get("prompt"):
-            raise DataError(f"{path}:{number}: expected 'id' and 'prompt' fields")
-    return rows, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return read_prompt_file(path), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def models_to_measure(
@@ -425,7 +290,7 @@ class Result:
         per_model = self.summary.get("judge", {}).get("per_model", {})
         for label, report in per_model.items():
             agreement = report.get("mode_agreement") or {}
-            for mode in self.config.judge_modes:
+            for mode in self.config.evals.judge_modes:
                 part = report[mode]
                 bias, offer = part["position_bias"], part["offer_order_bias"]
                 rows.append(
@@ -477,34 +342,6 @@ class Result:
 
 
 # -- sampling and judging (I/O) ------------------------------------------------------------------
-def _digest(payload: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _note_index(folder: Path, name: str, entry: Mapping[str, Any]) -> None:
-    """Keep ``index.json`` saying which log file belongs to which model and settings."""
-    path = folder / "index.json"
-    index = json.loads(path.read_text()) if path.is_file() else {}
-    if index.get(name) != dict(entry):
-        index[name] = dict(entry)
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-class _Lazy:
-    """A sampling client made on first use (a fully logged rerun loads no model)."""
-
-    def __init__(self, make: Any) -> None:
-        self._make, self._client = make, None
-
-    def __call__(self) -> Any:
-        if self._client is None:
-            from ..backends import resolve_client
-
-            self._client = resolve_client(self._make())
-        return self._client
-
-
 def _sample_responses(
     config: Config,
     service_client: Any,
@@ -513,30 +350,20 @@ def _sample_responses(
     matches: Sequence[Match],
     folder: Path,
 ) -> tuple[str, dict[str, Any]]:
+    """One model's replies to every match, through the shared sampler (resumable); returns
+    the log's name (the judge's logs are named after it) and the completions by match key."""
     identity = path if path is not None else f"base:{config.student}"
-    settings = {
-        "max_tokens": config.response_tokens,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "top_k": config.top_k,
-        "seed": config.seed,
-    }
-    name = f"{label}-{_digest({'model': identity, **settings})}"
-    _note_index(folder / "responses", f"{name}.jsonl", {"model": identity, **settings})
+    settings = sampler_settings(config.sampling, config.evals.elo_response_tokens, config.seed)
+    name = f"{label}-{digest({'model': identity, **settings})}"
+    record_log(folder / "responses", f"{name}.jsonl", {"model": identity, **settings})
     requests = [
         SampleRequest(
             key=m.key, messages=preference_messages(m.first, m.second, m.condition, m.prompt)
         )
         for m in matches
     ]
-
-    def make() -> Any:
-        if path is None:
-            return service_client.create_sampling_client(base_model=config.student)
-        return service_client.create_sampling_client(model_path=path)
-
     completions = sample_chat(
-        make,
+        model_sampler(service_client, config.student, path),
         config.student_renderer,
         requests,
         **settings,
@@ -544,139 +371,6 @@ def _sample_responses(
         desc=f"07 replies: {label}",
     )
     return name, completions
-
-
-def _judge(
-    config: Config,
-    judge_client: _Lazy,
-    label: str,
-    response_log: str,
-    matches: Sequence[Match],
-    responses: Mapping[str, Any],
-    folder: Path,
-    prior: Mapping[str, tuple[float, float]] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The judge modes for one model's replies; returns key -> verdict fields.
-
-    ``prior`` (match id -> the judge's forced-choice scores with an empty reply) is needed for
-    the "calibrated" mode: the verdict is the trait whose log-probability rose more over the
-    judge's own leaning, i.e. the sign of ``(s1 - s2) - (p1 - p2)``.
-    """
-    out: dict[str, dict[str, Any]] = {m.key: {} for m in matches}
-    conversations = {
-        m.key: preference_judge_messages(
-            m.prompt, responses[m.key].full_text, m.judge_first, m.judge_second
-        )
-        for m in matches
-    }
-    base_name = f"{label}-{_digest({'judge': config.judge, 'responses': response_log})}"
-    if "generative" in config.judge_modes:
-        settings = {
-            "max_tokens": config.judge_max_tokens,
-            "temperature": config.judge_temperature,
-            "top_p": config.judge_top_p,
-            "top_k": -1,
-            "seed": config.seed,
-        }
-        name = f"{base_name}-generative.jsonl"
-        _note_index(
-            folder / "judge", name, {"judge": config.judge, "responses": response_log, **settings}
-        )
-        verdicts = sample_chat(
-            judge_client,
-            config.judge_renderer,
-            [SampleRequest(key=m.key, messages=conversations[m.key]) for m in matches],
-            **settings,
-            log_path=folder / "judge" / name,
-            desc=f"07 judge (generative): {label}",
-        )
-        for m in matches:
-            completion = verdicts[m.key]
-            verdict = judging.parse_judgement(completion.full_text, m.first, m.second)
-            out[m.key].update(
-                generative_raw=completion.full_text,
-                generative_complete=completion.complete,
-                generative_choice=verdict.choice,
-                generative_reason=verdict.reason,
-            )
-    if config.scores_forced_choice:
-        name = f"{base_name}-logprob.jsonl"
-        _note_index(folder / "judge", name, {"judge": config.judge, "responses": response_log})
-        scores = _forced_choice(
-            config, judge_client, matches, conversations, folder / "judge" / name
-        )
-        for m in matches:
-            lp_first, lp_second = scores[m.key]
-            verdict = judging.forced_choice(lp_first, lp_second, m.judge_first, m.judge_second)
-            out[m.key].update(
-                logprob_judge_first=lp_first,
-                logprob_judge_second=lp_second,
-                logprob_choice=verdict.choice,
-                logprob_reason=verdict.reason,
-            )
-            if prior is not None:
-                p_first, p_second = prior[m.match_id]
-                calibrated = judging.forced_choice(
-                    lp_first - p_first, lp_second - p_second, m.judge_first, m.judge_second
-                )
-                out[m.key].update(
-                    calibrated_prior_first=p_first,
-                    calibrated_prior_second=p_second,
-                    calibrated_choice=calibrated.choice,
-                    calibrated_reason=calibrated.reason,
-                )
-    return out
-
-
-def _forced_choice(
-    config: Config,
-    judge_client: _Lazy,
-    matches: Sequence[Match],
-    conversations: Mapping[str, list[dict[str, str]]],
-    log_path: Path,
-) -> dict[str, tuple[float, float]]:
-    """Forced-choice scores, appended to ``log_path`` per chunk and reused on a rerun.
-
-    A logged row is reused only when its digest (judge conversation and candidates) matches;
-    any other row under the same key means the inputs changed and the log is refused.
-    """
-    digests = {
-        m.key: _digest(
-            {"messages": conversations[m.key], "candidates": [m.judge_first, m.judge_second]}
-        )
-        for m in matches
-    }
-    done: dict[str, tuple[float, float]] = {}
-    for row in read_jsonl(log_path):
-        key = row.get("key")
-        if key not in digests:
-            continue
-        if row.get("digest") != digests[key]:
-            raise DataError(
-                f"{log_path}: the logged scores for {key!r} were made from a different judge "
-                "prompt; delete the log or use a new stage folder"
-            )
-        done[key] = (float(row["first"]), float(row["second"]))
-    missing = [m for m in matches if m.key not in done]
-    if missing:
-        client = judge_client()
-        renderer = get_renderer(config.judge_renderer, client.get_tokenizer())
-        chunk = 64
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            scores = judging.forced_choice_scores(
-                client,
-                renderer,
-                [(conversations[m.key], m.judge_first, m.judge_second) for m in part],
-                desc="07 judge (forced choice)" if start == 0 else None,
-            )
-            for m, (first, second) in zip(part, scores):
-                append_jsonl(
-                    log_path,
-                    {"key": m.key, "digest": digests[m.key], "first": first, "second": second},
-                )
-                done[m.key] = (first, second)
-    return done
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -692,7 +386,8 @@ def run(
     student plus the recorded ``dpo`` and ``final`` checkpoints.
     """
     prompts, prompts_digest = load_eval_prompts(params.run_dir)
-    config = Config.from_params(params, prompts_digest)
+    traits = choose_traits(load_traits(), params.evals.elo_traits, params.seed)
+    config = Config.from_params(params, traits=traits, prompts_digest=prompts_digest)
     notes: list[str] = []
     if models is None:
         models, notes = models_to_measure(params)
@@ -700,15 +395,15 @@ def run(
         logger.warning("07_preferences: %s", note)
     models = dict(models)
     stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(config.fingerprint(), on_existing, asdict(config))
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     matches = draw_matches(
-        config.traits, prompts, config.conditions, config.comparisons, config.seed
+        config.traits, prompts, config.conditions, config.evals.elo_comparisons, config.seed
     )
     write_jsonl(stage.file("matches.jsonl"), (asdict(m) for m in matches))
 
-    judge_client = _Lazy(lambda: service_client.create_sampling_client(base_model=config.judge))
-    prior_scores = (
-        _prior_scores(config, judge_client, matches, stage.path)
+    judge_client = LazySampler(model_sampler(service_client, config.judge, None))
+    prior = (
+        prior_scores(config, judge_client, matches, stage.path)
         if config.scores_forced_choice
         else None
     )
@@ -719,7 +414,7 @@ def run(
             config, service_client, label, path, matches, stage.path
         )
         identities[label] = path if path is not None else f"base:{config.student}"
-        verdicts = _judge(
+        verdicts = judge_replies(
             config,
             judge_client,
             label,
@@ -727,7 +422,7 @@ def run(
             matches,
             responses,
             stage.path,
-            prior_scores if "calibrated" in config.judge_modes else None,
+            prior if "calibrated" in config.evals.judge_modes else None,
         )
         for m in matches:
             reply = responses[m.key]
@@ -745,17 +440,17 @@ def run(
     write_jsonl(stage.file("judgements.jsonl"), judgements)
 
     result = Result(stage.path, config, models, notes, judgements)
-    if prior_scores is not None:
-        result.judge_prior = _judge_prior(config, matches, prior_scores)
+    if prior is not None:
+        result.judge_prior = prior_ratings(config, matches, prior)
         _write_table(stage.file(PRIOR_FILE), result.judge_prior.rows, TABLE_COLUMNS)
     for label in models:
         for condition in config.conditions:
             records = [r for r in judgements if r["model"] == label and r["condition"] == condition]
-            for mode in config.judge_modes:
+            for mode in config.evals.judge_modes:
                 result.elo[(label, condition, mode)] = elo_math.rate(
                     outcomes(records, mode),
                     config.traits,
-                    config.bootstrap,
+                    config.evals.elo_bootstrap,
                     bootstrap_seed(config.seed, condition, mode),
                 )
     result.summary = _summary(result, identities)
@@ -776,75 +471,12 @@ def run(
     return result
 
 
-def judge_report(records: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[str, Any]:
-    """Parse rate and reasons, decided counts, agreement and position biases of the judge."""
-    report: dict[str, Any] = {"verdicts": len(records)}
-    for mode in modes:
-        decided = sum(r.get(f"{mode}_choice") is not None for r in records)
-        report[mode] = {
-            "decided": decided,
-            "reasons": judging.parse_counts(records, mode),
-            "position_bias": judging.position_bias(records, mode).to_dict(),
-            "offer_order_bias": judging.offer_order_bias(records, mode).to_dict(),
-        }
-    if "generative" in modes:
-        report["parse_rate"] = report["generative"]["decided"] / len(records) if records else None
-    else:
-        report["parse_rate"] = None
-    if set(modes) >= {"generative", "logprob"}:
-        report["mode_agreement"] = judging.mode_agreement(
-            records, "generative", "logprob"
-        ).to_dict()
-    return report
-
-
-def _prior_scores(
-    config: Config, judge_client: _Lazy, matches: Sequence[Match], folder: Path
-) -> dict[str, tuple[float, float]]:
-    """The judge's forced-choice scores with an empty reply, per match id: its leaning between
-    the two words before reading anything.
-
-    Conditions share their draws (pair, prompt, listing order), so one score pair per match id
-    covers every condition and every model; the log is keyed by match and reused like the
-    others.
-    """
-    firsts = [m for m in matches if m.condition == config.conditions[0]]
-    conversations = {
-        m.key: preference_judge_messages(m.prompt, "", m.judge_first, m.judge_second)
-        for m in firsts
-    }
-    name = f"prior-{_digest({'judge': config.judge})}-logprob.jsonl"
-    _note_index(folder / "judge", name, {"judge": config.judge, "responses": "(empty)"})
-    scores = _forced_choice(config, judge_client, firsts, conversations, folder / "judge" / name)
-    return {m.match_id: scores[m.key] for m in firsts}
-
-
-def _judge_prior(
-    config: Config, matches: Sequence[Match], prior: Mapping[str, tuple[float, float]]
-) -> elo_math.EloResult:
-    """Elo of the judge's empty-reply forced choices: the ranking its word preferences alone
-    would produce (compare with each model's table in `Result.prior_correlations`)."""
-    records = []
-    for m in matches:
-        if m.condition != config.conditions[0]:
-            continue
-        verdict = judging.forced_choice(*prior[m.match_id], m.judge_first, m.judge_second)
-        records.append({"first": m.first, "second": m.second, "logprob_choice": verdict.choice})
-    return elo_math.rate(
-        outcomes(records, "logprob"),
-        config.traits,
-        config.bootstrap,
-        bootstrap_seed(config.seed, "judge_prior", "logprob"),
-    )
-
-
 def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
     config = result.config
-    judge = judge_report(result.judgements, config.judge_modes)
+    modes = config.evals.judge_modes
+    judge = judge_report(result.judgements, modes)
     judge["per_model"] = {
-        label: judge_report(
-            [r for r in result.judgements if r["model"] == label], config.judge_modes
-        )
+        label: judge_report([r for r in result.judgements if r["model"] == label], modes)
         for label in result.models
     }
     return {
@@ -853,15 +485,13 @@ def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
         "judge_is_base_student": config.judge == config.student,
         "traits": len(config.traits),
         "conditions": list(config.conditions),
-        "judge_modes": list(config.judge_modes),
-        "matches_per_condition": config.comparisons,
-        "bootstrap": config.bootstrap,
+        "judge_modes": list(modes),
+        "matches_per_condition": config.evals.elo_comparisons,
+        "bootstrap": config.evals.elo_bootstrap,
         "notes": list(result.notes),
-        "spread": {mode: result.spread(mode) for mode in config.judge_modes},
-        "spread_changes": {mode: result.spread_changes(mode) for mode in config.judge_modes},
-        "model_correlations": {
-            mode: result.model_correlations(mode) for mode in config.judge_modes
-        },
+        "spread": {mode: result.spread(mode) for mode in modes},
+        "spread_changes": {mode: result.spread_changes(mode) for mode in modes},
+        "model_correlations": {mode: result.model_correlations(mode) for mode in modes},
         "judge": judge,
         "judge_prior_correlations": result.prior_correlations(),
     }
@@ -929,17 +559,10 @@ __all__ = [
     "CHECKPOINT_LABELS",
     "STAGE",
     "Config",
-    "Match",
     "Result",
-    "bootstrap_seed",
-    "choose_traits",
     "cross_run_correlations",
-    "draw_matches",
     "gather_tables",
-    "judge_report",
     "load_eval_prompts",
-    "load_traits",
     "models_to_measure",
-    "outcomes",
     "run",
 ]

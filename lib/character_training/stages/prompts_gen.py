@@ -26,12 +26,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import prompt_filters
-from ..config import RunParams
+from ..config import PromptParams, RunParams, SamplingParams
 from ..constitutions import Constitution, load_constitution
 from ..errors import ConfigError
 from ..prompt_sources import (
@@ -41,8 +42,9 @@ from ..prompt_sources import (
     qualitative_prompts,
 )
 from ..prompts import EXPANSION_PREFILL, expansion_messages
-from ..renderers import renderer_for_model
+from ..sampler_setup import sampler_settings
 from ..sampling import SampleRequest, sample_chat
+from ..stage_config import StageConfig
 from ..store import StageDir, stage_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -51,65 +53,24 @@ STAGE = "01_prompts"
 
 
 @dataclass(frozen=True)
-class Config:
-    """Stage 01 settings, derived from `RunParams` by `Config.from_params`."""
+class Config(StageConfig):
+    """Stage 01 settings: the ``prompts`` section (see `config.PromptParams`), the ``sampling``
+    section, the generator and its chat format, the constitution and the seed.
 
-    persona: str
-    constitution: str
-    allow_opt_in: bool
+    ``general_pool`` is what the general pool actually held (`prompt_sources.describe_pool`:
+    per-source counts and a content hash). It is part of the fingerprint because the same
+    parameters can yield another pool (a hub set reachable on one day, replaced by the offline
+    fallback the next).
+    """
+
+    prompts: PromptParams
+    sampling: SamplingParams
+    constitution_ref: str
+    allow_misaligned: bool
     generator: str
     generator_renderer: str
-    generated_per_assertion: int
-    per_generation_call: int
-    examples_per_call: int
-    dedup_threshold: float
-    general_prompts: int
-    eval_prompts: int
-    hub_datasets: tuple[str, ...]
-    hub_offline_fallback: bool
-    allow_smaller_pool: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    max_tokens: int
     seed: int
-
-    @classmethod
-    def from_params(cls, params: RunParams) -> "Config":
-        p = params.prompts
-        return cls(
-            persona=params.persona,
-            constitution=params.constitution_ref,
-            allow_opt_in=params.allow_misaligned,
-            generator=params.generator,
-            generator_renderer=params.renderers.get(params.generator)
-            or renderer_for_model(params.generator),
-            generated_per_assertion=p.generated_per_assertion,
-            per_generation_call=p.per_generation_call,
-            examples_per_call=p.examples_per_call,
-            dedup_threshold=p.dedup_threshold,
-            general_prompts=p.general_prompts,
-            eval_prompts=p.eval_prompts,
-            hub_datasets=tuple(p.hub_datasets),
-            hub_offline_fallback=p.hub_offline_fallback,
-            allow_smaller_pool=p.allow_smaller_pool,
-            temperature=params.sampling.temperature,
-            top_p=params.sampling.top_p,
-            top_k=params.sampling.top_k,
-            max_tokens=p.max_tokens,
-            seed=params.seed,
-        )
-
-    def fingerprint(self, pool: dict[str, Any] | None = None) -> str:
-        """Hash of the settings and, when given, of the general pool actually used.
-
-        The pool's content hash is part of it because the same parameters can yield another
-        pool (a hub set reachable on one day, replaced by the offline fallback the next).
-        """
-        blob = repr(sorted(asdict(self).items()))
-        if pool is not None:
-            blob += f"|pool:{pool['sha256']}:{pool['size']}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    general_pool: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,14 +117,15 @@ def stable_rank(text: str, salt: str) -> str:
 def plan_generation_calls(constitution: Constitution, config: Config) -> list[GenerationCall]:
     """Split each assertion's budget into calls, each showing a seeded choice of examples."""
     calls = []
+    settings = config.prompts
     for assertion in constitution.assertions:
-        remaining = config.generated_per_assertion
+        remaining = settings.generated_per_assertion
         index = 0
         while remaining > 0:
-            count = min(config.per_generation_call, remaining)
+            count = min(settings.per_generation_call, remaining)
             rng = random.Random(f"{config.seed}:{assertion.id}:{index}")
             shown = rng.sample(
-                list(assertion.prompts), k=min(config.examples_per_call, len(assertion.prompts))
+                list(assertion.prompts), k=min(settings.examples_per_call, len(assertion.prompts))
             )
             calls.append(
                 GenerationCall(f"{assertion.id}:{index}", assertion.id, index, tuple(shown), count)
@@ -241,31 +203,33 @@ def split_general_pool(
 def run(params: RunParams, service_client, on_existing: str = "resume") -> Result:
     """Build all prompt sets for ``params.persona``; resumable, see the module docstring."""
     config = Config.from_params(params)
-    constitution = load_constitution(config.constitution, allow_opt_in=config.allow_opt_in)
+    settings = config.prompts
+    constitution = load_constitution(config.constitution_ref, allow_opt_in=config.allow_misaligned)
     qualitative = qualitative_prompts()
-    pool = general_prompt_pool(config.hub_datasets, offline_fallback=config.hub_offline_fallback)
-    pool_info = describe_pool(pool, config.hub_datasets)
+    pool = general_prompt_pool(
+        settings.hub_datasets, offline_fallback=settings.hub_offline_fallback
+    )
+    pool_info = describe_pool(pool, settings.hub_datasets)
     split = split_general_pool(
         pool,
-        config.general_prompts,
-        config.eval_prompts,
+        settings.general_prompts,
+        settings.eval_prompts,
         config.seed,
         exclude=[r.prompt for r in qualitative],
-        allow_smaller=config.allow_smaller_pool,
+        allow_smaller=settings.allow_smaller_pool,
     )  # before the folder is touched: a pool that is too small stops here
     warnings = [
         f"hub dataset {name} contributed no prompts (unreachable, prompts.hub_offline_fallback "
         "is on); the general pool holds offline prompts only"
-        for name in config.hub_datasets
+        for name in settings.hub_datasets
         if pool_info["sources"].get(name, 0) == 0
     ] + ([split.warning] if split.warning else [])
     for warning in warnings:
         logger.warning("%s", warning)
 
+    config = replace(config, general_pool=pool_info)
     stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(
-        config.fingerprint(pool_info), on_existing, {**asdict(config), "general_pool": pool_info}
-    )
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     stage.write_manifest(general_pool=pool_info, warnings=warnings)
     train, evaluation = split.train, split.evaluation
     write_jsonl(stage.file("general_train.jsonl"), (r.to_dict() for r in train))
@@ -318,11 +282,7 @@ def _generate(
         lambda: service_client.create_sampling_client(base_model=config.generator),
         config.generator_renderer,
         requests,
-        max_tokens=config.max_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        seed=config.seed,
+        **sampler_settings(config.sampling, config.prompts.max_tokens, config.seed),
         log_path=stage.file("generation_raw.partial.jsonl"),
         desc="generating prompts",
     )
@@ -375,7 +335,7 @@ def _assemble(
             ]
             candidates += list(kept)
         unique = prompt_filters.deduplicate(
-            candidates, threshold=config.dedup_threshold, against=accepted_texts + held_out
+            candidates, threshold=config.prompts.dedup_threshold, against=accepted_texts + held_out
         )
         rejected += [
             {
@@ -385,7 +345,9 @@ def _assemble(
             }
             for text, other in unique.removed
         ]
-        for index, prompt in enumerate(unique.kept[: config.generated_per_assertion], start=1):
+        for index, prompt in enumerate(
+            unique.kept[: config.prompts.generated_per_assertion], start=1
+        ):
             records.append(
                 {
                     "id": f"{constitution.name}-{assertion.id}-g{index:03d}",

@@ -38,16 +38,18 @@ import logging
 import re
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RunParams
+from ..config import RunParams, SamplingParams
 from ..errors import DataError
-from ..prompt_sources import DATA_DIR
+from ..evaluate.diversity import word_count
+from ..prompt_sources import DATA_DIR, read_prompt_file
 from ..prompts import student_messages
-from ..renderers import renderer_for_model
+from ..sampler_setup import model_sampler, sampler_settings
 from ..sampling import SampleRequest, sample_chat
+from ..stage_config import StageConfig, renderer_of
 from ..store import (
     CHECKPOINTS_FILE,
     Checkpoint,
@@ -69,47 +71,24 @@ _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
-class Config:
-    """Sampling settings of stage 06 (from `RunParams.sampling`; one reply per prompt)."""
+class Config(StageConfig):
+    """Stage 06 settings: the ``sampling`` section (replies of at most ``sampling.max_tokens``),
+    the student (the base model of a checkpoint that records none), every model's chat format
+    (``renderers``: a persona's checkpoints may come from another base model), the seed, and
+    ``samples_per_prompt`` (one reply per prompt unless asked otherwise)."""
 
+    sampling: SamplingParams
     student: str
     renderers: Mapping[str, str]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
     seed: int
     samples_per_prompt: int = 1
 
-    @classmethod
-    def from_params(cls, params: RunParams, samples_per_prompt: int = 1) -> "Config":
-        s = params.sampling
-        return cls(
-            student=params.student,
-            renderers=dict(params.renderers),
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=params.seed,
-            samples_per_prompt=samples_per_prompt,
-        )
-
     def renderer_for(self, base_model: str) -> str:
-        return self.renderers.get(base_model) or renderer_for_model(base_model)
+        return renderer_of(self, base_model)
 
     def settings(self) -> dict[str, Any]:
         """What `sample_chat` takes (and what a log's digest hashes)."""
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-        }
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+        return sampler_settings(self.sampling, self.sampling.max_tokens, self.seed)
 
 
 @dataclass(frozen=True)
@@ -152,14 +131,8 @@ def discover_trained(runs_dir: Path, size: str) -> dict[str, dict[str, Checkpoin
 def load_qualitative(run_dir: Path) -> list[dict[str, Any]]:
     """Notebook 01's copy of the qualitative set, each prompt with its category."""
     path = Path(run_dir) / PROMPTS_STAGE / QUALITATIVE_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: run notebook 01_prompts first")
-    rows = read_jsonl(path)
-    if not rows:
-        raise DataError(f"{path} holds no prompts: rerun notebook 01_prompts")
+    rows = read_prompt_file(path)
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row.get("id"), str) or not isinstance(row.get("prompt"), str):
-            raise DataError(f"{path}:{number}: expected an object with string id and prompt")
         if row.get("category") not in CATEGORIES:
             raise DataError(
                 f"{path}:{number}: category {row.get('category')!r}, expected one of {CATEGORIES}"
@@ -207,10 +180,6 @@ def log_name(model: Model, settings: Mapping[str, Any]) -> str:
     blob = json.dumps({"model": model.identity, **settings}, sort_keys=True)
     slug = _SLUG.sub("-", model.label).strip("-") or "model"
     return f"{slug}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
-
-
-def word_count(text: str) -> int:
-    return len(text.split())
 
 
 def length_stats(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -398,13 +367,8 @@ def _sample_model(
         for k in range(config.samples_per_prompt)
     ]
 
-    def sampler() -> Any:
-        if model.sampler_path is None:
-            return service_client.create_sampling_client(base_model=model.base_model)
-        return service_client.create_sampling_client(model_path=model.sampler_path)
-
     return sample_chat(
-        sampler,
+        model_sampler(service_client, model.base_model, model.sampler_path),
         config.renderer_for(model.base_model),
         requests,
         **config.settings(),
@@ -446,7 +410,7 @@ def run(
 
     config = Config.from_params(params)
     stage = stage_dir(params.run_dir, STAGE)
-    stage.prepare(config.fingerprint(), on_existing, asdict(config))
+    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
     log_dir = stage.file("logs")
     rows: list[dict[str, Any]] = []
     by_id = {p["id"]: p for p in prompts}
