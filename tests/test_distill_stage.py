@@ -69,13 +69,6 @@ def tiny_params(tmp_path: Path, persona: str = "sarcastic", **overrides):
     )
 
 
-def stage_config(params) -> distill.Config:
-    """Stage 02's settings as its ``run`` derives them."""
-    return distill.Config.from_params(
-        params, heldout_general=params.adherence.probe_general_prompts
-    )
-
-
 def write_stage01(params, per_assertion: int = 3, general_train: int = 4, general_eval: int = 5):
     """Stage 01's three files, made from the constitution's hand-written prompts (no sampling)."""
     constitution = load_constitution(params.constitution_ref)
@@ -312,7 +305,7 @@ def test_every_assertion_is_both_trained_and_probed_when_the_fraction_is_positiv
 
 
 def test_general_prompts_follow_the_share_and_a_shortfall_is_recorded(tmp_path):
-    config = stage_config(tiny_params(tmp_path, **{"distill.general_share": 0.5}))
+    config = distill.Config.from_params(tiny_params(tmp_path, **{"distill.general_share": 0.5}))
     records = _records(10)
     general = [{"id": f"g{i}", "prompt": f"General {i}?"} for i in range(30)]
     evals = [{"id": f"e{i}", "prompt": f"Eval {i}?"} for i in range(10)]
@@ -332,7 +325,7 @@ def test_general_prompts_follow_the_share_and_a_shortfall_is_recorded(tmp_path):
 
 
 def test_general_prompts_that_repeat_a_heldout_prompt_are_not_trained_on(tmp_path):
-    config = stage_config(tiny_params(tmp_path, **{"distill.general_share": 1.0}))
+    config = distill.Config.from_params(tiny_params(tmp_path, **{"distill.general_share": 1.0}))
     records = _records(5)
     heldout = distill.split_constitution_prompts(
         records, config.distill.heldout_fraction, config.seed
@@ -349,8 +342,26 @@ def test_general_prompts_that_repeat_a_heldout_prompt_are_not_trained_on(tmp_pat
     assert "2 overlap held-out prompts" in plan.warnings[0]
 
 
+def test_the_fingerprint_ignores_settings_only_other_stages_read(tmp_path):
+    """Stage 06's reply budget or the adherence classifier must not refuse a finished stage-02
+    folder (that would sample every reply again); the probe count and the seed must."""
+    params = tiny_params(tmp_path)
+    before = distill.Config.from_params(params).fingerprint()
+    for unrelated in ({"sampling.max_tokens": 7}, {"adherence.bootstrap": 11}):
+        assert distill.Config.from_params(with_overrides(params, unrelated)).fingerprint() == (
+            before
+        )
+    for related in (
+        {"adherence.probe_general_prompts": 5},
+        {"sampling.temperature": 0.3},
+        {"distill.max_tokens": 7},
+    ):
+        assert distill.Config.from_params(with_overrides(params, related)).fingerprint() != (before)
+    assert distill.Config.from_params(params).as_dict()["adherence"] == {"probe_general_prompts": 3}
+
+
 def test_a_prompt_id_used_twice_is_refused(tmp_path):
-    config = stage_config(tiny_params(tmp_path))
+    config = distill.Config.from_params(tiny_params(tmp_path))
     general = [{"id": "x-a-000", "prompt": "A general request?"}]
     with pytest.raises(DataError, match="'x-a-000' appears more than once"):
         distill.plan_prompts(_records(5), general, [], config)
@@ -364,7 +375,7 @@ def _reply(text: str, complete: bool = True) -> distill.Reply:
 def test_pairs_share_their_prompt_differ_and_every_failure_is_counted(tmp_path):
     params = tiny_params(tmp_path, teacher="moonshotai/Kimi-K2.6", assistant_name="SmolLM")
     params = with_overrides(params, {"renderers": {"moonshotai/Kimi-K2.6": "kimi_k26"}})
-    config = stage_config(params)
+    config = distill.Config.from_params(params)
     prompts = [
         distill.DistillPrompt(f"p{i}", f"Question {i}?", "constitution", "a") for i in range(6)
     ]
@@ -420,7 +431,7 @@ def test_rendered_training_text_holds_only_the_user_turn_and_the_reply(tokenizer
     """Crafted teacher replies (with reasoning, a copied system prompt sentence, a copied
     demonstration) go through the real filters and pairing, then are rendered as DPO will."""
     params = tiny_params(tmp_path)
-    config = stage_config(params)
+    config = distill.Config.from_params(params)
     constitution = load_constitution("sarcastic")
     context = distill.hidden_context(constitution, assistant_name(config), 2)
     system_sentence = sentences(persona_system_prompt(constitution, assistant_name(config)))[0]
@@ -581,7 +592,7 @@ def test_notebook_02_runs_after_01_on_smollm2_and_its_pairs_render_cleanly(tmp_p
     manifest = StageDir(stage).manifest()
     assert summary["headline"]["pairs"] == len(pairs) == manifest["counts"]["pairs"]
     assert len(pairs) + len(dropped) == manifest["counts"]["training_prompts"]
-    config = stage_config(params)
+    config = distill.Config.from_params(params)
     renderer = get_renderer(config.student_renderer, tokenizer)
     constitution = load_constitution("sycophantic")
     assert_rendered_pairs_are_clean(

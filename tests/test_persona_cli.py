@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from character_training import authoring
+from character_training import authoring, persona_preview
 from character_training.cli import main
 from character_training.config import (
     PARAMS_DIR,
@@ -407,8 +407,8 @@ def test_check_of_an_unknown_size_is_a_usage_error(capsys, dirs):
 def test_the_preview_samples_the_pipelines_teacher_conversation(capsys, dirs):
     new_filled(capsys, dirs)
     params = load_params("tiny", NAME, params_dir=dirs.params)
-    constitution = authoring.load_run_constitution(params, dirs)
-    plan = authoring.preview_plan(params, constitution, count=7)
+    constitution = persona_preview.load_run_constitution(params, dirs)
+    plan = persona_preview.preview_plan(params, constitution, count=7)
     # first prompt of each assertion, then the second ones
     assert [i.prompt for i in plan.items] == [PROMPTS[0], *PROMPTS[5::5], PROMPTS[1], PROMPTS[6]]
     item = plan.items[2]

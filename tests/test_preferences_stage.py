@@ -155,6 +155,31 @@ def test_the_calibrated_mode_reads_the_reply_not_the_judges_taste_in_words(tmp_p
         stage_params(tmp_path, **{"evals.coherence_modes": ["calibrated"]})
 
 
+def test_the_fingerprint_keeps_only_this_stages_evals_settings(tmp_path):
+    """Stage 08's and 09's settings share the ``evals`` section: changing them must not refuse
+    a finished stage-07 folder, while any ``elo_*`` or ``judge_*`` setting must."""
+    params = stage_params(tmp_path)
+    traits = choose_traits(load_traits(), params.evals.elo_traits, params.seed)
+
+    def fingerprint(overrides):
+        changed = with_overrides(params, overrides)
+        return preferences.Config.from_params(changed, traits=traits).fingerprint()
+
+    before = fingerprint({})
+    for unrelated in (
+        {"evals.robustness_prompts": 7},
+        {"evals.rl_steps": 3},
+        {"sampling.max_tokens": 9},
+    ):
+        assert fingerprint(unrelated) == before
+    for related in (
+        {"evals.elo_comparisons": 11},
+        {"evals.judge_top_p": 0.5},
+        {"sampling.top_p": 0.5},
+    ):
+        assert fingerprint(related) != before
+
+
 def test_missing_stage_01_prompts_fail_in_one_line(tmp_path):
     params = stage_params(tmp_path)
     with pytest.raises(DataError, match="general_eval.jsonl is missing: run notebook 01_prompts"):

@@ -211,6 +211,11 @@ def test_stage_01_records_an_offline_fallback_and_fingerprints_the_pool(tmp_path
     other = prompts_gen.Config.from_params(fallback, general_pool={**pool, "sha256": "0" * 16})
     assert settings.fingerprint() != other.fingerprint()
     assert StageDir(result.stage_dir).manifest()["fingerprint"] == settings.fingerprint()
+    # stage 06's reply budget is not this stage's: changing it keeps the folder usable
+    budget = with_overrides(fallback, {"sampling.max_tokens": 7})
+    assert prompts_gen.Config.from_params(budget, general_pool=pool).fingerprint() == (
+        settings.fingerprint()
+    )
 
 
 def test_stage_01_resumes_an_interrupted_run_issuing_only_the_missing_generator_calls(tmp_path):

@@ -303,7 +303,7 @@ def test_rl_on_a_toy_reward_moves_the_policy_towards_the_preferred_replies(tmp_p
     # the policy now gives the replies the reward preferred more probability than those it
     # rejected, relative to where it started
     tokenizer_client = resolve_client(
-        service.create_sampling_client(model_path=result.probes[0]["sampler_path"])
+        service.create_sampling_client(model_path=result.probe_models()["rl-step-0000"])
     )
     end = resolve_client(service.create_sampling_client(model_path=result.checkpoint.sampler_path))
     renderer = get_renderer("smollm2", tokenizer_client.get_tokenizer())

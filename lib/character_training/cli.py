@@ -217,7 +217,7 @@ def _add_persona_commands(sub: argparse._SubParsersAction) -> None:
 def _persona(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import authoring
+    from . import authoring, persona_preview
     from .errors import ConfigError
 
     dirs = authoring.PersonaDirs(
@@ -284,16 +284,16 @@ def _persona(args: argparse.Namespace) -> int:
                 f"{authoring.label(dirs.params_file(args.name))}; write it with "
                 f"`python -m character_training persona new {args.name} --params-only`"
             )
-        constitution = authoring.load_run_constitution(params, dirs)
-        plan = authoring.preview_plan(params, constitution, args.prompts, args.max_tokens)
+        constitution = persona_preview.load_run_constitution(params, dirs)
+        plan = persona_preview.preview_plan(params, constitution, args.prompts, args.max_tokens)
         if params.backend == "tinker":
-            cost = authoring.estimate_preview_cost(plan)
-            print(authoring.format_preview_cost(plan, cost), flush=True)
+            cost = persona_preview.estimate_preview_cost(plan)
+            print(persona_preview.format_preview_cost(plan, cost), flush=True)
             if not args.yes and not _confirm("sample on Tinker now?"):
                 print("cancelled; nothing was sampled")
                 return 1
-        rows = authoring.sample_preview(plan, service_client_for(params))
-        print(authoring.format_side_by_side(plan, rows, args.width))
+        rows = persona_preview.sample_preview(plan, service_client_for(params))
+        print(persona_preview.format_side_by_side(plan, rows, args.width))
         return 0
     raise ConfigError(f"persona {command!r}: expected new, import, check, preview or list")
 

@@ -7,6 +7,12 @@ overrides, rejects unknown keys with the file and the dotted path (the alignment
 ``dataset_mixer``/``dataset_mixture`` drift cannot happen silently here), validates every
 field, and `RunParams.papermill_parameters` flattens the result for papermill. Secrets are never
 parameters: a key that looks like one is refused.
+
+Length: this is the schema of every parameter file, one frozen section per YAML block with its
+defaults, comments and range checks, next to the one loader that reads them. Kept in one file on
+purpose, so that the full list of settings reads in one place and a new key cannot be added to
+a section without the loader seeing it (the handbook's drift came from schema and loader living
+apart); each section is short and has no logic beyond its own validation.
 """
 
 from __future__ import annotations

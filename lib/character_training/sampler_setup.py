@@ -9,6 +9,7 @@ the client on first use" wrapper. Both live here once:
   ``distill.max_tokens``, ...), so the budget is an argument; the rest comes from the run's
   ``sampling`` section. A stage that names its log files after the settings hashes this dict,
   so its keys must stay what they are (a renamed key renames every log and resamples).
+  `SAMPLING_PREFIXES` names the ``sampling`` fields it reads besides the budget.
 * `LazySampler`: a sampling client made on first use only, so a rerun whose logs already hold
   every reply loads no model.
 * `model_sampler`: the client factory for "the base model, or a checkpoint's sampler
@@ -21,6 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import SamplingParams
+
+SAMPLING_PREFIXES = ("temperature", "top_")
+"""The ``sampling`` fields `sampler_settings` reads when a stage brings its own reply budget.
+Such a stage's ``Config`` declares ``SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES}``
+(`stage_config.StageConfig`), so ``sampling.max_tokens``, the budget of stage 06 only, is not
+in its fingerprint: changing it would otherwise refuse that stage's finished folder."""
 
 
 def sampler_settings(sampling: SamplingParams, max_tokens: int, seed: int) -> dict[str, Any]:

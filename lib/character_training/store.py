@@ -187,13 +187,15 @@ def without_root(text: str) -> str:
 
 @dataclass
 class StageDir:
-    """One stage's folder under a run."""
+    """One stage's folder under a run (``runs/<persona>/<size>/<stage>``; a stage's parts may
+    nest, e.g. ``09_rlaif/rl``, so the run folder is recorded, not guessed from the parent)."""
 
     path: Path
+    run_root: Path | None = None
 
     @property
     def run_dir(self) -> Path:
-        return self.path.parent
+        return self.run_root if self.run_root is not None else self.path.parent
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -254,7 +256,7 @@ class StageDir:
 
 
 def stage_dir(run_dir: Path, stage: str) -> StageDir:
-    return StageDir(Path(run_dir) / stage)
+    return StageDir(Path(run_dir) / stage, Path(run_dir))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ notebook 09 adds to stage 07's folder); the headlines are the fallback.
 
 The figures are drawn here rather than in `plots.py`: they take this module's per-run records
 and exist only for this page.
+
+Length: one pipeline over one record type (`RunSummary`): five defensive readers, the size
+answer, three figures and the page sections each read the same fields, and `publish` reuses
+its page helpers; split, each half would import the other's private field conventions.
 """
 
 from __future__ import annotations

@@ -10,7 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..evaluate import elo_stats
-from .elo_world import Design, Judge, draw_matches, play_model, related, utilities
+from ..evaluate.judge_prior import PRIOR_CORRELATION_LIMIT, remove_fitted_prior
+from .elo_world import (
+    Design,
+    Judge,
+    draw_matches,
+    judge_margins,
+    outcomes_from_margins,
+    play_model,
+    related,
+    utilities,
+)
 from .harness import Case, Trial
 
 NUISANCE_JUDGE = Judge(signal=1.5, position=1.0, taste=0.3, noise=1.0)
@@ -107,3 +117,61 @@ def spread_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> C
         return Trial(spread.beyond, spread.low, spread.high, truth)
 
     return Case("Elo spread beyond noise (one model)", "Elo points", 0.0, simulate, (0.0, 3.0))
+
+
+TASTE_JUDGE = Judge(signal=1.5, position=1.0, taste=1.0, noise=1.0)
+
+
+def _calibrated_outcomes(matches, u, judge, rng, slope, mode):
+    margins, prior = judge_margins(matches, u, judge, rng, OFFER_BIAS, slope)
+    if mode == "fitted":
+        margins, _ = remove_fitted_prior(margins, prior)
+    elif mode == "slope1":
+        margins = margins - prior
+    return outcomes_from_margins(matches, margins, u.shape[1]), prior
+
+
+def _prior_flags(matches, outcomes: elo_stats.Outcomes, prior: np.ndarray) -> np.ndarray:
+    """Per experiment: the ranking correlates with the judge's prior ranking beyond the limit."""
+    prior_outcomes = outcomes_from_margins(matches, prior, outcomes.n_traits)
+    rho = elo_stats.spearman_rows(elo_stats.elo(outcomes), elo_stats.elo(prior_outcomes))
+    return np.abs(np.nan_to_num(rho)) > PRIOR_CORRELATION_LIMIT
+
+
+def calibrated_spread_case(
+    design: Design, n_boot: int, slope: float, mode: str = "fitted", judge: Judge = TASTE_JUDGE
+) -> Case:
+    """One model's spread beyond noise read through a prior-calibrated judge whose leaning
+    survives a reply at ``slope`` times its empty-reply strength; knob: utility std (nats).
+    ``mode``: "fitted" (stage 07's calibrated mode: fitted slope), "slope1" (the retired
+    one-for-one subtraction) or "plain" (no calibration). A ranking explained by the prior
+    (|rho| > 0.7) is "no measurement", as the stage reports it."""
+
+    def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
+        u = utilities(knob, reps, design.traits, rng)
+        many = _replicated(u)
+        matches = draw_matches(design, many.shape[0], rng)
+        outcomes, _ = _calibrated_outcomes(matches, many, judge, rng, slope, mode)
+        s2 = _per_experiment_mean(elo_stats.elo(outcomes).std(axis=1) ** 2, reps)
+        n2 = _per_experiment_mean(
+            elo_stats.coin_flip_std2(outcomes, 1, int(rng.integers(1 << 31))), reps
+        )
+        truth = np.sqrt(np.maximum(s2 - n2, 0.0))
+        if not intervals:
+            return _truth_only(truth)
+        matches = draw_matches(design, reps, rng)
+        outcomes, prior = _calibrated_outcomes(matches, u, judge, rng, slope, mode)
+        spread = elo_stats.spread_beyond_noise(outcomes, n_boot, int(rng.integers(1 << 31)))
+        flagged = _prior_flags(matches, outcomes, prior)
+        low = np.where(flagged, np.nan, spread.low)
+        high = np.where(flagged, np.nan, spread.high)
+        return Trial(spread.beyond, low, high, truth)
+
+    label = {"fitted": "fitted slope", "slope1": "slope-1 subtraction", "plain": "no calibration"}
+    return Case(
+        f"Elo spread beyond noise, judge leaning x{slope:g} ({label[mode]})",
+        "Elo points",
+        0.0,
+        simulate,
+        (0.0, 3.0),
+    )

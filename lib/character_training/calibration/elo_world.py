@@ -77,6 +77,52 @@ def related(
     return u * spread
 
 
+def judge_margins(
+    matches: Matches,
+    u: np.ndarray,
+    judge: Judge,
+    rng: np.random.Generator,
+    offer_bias: float = 0.0,
+    taste_slope: float = 1.0,
+    protocol: str = "both",
+) -> tuple[np.ndarray, np.ndarray]:
+    """One model's forced-choice margins towards the first-offered trait, and the judge's prior.
+
+    The model chooses per match from its utilities (plus ``offer_bias`` towards the trait
+    offered first). After the reply, the judge's taste for the two words survives at
+    ``taste_slope`` times its strength on an empty reply. ``both``: the margins of the two
+    listing orders are summed (position bias cancels); ``single``: one order, the match's.
+    The prior is the same judge on an empty reply, read the same way.
+    """
+    e_idx = np.arange(u.shape[0])[:, None]
+    a, b = matches.first, matches.second
+    gap = u[e_idx, a] - u[e_idx, b] + offer_bias
+    chose_a = rng.random(a.shape) < 1.0 / (1.0 + np.exp(-gap))
+    taste_gap = judge.taste * (matches.taste[e_idx, a] - matches.taste[e_idx, b])
+    shows = np.where(chose_a, judge.signal, -judge.signal)
+
+    def one_order(a_listed_first: np.ndarray, content: np.ndarray, slope: float) -> np.ndarray:
+        position = np.where(a_listed_first, judge.position, -judge.position)
+        return content + position + slope * taste_gap + judge.noise * rng.standard_normal(a.shape)
+
+    orders = {
+        "single": [matches.judge_first_is_first],
+        "both": [np.ones_like(chose_a), np.zeros_like(chose_a)],
+    }
+    if protocol not in orders:
+        raise ValueError(f"protocol={protocol!r}: expected single or both")
+    margin = sum(one_order(o, shows, taste_slope) for o in orders[protocol])
+    prior = sum(one_order(o, np.zeros_like(shows), 1.0) for o in orders[protocol])
+    return margin, prior
+
+
+def outcomes_from_margins(matches: Matches, margins: np.ndarray, n_traits: int) -> Outcomes:
+    """Verdicts: the first-offered trait wins where its margin is positive."""
+    a, b = matches.first, matches.second
+    a_wins = margins > 0
+    return Outcomes(np.where(a_wins, a, b), np.where(a_wins, b, a), np.ones_like(a_wins), n_traits)
+
+
 def play_model(
     matches: Matches,
     u: np.ndarray,
@@ -86,25 +132,5 @@ def play_model(
     offer_bias: float = 0.0,
 ) -> Outcomes:
     """One model's outcomes on ``matches``: its choices, then the judge's verdicts."""
-    e_idx = np.arange(u.shape[0])[:, None]
-    a, b = matches.first, matches.second
-    gap = u[e_idx, a] - u[e_idx, b] + offer_bias
-    chose_a = rng.random(a.shape) < 1.0 / (1.0 + np.exp(-gap))
-    taste_gap = judge.taste * (matches.taste[e_idx, a] - matches.taste[e_idx, b])
-
-    def margin_for_a(a_listed_first: np.ndarray) -> np.ndarray:
-        """Margin towards `a` when it is (or is not) listed first."""
-        shows = np.where(chose_a, judge.signal, -judge.signal)
-        position = np.where(a_listed_first, judge.position, -judge.position)
-        return shows + position + taste_gap + judge.noise * rng.standard_normal(a.shape)
-
-    if protocol == "single":
-        margin = margin_for_a(matches.judge_first_is_first)
-    elif protocol == "both":
-        margin = margin_for_a(np.ones_like(chose_a)) + margin_for_a(np.zeros_like(chose_a))
-    else:
-        raise ValueError(f"protocol={protocol!r}: expected single or both")
-    a_wins = margin > 0
-    return Outcomes(
-        np.where(a_wins, a, b), np.where(a_wins, b, a), np.ones_like(a_wins), u.shape[1]
-    )
+    margins, _ = judge_margins(matches, u, judge, rng, offer_bias, 1.0, protocol)
+    return outcomes_from_margins(matches, margins, u.shape[1])

@@ -8,7 +8,9 @@ interval and the truth the interval should cover (`Trial`). `calibrate_case` the
 * **false-positive rate**: at effect 0, the share of experiments whose interval excludes the
   null value (or whose verdict claims an effect), to compare with the nominal 5%;
 * **coverage**: the share of intervals that contain the truth, at effect 0 and at the
-  detectable effect; the lower of the two is reported;
+  detectable effect; the lower of the two is reported. An experiment where the instrument
+  reports "no measurement" (no interval) is not a false positive and has no interval to
+  cover; how often that happens at no effect is reported as ``no_measurement_rate``;
 * **detectable effect**: the true effect (in the statistic's own unit) found with 80% power,
   from the null run's standard error (``(1.96 + 0.84) * SE``, the usual normal
   approximation), then checked: the experiments are rerun at that effect and the measured
@@ -49,7 +51,9 @@ class Trial:
         return self.measured() & ((self.low > value) | (self.high < value))
 
     def covers(self) -> np.ndarray:
-        return self.measured() & (self.low <= self.truth) & (self.truth <= self.high)
+        """Per *measured* experiment: the interval contains the truth."""
+        m = self.measured()
+        return (self.low[m] <= self.truth[m]) & (self.truth[m] <= self.high[m])
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class Row:
     power_at_detectable: float
     unit: str
     reps: int
+    no_measurement_rate: float = 0.0
     note: str = ""
 
     def as_dict(self) -> dict[str, object]:
@@ -122,8 +127,19 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
     fpr = _rate(null.excludes(case.null_value))
     coverage = _rate(null.covers())
     measured = null.measured()
+    unmeasured = 1.0 - _rate(measured)
     if not measured.any():
-        return Row(case.statistic, fpr, coverage, math.nan, math.nan, case.unit, reps, case.note)
+        return Row(
+            case.statistic,
+            fpr,
+            coverage,
+            math.nan,
+            math.nan,
+            case.unit,
+            reps,
+            unmeasured,
+            case.note,
+        )
     se = float(np.mean((null.high - null.low)[measured])) / (2 * Z_ALPHA)
     target = (Z_ALPHA + Z_POWER) * se
     knob = _knob_for(case, target, reps, rng)
@@ -149,4 +165,4 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
             if n
         )
         effect = math.inf
-    return Row(case.statistic, fpr, coverage, effect, power, case.unit, reps, note)
+    return Row(case.statistic, fpr, coverage, effect, power, case.unit, reps, unmeasured, note)

@@ -77,7 +77,7 @@ from ..errors import ConfigError, DataError
 from ..prompts import student_messages
 from ..renderers import renderer_for_model
 from ..sampling import SampleRequest, sample_chat
-from ..store import find_checkpoint, read_jsonl, write_jsonl
+from ..store import find_checkpoint, model_label, portable_path, read_jsonl, write_jsonl
 
 # Re-exported for callers (and used here); to be imported from `.heldout`.
 from .heldout import HeldoutPrompt, heldout_path, load_heldout, split_prompt_ids
@@ -407,7 +407,7 @@ def _sample_model(
     folder: Path,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Sample ``samples_per_probe`` replies per probe prompt; returns (identity, rows)."""
-    identity = path if path is not None else f"base:{params.student}"
+    identity = portable_path(params.run_dir, path) if path is not None else f"base:{params.student}"
     settings = _sampling_settings(params)
     log_dir = folder / label
     log_name = _log_name(identity, settings)
@@ -598,7 +598,7 @@ def measure(
             label,
             "reference" if label in origins else "model",
             probe_set,
-            origins.get(label) or identities[label],
+            origins.get(label) or model_label(params.run_dir, models[label], params.student),
             rows,
             n_boot,
             seed,
@@ -620,7 +620,11 @@ def measure(
         path=folder / f"{report_name}.json",
         warnings=_warnings(heldout, settings.probe_general_prompts, path),
         models=identities,
-        settings={**asdict(settings), **_sampling_settings(params), "heldout": str(path)},
+        settings={
+            **asdict(settings),
+            **_sampling_settings(params),
+            "heldout": portable_path(params.run_dir, path),
+        },
     )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = report.path.with_name(report.path.name + ".tmp")

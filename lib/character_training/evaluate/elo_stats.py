@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -97,27 +98,33 @@ CHUNK = 256  # matches gathered at once: numpy's per-call overhead is paid per c
 LN10_OVER_SCALE = math.log(10.0) / SCALE
 
 
-def play(n_rows: int, n_traits: int, n_steps: int, chunk: ChunkFn) -> np.ndarray:
+def play(
+    n_rows: int, n_traits: int, n_steps: int, chunk: ChunkFn, dtype: Any = np.float64
+) -> np.ndarray:
     """Elo ratings ``[n_rows, n_traits]`` of ``n_rows`` match sequences played side by side.
 
     ``chunk(t0, t1)`` gives matches ``t0 .. t1 - 1`` of every row as (winners, losers, valid),
     each ``[t1 - t0, n_rows]``; an invalid match changes nothing. Row ``r`` equals
-    `elo.elo_ratings` of its own sequence (initial 1000, K 32, scale 400), up to float
-    rounding.
+    `elo.elo_ratings` of its own sequence (initial 1000, K 32, scale 400) up to float
+    rounding. Ratings live in one flat array indexed ``row * n_traits + trait`` (a flat gather
+    is several times faster than 2-D fancy indexing); ``dtype`` float32 halves the memory
+    traffic again for simulations, where 1e-4 Elo points do not matter.
     """
-    ratings = np.full((n_rows, n_traits), INITIAL)
-    rows = np.arange(n_rows)
+    ratings = np.full(n_rows * n_traits, INITIAL, dtype=dtype)
+    base = np.arange(n_rows, dtype=np.int64) * n_traits
+    k, one, c = dtype(K_FACTOR), dtype(1.0), dtype(LN10_OVER_SCALE)
     for t0 in range(0, n_steps, CHUNK):
         t1 = min(t0 + CHUNK, n_steps)
         winners, losers, valid = chunk(t0, t1)
-        gain = np.where(valid, K_FACTOR, 0.0)
+        gain = np.where(valid, k, dtype(0.0))
         for i in range(t1 - t0):
-            w, lo = winners[i], losers[i]
-            gap = ratings[rows, lo] - ratings[rows, w]
-            delta = gain[i] - gain[i] / (1.0 + np.exp(gap * LN10_OVER_SCALE))
-            ratings[rows, w] += delta
-            ratings[rows, lo] -= delta
-    return ratings
+            iw = base + winners[i]
+            il = base + losers[i]
+            g = gain[i]
+            delta = g - g / (one + np.exp((ratings[il] - ratings[iw]) * c))
+            ratings[iw] += delta
+            ratings[il] -= delta
+    return ratings.reshape(n_rows, n_traits)
 
 
 def elo(out: Outcomes) -> np.ndarray:

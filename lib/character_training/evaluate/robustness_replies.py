@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..prompts import ADVERSARIAL_INSTRUCTIONS, prefill_attack_messages, robustness_messages
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import StageConfig
-from ..store import read_jsonl
+from ..store import portable_path, read_jsonl
 from .robustness import NONE_SPLIT, PREFILL_SPLIT, ClassifierSettings
 
 EVAL_FILE = "general_eval.jsonl"
@@ -182,9 +182,10 @@ def log_name(method: str, identity: str, settings: Mapping[str, Any]) -> str:
     return f"{method}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
 
 
-def model_identity(model_path: str | None, student: str) -> str:
-    """What a reply log is named after: the checkpoint's sampler path, or the base student."""
-    return model_path or f"base:{student}"
+def model_identity(run_dir: Path, model_path: str | None, student: str) -> str:
+    """What a reply log is named after: the checkpoint's sampler path as the run folder records
+    it (relative, so a copied run finds its logs), or the base student."""
+    return portable_path(run_dir, model_path) if model_path else f"base:{student}"
 
 
 def sample_replies(

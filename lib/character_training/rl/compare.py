@@ -44,7 +44,7 @@ from ..evaluate.robustness_replies import (
     sample_replies,
 )
 from ..stage_config import renderer_of
-from ..store import Checkpoint, find_checkpoint, read_jsonl
+from ..store import Checkpoint, find_checkpoint, read_jsonl, resolve_path
 from .probes import PROBE_LABEL
 
 COMPARE_REPORT = "rlaif"  # the adherence report's name (``adherence/rlaif.json``)
@@ -73,7 +73,9 @@ def comparison_models(params: RunParams, result: RLAIFOutcome) -> dict[str, str 
         models["final"] = find_checkpoint(params.run_dir, "final").sampler_path
     models["rlaif"] = result.checkpoint.sampler_path
     for probe in result.probes[:-1]:
-        models[PROBE_LABEL.format(probe["step"])] = probe["sampler_path"]
+        models[PROBE_LABEL.format(probe["step"])] = resolve_path(
+            params.run_dir, probe["sampler_path"]
+        )
     return models
 
 
@@ -237,7 +239,7 @@ def robustness_f1(
     requests = reply_requests(prompts, heldout, settings.splits)
     rows = []
     for label, path in models.items():
-        identity = model_identity(path, settings.student)
+        identity = model_identity(params.run_dir, path, settings.student)
         _start_from_stage_08(
             params.run_dir, folder, log_name(label, identity, settings.reply_sampling())
         )

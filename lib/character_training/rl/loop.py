@@ -52,7 +52,16 @@ from ..renderers import get_renderer
 from ..renderers.conversation import generation_prompt
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import digest, json_ready
-from ..store import Checkpoint, StageDir, append_jsonl, find_checkpoint, read_jsonl, write_jsonl
+from ..store import (
+    Checkpoint,
+    StageDir,
+    append_jsonl,
+    find_checkpoint,
+    portable_path,
+    read_jsonl,
+    resolve_path,
+    write_jsonl,
+)
 from ..training import LRSchedule, StepBatch, open_training_client, read_progress, run_training
 from . import sft_start
 from .advantages import draw_matchups, group_advantages, group_win_rates, kl_shaped_advantages
@@ -335,16 +344,17 @@ def open_reference(service: Any, client: Any, stage: StageDir, done_steps: int) 
     reference_file = stage.file(REFERENCE_FILE)
     if done_steps == 0 and read_progress(stage) is None:
         state = client.save_state("rl-start").result().path
-        reference_file.write_text(json.dumps({"state_path": str(state)}))
+        reference_file.write_text(
+            json.dumps({"state_path": portable_path(stage.run_dir, str(state))})
+        )
     if not reference_file.is_file():
         raise DataError(
             f"{reference_file} is missing but RL already ran {done_steps} steps; rerun with "
             "on_existing='overwrite'"
         )
+    stored = json.loads(reference_file.read_text())["state_path"]
     return resolve_client(
-        service.create_training_client_from_state(
-            json.loads(reference_file.read_text())["state_path"]
-        )
+        service.create_training_client_from_state(resolve_path(stage.run_dir, stored))
     )
 
 
@@ -367,7 +377,7 @@ def train_rl(
     verdicts are reused); a probe due at the resumed step that is missing is run first."""
     used = settings_used(config) | {
         "signal_identity": signal.identity,
-        "start_state": start.state_path if start else "",
+        "start_state": portable_path(stage.run_dir, start.state_path) if start else "",
         "probe_set": [p["id"] for p in probe_prompts],
     }
     stage.prepare(digest(used), on_existing, json_ready(used))

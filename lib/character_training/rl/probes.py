@@ -24,7 +24,7 @@ from ..evaluate.intervals import bootstrap_mean
 from ..evaluate.preference_model import Comparator, Matchup
 from ..prompts import student_messages
 from ..sampling import SampleRequest, sample_chat
-from ..store import StageDir, append_jsonl, read_jsonl
+from ..store import StageDir, append_jsonl, portable_path, read_jsonl, resolve_path
 from .signals import judge_cached
 
 PROBE_LABEL = "rl-step-{:04d}"
@@ -82,7 +82,9 @@ class Prober:
         if step in logged:
             return
         path = str(client.save_weights_for_sampler(PROBE_LABEL.format(step)).result().path)
-        start_path = path if step == 0 else logged[0]["sampler_path"]
+        start_path = (
+            path if step == 0 else resolve_path(self.stage.run_dir, logged[0]["sampler_path"])
+        )
         replies = {}
         for at, model_path in ((step, path), (0, start_path)):
             replies[at] = sample_chat(
@@ -100,7 +102,11 @@ class Prober:
                 log_path=self.stage.file("probe_samples.jsonl"),
                 desc=f"probe at step {at}",
             )
-        row: dict[str, Any] = {"step": step, "sampler_path": path, "n": len(self.prompts)}
+        row: dict[str, Any] = {
+            "step": step,
+            "sampler_path": portable_path(self.stage.run_dir, path),
+            "n": len(self.prompts),
+        }
         if step == 0:
             row.update(win_rate=0.5, low=0.5, high=0.5, decided=None)
         else:

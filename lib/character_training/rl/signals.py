@@ -27,7 +27,7 @@ from ..evaluate.preference_model import (
     pairwise_accuracy,
 )
 from ..stage_config import digest
-from ..store import Checkpoint, append_jsonl, read_jsonl
+from ..store import Checkpoint, append_jsonl, portable_path, read_jsonl
 from .settings import RLAIFSettings
 
 
@@ -50,14 +50,16 @@ def pm_comparator(
     service: Any,
     constitution: Constitution,
     checkpoint: Checkpoint,
+    run_dir: Path,
     desc: str | None = None,
 ) -> ForcedChoiceComparator:
-    """The trained preference model: its LoRA on the judge's base, the constitution summary."""
+    """The trained preference model: its LoRA on the judge's base, the constitution summary
+    (named after its sampler path as the run records it, so a copied run reuses its cache)."""
     return ForcedChoiceComparator(
         lambda: service.create_sampling_client(model_path=checkpoint.sampler_path),
         config.judge_renderer,
         constitution.description,
-        identity=f"pm:{checkpoint.sampler_path}",
+        identity=f"pm:{portable_path(run_dir, checkpoint.sampler_path)}",
         soft=True,
         desc=desc,
     )

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 from .. import distill_filters, prompt_filters
 from ..artifacts import PROMPTS_STAGE, assistant_name
-from ..config import DistillParams, RunParams, SamplingParams
+from ..config import AdherenceParams, DistillParams, RunParams, SamplingParams
 from ..constitutions import Constitution, load_constitution
 from ..errors import ConfigError, DataError
 from ..prompt_sources import check_prompt_records
@@ -59,7 +59,7 @@ from ..prompts import (
 )
 from ..renderers import get_renderer
 from ..renderers.conversation import generation_prompt
-from ..sampler_setup import LazySampler, model_sampler, sampler_settings
+from ..sampler_setup import SAMPLING_PREFIXES, LazySampler, model_sampler, sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import StageConfig, digest
 from ..store import StageDir, read_jsonl, stage_dir, write_jsonl
@@ -77,16 +77,16 @@ same as a held-out prompt and is left out of training; stage 01 splits its pool 
 @dataclass(frozen=True)
 class Config(StageConfig):
     """Stage 02 settings: the ``distill`` section (see `config.DistillParams`), the ``sampling``
-    section, teacher and student with their chat formats, how the teacher is prompted
-    (``teacher_few_shot``, ``teacher_thinking``, the constitution, ``assistant_name``: empty
-    means the student's family name, see `artifacts.assistant_name`), the seed, and what is
-    only known from the inputs.
+    section (the budget is ``distill.max_tokens``), teacher and student with their chat
+    formats, how the teacher is prompted (``teacher_few_shot``, ``teacher_thinking``, the
+    constitution, ``assistant_name``: empty means the student's family name, see
+    `artifacts.assistant_name`), the seed, and what is only known from the inputs.
 
-    ``heldout_general`` is ``adherence.probe_general_prompts``: the general evaluation prompts
-    the adherence measure probes with, which need teacher and student replies from here. It is
-    passed alone rather than the whole ``adherence`` section, whose other settings (encoder,
-    bootstrap, ...) only the measurement uses: with them in the fingerprint, changing the
-    classifier would refuse this folder and sample every reply again.
+    Of the ``adherence`` section only ``probe_general_prompts`` is read (and fingerprinted):
+    the general evaluation prompts the adherence measure probes with, which need teacher and
+    student replies from here. Its other settings (encoder, bootstrap, ...) only the measure
+    uses; in the fingerprint they would make a changed classifier refuse this folder and
+    sample every reply again.
 
     ``inputs_digest`` hashes stage 01's files and ``context_digest`` the teacher's hidden
     context (`hidden_context`): re-running stage 01 or editing the constitution gives another
@@ -105,9 +105,11 @@ class Config(StageConfig):
     student_renderer: str
     assistant_name: str
     seed: int
-    heldout_general: int
+    adherence: AdherenceParams
     inputs_digest: str = ""
     context_digest: str = ""
+
+    SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES, "adherence": ("probe_general_prompts",)}
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,8 @@ def plan_prompts(
             f"(distill.heldout_fraction={fraction}); expected at least one"
         )
     wanted_general = round(share * len(train))
-    probes = [
-        DistillPrompt(r["id"], r["prompt"], "general")
-        for r in general_eval[: config.heldout_general]
-    ]
+    wanted_probes = config.adherence.probe_general_prompts
+    probes = [DistillPrompt(r["id"], r["prompt"], "general") for r in general_eval[:wanted_probes]]
     # A general training prompt (near-)identical to a held-out one would train on the probe.
     unique = prompt_filters.deduplicate(
         [r["prompt"] for r in general_train],
@@ -223,9 +223,9 @@ def plan_prompts(
             f"({len(general_train) - len(candidates)} overlap held-out prompts): training on "
             f"{len(general)} (raise prompts.general_prompts and rerun notebook 01)"
         )
-    if len(probes) < config.heldout_general:
+    if len(probes) < wanted_probes:
         warnings.append(
-            f"adherence.probe_general_prompts={config.heldout_general}, but "
+            f"adherence.probe_general_prompts={wanted_probes}, but "
             f"{Path(source_dir) / INPUT_FILES[2]} holds {len(general_eval)}: holding out "
             f"{len(probes)} general prompts (raise prompts.eval_prompts and rerun notebook 01)"
         )
@@ -237,9 +237,9 @@ def plan_prompts(
         "general_train": len(general),
         "general_shortfall": wanted_general - len(general),
         "general_overlapping_heldout": len(general_train) - len(candidates),
-        "heldout_general_requested": config.heldout_general,
+        "heldout_general_requested": wanted_probes,
         "heldout_general": len(probes),
-        "heldout_general_shortfall": config.heldout_general - len(probes),
+        "heldout_general_shortfall": wanted_probes - len(probes),
         "training_prompts": len(train) + len(general),
         "heldout_prompts": len(heldout) + len(probes),
     }
@@ -545,7 +545,7 @@ def load_prompt_files(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]
 # -- the stage -----------------------------------------------------------------------------------
 def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> Result:
     """Sample, filter and pair teacher and student replies; resumable (see the module docstring)."""
-    config = Config.from_params(params, heldout_general=params.adherence.probe_general_prompts)
+    config = Config.from_params(params)
     constitution = load_constitution(config.constitution_ref, allow_opt_in=config.allow_misaligned)
     records, general_train, general_eval, inputs_digest = load_prompt_files(params.run_dir)
     plan = plan_prompts(

@@ -64,7 +64,7 @@ from ..prompts import (
 )
 from ..renderers import get_renderer
 from ..renderers.conversation import generation_prompt
-from ..sampler_setup import sampler_settings
+from ..sampler_setup import SAMPLING_PREFIXES, sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import StageConfig, digest
 from ..store import Checkpoint, StageDir, find_checkpoint, stage_dir, write_jsonl
@@ -100,6 +100,8 @@ class Config(StageConfig):
     seed: int
     checkpoint: Mapping[str, Any] = field(default_factory=dict)
     prompts_digest: str = ""
+
+    SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES}  # the budget is response_tokens
 
 
 @dataclass(frozen=True)

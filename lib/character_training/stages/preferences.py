@@ -35,6 +35,10 @@ The judge is always the untrained ``params.judge`` model, never a checkpoint. On
 parameters refuse a judge equal to the student. The tiny preset uses SmolLM2 for both, so there
 the judge is the *base* student (not the trained model under test, but the model it started
 from), which the notebook states.
+
+The traits and matches are drawn in `evaluate.preference_matches` and the judge's verdicts
+given (and logged) in `evaluate.preference_judging`; this module samples the replies, rates
+every (model, condition, judge mode) and builds the tables from the ratings.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import PROMPTS_STAGE
 from ..config import EvalParams, RunParams, SamplingParams
 from ..evaluate import elo as elo_math
 from ..evaluate.preference_judging import (
@@ -68,7 +73,7 @@ from ..evaluate.preference_matches import (
 )
 from ..prompt_sources import read_prompt_file
 from ..prompts import preference_messages
-from ..sampler_setup import LazySampler, model_sampler, sampler_settings
+from ..sampler_setup import SAMPLING_PREFIXES, LazySampler, model_sampler, sampler_settings
 from ..sampling import SampleRequest, sample_chat
 from ..stage_config import StageConfig, digest
 from ..store import StageDir, json_safe, list_checkpoints, stage_dir, write_jsonl
@@ -76,7 +81,6 @@ from ..store import StageDir, json_safe, list_checkpoints, stage_dir, write_json
 logger = logging.getLogger(__name__)
 
 STAGE = "07_preferences"
-PROMPTS_STAGE = "01_prompts"
 EVAL_PROMPTS_FILE = "general_eval.jsonl"
 CHECKPOINT_LABELS = ("dpo", "final")
 BASE = "base"
@@ -88,10 +92,11 @@ TABLE_COLUMNS = ("trait", "elo", "ci_low", "ci_high", "bt", "wins", "games")
 # -- config --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config(StageConfig):
-    """Stage 07 settings: the ``evals`` section (matches, conditions, judge modes and sampling,
-    bootstrap, reply budget; see `config.EvalParams`), the ``sampling`` section, the student
-    and the judge with their chat formats, the seed, the traits drawn for this run
-    (`preference_matches.choose_traits`) and the digest of the prompts.
+    """Stage 07 settings: this stage's part of the ``evals`` section (``elo_*``: matches,
+    traits, conditions, bootstrap, reply budget; ``judge_*``: judge modes and sampling; see
+    `config.EvalParams`), the ``sampling`` section, the student and the judge with their chat
+    formats, the seed, the traits drawn for this run (`preference_matches.choose_traits`) and
+    the digest of the prompts.
 
     Model identities are not part of it: adding a checkpoint later resumes the same folder and
     measures only the new model.
@@ -107,16 +112,22 @@ class Config(StageConfig):
     traits: tuple[str, ...]
     prompts_digest: str = ""
 
+    # the budget is evals.elo_response_tokens; the rest of evals belongs to stages 08 and 09
+    SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES, "evals": ("elo_", "judge_")}
+
     @property
     def conditions(self) -> tuple[str, ...]:
+        """``evals.elo_conditions``; the first is the one headlines report."""
         return tuple(self.evals.elo_conditions)
 
     @property
     def primary_mode(self) -> str:
+        """The judge mode headlines and tables report unless told otherwise."""
         return self.evals.judge_modes[0]
 
     @property
     def scores_forced_choice(self) -> bool:
+        """Whether the judge's word log-probabilities (and its empty-reply prior) are needed."""
         return needs_forced_choice(self.evals.judge_modes)
 
 

@@ -42,7 +42,7 @@ from ..prompt_sources import (
     qualitative_prompts,
 )
 from ..prompts import EXPANSION_PREFILL, expansion_messages
-from ..sampler_setup import sampler_settings
+from ..sampler_setup import SAMPLING_PREFIXES, sampler_settings
 from ..sampling import SampleRequest, sample_chat
 from ..stage_config import StageConfig
 from ..store import StageDir, stage_dir, write_jsonl
@@ -71,6 +71,8 @@ class Config(StageConfig):
     generator_renderer: str
     seed: int
     general_pool: Mapping[str, Any] = field(default_factory=dict)
+
+    SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES}  # the budget is prompts.max_tokens
 
 
 @dataclass(frozen=True)

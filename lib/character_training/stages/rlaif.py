@@ -65,7 +65,7 @@ from ..rl.settings import CheckpointTarget
 from ..rl.sft_start import train_sft_start
 from ..rl.signals import judge_comparator, pm_comparator, signal_accuracy
 from ..stage_config import StageConfig
-from ..store import Checkpoint, read_jsonl, stage_dir
+from ..store import Checkpoint, read_jsonl, resolve_path, stage_dir
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,10 @@ class Result:
 
     def probe_models(self) -> dict[str, str]:
         """``{"rl-step-0000": sampler path, ...}``: the policy at every probe step."""
-        return {PROBE_LABEL.format(p["step"]): p["sampler_path"] for p in self.probes}
+        return {
+            PROBE_LABEL.format(p["step"]): resolve_path(self.stage_dir.parent, p["sampler_path"])
+            for p in self.probes
+        }
 
 
 def pairs_digest(pairs: Sequence[Mapping[str, Any]]) -> str:
@@ -218,7 +221,9 @@ def run(
                 on_existing,
             )
             preference_model = trained.checkpoint
-            signal = pm_comparator(config, service_client, constitution, preference_model, "pm")
+            signal = pm_comparator(
+                config, service_client, constitution, preference_model, params.run_dir, "pm"
+            )
             comparators["preference_model"] = signal
     accuracy = signal_accuracy(
         comparators,

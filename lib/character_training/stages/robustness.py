@@ -268,13 +268,14 @@ def persona_models(params: RunParams, config: Config, notes: list[str]) -> list[
 class _Samplers:
     """Sampling clients made on first use and kept: the base model serves several methods."""
 
-    def __init__(self, service: Any):
+    def __init__(self, service: Any, run_dir: Path):
         self.service = service
+        self.run_dir = run_dir
         self._clients: dict[str, Any] = {}
 
     def factory(self, model_path: str | None, base_model: str) -> Callable[[], Any]:
         def make() -> Any:
-            key = model_identity(model_path, base_model)
+            key = model_path or f"base:{base_model}"
             if key not in self._clients:
                 from ..backends import resolve_client
 
@@ -298,7 +299,7 @@ class _Samplers:
     ) -> dict[str, Completion]:
         """One model's replies (the base student's without ``checkpoint``), from its log."""
         path = checkpoint.sampler_path if checkpoint is not None else None
-        identity = model_identity(path, config.student)
+        identity = model_identity(self.run_dir, path, config.student)
         make_client = self.factory(path, config.student)
         return sample_replies(make_client, config, folder, method, identity, requests, desc)
 
@@ -376,7 +377,7 @@ def _coherence(
     if not comparisons:
         return []
     e = config.evals
-    judge_sampler = _Samplers(service).factory(None, config.judge)
+    judge_sampler = _Samplers(service, folder.parent).factory(None, config.judge)
     records = []
     for mode in e.coherence_modes:
         if mode == "logprob":
@@ -422,7 +423,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
     text_of = {p["id"]: p["prompt"] for p in prompts}
     personas = persona_models(params, config, notes)
 
-    samplers = _Samplers(service_client)
+    samplers = _Samplers(service_client, params.run_dir)
     base_folder = stage.path / "responses"
     base_done = samplers.replies(
         config,

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import PROMPTS_STAGE
 from ..config import RunParams, SamplingParams
 from ..errors import DataError
 from ..evaluate.diversity import word_count
@@ -62,7 +63,6 @@ from ..store import (
 logger = logging.getLogger(__name__)
 
 STAGE = "06_samples"
-PROMPTS_STAGE = "01_prompts"
 QUALITATIVE_FILE = "qualitative.jsonl"
 STAGES = ("base", "dpo", "final")
 TRAINED_STAGES = STAGES[1:]

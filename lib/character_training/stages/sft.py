@@ -66,7 +66,7 @@ from ..constitutions import load_constitution
 from ..errors import ConfigError, DataError
 from ..renderers import get_renderer
 from ..stage_config import StageConfig
-from ..store import StageDir, find_checkpoint, stage_dir, write_jsonl
+from ..store import StageDir, find_checkpoint, portable_path, stage_dir, write_jsonl
 from ..supervised import (
     PLACEHOLDER,
     Transcript,
@@ -194,7 +194,9 @@ def run(
     check_system_lines(transcripts, [a.text for a in constitution.assertions])
 
     config = Config.from_params(
-        params, start_state=start.state_path, data_digest=data_digest(transcripts)
+        params,
+        start_state=portable_path(params.run_dir, start.state_path),
+        data_digest=data_digest(transcripts),
     )
     stage: StageDir = stage_dir(params.run_dir, STAGE)
     stage.prepare(config.fingerprint(), on_existing, config.as_dict())
