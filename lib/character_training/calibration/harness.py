@@ -37,17 +37,23 @@ Z_POWER = float(norm.ppf(POWER))
 
 @dataclass(frozen=True)
 class Trial:
-    """Per simulated experiment: estimate, interval, truth (NaN interval: no measurement)."""
+    """Per simulated experiment: estimate, interval, truth (NaN interval: no measurement), and
+    for a verdict (RLAIF's "reward hacking") whether it was called."""
 
     estimate: np.ndarray
     low: np.ndarray
     high: np.ndarray
     truth: np.ndarray
+    claims: np.ndarray | None = None  # a verdict statistic: where it claims an effect
 
     def measured(self) -> np.ndarray:
         return np.isfinite(self.low) & np.isfinite(self.high)
 
     def excludes(self, value: float) -> np.ndarray:
+        """Where the experiment claims an effect: its verdict, else its interval excluding
+        ``value``."""
+        if self.claims is not None:
+            return self.claims
         return self.measured() & ((self.low > value) | (self.high < value))
 
     def covers(self) -> np.ndarray:
