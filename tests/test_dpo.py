@@ -56,7 +56,7 @@ def test_the_dpo_loss_equals_a_hand_computation_term_by_term():
     assert float(loss) == pytest.approx(sum(per_pair) / 2, abs=1e-6)
     assert m["dpo/loss"] == pytest.approx(sum(dpo_terms) / 2, abs=1e-6)
     assert m["dpo/nll"] == pytest.approx(sum(nll_terms) / 2, abs=1e-6)
-    assert m["dpo/kl"] == pytest.approx(sum(kl_terms) / 2, abs=1e-7)
+    assert m["dpo/sq_log_ratio"] == pytest.approx(sum(kl_terms) / 2, abs=1e-7)
     assert m["dpo/margin"] == pytest.approx(0.07, abs=1e-6)
     assert m["dpo/chosen_reward"] == pytest.approx(0.1 * (0.2 + 0.5) / 2, abs=1e-6)
     assert m["dpo/rejected_reward"] == pytest.approx(0.1 * (-0.4 - 0.3) / 2, abs=1e-6)
@@ -210,11 +210,11 @@ def test_dpo_learns_a_learnable_preference_on_the_tiny_model(tmp_path):
     first, last = rows[0], rows[-2:]
     # at step 1 the policy is the reference: zero margin (so accuracy 0, not 0.5) and zero KL
     assert first["dpo/margin"] == pytest.approx(0.0, abs=1e-6) and first["dpo/accuracy"] == 0
-    assert first["dpo/kl"] == pytest.approx(0.0, abs=1e-10)
+    assert first["dpo/sq_log_ratio"] == pytest.approx(0.0, abs=1e-10)
     assert first["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(r["dpo/accuracy"] == 1.0 for r in last)
     assert last[-1]["dpo/margin"] > 1.0
-    assert last[-1]["dpo/kl"] > 0
+    assert last[-1]["dpo/sq_log_ratio"] > 0
     for key in ("dpo/nll", "dpo/chosen_reward", "optim/grad_norm", "time/tokens_per_s"):
         assert all(r[key] is not None for r in rows)
     checkpoint = find_checkpoint(params.run_dir, "dpo")

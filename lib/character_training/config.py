@@ -156,19 +156,24 @@ class DistillParams:
 
 @dataclass(frozen=True)
 class DPOParams:
-    """Stage 03 (paper: LoRA 64, batch 32, lr 5e-5 at alpha 128, beta 0.1, NLL 0.1, KL 0.001).
+    """Stage 03 (paper: LoRA 64, batch 32, lr 5e-5 at alpha 128, beta 0.1, NLL 0.1; the
+    released training scripts add a 0.001 penalty on the squared log-ratio and clip gradients at
+    norm 1.0, which the paper does not state).
 
     The loss per pair is the sigmoid DPO loss on summed reply log-probs with ``beta``, plus
     ``nll_coef`` times the chosen reply's mean per-token NLL, plus ``kl_coef`` times the mean
-    per-token squared log-ratio to the reference over both replies. The learning rate warms up
-    linearly over ``warmup_fraction`` of the steps, then follows ``schedule`` to zero.
+    per-token *squared log-ratio* to the reference over both replies (a KL-like penalty, not a
+    KL: logged as ``dpo/sq_log_ratio``). The learning rate warms up linearly over
+    ``warmup_fraction`` of the steps, then follows ``schedule`` to zero; gradients are clipped
+    to ``grad_clip_norm`` (0: no clipping).
     """
 
     learning_rate: float = 5e-5
     batch_size: int = 32  # pairs per optimiser step (chosen + rejected always together)
     beta: float = 0.1
     nll_coef: float = 0.1
-    kl_coef: float = 0.001
+    kl_coef: float = 0.001  # weight of the squared log-ratio penalty (released scripts: 0.001)
+    grad_clip_norm: float = 1.0  # global gradient norm clip (0: none; released scripts: 1.0)
     epochs: int = 1
     warmup_fraction: float = 0.1
     schedule: str = "linear"  # linear | cosine | constant (after warm-up)
@@ -180,6 +185,7 @@ class DPOParams:
         _check_positive(self, "dpo", ("learning_rate", "beta"))
         _check(self.nll_coef >= 0, "dpo.nll_coef", self.nll_coef, ">= 0")
         _check(self.kl_coef >= 0, "dpo.kl_coef", self.kl_coef, ">= 0")
+        _check(self.grad_clip_norm >= 0, "dpo.grad_clip_norm", self.grad_clip_norm, ">= 0")
         _check(
             0 <= self.warmup_fraction < 1,
             "dpo.warmup_fraction",
@@ -234,6 +240,7 @@ class SFTParams:
 
     learning_rate: float = 5e-5
     batch_size: int = 32  # transcripts per optimiser step
+    grad_clip_norm: float = 1.0  # global gradient norm clip (0: none; released scripts: 1.0)
     epochs: int = 1
     warmup_fraction: float = 0.1
     schedule: str = "linear"  # linear | cosine | constant (after warm-up)
@@ -242,6 +249,7 @@ class SFTParams:
 
     def __post_init__(self) -> None:
         _check_positive(self, "sft", ("learning_rate",))
+        _check(self.grad_clip_norm >= 0, "sft.grad_clip_norm", self.grad_clip_norm, ">= 0")
         _check(
             0 <= self.warmup_fraction < 1,
             "sft.warmup_fraction",
@@ -447,7 +455,8 @@ class RLParams:
     advantage: str = "center"
     matchups_per_group: int = 0
     response_tokens: int = 300  # reply budget of the policy
-    temperature: float = 1.0
+    temperature: float = 1.0  # must be 1: the learner scores the sampled tokens at 1
+    grad_clip_norm: float = 1.0  # global gradient norm clip of RL and the preference model
     save_every: int = 5  # steps between resumable states
     probe_every: int = 5  # steps between win-rate-vs-start probes (and saved checkpoints)
     probe_prompts: int = 16  # held-out prompts (02_distillation/heldout.jsonl) of the probes
@@ -469,6 +478,15 @@ class RLParams:
         )
         _check(self.schedule in SCHEDULES, "rl.schedule", self.schedule, f"one of {SCHEDULES}")
         _check(self.kl_coef >= 0, "rl.kl_coef", self.kl_coef, ">= 0")
+        _check(self.grad_clip_norm >= 0, "rl.grad_clip_norm", self.grad_clip_norm, ">= 0")
+        _check(
+            self.temperature == 1.0,
+            "rl.temperature",
+            self.temperature,
+            "1.0 (the policy gradient and the KL use the learner's log-probabilities at "
+            "temperature 1; sampling at another temperature would make the importance ratios "
+            "and the KL refer to a distribution that was not sampled)",
+        )
         _check_positive(self, "rl", ("learning_rate", "pm_learning_rate", "temperature"))
         _check_min(self, "rl", ("sft_init_steps", "matchups_per_group", "probe_every"), 0)
         _check_min(

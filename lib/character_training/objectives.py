@@ -43,7 +43,8 @@ def compute_dpo_loss(
 
     Each argument holds one 1-D tensor per pair: the log-probabilities of that reply's loss
     tokens only (already masked). Returns ``(loss, metrics)``; metrics are batch means:
-    ``dpo/loss``, ``dpo/nll``, ``dpo/kl``, ``dpo/accuracy`` (share of pairs whose margin is
+    ``dpo/loss``, ``dpo/nll``, ``dpo/sq_log_ratio`` (the penalty term: a mean squared
+    log-ratio, not a KL), ``dpo/accuracy`` (share of pairs whose margin is
     positive), ``dpo/margin``, ``dpo/chosen_reward`` and ``dpo/rejected_reward`` (beta times
     the summed log-ratio to the reference), ``dpo/total``.
     """
@@ -86,7 +87,7 @@ def compute_dpo_loss(
     metrics = {
         "dpo/loss": float(dpo.mean().detach()),
         "dpo/nll": float(nll.mean().detach()),
-        "dpo/kl": float(kl.mean().detach()),
+        "dpo/sq_log_ratio": float(kl.mean().detach()),
         "dpo/accuracy": float((margin > 0).float().mean()),
         "dpo/margin": float(margin.mean().detach()),
         "dpo/chosen_reward": float((beta * chosen_ratio).mean().detach()),

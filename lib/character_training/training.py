@@ -213,6 +213,7 @@ class TrainingPlan:
     """What the loop needs to know about a stage's training, besides its batches.
 
     ``name`` labels the progress bar; ``epochs`` only feeds the ``epoch`` metric column;
+    ``grad_clip_norm`` goes to every ``optim_step`` (Tinker's ``AdamParams.grad_clip_norm``);
     ``checkpoint``, when set, is the name the finished weights are recorded under (with
     ``run_dir``, ``stage_name`` and ``base_model``), as `finish_checkpoint` does.
     """
@@ -222,6 +223,7 @@ class TrainingPlan:
     schedule: LRSchedule
     save_every: int
     epochs: int = 1
+    grad_clip_norm: float = 0.0  # global gradient-norm clip in the optimiser step (0: none)
     checkpoint: str | None = None
     run_dir: Path | None = None
     stage_name: str = ""
@@ -257,7 +259,9 @@ class _Submitted:
     started: float
 
 
-def _submit(client: Any, batch: StepBatch, step: int, learning_rate: float) -> _Submitted:
+def _submit(
+    client: Any, batch: StepBatch, step: int, learning_rate: float, grad_clip_norm: float
+) -> _Submitted:
     """Queue the step's forward-backward and its optimiser step back to back (one round trip
     on the service; the local engine runs them as they are called, in order)."""
     started = time.perf_counter()
@@ -267,7 +271,9 @@ def _submit(client: Any, batch: StepBatch, step: int, learning_rate: float) -> _
         fb = client.forward_backward(list(batch.data), batch.loss, dict(batch.loss_fn_config))
     else:
         fb = client.forward_backward(list(batch.data), batch.loss)
-    optim = client.optim_step(types.AdamParams(learning_rate=learning_rate))
+    optim = client.optim_step(
+        types.AdamParams(learning_rate=learning_rate, grad_clip_norm=grad_clip_norm)
+    )
     return _Submitted(step, batch, learning_rate, fb, optim, started)
 
 
@@ -317,6 +323,7 @@ def run_training(
         row.update(
             step_record(sub.step, total, plan.epochs, sub.learning_rate, optim, tokens, elapsed)
         )
+        row["optim/grad_clip_norm"] = plan.grad_clip_norm
         row.update(batch.metrics)
         log.log(sub.step, row)
         bar.update(1)
@@ -324,7 +331,7 @@ def run_training(
     pending: _Submitted | None = None
     for step in range(done_steps + 1, total + 1):
         batch = make_batch(step)
-        submitted = _submit(client, batch, step, plan.schedule.at(step, total))
+        submitted = _submit(client, batch, step, plan.schedule.at(step, total), plan.grad_clip_norm)
         if pending is not None:
             finish(pending)
         pending = submitted

@@ -434,6 +434,7 @@ def train_rl(
         schedule=LRSchedule(config.rl.learning_rate, 0.0, config.rl.schedule),
         save_every=config.rl.save_every,
         base_model=config.student,
+        grad_clip_norm=config.rl.grad_clip_norm,
     )
     checkpoint = run_training(
         client,

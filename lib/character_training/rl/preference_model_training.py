@@ -145,6 +145,7 @@ def train_preference_model(
         save_every=rl.save_every,
         base_model=config.judge,
         epochs=rl.pm_epochs,
+        grad_clip_norm=rl.grad_clip_norm,
     )
     checkpoint = run_training(
         client, stage, plan, make_batch, done_steps=done_steps, read_metrics=read_metrics

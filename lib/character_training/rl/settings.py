@@ -76,6 +76,7 @@ class CheckpointTarget:
         save_every: int,
         base_model: str,
         epochs: int = 1,
+        grad_clip_norm: float = 0.0,
     ) -> TrainingPlan:
         """The `training.TrainingPlan` of a trainer that records its weights here."""
         return TrainingPlan(
@@ -84,6 +85,7 @@ class CheckpointTarget:
             schedule=schedule,
             save_every=save_every,
             epochs=epochs,
+            grad_clip_norm=grad_clip_norm,
             checkpoint=self.checkpoint,
             run_dir=self.run_dir,
             stage_name=self.stage_name,

@@ -109,6 +109,7 @@ def train_sft_start(
         save_every=config.rl.save_every,
         base_model=config.student,
         epochs=epochs,
+        grad_clip_norm=sft.grad_clip_norm,
     )
     checkpoint = run_training(
         client,

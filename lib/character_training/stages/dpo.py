@@ -262,6 +262,7 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
         schedule=LRSchedule(dpo.learning_rate, dpo.warmup_fraction, dpo.schedule),
         save_every=dpo.save_every,
         epochs=dpo.epochs,
+        grad_clip_norm=dpo.grad_clip_norm,
         checkpoint=CHECKPOINT,
         run_dir=params.run_dir,
         stage_name=STAGE,

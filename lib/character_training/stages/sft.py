@@ -256,6 +256,7 @@ def run(
         schedule=LRSchedule(sft.learning_rate, sft.warmup_fraction, sft.schedule),
         save_every=sft.save_every,
         epochs=sft.epochs,
+        grad_clip_norm=sft.grad_clip_norm,
         checkpoint=CHECKPOINT,
         run_dir=params.run_dir,
         stage_name=STAGE,
