@@ -47,7 +47,7 @@ How it is built, and why:
   every notebook can re-run it (see `sentence_encoder` and `teacher_classifier` for why).
 * **Teacher-like share with prompt-level intervals.** A reply is teacher-like when the head
   gives it probability > 0.5. Each row reports the share of teacher-like replies and the mean
-  probability, with 95% percentile-bootstrap intervals that resample *prompts* (replies to one
+  probability, with 95% bootstrap intervals (scipy BCa) that resample *prompts* (replies to one
   prompt are correlated). Differences between two models use a paired bootstrap over the
   prompts both were measured on, which removes prompt difficulty from the noise.
 * **References.** The teacher's and the student's own held-out replies on the probe prompts

@@ -205,7 +205,7 @@ def auc_interval(
         w_pos, w_neg = weights[:, pos_group], weights[:, neg_group]
         pairs = w_pos.sum(axis=1) * w_neg.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.einsum("bi,ij,bj->b", w_pos, wins, w_neg) / pairs
+            return ((w_pos @ wins) * w_neg).sum(axis=1) / pairs
 
     return bootstrap_groups(weighted_auc, len(index), n_resamples, seed, level)
 
