@@ -5,8 +5,8 @@ wrong quietly):
 
 * a classifier scored on the prompts it was trained on (the split must be disjoint by prompt
   and identical in every notebook);
-* intervals that resample replies instead of prompts, or a difference of two models computed
-  from two unpaired intervals;
+* a classifier at chance (AUC interval reaching 0.5, or teacher and student references not
+  apart) whose shares reach a headline as if they measured "no effect";
 * an encoder pooled over padding tokens (a vector that changes with its batch neighbours);
 * a sample log reused after the checkpoint behind a label changed;
 * a missing or tiny ``heldout.jsonl`` giving a silent, meaningless number.
@@ -25,18 +25,29 @@ from character_training.backends.local import TINY_RANDOM_NAME as TINY
 from character_training.config import load_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import adherence, sentence_encoder
-from character_training.evaluate.adherence import measure
+from character_training.evaluate.adherence import (
+    STUDENT_REF,
+    TEACHER_REF,
+    AdherenceReport,
+    _difference,
+    _row,
+    measure,
+)
 from character_training.evaluate.heldout import split_prompt_ids
-from character_training.evaluate.intervals import bootstrap_mean, paired_bootstrap_difference
+from character_training.evaluate.intervals import Estimate, Measurement, bootstrap_mean
 from character_training.evaluate.sentence_encoder import (
     embed_texts,
     load_encoder,
     read_pooling_spec,
 )
 from character_training.evaluate.teacher_classifier import (
+    ClassifierSummary,
     LogisticHead,
     accuracy,
+    auc_interval,
+    check_instrument,
     fit_logistic,
+    judge_instrument,
     roc_auc,
     validate,
 )
@@ -112,66 +123,152 @@ def test_validation_is_reported_overall_and_per_source_in_first_seen_order():
     probabilities = [0.9, 0.4, 0.7, 0.2, 0.6, 0.3]
     labels = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
     sources = ["general", "constitution", "constitution", "general", "constitution", "general"]
-    result = validate(probabilities, labels, sources)
+    prompts = ["g1", "c1", "c1", "g2", "c2", "g1"]
+    result = validate(probabilities, labels, sources, prompts, n_resamples=200, seed=0)
     assert result.accuracy == pytest.approx(4 / 6)  # 0.4 (teacher) and 0.7 (student) are wrong
     assert result.auc == pytest.approx(7 / 9)  # 7 of 9 (teacher, student) pairs ordered right
+    assert result.auc_interval.value == result.auc
     assert list(result.by_source) == ["general", "constitution"]
-    assert result.by_source["general"] == {"teacher": 1, "student": 2, "accuracy": 1.0, "auc": 1.0}
+    general = result.by_source["general"]
+    assert {k: general[k] for k in ("teacher", "student", "accuracy", "auc")} == {
+        "teacher": 1, "student": 2, "accuracy": 1.0, "auc": 1.0
+    }  # fmt: skip
     constitution = result.by_source["constitution"]
     assert (constitution["teacher"], constitution["student"]) == (2, 1)
     assert constitution["accuracy"] == pytest.approx(1 / 3)
     assert constitution["auc"] == pytest.approx(0.0)  # the one student outranks both teachers
-
-
-# -- bootstrap -----------------------------------------------------------------------------------
-def test_bootstrap_interval_covers_the_truth_at_about_the_nominal_rate():
-    """200 data sets of 60 prompts x 2 Bernoulli(p_prompt) replies, p_prompt ~ Beta(3, 5)."""
-    rng = np.random.default_rng(7)
-    truth = 3 / 8
-    hits = 0
-    for rep in range(200):
-        p = rng.beta(3, 5, size=60)
-        groups = rng.binomial(1, p[:, None], size=(60, 2))
-        est = bootstrap_mean(groups, n_resamples=1000, seed=rep)
-        assert est.low <= est.value <= est.high
-        hits += est.low <= truth <= est.high
-    assert 0.9 <= hits / 200 <= 0.99
-
-
-def test_paired_difference_covers_the_truth_and_beats_unpaired_intervals():
-    """Prompt difficulty is shared by both models; the paired interval cancels it."""
-    rng = np.random.default_rng(11)
-    shift = 0.15
-    truth = float(np.mean(np.minimum(1.0, rng.beta(2, 3, size=400_000) + shift))) - 0.4
-    hits, paired_width, unpaired_width = 0, 0.0, 0.0
-    for rep in range(200):
-        base = rng.beta(2, 3, size=50)
-        a = {f"p{i}": rng.binomial(1, min(1.0, q + shift), size=2) for i, q in enumerate(base)}
-        b = {f"p{i}": rng.binomial(1, q, size=2) for i, q in enumerate(base)}
-        est, n = paired_bootstrap_difference(a, b, n_resamples=1000, seed=rep)
-        assert n == 50
-        hits += est.low <= truth <= est.high
-        paired_width += est.high - est.low
-        ea = bootstrap_mean(a.values(), 1000, rep)
-        eb = bootstrap_mean(b.values(), 1000, rep + 1)
-        unpaired_width += math.hypot(ea.high - ea.low, eb.high - eb.low)
-    assert 0.9 <= hits / 200 <= 0.99
-    assert paired_width < unpaired_width
-
-
-def test_paired_difference_uses_only_shared_prompts():
-    est, n = paired_bootstrap_difference(
-        {"x": [1, 1], "y": [0], "only_a": [1]}, {"x": [0, 0], "y": [0], "only_b": [1]}, 200, 0
+    assert constitution["auc_high"] < 0.5  # on every draw that holds both classes
+    without_ids = validate(probabilities, labels, sources)
+    assert without_ids.auc_interval is None and math.isnan(
+        without_ids.by_source["general"]["auc_low"]
     )
-    assert n == 2
-    assert est.value == pytest.approx(2 / 3)
-    with pytest.raises(DataError):
-        paired_bootstrap_difference({"x": [1]}, {"y": [0]}, 10, 0)
 
 
-def test_bootstrap_is_seeded():
-    groups = [[1, 0], [0], [1, 1, 0], [0, 0]]
-    assert bootstrap_mean(groups, 500, 3) == bootstrap_mean(groups, 500, 3)
+# -- can the classifier measure? -----------------------------------------------------------------
+def _prompt_scores(rng, n, separation):
+    """One teacher and one student score per prompt, sharing the prompt's effect: the AUC over
+    all (teacher, student) pairs is Phi(separation / 2) (difference variance 2 + 2)."""
+    shared = rng.normal(size=n)
+    scores = np.r_[separation + shared + rng.normal(size=n), shared + rng.normal(size=n)]
+    return scores, np.r_[np.ones(n), np.zeros(n)], [f"p{i}" for i in range(n)] * 2
+
+
+def test_auc_interval_is_the_auc_and_covers_a_known_truth():
+    """200 data sets of 30 prompts: the interval covers Phi(1/2) at about its 95%, and a head
+    that separates that well passes the check almost always."""
+    rng = np.random.default_rng(3)
+    scores, labels, prompts = _prompt_scores(rng, 12, 1.0)
+    assert auc_interval(scores, labels, prompts, 200, 0).value == roc_auc(scores, labels)
+    assert auc_interval(scores, np.zeros(24), prompts, 200, 0) is None
+    truth, hits, measured = norm.cdf(0.5), 0, 0
+    for rep in range(200):
+        estimate = auc_interval(*_prompt_scores(rng, 30, 1.0), n_resamples=400, seed=rep)
+        hits += estimate.low <= truth <= estimate.high
+        measured += estimate.low > 0.5
+    assert hits / 200 >= 0.92 and measured / 200 >= 0.9
+
+
+def test_a_head_at_chance_is_no_measurement_at_about_the_nominal_rate():
+    rng = np.random.default_rng(4)
+    failed = 0
+    for rep in range(200):
+        auc = auc_interval(*_prompt_scores(rng, 30, 0.0), n_resamples=400, seed=rep)
+        verdict = judge_instrument("constitution", auc, 0.9, 0.1, Estimate(0.8, 0.6, 0.95))
+        failed += not verdict.measured and "includes 0.5" in verdict.reason
+    assert failed / 200 >= 0.93
+
+
+def test_each_reason_the_classifier_cannot_measure_is_named():
+    good_auc, good_gap = Estimate(0.9, 0.8, 0.97), Estimate(0.7, 0.5, 0.85)
+    assert judge_instrument("constitution", good_auc, 0.8, 0.1, good_gap).measured
+    cases = [
+        ((None, 0.8, 0.1, good_gap), "no teacher or no student reference reply"),
+        ((Estimate(0.3, 0.2, 0.45), 0.8, 0.1, good_gap), "is below 0.5: it ranks the student"),
+        ((Estimate(0.55, 0.41, 0.69), 0.8, 0.1, good_gap),
+         "classifier AUC 0.55 [0.41, 0.69] on the constitution probe prompts includes 0.5: it "
+         "cannot tell the teacher's replies from the student's"),
+        ((good_auc, 0.6, 0.6, Estimate(0.0, -0.2, 0.2)),
+         "teacher reference 0.60 is not above student reference 0.60"),
+        ((good_auc, 0.6, 0.4, None), "no probe prompt holds both"),
+        ((good_auc, 0.6, 0.4, Estimate(0.2, -0.05, 0.4)),
+         "are not apart (difference 0.20 [-0.05, 0.40] includes 0)"),
+    ]  # fmt: skip
+    for args, reason in cases:
+        verdict = judge_instrument("constitution", *args)
+        assert verdict.status == "no measurement" and reason in verdict.reason, verdict
+        assert "\n" not in verdict.reason
+
+
+def _reference_rows(teacher, student):
+    """Scored reference rows (one reply per probe prompt and side) from p(teacher) values."""
+    return tuple(
+        [{"prompt_id": f"p{i}", "p_teacher": float(p), "complete": True} for i, p in enumerate(ps)]
+        for ps in (teacher, student)
+    )
+
+
+def test_the_instrument_check_reads_the_scored_references():
+    rng = np.random.default_rng(5)
+    apart = _reference_rows(rng.uniform(0.6, 1, 20), rng.uniform(0, 0.4, 20))
+    check = check_instrument("constitution", *apart, 300, 0)
+    assert check.measurement.measured and check.auc.value == 1.0 and check.n_paired == 20
+    assert (check.teacher_ref, check.student_ref) == (1.0, 0.0)
+    # ranked perfectly, but on the wrong side of the threshold: the shares cannot move
+    shifted = _reference_rows(rng.uniform(0.3, 0.45, 20), rng.uniform(0.05, 0.2, 20))
+    check = check_instrument("general", *shifted, 300, 0)
+    assert check.auc.value == 1.0 and not check.measurement.measured
+    assert "teacher reference 0.00 is not above student reference 0.00" in check.measurement.reason
+    record = check.record()
+    assert record["status"] == "no measurement" and record["auc"] == 1.0
+
+
+def _report(teacher, student, models):
+    """An adherence report built from scored rows (p(teacher) per reply, one per prompt)."""
+    teacher_rows, student_rows = _reference_rows(teacher, student)
+    check = check_instrument("constitution", teacher_rows, student_rows, 300, 0)
+    groups = {TEACHER_REF: teacher_rows, STUDENT_REF: student_rows}
+    groups |= {label: _reference_rows(ps, [])[0] for label, ps in models.items()}
+    rows = [
+        _row(label, "model", "constitution", label, r, 300, 0, check.measurement)
+        for label, r in groups.items()
+    ]
+    diff = _difference(
+        "dpo", "base", "constitution", groups["dpo"], groups["base"], 300, 0, check.measurement
+    )
+    summary = ClassifierSummary(
+        "minilm", 1.0, 40, 20, 20, 10, 10, 1.0, 20, 20, 0.5, check.auc.value, 0, 0
+    )
+    return AdherenceReport(summary, rows, [diff], {}, None, instrument={"constitution": check})
+
+
+def test_the_headline_withholds_every_share_of_a_classifier_at_chance():
+    rng = np.random.default_rng(6)
+    models = {"base": rng.uniform(0, 1, 20), "dpo": rng.uniform(0.3, 1, 20)}
+    chance = _report(rng.uniform(0, 1, 20), rng.uniform(0, 1, 20), models)
+    headline = chance.headline(["base", "dpo", "final"], [("dpo", "base")])
+    reason = chance.status().reason
+    assert "includes 0.5" in reason or "not apart" in reason or "not above" in reason
+    withheld = ["teacher_like_base", "teacher_like_base_ci", "teacher_like_dpo",
+                "teacher_like_dpo_ci", "dpo_minus_base"]  # fmt: skip
+    assert all(headline[k] is None for k in withheld)
+    assert headline["no_measurement"] == {k: reason for k in withheld}
+    assert headline["teacher_like_final"] is None  # never measured: None, and no reason
+    assert headline["classifier_status"] == "no measurement"
+    assert headline["classifier_auc"] == chance.classifier.val_auc
+    assert {r["status"] for r in chance.records()} == {"no measurement"}
+    assert chance.difference_records()[0]["reason"] == reason
+    assert chance.to_dict()["instrument"]["constitution"]["reason"] == reason
+    assert f"constitution probes: no measurement: {reason}" in chance.instrument_text()
+
+    apart = _report(rng.uniform(0.6, 1, 20), rng.uniform(0, 0.4, 20), models)
+    headline = apart.headline(["base", "dpo"], [("dpo", "base")], names={"base": "start"})
+    assert "no_measurement" not in headline and headline["classifier_status"] == "measured"
+    dpo = apart.row("dpo").teacher_like
+    assert headline["teacher_like_dpo"] == dpo.value
+    assert headline["teacher_like_dpo_ci"] == [dpo.low, dpo.high]
+    assert headline["teacher_like_start"] == apart.row("base").teacher_like.value
+    assert headline["dpo_minus_start"] == apart.difference("dpo", "base").teacher_like.to_dict()
+    assert apart.status() == Measurement()
 
 
 # -- splits --------------------------------------------------------------------------------------
@@ -357,16 +454,22 @@ def test_measure_end_to_end_resumes_and_reports(
     base = report.row("base")
     assert (base.n_prompts, base.n_samples) == (10, 20)
     assert report.row("dpo", "general").n_samples == 6
-    for row in report.rows:
-        for est in (row.teacher_like, row.mean_probability):
-            assert 0 <= est.low <= est.value <= est.high <= 1
+    # the references are apart on both probe sets, so the classifier measures there
+    assert {s: report.status(s).measured for s in sources} == {s: True for s in sources}
+    assert {r.status for r in report.rows} == {"measured"}
+    check = report.instrument["constitution"]
+    assert check.auc.value == 1.0 and check.reference_gap.value == 1.0
+    assert teacher.teacher_like.method == "point"  # every teacher reply is teacher-like
+    headline = report.headline(["base", "dpo"], [("dpo", "base")])
+    assert headline["teacher_like_dpo"] == report.row("dpo").teacher_like.value
+    assert "no_measurement" not in headline and headline["classifier_auc"] == 1.0
     assert {(d.a, d.b, d.probe_set) for d in report.differences} == {
         ("dpo", "base", s) for s in sources
     }
     assert list(report.records()[0]) == [
         "label", "kind", "probe_set", "model", "n_prompts", "n_samples", "n_truncated",
         "teacher_like", "teacher_like_low", "teacher_like_high",
-        "mean_probability", "mean_probability_low", "mean_probability_high",
+        "mean_probability", "mean_probability_low", "mean_probability_high", "status", "reason",
     ]  # fmt: skip
     first = report.differences[0]
     like, mean = first.teacher_like, first.mean_probability
@@ -374,7 +477,7 @@ def test_measure_end_to_end_resumes_and_reports(
         "a": "dpo", "b": "base", "probe_set": "constitution", "n_prompts": first.n_prompts,
         "teacher_like": like.value, "teacher_like_low": like.low, "teacher_like_high": like.high,
         "mean_probability": mean.value, "mean_probability_low": mean.low,
-        "mean_probability_high": mean.high,
+        "mean_probability_high": mean.high, "status": "measured", "reason": "",
     }  # fmt: skip
     frame = report.to_frame()
     assert {"teacher_like", "teacher_like_low", "teacher_like_high"} <= set(frame.columns)
@@ -382,6 +485,8 @@ def test_measure_end_to_end_resumes_and_reports(
     folder = run_dir / "adherence"
     saved = json.loads((folder / "adherence.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report.records()))
+    assert saved["instrument"]["general"]["status"] == "measured"
+    assert saved["classifier"]["val_auc_low"] == summary.val_auc_low
     samples = [json.loads(line) for line in (folder / "adherence_samples.jsonl").open()]
     assert len(samples) == summary.val_teacher + summary.val_student + 2 * 13 * 2
     assert (folder / "adherence_classifier.npz").is_file()
@@ -403,6 +508,30 @@ def test_measure_end_to_end_resumes_and_reports(
     measure(tiny_params, service, {"dpo": other_checkpoint}, encoder=encoder)
     assert len(service.created) == 3
     assert len(list((folder / "dpo").glob("samples-*.jsonl"))) == 2
+
+
+def test_a_classifier_that_cannot_tell_the_sides_apart_is_no_measurement(tiny_params, encoder):
+    """Teacher and student write in each other's style on alternate prompts: the head learns
+    nothing, and the report says so instead of giving shares."""
+    records = _heldout_records()
+    for i, record in enumerate(records):
+        if i % 2:
+            record["teacher_reply"], record["student_reply"] = (
+                record["student_reply"],
+                record["teacher_reply"],
+            )
+    _write_run(tiny_params.run_dir, records)
+    report = measure(tiny_params, None, {}, encoder=encoder)
+    status = report.status("constitution")
+    assert not status.measured
+    assert "includes 0.5" in status.reason or "are not apart" in status.reason
+    assert {r.status for r in report.rows if r.probe_set == "constitution"} == {"no measurement"}
+    headline = report.headline([TEACHER_REF, STUDENT_REF])
+    assert headline["teacher_like_teacher_ref"] is None
+    assert headline["no_measurement"]["teacher_like_teacher_ref"] == status.reason
+    assert report.row(TEACHER_REF).teacher_like.value is not None  # kept for diagnosis
+    saved = json.loads(report.path.read_text())
+    assert saved["instrument"]["constitution"]["reason"] == status.reason
 
 
 def test_measure_fails_in_one_line_without_heldout_data(tiny_params, encoder):

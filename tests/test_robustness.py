@@ -4,8 +4,12 @@ Bugs pinned here (the paper's robustness code, or easy to get quietly wrong):
 
 * a classifier scored on prompts it was trained on (the split must be disjoint by prompt, and
   only no-instruction replies of training prompts may train it);
-* a macro F1 that silently differs from the standard one (absent classes, zero denominators);
+* a macro F1 that silently differs from the standard one (absent classes, zero denominators),
+  or that averages over whichever classes the classifier happened to predict, so methods are
+  compared on different class sets;
 * intervals that resample replies rather than prompts, or splits independently;
+* a classifier that puts every reply in one class (F1 0.33 on the tiny run) whose F1 reaches
+  the headline as "the persona did not survive" instead of "no measurement";
 * adversarial instructions that never reach the rendered prompt (the paper's scripts kept four
   diverging copies of them);
 * a coherence win rate that counts a position-biased judge's verdicts instead of dropping the
@@ -31,12 +35,16 @@ from character_training.evaluate import robustness as scores
 from character_training.evaluate.robustness import (
     ClassifierSettings,
     bootstrap_macro_f1,
+    chance_macro_f1,
+    check_f1,
     class_scores,
     f1_table,
     macro_f1,
+    null_macro_f1,
     split_prompts,
     summarise_method,
     train_classifier,
+    trivial_macro_f1,
 )
 from character_training.evaluate.robustness_replies import (
     ReplySettings,
@@ -44,6 +52,7 @@ from character_training.evaluate.robustness_replies import (
     prefill_requests,
     reply_requests,
 )
+from character_training.evaluate.robustness_report import Report
 from character_training.prompts import (
     ADVERSARIAL_INSTRUCTIONS,
     FOLLOW_UP_PROMPT,
@@ -80,16 +89,90 @@ def test_macro_f1_equals_a_hand_computation_with_absent_classes():
         macro_f1(["a"], ["a", "b"])
 
 
-def test_the_bootstrap_point_value_is_macro_f1_and_the_interval_holds_it():
+def test_the_bootstrap_averages_over_a_fixed_label_set_not_over_what_was_predicted():
     rows = [(f"p{i // 2}", t, p) for i, (t, p) in enumerate(zip(TRUE * 4, PRED * 4))]
     estimate = bootstrap_macro_f1(rows, 400, seed=3)
-    assert estimate.value == pytest.approx(macro_f1(TRUE * 4, PRED * 4))
-    assert estimate.low <= estimate.value <= estimate.high and estimate.low < estimate.high
+    # "bird" is predicted but never true: by default it is not one of the averaged classes
+    assert estimate.value == pytest.approx(7 / 18)
+    assert estimate.value == pytest.approx(macro_f1(TRUE * 4, PRED * 4, ["cat", "dog", "fish"]))
+    every = bootstrap_macro_f1(rows, 400, seed=3, labels=["bird", "cat", "dog", "fish"])
+    assert every.value == pytest.approx(macro_f1(TRUE * 4, PRED * 4))  # 7/24, as before
     assert bootstrap_macro_f1(rows, 400, seed=3) == estimate  # seeded
     perfect = [(f"p{i}", label, label) for i, label in enumerate(TRUE)]
-    assert bootstrap_macro_f1(perfect, 100, 0).to_dict() == pytest.approx(
-        {"value": 1.0, "low": 1.0, "high": 1.0, "level": 0.95}
+    assert bootstrap_macro_f1(perfect, 100, 0).to_dict() == {
+        "value": 1.0, "low": 1.0, "high": 1.0, "level": 0.95, "method": "point"
+    }  # fmt: skip
+
+
+def _known_f1_rows(rng, n, persona_right=(4, 2), base_right=0.8):
+    """Per prompt two persona replies, each right with the prompt's chance q ~ Beta(4, 2), and
+    one base reply, right with chance 0.8."""
+    q = rng.beta(*persona_right, size=n)
+    persona = rng.random((n, 2)) < q[:, None]
+    base = rng.random(n) < base_right
+    ids = [f"p{i}" for i in range(n)]
+    rows = [(p, "pirate", "pirate" if ok else "base") for p, oks in zip(ids, persona) for ok in oks]
+    return rows + [(p, "base", "base" if ok else "pirate") for p, ok in zip(ids, base)]
+
+
+def test_the_macro_f1_interval_covers_a_known_truth():
+    """Expected counts per prompt: pirate tp 2a, fn 2(1-a), fp (1-b); base tp b, fn 1-b, fp
+    2(1-a), with a = 2/3 and b = 0.8, so the population macro F1 is known in closed form."""
+    a, b = 4 / 6, 0.8
+    truth = (4 * a / (4 * a + 2 * (1 - a) + (1 - b)) + 2 * b / (2 * b + (1 - b) + 2 * (1 - a))) / 2
+    rng = np.random.default_rng(8)
+    hits = sum(
+        (e := bootstrap_macro_f1(_known_f1_rows(rng, 50), 400, rep)).low <= truth <= e.high
+        for rep in range(200)
     )
+    assert hits / 200 >= 0.9
+
+
+def test_the_trivial_macro_f1_is_the_best_constant_answer():
+    # 4 pirate + 2 base: always "pirate" scores 2*4/(4+6) = 0.8 on pirate, 0 on base -> 0.4
+    rows = [("p", "pirate", "x")] * 4 + [("p", "base", "x")] * 2
+    assert trivial_macro_f1(rows) == (pytest.approx(0.4), "pirate")
+    every_pirate = [(p, t, "pirate") for p, t, _ in rows]
+    assert macro_f1([r[1] for r in every_pirate], [r[2] for r in every_pirate]) == 0.4
+    # three classes of 2: 2*2/(2+6)/3 = 1/6; ties go to base; two splits average
+    three = [("p", c, "x") for c in ("base", "a", "b") for _ in range(2)]
+    assert trivial_macro_f1(three) == (pytest.approx(1 / 6), "base")
+    assert trivial_macro_f1({"s": rows, "t": three}, ["base", "pirate", "a", "b"])[0] == (
+        pytest.approx((2 * 4 / 10 / 4 + 2 * 2 / 8 / 4) / 2)
+    )
+
+
+def test_guessing_at_the_classifiers_own_rates_can_beat_the_constant_answer():
+    """Truth 2:1 (pirate:base), predictions half and half, independent of the truth: pirate
+    expects F1 2*(2/3)(1/2)/(2/3+1/2) = 4/7, base 2*(1/3)(1/2)/(1/3+1/2) = 2/5."""
+    rows = [("p", "pirate", "pirate"), ("p", "pirate", "base")] * 2 + [
+        ("p", "base", "pirate"),
+        ("p", "base", "base"),
+    ]
+    assert chance_macro_f1(rows) == pytest.approx((4 / 7 + 2 / 5) / 2)
+    assert null_macro_f1(rows)[0] == pytest.approx((4 / 7 + 2 / 5) / 2)  # above 0.40
+    every_base = [(p, t, "base") for p, t, _ in rows]  # guessing "base" only is the constant
+    assert chance_macro_f1(every_base) == pytest.approx(2 * 2 / 8 / 2)
+    assert null_macro_f1(every_base) == (pytest.approx(0.4), "0.40, the score of putting every "
+                                         "reply in 'pirate'")  # fmt: skip
+
+
+def test_a_classifier_at_its_trivial_value_is_no_measurement():
+    rng = np.random.default_rng(2)
+    rows = _known_f1_rows(rng, 40)
+    assert check_f1(rows, bootstrap_macro_f1(rows, 300, 0)).measured
+    one_class = [(p, t, "base") for p, t, _ in rows]
+    verdict = check_f1(one_class, bootstrap_macro_f1(one_class, 300, 0))
+    assert verdict.reason == (
+        "the classifier put all 120 replies in class 'base': it does not tell the classes apart"
+    )
+    # a coin flip scores about 0.49, above the constant answer's 0.40, yet measures nothing
+    coin = [(p, t, "pirate" if rng.random() < 0.5 else "base") for p, t, _ in rows]
+    estimate = bootstrap_macro_f1(coin, 300, 0)
+    verdict = check_f1(coin, estimate)
+    assert estimate.value > trivial_macro_f1(coin)[0]
+    assert not verdict.measured and verdict.reason.startswith(f"macro F1 {estimate.text()}")
+    assert "what guessing at the classifier's own rate of each class scores" in verdict.reason
 
 
 def test_the_bootstrap_resamples_prompts_and_averages_splits_on_shared_draws():
@@ -150,6 +233,61 @@ def test_the_f1_table_scores_each_method_against_the_same_base_rows():
     assert summary.prefill == bootstrap_macro_f1(sets[("final", "prefill")], 50, 0)
     only_plain = summarise_method("dpo", sets, ["attack"], 50, 0)
     assert only_plain.with_instructions is None and only_plain.prefill is None
+
+
+def test_each_method_is_scored_on_its_own_classes_and_a_blind_one_is_no_measurement(tmp_path):
+    """final (one persona) is taken for "sarcastic" once: that class is not final's, so it does
+    not pull final's F1 down. Under the attack final's replies all read as base: the persona
+    was lost, a measurement. dpo's plain replies are all taken for base: the classifier cannot
+    see dpo at all, so none of dpo's numbers reach the headline."""
+
+    def reply(method, persona, split, i, predicted):
+        return {"method": method, "persona": persona, "class": persona or "base", "split": split,
+                "prompt_id": f"p{i}", "predicted": predicted}  # fmt: skip
+
+    scored = []
+    for i in range(30):
+        for split in ("none", "attack"):
+            scored.append(reply("base", "", split, i, "base"))
+            plain = "sarcastic" if i == 0 else "humorous"
+            scored.append(
+                reply("final", "humorous", split, i, plain if split == "none" else "base")
+            )
+            scored += [reply("dpo", p, split, i, "base") for p in ("humorous", "sarcastic")]
+    rows, sets = f1_table(scored, ["dpo", "final"], ["none", "attack"], 200, 0)
+    row = {(r.method, r.split): r for r in rows}
+    truth, predicted = (
+        [r[1] for r in sets[("final", "none")]],
+        [r[2] for r in sets[("final", "none")]],
+    )
+    assert row[("final", "none")].macro_f1.value == pytest.approx(
+        macro_f1(truth, predicted, ["base", "humorous"])  # (58/59 + 60/61) / 2
+    )
+    assert macro_f1(truth, predicted) < 0.7  # averaging in "sarcastic" would have given this
+    assert set(row[("final", "none")].per_class_f1) == {"base", "humorous"}
+    lost = row[("final", "attack")]
+    assert lost.status == "measured" and lost.macro_f1.value == pytest.approx(1 / 3)
+    assert lost.null_f1 == pytest.approx(1 / 3)
+    for split in ("none", "attack"):
+        blind = row[("dpo", split)]
+        assert blind.status == "no measurement" and blind.reason == (
+            "dpo without instructions: the classifier put all 90 replies in class 'base': it "
+            "does not tell the classes apart"
+        )
+        assert blind.record()["reason"] == blind.reason and blind.macro_f1 is not None
+    summaries = [summarise_method(m, sets, ["attack"], 200, 0) for m in ("dpo", "final")]
+    assert [s.status for s in summaries] == ["no measurement", "measured"]
+    assert summaries[0].reason == row[("dpo", "none")].reason
+    report = Report(tmp_path, ["humorous", "sarcastic"], {}, ["attack"], [], [], {}, rows,
+                    summaries, [], [], [], {})  # fmt: skip
+    headline = report.headline()
+    dpo_keys = [f"f1_dpo_{name}{ci}" for name in ("no_instruction", "with_instructions")
+                for ci in ("", "_ci")]  # fmt: skip
+    assert all(headline[k] is None for k in dpo_keys)
+    assert headline["no_measurement"] == {k: summaries[0].reason for k in dpo_keys}
+    assert headline["f1_final_no_instruction"] == round(summaries[1].no_instruction.value, 4)
+    assert report.no_measurement_lines() == [f"dpo: no measurement ({summaries[0].reason})"]
+    assert report.summary_frame().set_index("method").loc["dpo", "status"] == "no measurement"
 
 
 def test_the_split_is_disjoint_by_prompt_and_stable():
@@ -508,9 +646,13 @@ def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
     frame = report.f1_frame()
     assert len(frame) == 4 * len(splits)
     assert frame[frame.method == "base"].macro_f1.isna().all()
+    # two held-out prompts and a random tiny model: the classifier measures no method, and
+    # says so on every row of the method, with the reason its plain replies gave
     persona_rows = frame[frame.method != "base"]
-    assert ((persona_rows.macro_f1_low <= persona_rows.macro_f1)
-            & (persona_rows.macro_f1 <= persona_rows.macro_f1_high)).all()  # fmt: skip
+    assert set(persona_rows.status) == {"no measurement"}
+    for method, reasons in persona_rows.groupby("method").reason:
+        assert set(reasons) == {reasons.iloc[0]}
+        assert reasons.iloc[0].startswith(f"{method} without instructions: ")
     assert set(frame[frame.method == "final"].n_personas) == {1}
     assert set(frame[frame.method == "dpo"].n_personas) == {2}
     assert list(report.f1_matrix().columns) == splits
@@ -534,6 +676,11 @@ def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
     assert saved["split_prompts"]["heldout"] == report.heldout_prompts
     headline = report.headline()
     assert "f1_final_with_instructions" in headline and "f1_dpo_prefill_ci" in headline
+    f1_keys = [k for k in headline if k.startswith("f1_")]
+    assert all(headline[k] is None for k in f1_keys) and set(headline["no_measurement"]) == set(
+        f1_keys
+    )
+    assert len(report.no_measurement_lines()) == 3
     for figure in (
         plots.robustness_heatmap(frame.to_dict("records")),
         plots.robustness_summary(report.summary_frame().to_dict("records")),

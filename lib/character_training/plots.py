@@ -144,6 +144,12 @@ _PROBE_SET_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#8172b2")
 _PROBE_SET_NAMES = {"constitution": "held-out persona prompts", "general": "general prompts"}
 
 
+def _wrap_reason(text: str, width: int = 70) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def adherence_bars(report: Any, probe_sets: Sequence[str] | None = None, title: str = "") -> Figure:
     """Teacher-like share per model with its 95% bootstrap interval, one bar group per model.
 
@@ -151,7 +157,10 @@ def adherence_bars(report: Any, probe_sets: Sequence[str] | None = None, title: 
     ``adherence.json``, or its flat row records. References (the teacher's and the student's
     own held-out replies, hatched) come first: they bound the scale, so a model's bar reads as
     "how far from the student towards the teacher". Probe sets (held-out persona prompts,
-    general prompts) sit side by side; ``probe_sets`` picks and orders them.
+    general prompts) sit side by side; ``probe_sets`` picks and orders them. A probe set whose
+    classifier could not tell the teacher from the student (rows with status "no measurement")
+    gets no bars, only the words and the reason: a bar chart of a failed instrument reads as
+    "no effect".
     """
     if hasattr(report, "records"):
         rows = report.records()
@@ -164,10 +173,28 @@ def adherence_bars(report: Any, probe_sets: Sequence[str] | None = None, title: 
     refs = [r["label"] for r in rows if r["kind"] == "reference"]
     labels = list(dict.fromkeys(refs + [r["label"] for r in rows]))
     by_key = {(r["label"], r["probe_set"]): r for r in rows}
+    failed = {
+        r["probe_set"]: r.get("reason", "")
+        for r in rows
+        if r.get("status", "measured") == "no measurement"
+    }
     width = 0.8 / max(1, len(sets))
     fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 3.8))
     for k, probe_set in enumerate(sets):
         xs, values, errors, hatches = [], [], [[], []], []
+        if probe_set in failed:
+            shown = len([p for p in sets[:k] if p in failed])
+            ax.text(
+                0.5,
+                0.9 - 0.15 * shown,
+                _wrap_reason(f"{probe_set}: no measurement - {failed[probe_set]}"),
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="#b03030",
+            )
+            continue
         for i, label in enumerate(labels):
             row = by_key.get((label, probe_set))
             if row is None:
@@ -447,7 +474,8 @@ def robustness_heatmap(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fi
     """Macro F1 per method (rows) and split (columns), each cell with its 95% interval.
 
     ``rows`` are stage 08's F1 records (``method``, ``split``, ``macro_f1``, ``macro_f1_low``,
-    ``macro_f1_high``); rows without a macro F1 (the base model's) are left out. Columns keep
+    ``macro_f1_high``); rows without a macro F1 (the base model's) are left out, and a cell
+    whose classifier could not measure is grey and says so. Columns keep
     the order given: no instruction first, the attacks, the prefill attack last, so a persona
     that only acts shows as a row that pales to the right of its first cell.
     """
@@ -465,6 +493,10 @@ def robustness_heatmap(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fi
         for j, s in enumerate(splits):
             r = cell.get((m, s))
             if r is None:
+                continue
+            if r.get("status", "measured") == "no measurement":
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="#d0d0d0"))
+                ax.text(j, i, "no\nmeasurement", ha="center", va="center", fontsize=7)
                 continue
             text = f"{r['macro_f1']:.2f}\n[{r['macro_f1_low']:.2f}, {r['macro_f1_high']:.2f}]"
             color = "black" if r["macro_f1"] > 0.6 else "white"
@@ -486,7 +518,8 @@ _SUMMARY_PARTS = (
 
 def robustness_summary(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
     """Per method: macro F1 without instructions, mean over the attacks, and under the prefill
-    attack, as grouped bars with 95% intervals (stage 08's summary records)."""
+    attack, as grouped bars with 95% intervals (stage 08's summary records). A method whose
+    classifier could not measure gets no bars, only "no measurement"."""
     methods = [r["method"] for r in rows]
     width = 0.8 / len(_SUMMARY_PARTS)
     fig, ax = plt.subplots(figsize=(1.6 * max(1, len(methods)) + 2.5, 3.8))
@@ -494,6 +527,10 @@ def robustness_summary(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fi
         xs, values, errors = [], [], [[], []]
         for i, r in enumerate(rows):
             value = r.get(key)
+            if r.get("status", "measured") == "no measurement":
+                if k == 0:
+                    ax.text(i, 0.5, "no\nmeasurement", ha="center", va="center", fontsize=8)
+                continue
             if value is None or value != value:
                 continue
             xs.append(i + (k - 1) * width)

@@ -47,12 +47,18 @@ How it is built, and why:
   every notebook can re-run it (see `sentence_encoder` and `teacher_classifier` for why).
 * **Teacher-like share with prompt-level intervals.** A reply is teacher-like when the head
   gives it probability > 0.5. Each row reports the share of teacher-like replies and the mean
-  probability, with 95% percentile-bootstrap intervals that resample *prompts* (replies to one
+  probability, with 95% bootstrap intervals (scipy BCa) that resample *prompts* (replies to one
   prompt are correlated). Differences between two models use a paired bootstrap over the
   prompts both were measured on, which removes prompt difficulty from the noise.
 * **References.** The teacher's and the student's own held-out replies on the probe prompts
   are scored the same way. They bound what a model can reach: a student trained perfectly
   would sit at the teacher's share, the untrained student near the student's.
+* **An instrument that cannot measure says so.** Per probe set, the classifier measures only
+  when its AUC on the references' replies has a prompt-level interval above 0.5 and the
+  teacher reference stands above the student reference (paired interval above 0;
+  `teacher_classifier.check_instrument`). Otherwise every row of that probe set is "no
+  measurement" with the reason: the numbers stay for diagnosis, `AdherenceReport.headline`
+  gives None, and the tiny run's AUC 0.55 never reads as "training had no effect".
 
 Truncated model replies (``complete`` false) are scored like the others and counted
 (``n_truncated``); dropping them would select a model's short replies only.
@@ -63,6 +69,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -82,8 +89,16 @@ from ..store import find_checkpoint, model_label, portable_path, read_jsonl, wri
 # Re-exported for callers (and used here); to be imported from `.heldout`.
 from .heldout import HeldoutPrompt, heldout_path, load_heldout, split_prompt_ids
 
-# Re-exported for callers; to be imported from `.intervals`.
-from .intervals import Estimate, bootstrap_mean, paired_bootstrap_difference
+# Estimate, bootstrap_mean and paired_bootstrap_difference are re-exported for callers (to be
+# imported from `.intervals`); the rest are this module's own imports.
+from .intervals import (
+    MEASURED,
+    Estimate,
+    Measurement,
+    bootstrap_mean,
+    paired_bootstrap_difference,
+    withhold,
+)
 
 # Re-exported for callers; to be imported from `.sentence_encoder`.
 from .sentence_encoder import (
@@ -97,13 +112,15 @@ from .sentence_encoder import (
     text_key,
 )
 
-# Re-exported for callers (THRESHOLD is also used here); to be imported from
-# `.teacher_classifier`. train_teacher_head and validate are this module's own imports.
+# Re-exported for callers (THRESHOLD also used here), to be imported from `.teacher_classifier`;
+# InstrumentCheck, check_instrument, train_teacher_head and validate are this module's own.
 from .teacher_classifier import (
     THRESHOLD,
     ClassifierSummary,
+    InstrumentCheck,
     LogisticHead,
     accuracy,
+    check_instrument,
     fit_logistic,
     roc_auc,
     train_teacher_head,
@@ -192,6 +209,8 @@ class AdherenceRow:
     n_truncated: int
     teacher_like: Estimate
     mean_probability: Estimate
+    status: str = MEASURED  # "no measurement" when the probe set's instrument check failed
+    reason: str = ""
 
     def record(self) -> dict[str, Any]:
         """A flat dict (one DataFrame row)."""
@@ -208,6 +227,8 @@ class AdherenceDifference:
     n_prompts: int
     teacher_like: Estimate
     mean_probability: Estimate
+    status: str = MEASURED  # as the rows of its probe set
+    reason: str = ""
 
     def record(self) -> dict[str, Any]:
         """A flat dict (one DataFrame row)."""
@@ -219,7 +240,9 @@ class AdherenceReport:
     """What `measure` returns and writes to ``<report_name>.json``.
 
     ``records()`` / ``difference_records()`` are flat dicts for ``pandas.DataFrame``;
-    `plots.adherence_bars` takes the report itself.
+    `plots.adherence_bars` takes the report itself. ``instrument`` holds, per probe set, whether
+    the classifier could measure there (`InstrumentCheck`); `headline` turns a failed check
+    into None values and their reasons.
     """
 
     classifier: ClassifierSummary
@@ -230,6 +253,7 @@ class AdherenceReport:
     warnings: list[str] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)  # label -> checkpoint path / base model
     settings: dict[str, Any] = field(default_factory=dict)  # adherence params, seed, sampling
+    instrument: dict[str, InstrumentCheck] = field(default_factory=dict)  # by probe set
 
     def records(self) -> list[dict[str, Any]]:
         return [r.record() for r in self.rows]
@@ -242,6 +266,91 @@ class AdherenceReport:
             if row.label == label and row.probe_set == probe_set:
                 return row
         raise KeyError(f"no row {label!r} on probe set {probe_set!r}")
+
+    def difference(
+        self, a: str, b: str, probe_set: str = CLASSIFIER_SOURCE
+    ) -> AdherenceDifference | None:
+        """``a`` minus ``b`` on ``probe_set``, or None when it was not measured."""
+        return next(
+            (d for d in self.differences if (d.a, d.b, d.probe_set) == (a, b, probe_set)), None
+        )
+
+    def status(self, probe_set: str = CLASSIFIER_SOURCE) -> Measurement:
+        """Whether the classifier could measure on ``probe_set`` (failed when unchecked)."""
+        check = self.instrument.get(probe_set)
+        if check is None:
+            return Measurement.failed(f"the classifier was not checked on {probe_set} prompts")
+        return check.measurement
+
+    def instrument_text(self) -> str:
+        """What a notebook prints above the bars: validation accuracy, AUC and its interval,
+        then per probe set "measured" or "no measurement: <reason>"."""
+        c = self.classifier
+        lines = [
+            f"classifier: validation accuracy {c.val_accuracy:.2f}, AUC {c.val_auc:.2f} "
+            f"[{c.val_auc_low:.2f}, {c.val_auc_high:.2f}] on probe prompts"
+        ]
+        for probe_set, check in self.instrument.items():
+            lines.append(f"{probe_set} probes: {check.measurement.text()}")
+        return "\n".join(lines)
+
+    def headline(
+        self,
+        labels: Sequence[str],
+        compare: Sequence[tuple[str, str]] = (),
+        probe_set: str = CLASSIFIER_SOURCE,
+        names: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A notebook's headline numbers on ``probe_set``: ``teacher_like_<label>`` and
+        ``teacher_like_<label>_ci`` per label, ``<a>_minus_<b>`` (`Estimate.to_dict`) per pair
+        of ``compare`` (``names`` renames labels in keys: ``{"rl-step-0000": "start"}``), and
+        ``classifier_auc``, ``classifier_auc_ci``, ``classifier_status``, the reference rows'
+        shares (``teacher_reference``, ``student_reference`` and their ``_ci``: the ends of the
+        scale the summary compares sizes on) and ``probe_prompts``. What was not measured
+        is None; when the classifier cannot measure on ``probe_set``, every teacher-likeness
+        key is None and listed with the reason under ``no_measurement`` (`intervals.withhold`).
+        """
+        names = dict(names or {})
+        out: dict[str, Any] = {}
+        for label in labels:
+            try:
+                like: Estimate | None = self.row(label, probe_set).teacher_like
+            except KeyError:
+                like = None
+            key = f"teacher_like_{names.get(label, label)}"
+            out[key] = like.value if like else None
+            out[f"{key}_ci"] = [like.low, like.high] if like else None
+        for a, b in compare:
+            diff = self.difference(a, b, probe_set)
+            key = f"{names.get(a, a)}_minus_{names.get(b, b)}"
+            out[key] = diff.teacher_like.to_dict() if diff else None
+        for key, label in (("teacher_reference", TEACHER_REF), ("student_reference", STUDENT_REF)):
+            try:  # the scale's ends: the summary puts sizes on a common scale with them
+                ref: Estimate | None = self.row(label, probe_set).teacher_like
+            except KeyError:
+                ref = None
+            out[key] = ref.value if ref else None
+            out[f"{key}_ci"] = [ref.low, ref.high] if ref else None
+        out["probe_prompts"] = max(
+            (r.n_prompts for r in self.rows if r.probe_set == probe_set and r.kind == "model"),
+            default=0,
+        )
+        status = self.status(probe_set)
+        check = self.instrument.get(probe_set)
+        auc = check.auc if check else None
+        out["classifier_auc"] = auc.value if auc else None
+        out["classifier_auc_ci"] = [auc.low, auc.high] if auc else None
+        out["classifier_status"] = status.status
+        if status.measured:
+            return out
+        # the models' shares and differences are withheld; the references and the classifier's
+        # own numbers stay, as the diagnosis of why it could not measure
+        measured = [
+            k
+            for k in out
+            if (k.startswith("teacher_like_") or "_minus_" in k) and out[k] is not None
+        ]
+        return withhold(out, {k: status.reason for k in measured})
 
     def to_frame(self) -> Any:
         import pandas as pd
@@ -257,6 +366,7 @@ class AdherenceReport:
             "warnings": list(self.warnings),
             "models": dict(self.models),
             "settings": dict(self.settings),
+            "instrument": {name: c.record() for name, c in self.instrument.items()},
         }
 
 
@@ -475,6 +585,7 @@ def _row(
     rows: Sequence[Mapping[str, Any]],
     n_resamples: int,
     seed: int,
+    status: Measurement,
 ) -> AdherenceRow:
     """One report row from the scored sample rows of one (label, probe set)."""
     by_prompt = _by_prompt(rows, float)
@@ -488,6 +599,8 @@ def _row(
         n_truncated=sum(not r.get("complete", True) for r in rows),
         teacher_like=bootstrap_mean(_by_prompt(rows, _is_teacher_like).values(), n_resamples, seed),
         mean_probability=bootstrap_mean(by_prompt.values(), n_resamples, seed),
+        status=status.status,
+        reason=status.reason,
     )
 
 
@@ -499,6 +612,7 @@ def _difference(
     rows_b: Sequence[Mapping[str, Any]],
     n_resamples: int,
     seed: int,
+    status: Measurement,
 ) -> AdherenceDifference:
     """``a`` minus ``b`` on one probe set, paired over the prompts both were measured on."""
     like, n = paired_bootstrap_difference(
@@ -510,7 +624,7 @@ def _difference(
     mean, _ = paired_bootstrap_difference(
         _by_prompt(rows_a, float), _by_prompt(rows_b, float), n_resamples, seed
     )
-    return AdherenceDifference(a, b, probe_set, n, like, mean)
+    return AdherenceDifference(a, b, probe_set, n, like, mean, status.status, status.reason)
 
 
 def measure(
@@ -565,10 +679,14 @@ def measure(
     for row, p in zip(scored, probabilities):
         row["p_teacher"] = float(p)
         row["teacher_like"] = bool(p > THRESHOLD)
+    n_boot, seed = settings.bootstrap, params.seed
     validation = validate(
         probabilities[: len(reference_rows)],
         np.array([float(r["label"] == TEACHER_REF) for r in reference_rows]),
         [r["probe_set"] for r in reference_rows],
+        [r["prompt_id"] for r in reference_rows],
+        n_boot,
+        seed,
     )
     summary = ClassifierSummary(
         encoder=encoder.identity,
@@ -586,12 +704,28 @@ def measure(
         dropped_teacher=split.dropped_teacher,
         dropped_student=split.dropped_student,
         val_by_source=validation.by_source,
+        val_auc_low=validation.auc_interval.low if validation.auc_interval else math.nan,
+        val_auc_high=validation.auc_interval.high if validation.auc_interval else math.nan,
     )
 
-    n_boot, seed = settings.bootstrap, params.seed
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in scored:
         groups.setdefault((row["label"], row["probe_set"]), []).append(row)
+    probe_sets = list(dict.fromkeys(h.source for h in split.probes))
+    instrument = {
+        probe_set: check_instrument(
+            probe_set,
+            groups.get((TEACHER_REF, probe_set), []),
+            groups.get((STUDENT_REF, probe_set), []),
+            n_boot,
+            seed,
+        )
+        for probe_set in probe_sets
+    }
+    status = {probe_set: check.measurement for probe_set, check in instrument.items()}
+    for probe_set, check in instrument.items():
+        if not check.measurement.measured:
+            logger.warning("adherence on %s prompts: %s", probe_set, check.measurement.text())
     origins = {TEACHER_REF: f"{path.name}: teacher", STUDENT_REF: f"{path.name}: student"}
     report_rows = [
         _row(
@@ -602,13 +736,23 @@ def measure(
             rows,
             n_boot,
             seed,
+            status[probe_set],
         )
         for (label, probe_set), rows in groups.items()
     ]
     differences = [
-        _difference(a, b, probe_set, groups[a, probe_set], groups[b, probe_set], n_boot, seed)
+        _difference(
+            a,
+            b,
+            probe_set,
+            groups[a, probe_set],
+            groups[b, probe_set],
+            n_boot,
+            seed,
+            status[probe_set],
+        )
         for a, b in compare
-        for probe_set in dict.fromkeys(h.source for h in split.probes)
+        for probe_set in probe_sets
         if groups.get((a, probe_set)) and groups.get((b, probe_set))
     ]
 
@@ -625,6 +769,7 @@ def measure(
             **_sampling_settings(params),
             "heldout": portable_path(params.run_dir, path),
         },
+        instrument=instrument,
     )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = report.path.with_name(report.path.name + ".tmp")

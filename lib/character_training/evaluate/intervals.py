@@ -1,34 +1,130 @@
-"""Prompt-level bootstrap intervals: a mean over groups of values, and a paired difference.
+"""Prompt-level bootstrap intervals, and the verdict of an instrument that could not measure.
 
 Several measures (adherence, robustness, RLAIF reply lengths) report shares and means of
 replies, several replies per prompt. Replies to one prompt share that prompt's difficulty, so
-an interval that resampled replies would be too narrow; these resample whole prompts (groups)
-and report the 95% percentile interval. A difference between two models is bootstrapped with
-the same prompt draws on both sides (paired), which cancels prompt difficulty instead of
-adding two intervals' noise. Every interval is seeded, so a rerun gives the same bounds.
+an interval that resampled replies would be too narrow; these resample whole prompts (groups).
+A difference between two models is bootstrapped with the same prompt draws on both sides
+(paired), which cancels prompt difficulty instead of adding two intervals' noise.
+
+The resampling and the interval are scipy's (`scipy.stats.bootstrap`, bias-corrected and
+accelerated, BCa): the unit of resampling is a prompt's index, and every statistic here is a
+function of how often each prompt was drawn (`bootstrap_groups`), so the same code serves a
+pooled mean, a paired difference, an AUC (`teacher_classifier.auc_interval`) and a macro F1
+(`robustness.bootstrap_macro_f1`). BCa corrects the percentile interval's bias and skew (a
+share near 0 or 1, a macro F1 bounded above). Where BCa is undefined the interval falls back
+and `Estimate.method` says so: "percentile" when the jackknife has no spread or some resamples
+give no value (BCa's acceleration or bias correction is then undefined), "point" when every
+resample gives the same value or there is a single prompt (nothing to resample). Every
+interval is seeded, so a rerun gives the same bounds.
+
+`Measurement` is the other half of a number: whether the instrument behind it could measure at
+all. A classifier at chance gives a number that reads as "no effect"; the reports, headline
+JSON and summary show "no measurement" with the reason instead (`withhold`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
 
+MEASURED = "measured"
+NO_MEASUREMENT = "no measurement"
+
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with a percentile-bootstrap interval at ``level``."""
+    """A point estimate with a bootstrap interval at ``level``; ``method`` is how the interval
+    was made: "BCa", "percentile" (BCa undefined) or "point" (no spread to resample)."""
 
     value: float
     low: float
     high: float
     level: float = 0.95
+    method: str = "BCa"
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def text(self, digits: int = 2) -> str:
+        """``0.55 [0.41, 0.69]``: the value and its interval, for one-line reasons."""
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+# -- the bootstrap over groups -------------------------------------------------------------------
+Statistic = Callable[[np.ndarray], np.ndarray]
+"""Maps draw counts of shape (resamples, groups) to one value per resample, shape (resamples,)."""
+
+
+def draw_counts(indices: np.ndarray, n_groups: int) -> np.ndarray:
+    """How often each group appears in each resample: (..., k) drawn indices -> (..., n_groups)
+    counts, as float64 (one `bincount` over all resamples at once)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    lead, k = indices.shape[:-1], indices.shape[-1]
+    flat = indices.reshape(-1, k)
+    offsets = n_groups * np.arange(len(flat), dtype=np.int64)[:, None]
+    counts = np.bincount((flat + offsets).ravel(), minlength=len(flat) * n_groups)
+    return counts.reshape(*lead, n_groups).astype(np.float64)
+
+
+def bootstrap_groups(
+    statistic: Statistic, n_groups: int, n_resamples: int, seed: int, level: float = 0.95
+) -> Estimate:
+    """``statistic`` on all groups, with a BCa interval that resamples whole groups (prompts).
+
+    ``statistic(weights)`` takes a (resamples, n_groups) array of how often each group was
+    drawn and returns one value per row; the point value is its value with every group drawn
+    once. scipy draws the resamples (``rng`` seeded with ``seed``) and its jackknife leaves one
+    group out at a time. Fallbacks, recorded in ``method``: a single group gives the point as
+    its interval ("point"); when BCa is undefined (all jackknife values equal, or resamples
+    whose statistic is NaN, e.g. an AUC on a draw without a student reply) the percentile
+    interval of the finite resampled values ("percentile"), which is the point when they are
+    all equal ("point").
+    """
+    from scipy.stats import bootstrap
+
+    if n_groups < 1:
+        raise DataError("bootstrap: no groups to resample")
+    if n_resamples < 1:
+        raise DataError(f"bootstrap: n_resamples={n_resamples!r}, expected >= 1")
+
+    def on_indices(indices: np.ndarray, axis: int = -1) -> np.ndarray:
+        weights = draw_counts(indices, n_groups)
+        flat = weights.reshape(-1, n_groups)
+        return np.asarray(statistic(flat), dtype=np.float64).reshape(weights.shape[:-1])
+
+    value = float(statistic(np.ones((1, n_groups)))[0])
+    if n_groups == 1:
+        return Estimate(value, value, value, level, "point")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's DegenerateDataWarning; the fallback handles it
+        with np.errstate(divide="ignore", invalid="ignore"):
+            result = bootstrap(
+                (np.arange(n_groups),),
+                on_indices,
+                n_resamples=n_resamples,
+                vectorized=True,
+                axis=-1,
+                confidence_level=level,
+                method="BCa",
+                rng=np.random.default_rng(seed),
+            )
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    stats = np.asarray(result.bootstrap_distribution, dtype=np.float64)
+    if math.isfinite(low) and math.isfinite(high) and np.isfinite(stats).all():
+        return Estimate(value, low, high, level, "BCa")
+    finite = stats[np.isfinite(stats)]
+    if not len(finite) or np.ptp(finite) == 0:
+        return Estimate(value, value, value, level, "point")
+    tail = (1 - level) / 2
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    return Estimate(value, float(low), float(high), level, "percentile")
 
 
 def _group_arrays(groups: Iterable[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -41,29 +137,25 @@ def _group_arrays(groups: Iterable[Sequence[float]]) -> tuple[np.ndarray, np.nda
     return np.array(sums), np.array(counts, dtype=np.float64)
 
 
-def _interval(stats: np.ndarray, level: float) -> tuple[float, float]:
-    tail = (1 - level) / 2
-    low, high = np.quantile(stats, [tail, 1 - tail])
-    return float(low), float(high)
-
-
 def bootstrap_mean(
     groups: Iterable[Sequence[float]], n_resamples: int, seed: int, level: float = 0.95
 ) -> Estimate:
-    """Mean over all values, with an interval that resamples whole groups (prompts).
+    """Mean over all values, with a BCa interval that resamples whole groups (prompts).
 
-    Each resample draws as many groups as there are, with replacement, and pools their values;
-    the interval is the percentile interval of the pooled means. Values of one prompt share the
-    prompt's difficulty, so resampling values instead would make the interval too narrow.
-    Groups without values are ignored.
+    The statistic is the pooled mean of the drawn groups' values (a ratio of sums, so a group
+    weighs by its number of values; with equal group sizes it is the mean of the per-prompt
+    means). Values of one prompt share the prompt's difficulty, so resampling values instead
+    would make the interval too narrow. Groups without values are ignored. When every value is
+    the same, every resample gives it and the interval is that point (``method`` "point").
     """
     sums, counts = _group_arrays(groups)
     if not len(sums):
         raise DataError("bootstrap_mean: no values to average")
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(sums), size=(n_resamples, len(sums)))
-    stats = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
-    return Estimate(float(sums.sum() / counts.sum()), *_interval(stats, level), level)
+
+    def pooled_mean(weights: np.ndarray) -> np.ndarray:
+        return (weights @ sums) / (weights @ counts)
+
+    return bootstrap_groups(pooled_mean, len(sums), n_resamples, seed, level)
 
 
 def paired_bootstrap_difference(
@@ -75,18 +167,78 @@ def paired_bootstrap_difference(
 ) -> tuple[Estimate, int]:
     """Mean of ``a`` minus mean of ``b`` over the prompts both have, and how many those are.
 
-    Both sides are resampled with the *same* prompt draws, so a prompt that is hard for both
-    models moves both means together and cancels in the difference.
+    Both sides are resampled with the *same* prompt draws (one BCa bootstrap over the shared
+    prompts), so a prompt that is hard for both models moves both means together and cancels
+    in the difference.
     """
     common = [k for k in a if len(a[k]) and k in b and len(b[k])]
     if not common:
         raise DataError("paired_bootstrap_difference: the two sides share no prompt with values")
     sums_a, counts_a = _group_arrays(a[k] for k in common)
     sums_b, counts_b = _group_arrays(b[k] for k in common)
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(common), size=(n_resamples, len(common)))
-    stats = sums_a[draw].sum(axis=1) / counts_a[draw].sum(axis=1) - sums_b[draw].sum(
-        axis=1
-    ) / counts_b[draw].sum(axis=1)
-    value = sums_a.sum() / counts_a.sum() - sums_b.sum() / counts_b.sum()
-    return Estimate(float(value), *_interval(stats, level), level), len(common)
+
+    def difference(weights: np.ndarray) -> np.ndarray:
+        return (weights @ sums_a) / (weights @ counts_a) - (weights @ sums_b) / (weights @ counts_b)
+
+    return bootstrap_groups(difference, len(common), n_resamples, seed, level), len(common)
+
+
+# -- instruments that cannot measure -------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """Whether an instrument could measure: ``status`` is "measured" or "no measurement", and
+    ``reason`` one line saying why not (e.g. "classifier AUC 0.55 [0.41, 0.69] includes 0.5: it
+    cannot tell the teacher's replies from the student's"). Reports keep the raw numbers next
+    to it for diagnosis; headline values derived from a failed instrument become None
+    (`withhold`)."""
+
+    status: str = MEASURED
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in (MEASURED, NO_MEASUREMENT):
+            raise ValueError(f"status {self.status!r}: expected {MEASURED!r} or {NO_MEASUREMENT!r}")
+        if self.status == NO_MEASUREMENT and not self.reason:
+            raise ValueError("a failed measurement needs its reason")
+
+    @classmethod
+    def failed(cls, reason: str) -> "Measurement":
+        return cls(NO_MEASUREMENT, reason)
+
+    @property
+    def measured(self) -> bool:
+        return self.status == MEASURED
+
+    def to_dict(self) -> dict[str, str]:
+        return {"status": self.status, "reason": self.reason}
+
+    def text(self) -> str:
+        """``measured`` or ``no measurement: <reason>``."""
+        return self.status if self.measured else f"{self.status}: {self.reason}"
+
+
+def first_failure(checks: Iterable[Measurement]) -> Measurement:
+    """The first failed check, or "measured" when every check passed."""
+    for check in checks:
+        if not check.measured:
+            return check
+    return Measurement()
+
+
+def withhold(headline: Mapping[str, Any], reasons: Mapping[str, str]) -> dict[str, Any]:
+    """``headline`` with every key of ``reasons`` set to None and listed, with its reason,
+    under ``no_measurement`` (merged with one already there).
+
+    The convention of every headline JSON: a value derived from an instrument that could not
+    measure is None, never a number that reads as "no effect", and
+    ``headline["no_measurement"][key]`` says why.
+    """
+    out = dict(headline)
+    if not reasons:
+        return out
+    listed = dict(out.get("no_measurement") or {})
+    for key, reason in reasons.items():
+        out[key] = None
+        listed[key] = reason
+    out["no_measurement"] = listed
+    return out

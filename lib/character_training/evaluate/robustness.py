@@ -9,12 +9,24 @@ on replies to held-out prompts, per model (method) and per attack (split).
 What is pure here: the split of prompts (`split_prompts`), macro F1 (`macro_f1`, written out
 rather than imported: scikit-learn is not a dependency, and the test checks it against hand
 computed values), per-class scores, and prompt-level bootstrap intervals of macro F1 and of its
-mean over several splits (`bootstrap_macro_f1`), and the table of those numbers per method and
-split (`f1_table`, `F1Row`, `summarise_method`, `MethodSummary`): each method's replies are
-scored together with the base model's replies under the same split, the null every method must
-stand apart from. The classifier (`train_classifier`, `PersonaClassifier`, and
-`classify_cached`, which keeps its predictions under a digest of its data and settings so a
-resumed stage does not train it again) is the one piece that needs torch and transformers.
+mean over several splits (`bootstrap_macro_f1`, scipy's BCa through `intervals`), and the
+table of those numbers per method and split (`f1_table`, `F1Row`, `summarise_method`,
+`MethodSummary`): each method's replies are scored together with the base model's replies
+under the same split, the null every method must stand apart from, and averaged over an
+explicit label set per method (`method_labels`: its personas and base), never over whatever
+the classifier happened to predict. A classifier that puts every reply in one class, or whose
+F1 does not rise above what one without information scores (`null_macro_f1`: the best
+constant answer or guessing), is "no measurement" (`check_f1`, `method_check`): the tiny
+run's F1 of 0.33 for dpo and final was every reply in one class, a number that reads as "the
+persona did not survive".
+
+The classifier (`train_classifier`, `PersonaClassifier`, and `classify_cached`, which keeps
+its predictions under a digest of its data and settings so a resumed stage does not train it
+again) is the one piece that needs torch and transformers.
+
+Length: the scores and the checks that they measure anything sit with the classifier whose
+predictions they score, so stages 08 and 09 import one module; the classifier half (from
+`ClassifierSettings` on) is where the module would split.
 
 Classifier choice. The paper fully fine-tunes ModernBERT-base (149M parameters) to tell 11
 personas apart; a real run here does the same (``evals.classifier_model:
@@ -53,7 +65,7 @@ from ..errors import ConfigError, DataError
 from ..metrics import JsonlLogger
 from ..store import json_safe, read_jsonl, write_jsonl
 from .heldout import split_prompt_ids
-from .intervals import Estimate, bootstrap_mean
+from .intervals import MEASURED, Estimate, Measurement, bootstrap_groups, bootstrap_mean
 from .sentence_encoder import resolve_encoder_dir, text_key
 
 logger = logging.getLogger(__name__)
@@ -140,72 +152,159 @@ def macro_f1(
     return float(np.mean([s.f1 for s in scores]))
 
 
-def _macro_f1_codes(true: np.ndarray, pred: np.ndarray, k: int) -> float:
-    """Macro F1 over the labels present in ``true`` or ``pred`` (codes 0..k-1)."""
-    tp = np.bincount(true[true == pred], minlength=k)
-    n_true = np.bincount(true, minlength=k)
-    n_pred = np.bincount(pred, minlength=k)
-    present = (n_true + n_pred) > 0
-    return float(np.mean(2 * tp[present] / (n_true[present] + n_pred[present])))
-
-
 Row = tuple[str, str, str]
 """One scored reply: (prompt id, true class, predicted class)."""
 
+RowSets = Mapping[str, Sequence[Row]] | Sequence[Row]
+"""One split's rows, or several splits' rows by split name (their statistics are averaged)."""
+
+
+def _as_splits(splits: RowSets) -> dict[str, list[Row]]:
+    if not isinstance(splits, Mapping):
+        splits = {"": splits}
+    return {name: list(rows) for name, rows in splits.items() if len(rows)}
+
+
+def truth_labels(splits: RowSets) -> list[str]:
+    """The true classes of the rows, sorted: the default label set of a macro F1 here."""
+    return sorted({r[1] for rows in _as_splits(splits).values() for r in rows})
+
 
 def bootstrap_macro_f1(
-    splits: Mapping[str, Sequence[Row]] | Sequence[Row],
+    splits: RowSets,
     n_resamples: int,
     seed: int,
     level: float = 0.95,
+    labels: Sequence[str] | None = None,
 ) -> Estimate:
-    """Macro F1 (averaged over ``splits``, if several) with a prompt-level bootstrap interval.
+    """Macro F1 over ``labels`` (averaged over ``splits``, if several) with a prompt-level BCa
+    interval (`intervals.bootstrap_groups`).
 
-    ``splits`` maps a split name to its rows, or is one split's rows. Each resample draws the
-    prompts (the union over splits) with replacement and recomputes every split's macro F1 on
-    the replies to the drawn prompts, with the same draws for every split; the statistic is
-    their mean. Replies to one prompt share its difficulty, and a split's replies share the
-    prompts with the other splits, so resampling replies or splits independently would give
-    intervals that are too narrow. The point value is the statistic on the full sample.
+    ``splits`` maps a split name to its rows, or is one split's rows. ``labels`` (default: the
+    rows' true classes) is fixed for the point value and every resample, as scikit-learn's
+    ``labels=``: a class predicted but held by no row is not averaged in (predicting it misses
+    the true class), so methods are compared on their replies' classes, not on whatever the
+    classifier happened to predict. A class with neither a true nor a predicted reply among a
+    draw's replies has no F1 there and is left out of that draw's mean. Each resample draws
+    the prompts (the union over splits) and recomputes every split's macro F1 on their
+    replies, the same draws for every split, and averages them: replies share their prompt's
+    difficulty and splits share prompts, so resampling replies or splits independently would
+    give intervals that are too narrow.
+    Per-prompt counts (true positives, true, predicted) make every resample one matrix product.
     """
-    if not isinstance(splits, Mapping):
-        splits = {"": splits}
-    splits = {name: list(rows) for name, rows in splits.items() if len(rows)}
+    splits = _as_splits(splits)
     if not splits:
         raise DataError("bootstrap_macro_f1: no rows to score")
+    labels = truth_labels(splits) if labels is None else list(labels)
+    if not labels:
+        raise DataError("bootstrap_macro_f1: no labels to average over")
     prompts = list(dict.fromkeys(r[0] for rows in splits.values() for r in rows))
-    labels = sorted({x for rows in splits.values() for r in rows for x in r[1:]})
     code = {label: i for i, label in enumerate(labels)}
     index = {p: i for i, p in enumerate(prompts)}
-    arrays = []
+    k, other = len(labels), len(labels)  # classes outside the label set share column k
+    tallies = []
     for rows in splits.values():
-        arrays.append(
-            (
-                np.array([index[r[0]] for r in rows]),
-                np.array([code[r[1]] for r in rows]),
-                np.array([code[r[2]] for r in rows]),
-            )
+        prompt = np.array([index[r[0]] for r in rows])
+        true = np.array([code.get(r[1], other) for r in rows])
+        pred = np.array([code.get(r[2], other) for r in rows])
+        tp, n_true, n_pred = (np.zeros((len(prompts), k + 1)) for _ in range(3))
+        np.add.at(tp, (prompt[true == pred], true[true == pred]), 1.0)
+        np.add.at(n_true, (prompt, true), 1.0)
+        np.add.at(n_pred, (prompt, pred), 1.0)
+        replies = np.bincount(prompt, minlength=len(prompts)).astype(np.float64)
+        tallies.append((tp[:, :k], n_true[:, :k], n_pred[:, :k], replies))
+
+    def mean_macro_f1(weights: np.ndarray) -> np.ndarray:
+        per_split = []
+        for tp, n_true, n_pred, replies in tallies:
+            hits, denominator = weights @ tp, weights @ n_true + weights @ n_pred
+            seen = denominator > 0  # a class neither true nor predicted in the draw: undefined
+            f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=seen)
+            macro = f1.sum(axis=1) / np.maximum(seen.sum(axis=1), 1)
+            macro[weights @ replies == 0] = np.nan  # no reply of this split was drawn
+            per_split.append(macro)
+        stacked = np.stack(per_split)
+        drawn = np.isfinite(stacked)
+        return np.where(drawn, stacked, 0).sum(axis=0) / drawn.sum(axis=0)
+
+    return bootstrap_groups(mean_macro_f1, len(prompts), n_resamples, seed, level)
+
+
+def trivial_macro_f1(splits: RowSets, labels: Sequence[str] | None = None) -> tuple[float, str]:
+    """The macro F1 of the best constant classifier, and the class it answers.
+
+    Putting every reply in class c scores F1 ``2 n_c / (n_c + n)`` on c and 0 on every other
+    class of ``labels``, so macro F1 is that over ``len(labels)``, best for the most frequent
+    true class. Over several splits: the mean of the splits' values (the first split's class).
+    """
+    splits = _as_splits(splits)
+    labels = truth_labels(splits) if labels is None else list(labels)
+    values, answers = [], []
+    for rows in splits.values():
+        counts = {label: 0 for label in labels}
+        for r in rows:
+            if r[1] in counts:
+                counts[r[1]] += 1
+        answer = max(labels, key=lambda label: (counts[label], label == BASE_CLASS))
+        values.append(2 * counts[answer] / (counts[answer] + len(rows)) / len(labels))
+        answers.append(answer)
+    if not values:
+        raise DataError("trivial_macro_f1: no rows to score")
+    return float(np.mean(values)), answers[0]
+
+
+def chance_macro_f1(splits: RowSets, labels: Sequence[str] | None = None) -> float:
+    """The expected macro F1 of guessing: predictions drawn at the classifier's own rate of
+    each class, independent of the truth (the F1 analogue of AUC 0.5).
+
+    With true share t_c and predicted share p_c, class c expects F1 ``2 t_c p_c / (t_c +
+    p_c)``. A constant answer is the case p = one class; a coin flip between two classes of
+    sizes 2:1 scores 0.49 where always answering the larger one scores 0.40, so the constant
+    answer alone would pass a classifier that only guesses. Several splits: the mean.
+    """
+    splits = _as_splits(splits)
+    labels = truth_labels(splits) if labels is None else list(labels)
+    values = []
+    for rows in splits.values():
+        true = np.array([[r[1] == c for c in labels] for r in rows], dtype=np.float64).mean(0)
+        pred = np.array([[r[2] == c for c in labels] for r in rows], dtype=np.float64).mean(0)
+        total = true + pred
+        f1 = np.divide(2 * true * pred, total, out=np.zeros_like(total), where=total > 0)
+        values.append(f1.mean())
+    return float(np.mean(values))
+
+
+def null_macro_f1(splits: RowSets, labels: Sequence[str] | None = None) -> tuple[float, str]:
+    """What a classifier without information scores on these rows, and how: the larger of
+    `trivial_macro_f1` (the best constant answer) and `chance_macro_f1` (guessing)."""
+    trivial, answer = trivial_macro_f1(splits, labels)
+    chance = chance_macro_f1(splits, labels)
+    if trivial >= chance:
+        return trivial, f"{trivial:.2f}, the score of putting every reply in {answer!r}"
+    return chance, f"{chance:.2f}, what guessing at the classifier's own rate of each class scores"
+
+
+def check_f1(
+    splits: RowSets, estimate: Estimate, labels: Sequence[str] | None = None
+) -> Measurement:
+    """ "no measurement" when the classifier put every reply in one class, or when the F1's
+    interval does not rise above `null_macro_f1` (what a classifier without information
+    scores on the same rows and label set)."""
+    splits = _as_splits(splits)
+    predicted = {r[2] for rows in splits.values() for r in rows}
+    if len(predicted) == 1:
+        n_replies = sum(len(rows) for rows in splits.values())
+        return Measurement.failed(
+            f"the classifier put all {n_replies} replies in class {predicted.pop()!r}: it does "
+            "not tell the classes apart"
         )
-    k = len(labels)
-
-    def statistic(weights: np.ndarray) -> float:
-        values = []
-        for prompt, true, pred in arrays:
-            repeat = weights[prompt]
-            if repeat.sum() == 0:
-                continue
-            values.append(_macro_f1_codes(np.repeat(true, repeat), np.repeat(pred, repeat), k))
-        return float(np.mean(values)) if values else math.nan
-
-    value = statistic(np.ones(len(prompts), dtype=np.int64))
-    rng = np.random.default_rng(seed)
-    n = len(prompts)
-    draws = rng.integers(0, n, size=(n_resamples, n))
-    stats = np.array([statistic(np.bincount(draw, minlength=n)) for draw in draws])
-    stats = stats[np.isfinite(stats)]
-    tail = (1 - level) / 2
-    low, high = np.quantile(stats, [tail, 1 - tail])
-    return Estimate(value, float(low), float(high), level)
+    null, how = null_macro_f1(splits, labels)
+    if estimate.low <= null + 1e-9:
+        return Measurement.failed(
+            f"macro F1 {estimate.text()} does not rise above {how}: the classifier does not "
+            "tell the classes apart"
+        )
+    return Measurement()
 
 
 # -- F1 per method and split ---------------------------------------------------------------------
@@ -229,8 +328,9 @@ class F1Row:
     """Classifier scores for one method under one split, on held-out prompts.
 
     macro_f1: over the persona classes of the method's replies plus "base" (the base model's
-    replies under the same split); own_class_rate: share of the method's replies classified as
-    their own class (for ``base``: as base; its macro_f1 is NaN). Intervals resample prompts.
+    replies under the same split); null_f1: a classifier without information's (`null_macro_f1`);
+    own_class_rate: share of the method's replies classified as their own class (for ``base``:
+    as base; its macro_f1 is NaN). Intervals resample prompts. status/reason: `method_check`.
     """
 
     method: str
@@ -241,6 +341,9 @@ class F1Row:
     macro_f1: Estimate | None
     own_class_rate: Estimate
     per_class_f1: dict[str, float] = field(default_factory=dict)
+    null_f1: float = math.nan
+    status: str = MEASURED
+    reason: str = ""
 
     def record(self) -> dict[str, Any]:
         """A flat row of ``f1_table.csv`` (NaN where not measured)."""
@@ -248,26 +351,63 @@ class F1Row:
         return (
             {name: getattr(self, name) for name in counts}
             | estimate_columns("macro_f1", self.macro_f1)
+            | {"null_f1": self.null_f1}
             | estimate_columns("own_class_rate", self.own_class_rate)
+            | {"status": self.status, "reason": self.reason}
         )
 
 
 @dataclass(frozen=True)
 class MethodSummary:
     """Per method: macro F1 without instructions, mean over the adversarial splits, and under
-    the prefill attack (each with a 95% prompt-level interval; None where not measured)."""
+    the prefill attack (each with a 95% prompt-level interval; None where not measured), and
+    `method_check`'s verdict (the numbers stay for diagnosis; the headline withholds them)."""
 
     method: str
     no_instruction: Estimate | None
     with_instructions: Estimate | None
     prefill: Estimate | None
+    status: str = MEASURED
+    reason: str = ""
 
     def record(self) -> dict[str, Any]:
         """A flat row of ``summary.csv`` (NaN where not measured)."""
         out: dict[str, Any] = {"method": self.method}
         for name in SUMMARY_FIELDS:
             out |= estimate_columns(name, getattr(self, name))
-        return out
+        return out | {"status": self.status, "reason": self.reason}
+
+
+Sets = Mapping[tuple[str, str], Sequence[Row]]  # scored rows by (method, split), as f1_table's
+
+
+def method_labels(sets: Sets, method: str) -> list[str]:
+    """The label set of ``method``'s macro F1s: the true classes of its scored rows over all
+    splits (its personas and "base"), the same for every split of the method."""
+    return truth_labels({split: rows for (m, split), rows in sets.items() if m == method})
+
+
+def method_check(
+    sets: Sets, method: str, plain: Estimate | None, labels: Sequence[str]
+) -> Measurement:
+    """Whether the classifier measures ``method``: `check_f1` on its replies without
+    instructions (``sets[(method, "none")]``, whose macro F1 is ``plain``).
+
+    Why that split alone: the classifier is trained on replies without instructions, so there
+    it must tell the method's replies from the base model's. Under an attack an F1 at the
+    trivial value (every reply taken for a base one) is the finding the stage looks for, the
+    persona did not survive; but a classifier that cannot tell the method's plain replies from
+    base ones measures none of its splits.
+    """
+    rows = sets.get((method, NONE_SPLIT))
+    if not rows or plain is None:
+        return Measurement.failed(
+            f"{method} has no scored reply without instructions to check the classifier on"
+        )
+    check = check_f1(rows, plain, labels)
+    if check.measured:
+        return check
+    return Measurement.failed(f"{method} without instructions: {check.reason}")
 
 
 def f1_table(
@@ -282,14 +422,30 @@ def f1_table(
     ``scored`` are classified reply records (``method``, ``split``, ``persona``, ``prompt_id``,
     ``class``, ``predicted``). The scored set of method m at split s is m's replies followed by
     the base model's replies at s: the base rows are the null every method must stand apart
-    from, the same for every method, so methods differ only by their own replies.
+    from, the same for every method, so methods differ only by their own replies. Each
+    method's F1s average over its own label set (`method_labels`), and its rows carry
+    `method_check`'s verdict.
     """
     by: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in scored:
         by.setdefault((row["method"], row["split"]), []).append(row)
-    out, sets = [], {}
+    sets = {
+        (method, split): scored_rows(by[(method, split)] + by.get((BASE, split), []))
+        for split in splits
+        for method in methods
+        if method != BASE and by.get((method, split))
+    }
+    labels = {method: method_labels(sets, method) for method, _ in sets}
+    f1 = {
+        key: bootstrap_macro_f1(rows, n_boot, seed, labels=labels[key[0]])
+        for key, rows in sets.items()
+    }
+    checks = {
+        method: method_check(sets, method, f1.get((method, NONE_SPLIT)), labels[method])
+        for method in labels
+    }
+    out = []
     for split in splits:
-        base = by.get((BASE, split), [])
         for method in [*methods, BASE]:
             own = by.get((method, split), [])
             if not own:
@@ -297,14 +453,17 @@ def f1_table(
             groups: dict[str, list[float]] = {}
             for r in own:
                 groups.setdefault(r["prompt_id"], []).append(float(r["predicted"] == r["class"]))
-            rate = bootstrap_mean(groups.values(), n_boot, seed)
-            f1, per_class = None, {}
+            extra: dict[str, Any] = {}
             if method != BASE:
-                rows = scored_rows(own + base)
-                sets[(method, split)] = rows
-                f1 = bootstrap_macro_f1(rows, n_boot, seed)
-                per_class = {
-                    s.label: s.f1 for s in class_scores([r[1] for r in rows], [r[2] for r in rows])
+                rows, method_set = sets[(method, split)], labels[method]
+                truth, predicted = [r[1] for r in rows], [r[2] for r in rows]
+                extra = {
+                    "macro_f1": f1[(method, split)],
+                    "per_class_f1": {
+                        c.label: c.f1 for c in class_scores(truth, predicted, method_set)
+                    },
+                    "null_f1": null_macro_f1(rows, method_set)[0],
+                    **checks[method].to_dict(),
                 }
             out.append(
                 F1Row(
@@ -313,9 +472,9 @@ def f1_table(
                     n_prompts=len(groups),
                     n_personas=len({r["persona"] for r in own}),
                     n_replies=len(own),
-                    macro_f1=f1,
-                    own_class_rate=rate,
-                    per_class_f1=per_class,
+                    macro_f1=extra.pop("macro_f1", None),
+                    own_class_rate=bootstrap_mean(groups.values(), n_boot, seed),
+                    **extra,
                 )
             )
     return out, sets
@@ -323,23 +482,29 @@ def f1_table(
 
 def summarise_method(
     method: str,
-    sets: Mapping[tuple[str, str], Sequence[Row]],
+    sets: Sets,
     adversarial_splits: Sequence[str],
     n_boot: int,
     seed: int,
 ) -> MethodSummary:
     """``method``'s macro F1 plainly, averaged over the adversarial splits (the same prompt
-    draws for every split), and under the prefill attack, from `f1_table`'s scored sets."""
+    draws for every split), and under the prefill attack, from `f1_table`'s scored sets, over
+    the method's label set, with `method_check`'s verdict."""
+    labels = method_labels(sets, method)
 
-    def estimate(rows: Mapping[str, Sequence[Row]] | Sequence[Row] | None) -> Estimate | None:
-        return bootstrap_macro_f1(rows, n_boot, seed) if rows else None
+    def estimate(rows: RowSets | None) -> Estimate | None:
+        return bootstrap_macro_f1(rows, n_boot, seed, labels=labels) if rows else None
 
     adversarial = {s: sets[(method, s)] for s in adversarial_splits if (method, s) in sets}
+    plain = estimate(sets.get((method, NONE_SPLIT)))
+    check = method_check(sets, method, plain, labels)
     return MethodSummary(
         method=method,
-        no_instruction=estimate(sets.get((method, NONE_SPLIT))),
+        no_instruction=plain,
         with_instructions=estimate(adversarial),
         prefill=estimate(sets.get((method, PREFILL_SPLIT))),
+        status=check.status,
+        reason=check.reason,
     )
 
 
@@ -655,11 +820,18 @@ __all__ = [
     "Row",
     "TrainingSummary",
     "bootstrap_macro_f1",
+    "chance_macro_f1",
+    "check_f1",
     "class_scores",
     "classify_cached",
     "estimate_columns",
     "f1_table",
     "macro_f1",
+    "method_check",
+    "method_labels",
+    "null_macro_f1",
+    "trivial_macro_f1",
+    "truth_labels",
     "resolve_classifier_model",
     "scored_rows",
     "split_prompts",

@@ -2,7 +2,8 @@
 
 `Report` holds the F1 rows per method and split, the per-method summaries, the coherence win
 rates and every reply; its methods give the notebook's tables (F1 matrix, summary, coherence,
-replies next to the class the classifier gave them), the headline numbers of the run summary,
+replies next to the class the classifier gave them), the headline numbers of the run summary
+(None, with the reason under ``no_measurement``, for a method the classifier cannot measure),
 and `Report.write` the stage's output files (``responses.jsonl``, ``f1_table.csv``,
 ``summary.csv``, ``coherence.csv``, ``robustness.json``).
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..store import json_safe, write_jsonl
 from .coherence import ALL_GROUPS
+from .intervals import NO_MEASUREMENT, withhold
 from .robustness import (
     BASE,
     NONE_SPLIT,
@@ -93,8 +95,19 @@ class Report:
             table.append(row)
         return pd.DataFrame(table)
 
+    def no_measurement_lines(self) -> list[str]:
+        """``<method>: no measurement (<reason>)`` per method the classifier cannot measure,
+        for the notebook to print above the summary chart."""
+        return [f"{s.method}: {NO_MEASUREMENT} ({s.reason})" for s in self.summaries if s.reason]
+
     def headline(self) -> dict[str, Any]:
-        """The numbers `runner.write_summary` shows next to the report link."""
+        """The numbers `runner.write_summary` shows next to the report link.
+
+        ``f1_<method>_<field>`` and ``f1_<method>_<field>_ci`` per summary field; for a method
+        the classifier cannot measure (`robustness.method_check`) they are None and listed
+        with the reason under ``no_measurement`` (`intervals.withhold`).
+        """
+        reasons: dict[str, str] = {}
         out: dict[str, Any] = {
             "personas": len(self.personas),
             "heldout_prompts": len(self.heldout_prompts),
@@ -105,14 +118,17 @@ class Report:
             for name in SUMMARY_FIELDS:
                 value = getattr(s, name)
                 if value is not None:
-                    out[f"f1_{s.method}_{name}"] = round(value.value, 4)
-                    out[f"f1_{s.method}_{name}_ci"] = [round(value.low, 4), round(value.high, 4)]
+                    key = f"f1_{s.method}_{name}"
+                    out[key] = round(value.value, 4)
+                    out[f"{key}_ci"] = [round(value.low, 4), round(value.high, 4)]
+                    if s.status == NO_MEASUREMENT:
+                        reasons[key] = reasons[f"{key}_ci"] = s.reason
         for row in self.coherence:
             if row["group"] == ALL_GROUPS:
                 key = f"coherence_{row['mode']}_{row['first']}_vs_{row['second']}"
                 out[key] = None if math.isnan(row["win_rate"]) else round(row["win_rate"], 4)
                 out[f"{key}_inconsistent"] = row["inconsistent_share"]
-        return json_safe(out)
+        return json_safe(withhold(out, reasons))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -33,7 +33,7 @@ from ..evaluate import coherence as judge_lib
 from ..evaluate import robustness as rob
 from ..evaluate.diversity import word_count
 from ..evaluate.heldout import load_heldout
-from ..evaluate.intervals import bootstrap_mean
+from ..evaluate.intervals import MEASURED, bootstrap_mean
 from ..evaluate.robustness_replies import (
     NONE_SPLIT,
     ReplySettings,
@@ -322,9 +322,14 @@ def _f1_tables(
             split: by.get((method, split), []) + [x for m in base for x in by.get((m, split), [])]
             for split in [NONE_SPLIT, *settings.splits]
         }
+        labels = rob.truth_labels(sets)
+        plain = rob.bootstrap_macro_f1(sets[NONE_SPLIT], b, seed, labels=labels)
+        # the classifier is judged on the plain replies; under an attack an F1 at the null is
+        # the finding (the persona did not survive), not a failed instrument
+        check = rob.check_f1(sets[NONE_SPLIT], plain, labels)
         for split, split_rows in sets.items():
             own = by.get((method, split), [])
-            estimate = rob.bootstrap_macro_f1(split_rows, b, seed)
+            estimate = rob.bootstrap_macro_f1(split_rows, b, seed, labels=labels)
             table.append(
                 {
                     "method": method,
@@ -333,18 +338,20 @@ def _f1_tables(
                     "low": estimate.low,
                     "high": estimate.high,
                     "own_class_rate": sum(t == p for _, t, p in own) / len(own) if own else None,
+                    **check.to_dict(),
                 }
             )
         attacked = {s: v for s, v in sets.items() if s != NONE_SPLIT}
-        plain = rob.bootstrap_macro_f1(sets[NONE_SPLIT], b, seed)
-        attack = rob.bootstrap_macro_f1(attacked, b, seed) if attacked else None
+        attack = rob.bootstrap_macro_f1(attacked, b, seed, labels=labels) if attacked else None
+        measured = check.measured
         summary.append(
             {
                 "method": method,
-                "no_instruction": plain.value,
-                "no_instruction_ci": [plain.low, plain.high],
-                "with_instructions": attack.value if attack else None,
-                "with_instructions_ci": [attack.low, attack.high] if attack else None,
+                "no_instruction": plain.value if measured else None,
+                "no_instruction_ci": [plain.low, plain.high] if measured else None,
+                "with_instructions": attack.value if attack and measured else None,
+                "with_instructions_ci": [attack.low, attack.high] if attack and measured else None,
+                **check.to_dict(),
             }
         )
     return table, summary
@@ -396,12 +403,14 @@ def hacking_check(
 ) -> dict[str, Any]:
     """`reward_hacking_verdict` from the stage's probes, the adherence report (rlaif minus its
     start, paired over prompts, persona probes) and the coherence of rlaif against its start;
-    the three estimates are returned with the verdict."""
+    the three estimates are returned with the verdict. A teacher-likeness change whose
+    classifier could not measure counts as absent ("unknown"), never as "unclear"."""
     adherence = next(
         (
             d.teacher_like.to_dict()
             for d in report.differences
             if (d.a, d.b, d.probe_set) == ("rlaif", START_LABEL, "constitution")
+            and getattr(d, "status", MEASURED) == MEASURED
         ),
         None,
     )
