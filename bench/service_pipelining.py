@@ -30,7 +30,8 @@ Training runs twice: with an instant client (``arrival_delay_s=0``, the model's 
 on reading an answer misses the cycle that began with it.
 
 Usage: python bench/service_pipelining.py [--steps 40] [--save-every 20] [--cycle 10]
-       [--delay 0.05] [--requests 512] [--slots 32 128 512] [--latency 15] [--window 512]
+       [--delay 0.05] [--requests 512] [--slots 32 96 128 512] [--latency 15] [--window 512]
+       [--only training|sampling]
 """
 
 from __future__ import annotations
@@ -88,11 +89,12 @@ def main() -> None:
     parser.add_argument("--cycle", type=float, default=10.0, help="clock cycle, seconds")
     parser.add_argument("--delay", type=float, default=0.05, help="client delay, in cycles")
     parser.add_argument("--requests", type=int, default=512, help="sampling requests")
-    parser.add_argument("--slots", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--slots", type=int, nargs="+", default=[32, 96, 128, 512])
     parser.add_argument("--latency", type=float, default=15.0, help="seconds per request")
     parser.add_argument("--window", type=int, default=512, help="requests in flight (proposal)")
     parser.add_argument("--max-tokens", type=int, default=8, help="local reply budget")
     parser.add_argument("--model", default=TINY_RANDOM_NAME)
+    parser.add_argument("--only", choices=["training", "sampling"], help="one half only")
     parser.add_argument(
         "--out", default=str(ROOT / "bench" / "results" / "service_pipelining.jsonl")
     )
@@ -101,8 +103,11 @@ def main() -> None:
         local = LocalServiceClient(root_dir=str(Path(tmp) / "engine"), precision="fp32")
         renderer = get_renderer("smollm2", local.engine.tokenizer(args.model))
         prompts = general_prompts(max(args.requests, args.steps * args.batch))
-        records = training_rows(args, local, renderer, prompts, Path(tmp))
-        records += sampling_rows(args, local, renderer, prompts)
+        records = []
+        if args.only != "sampling":
+            records += training_rows(args, local, renderer, prompts, Path(tmp))
+        if args.only != "training":
+            records += sampling_rows(args, local, renderer, prompts)
     log = JsonlLogger(args.out)
     for record in records:
         log.log(0, record)
@@ -288,7 +293,9 @@ def sampling_rows(args, local, renderer, prompts) -> list[dict]:
 
     def latencies(slots: int, run) -> float:
         service = SimulatedService(local, sampling_slots=slots, sample_latency_s=args.latency)
-        run(service.create_sampling_client(base_model=args.model).result())
+        client = service.create_sampling_client(base_model=args.model).result()
+        client._sampler.show_progress = False  # the local decoder's bar (not a measurement)
+        run(client)
         return service.now() / args.latency
 
     sequential = latencies(1, lambda s: one_at_a_time(s, renderer, requests, settings))

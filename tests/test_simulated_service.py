@@ -11,7 +11,7 @@ slots. Pinned here, in cycles and latencies (never seconds):
 * N sampling requests on S slots take ceil(N / S) latencies when issued together, N when each
   is read before the next is sent; `sampling.sample_chat` issues a chunk together;
 * ``optim_step`` with no ``forward_backward`` before it fails in one line;
-* an expired checkpoint answers ``tinker.NotFoundError``;
+* a checkpoint expired by hand or by its TTL (in simulated time) answers ``tinker.NotFoundError``;
 * the wrapper changes no number the local engine computes, and is no backend.
 """
 
