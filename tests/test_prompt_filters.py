@@ -29,6 +29,7 @@ from character_training.prompt_filters import (
     ParseResult,
     classify_request,
     deduplicate,
+    distinct_records,
     filter_requests,
     jaccard,
     near_duplicate_groups,
@@ -609,6 +610,19 @@ def test_near_duplicate_groups_list_the_kept_index_first():
         LANDLORD.replace("email", "letter"),
     ]
     assert near_duplicate_groups(prompts) == ((0, 2), (3, 4))
+
+
+def test_distinct_records_keep_the_first_record_of_each_kept_text_in_order():
+    records = [
+        {"id": "a", "prompt": "Why do cats purr?"},
+        {"id": "b", "prompt": LANDLORD},
+        {"id": "c", "prompt": "Why do cats purr?"},  # the same text again: a duplicate
+        {"id": "d", "prompt": LANDLORD.replace("email", "letter")},  # near-duplicate of b
+        {"id": "e", "prompt": "Tell me about owls."},  # similar to an existing prompt
+        {"id": "f", "prompt": "How do tides work?"},
+    ]
+    kept = distinct_records(records, lambda r: r["prompt"], against=["tell me about owls"])
+    assert [r["id"] for r in kept] == ["a", "b", "f"]
 
 
 @pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5])

@@ -19,7 +19,8 @@ notebook can show the losses (the reference code's ``except: continue`` hid them
    prompts rare (every prompt shipped in ``data/`` passes); they catch the common failures,
    not every one.
 3. `deduplicate`: drop exact and near duplicates, also of prompts that already exist (the
-   hand-written examples, an evaluation set).
+   hand-written examples, an evaluation set); `distinct_records` does it for records that
+   carry a prompt.
 
 `FilterReport` adds the reasons up for a table.
 
@@ -37,11 +38,13 @@ import string
 import textwrap
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from .errors import ConfigError, DataError
+
+R = TypeVar("R")
 
 # ============================================================================================
 # 1. Parsing a generation
@@ -959,6 +962,26 @@ def deduplicate(
         removed.append((prompt, against[index] if reason == "existing" else prompts[index]))
         reasons.append(reason)
     return DedupResult(tuple(kept), tuple(removed), tuple(reasons))
+
+
+def distinct_records(
+    records: Sequence[R],
+    text: Callable[[R], str],
+    *,
+    threshold: float = 0.8,
+    against: Sequence[str] = (),
+) -> list[R]:
+    """The records whose ``text`` `deduplicate` keeps, in input order, each text once (its
+    first record: a record repeating a kept text is a duplicate too)."""
+    kept = set(deduplicate([text(r) for r in records], threshold=threshold, against=against).kept)
+    seen: set[str] = set()
+    out = []
+    for record in records:
+        value = text(record)
+        if value in kept and value not in seen:
+            seen.add(value)
+            out.append(record)
+    return out
 
 
 def near_duplicate_groups(

@@ -202,17 +202,12 @@ def plan_prompts(
     wanted_probes = config.adherence.probe_general_prompts
     probes = [DistillPrompt(r["id"], r["prompt"], "general") for r in general_eval[:wanted_probes]]
     # A general training prompt (near-)identical to a held-out one would train on the probe.
-    unique = prompt_filters.deduplicate(
-        [r["prompt"] for r in general_train],
+    candidates = prompt_filters.distinct_records(
+        general_train,
+        lambda r: r["prompt"],
         threshold=HELDOUT_OVERLAP,
         against=[p.prompt for p in heldout + probes],
     )
-    allowed, seen = set(unique.kept), set()
-    candidates = []
-    for record in general_train:
-        if record["prompt"] in allowed and record["prompt"] not in seen:
-            seen.add(record["prompt"])
-            candidates.append(record)
     general = [DistillPrompt(r["id"], r["prompt"], "general") for r in candidates[:wanted_general]]
     warnings = []
     if len(general) < wanted_general:

@@ -180,14 +180,9 @@ def split_general_pool(
     both; duplicates inside the pool are removed before splitting so the same text can never
     land on both sides. Sizes that do not fit follow `fit_split_sizes`.
     """
-    unique = prompt_filters.deduplicate([r.prompt for r in pool], threshold=0.9, against=exclude)
-    kept = set(unique.kept)
-    seen: set[str] = set()
-    candidates = []
-    for record in pool:
-        if record.prompt in kept and record.prompt not in seen:
-            seen.add(record.prompt)
-            candidates.append(record)
+    candidates = prompt_filters.distinct_records(
+        pool, lambda r: r.prompt, threshold=0.9, against=exclude
+    )
     per_source: dict[str, int] = {}
     for record in candidates:
         per_source[record.source] = per_source.get(record.source, 0) + 1

@@ -84,6 +84,7 @@ class Config(StageConfig):
     samples_per_prompt: int = 1
 
     def renderer_for(self, base_model: str) -> str:
+        """The chat format of ``base_model``: its ``renderers`` entry, else its default."""
         return renderer_of(self, base_model)
 
     def settings(self) -> dict[str, Any]:
@@ -366,7 +367,6 @@ def _sample_model(
         for p in prompts
         for k in range(config.samples_per_prompt)
     ]
-
     return sample_chat(
         model_sampler(service_client, model.base_model, model.sampler_path),
         config.renderer_for(model.base_model),
