@@ -341,7 +341,9 @@ class EvalParams:
     # coherence_calibrate removes the forced-choice judge's constant preference for one letter
     # (the mean log p(A) - log p(B) over both orders) before the order-swap filter
     coherence_pairs: tuple[str, ...] = ("final:system_prompt", "final:dpo")
-    coherence_modes: tuple[str, ...] = ("logprob",)
+    # generative first: its NEITHER answer is the paper's out-of-character filter (a pair with
+    # a reply out of character is dropped, not won by the generic one); tiny overrides it
+    coherence_modes: tuple[str, ...] = ("generative", "logprob")
     coherence_calibrate: bool = True
 
     def __post_init__(self) -> None:

@@ -127,6 +127,7 @@ class Outcome:
     status: str
     winner: str | None
     choices: tuple[str | None, str | None]
+    declined: bool = False  # an order's judge answered NEITHER (out of character, or a tie)
 
 
 def resolve_order_swaps(
@@ -154,7 +155,10 @@ def resolve_order_swaps(
             winners = {c.winner(order, choice) for order, choice in zip(ORDERS, choices)}
             status = CONSISTENT if len(winners) == 1 else INCONSISTENT
             winner = winners.pop() if status == CONSISTENT else None
-        outcomes.append(Outcome(c.id, c.first, c.second, c.group, status, winner, choices))
+        declined = any(v is not None and v.detail.get("reason") == "neither" for v in found)
+        outcomes.append(
+            Outcome(c.id, c.first, c.second, c.group, status, winner, choices, declined)
+        )
     return outcomes
 
 
@@ -167,7 +171,9 @@ class WinRate:
     comparisons: all comparisons of the pair (and group); consistent / inconsistent / invalid /
     incomplete: their outcomes; inconsistent_share: inconsistent / (consistent + inconsistent),
     the judge's order sensitivity; chose_a_share: share of all single-order verdicts that picked
-    position A (0.5 for a judge without position bias).
+    position A (0.5 for a judge without position bias); out_of_character: comparisons removed
+    because the generative judge answered NEITHER in an order (the paper's filter: a pair with a
+    reply out of character, or a tie, has no winner; counted within ``invalid``).
     """
 
     first: str
@@ -185,6 +191,7 @@ class WinRate:
     high: float
     inconsistent_share: float
     chose_a_share: float
+    out_of_character: int = 0
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,21 +235,22 @@ def win_rates(outcomes: Sequence[Outcome], by_group: bool = True) -> list[WinRat
                 high=high,
                 inconsistent_share=count[INCONSISTENT] / judged if judged else math.nan,
                 chose_a_share=letters.count("A") / len(letters) if letters else math.nan,
+                out_of_character=sum(o.declined for o in items),
             )
         )
     return rates
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (NaN, NaN) without trials. Unlike
-    rate ± z·SE it stays inside [0, 1] and does not collapse to a point at 0 or n successes."""
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion, (NaN, NaN) without trials: scipy's
+    ``binomtest(...).proportion_ci(method="wilson")``. Unlike rate ± z·SE it stays inside
+    [0, 1] and does not collapse to a point at 0 or n successes."""
     if n <= 0:
         return math.nan, math.nan
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 # -- asking the judge ----------------------------------------------------------------------------
