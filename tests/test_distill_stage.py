@@ -63,6 +63,7 @@ def tiny_params(tmp_path: Path, persona: str = "sarcastic", **overrides):
             "runs_dir": str(tmp_path / "runs"),
             "distill.max_tokens": 6,
             "distill.general_share": 0.5,  # the counts below assume it, whatever the preset says
+            "distill.heldout_assertions": 0,  # and no assertion held out whole (tested apart)
             "adherence.probe_general_prompts": 3,
             **overrides,
         },
@@ -281,6 +282,21 @@ def _records(n_per_assertion: int, assertions=("a", "b", "c")) -> list[dict]:
     ]
 
 
+def test_whole_assertions_held_out_are_never_trained_on():
+    records = _records(10)  # assertions a, b, c with 10 prompts each
+    train, heldout = distill.split_constitution_prompts(records, 0.2, seed=0, unseen=1)
+    unseen = {p.assertion_id for p in heldout if p.source == distill.UNSEEN}
+    assert len(unseen) == 1
+    (whole,) = unseen
+    assert not any(p.assertion_id == whole for p in train)  # no sibling trained on
+    assert sum(p.assertion_id == whole for p in heldout) == 10  # all of its prompts probe
+    for other in {"a", "b", "c"} - unseen:  # the others keep their per-assertion split
+        assert sum(p.assertion_id == other and p.source == "constitution" for p in heldout) == 2
+    # the choice depends on the seed and the ids only, not on the file order
+    again = distill.split_constitution_prompts(list(reversed(records)), 0.2, seed=0, unseen=1)
+    assert {p.assertion_id for p in again[1] if p.source == distill.UNSEEN} == unseen
+
+
 def test_the_split_is_per_assertion_disjoint_and_stable():
     records = _records(10)
     train, heldout = distill.split_constitution_prompts(records, 0.2, seed=0)
@@ -483,7 +499,10 @@ def test_the_stage_writes_split_pairs_heldout_and_dropped_files(tmp_path, tiny_s
     heldout = [r for r in split if r["split"] == "heldout"]
     assert {r["prompt_id"] for r in train}.isdisjoint({r["prompt_id"] for r in heldout})
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in heldout})
-    assert counts["constitution_train"] + counts["constitution_heldout"] == len(records)
+    assert (
+        counts["constitution_train"] + counts["constitution_heldout"] + counts["unseen_heldout"]
+        == len(records)
+    )
     assert counts["general_train"] == round(0.5 * counts["constitution_train"])  # 4 available
     assert counts["heldout_general"] == 3 and len(heldout) == counts["heldout_prompts"]
     pairs, dropped = read_jsonl(stage / "pairs.jsonl"), read_jsonl(stage / "dropped.jsonl")

@@ -135,6 +135,9 @@ class DistillParams:
     samples_per_prompt: int = 1  # chosen/rejected pairs per training prompt
     general_share: float = 0.5  # general prompts = share * constitution training prompts
     heldout_fraction: float = 0.2  # constitution prompts kept out of training, per assertion
+    # whole assertions held out: never trained on, so their prompts probe whether the persona
+    # generalises beyond the constitution's own wording (the headline teacher-likeness probes)
+    heldout_assertions: int = 2
     max_tokens: int = 1024  # reply budget of teacher and student (teacher reasoning included)
     # A reply cut at max_tokens is dropped ("drop"), or cut back to its last full sentence
     # ("trim", for small offline models that ramble past any affordable budget; counted).
@@ -146,6 +149,7 @@ class DistillParams:
             self.truncated in ("drop", "trim"), "distill.truncated", self.truncated, "drop or trim"
         )
         _check(self.general_share >= 0, "distill.general_share", self.general_share, ">= 0")
+        _check_min(self, "distill", ("heldout_assertions",), 0)
         _check(
             0 <= self.heldout_fraction < 1,
             "distill.heldout_fraction",

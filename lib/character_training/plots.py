@@ -141,7 +141,11 @@ def training_curves(
 
 
 _PROBE_SET_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#8172b2")
-_PROBE_SET_NAMES = {"constitution": "held-out persona prompts", "general": "general prompts"}
+_PROBE_SET_NAMES = {
+    "unseen": "prompts of held-out assertions",
+    "constitution": "held-out persona prompts",
+    "general": "general prompts",
+}
 
 
 def _wrap_reason(text: str, width: int = 70) -> str:

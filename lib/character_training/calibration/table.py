@@ -41,10 +41,11 @@ class Sizes:
 
 
 def design_sizes(params: RunParams) -> Sizes:
-    """Sizes from the parameters: held-out prompts per assertion follow stage 02's split
-    (``distill.heldout_fraction`` of the hand-written plus generated prompts), half of them
-    train the teacher-likeness classifier (``adherence.classifier_fraction``), the rest are
-    probes; stage 08 holds out ``1 - evals.robustness_train_fraction`` of its prompts."""
+    """Sizes from the parameters: the headline teacher-likeness probes are every prompt of the
+    ``distill.heldout_assertions`` assertions held out whole (without any, the held-out
+    siblings: ``distill.heldout_fraction`` per assertion, less the classifier's share
+    ``adherence.classifier_fraction``); stage 08 holds out ``1 - evals.robustness_train_fraction``
+    of its prompts."""
     e = params.evals
     vocabulary = len(load_traits())
     traits = e.elo_traits or vocabulary
@@ -52,10 +53,14 @@ def design_sizes(params: RunParams) -> Sizes:
         params.constitution_ref, allow_opt_in=True, prompts_per_assertion=None
     )
     per_assertion = HAND_WRITTEN_PER_ASSERTION + params.prompts.generated_per_assertion
-    heldout = len(constitution.assertions) * max(
-        1, round(per_assertion * params.distill.heldout_fraction)
-    )
-    probes = max(1, round(heldout * (1 - params.adherence.classifier_fraction)))
+    unseen = min(params.distill.heldout_assertions, len(constitution.assertions) - 1)
+    if unseen > 0:  # the headline probes: every prompt of the assertions held out whole
+        probes = unseen * per_assertion
+    else:  # the held-out siblings, less the classifier's share
+        heldout = len(constitution.assertions) * max(
+            1, round(per_assertion * params.distill.heldout_fraction)
+        )
+        probes = max(1, round(heldout * (1 - params.adherence.classifier_fraction)))
     return Sizes(
         traits=traits,
         matches=e.elo_comparisons,

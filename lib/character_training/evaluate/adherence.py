@@ -171,6 +171,7 @@ logger = logging.getLogger(__name__)
 ADHERENCE_DIR = "adherence"
 MIN_REPLIES_PER_CLASS = 4  # kept teacher (and student) replies needed to fit the head
 CLASSIFIER_SOURCE = "constitution"  # the only held-out source split into classifier prompts
+UNSEEN_SOURCE = "unseen"  # prompts of assertions held out whole by stage 02 (the headline set)
 TEACHER_REF = "teacher_ref"
 STUDENT_REF = "student_ref"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -294,14 +295,25 @@ class AdherenceReport:
             lines.append(f"{probe_set} probes: {check.measurement.text()}")
         return "\n".join(lines)
 
+    @property
+    def headline_probe_set(self) -> str:
+        """The probe set headlines report: prompts of assertions never trained on ("unseen")
+        when stage 02 held some out, else the held-out siblings of trained prompts."""
+        return (
+            UNSEEN_SOURCE
+            if any(r.probe_set == UNSEEN_SOURCE for r in self.rows)
+            else CLASSIFIER_SOURCE
+        )
+
     def headline(
         self,
         labels: Sequence[str],
         compare: Sequence[tuple[str, str]] = (),
-        probe_set: str = CLASSIFIER_SOURCE,
+        probe_set: str | None = None,
         names: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """A notebook's headline numbers on ``probe_set``: ``teacher_like_<label>`` and
+        """A notebook's headline numbers on ``probe_set`` (default `headline_probe_set`, named
+        in the ``probe_set`` key): ``teacher_like_<label>`` and
         ``teacher_like_<label>_ci`` per label, ``<a>_minus_<b>`` (`Estimate.to_dict`) per pair
         of ``compare`` (``names`` renames labels in keys: ``{"rl-step-0000": "start"}``), and
         ``classifier_auc``, ``classifier_auc_ci``, ``classifier_status``, the reference rows'
@@ -311,7 +323,8 @@ class AdherenceReport:
         key is None and listed with the reason under ``no_measurement`` (`intervals.withhold`).
         """
         names = dict(names or {})
-        out: dict[str, Any] = {}
+        probe_set = probe_set or self.headline_probe_set
+        out: dict[str, Any] = {"probe_set": probe_set}
         for label in labels:
             try:
                 like: Estimate | None = self.row(label, probe_set).teacher_like

@@ -95,10 +95,12 @@ def comparison_pairs(models: Mapping[str, str | None]) -> list[tuple[str, str]]:
 
 # -- reward against teacher-likeness ------------------------------------------------------------
 def probe_series(
-    result: RLAIFOutcome, report: Any, probe_set: str = "constitution"
+    result: RLAIFOutcome, report: Any, probe_set: str | None = None
 ) -> list[dict[str, Any]]:
     """Per probe step: the training reward (probe win rate against the start) next to the
-    teacher-like share of the policy at that step, each with its 95% interval."""
+    teacher-like share of the policy at that step (on ``probe_set``, default the report's
+    headline set), each with its 95% interval; a share that could not be measured is None."""
+    probe_set = probe_set or report.headline_probe_set
     labels = {p["step"]: PROBE_LABEL.format(p["step"]) for p in result.probes}
     labels[result.probes[-1]["step"]] = "rlaif"
     rows = []
@@ -409,7 +411,7 @@ def hacking_check(
         (
             d.teacher_like.to_dict()
             for d in report.differences
-            if (d.a, d.b, d.probe_set) == ("rlaif", START_LABEL, "constitution")
+            if (d.a, d.b, d.probe_set) == ("rlaif", START_LABEL, report.headline_probe_set)
             and getattr(d, "status", MEASURED) == MEASURED
         ),
         None,

@@ -68,7 +68,8 @@ logger = logging.getLogger(__name__)
 
 STAGE = "02_distillation"
 INPUT_FILES = ("constitution_prompts.jsonl", "general_train.jsonl", "general_eval.jsonl")
-SOURCES = ("constitution", "general")
+SOURCES = ("constitution", "unseen", "general")
+UNSEEN = "unseen"  # held-out prompts of assertions held out whole (never trained on)
 HELDOUT_OVERLAP = 0.9
 """Similarity (`prompt_filters.similarity`) at which a general training prompt counts as the
 same as a held-out prompt and is left out of training; stage 01 splits its pool at 0.9 too."""
@@ -118,7 +119,7 @@ class DistillPrompt:
 
     prompt_id: str
     prompt: str
-    source: str  # "constitution" | "general"
+    source: str  # "constitution" | "unseen" (an assertion held out whole) | "general"
     assertion_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,22 +164,40 @@ def heldout_count(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
+def unseen_assertions(assertion_ids: Sequence[str], count: int, seed: int) -> set[str]:
+    """The ``count`` assertions held out whole, ranked by a stable hash of (seed, id)."""
+    ranked = sorted(
+        dict.fromkeys(assertion_ids),
+        key=lambda a: hashlib.sha256(f"{seed}:distill-unseen:{a}".encode()).hexdigest(),
+    )
+    return set(ranked[:count])
+
+
 def split_constitution_prompts(
-    records: Sequence[Mapping[str, Any]], fraction: float, seed: int
+    records: Sequence[Mapping[str, Any]], fraction: float, seed: int, unseen: int = 0
 ) -> tuple[list[DistillPrompt], list[DistillPrompt]]:
-    """(train, held-out) constitution prompts, split per assertion; both keep file order."""
+    """(train, held-out) constitution prompts; both keep file order.
+
+    ``unseen`` whole assertions are held out entirely (source "unseen": no sibling prompt is
+    ever trained on, so they test whether the persona generalises beyond the wording it was
+    trained on); of every other assertion ``fraction`` of the prompts is held out (source
+    "constitution": probes whose sibling prompts were trained on).
+    """
     by_assertion: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         by_assertion.setdefault(record["assertion_id"], []).append(record)
+    whole = unseen_assertions(list(by_assertion), unseen, seed)
     heldout_ids: set[str] = set()
-    for group in by_assertion.values():
+    for assertion, group in by_assertion.items():
+        if assertion in whole:
+            heldout_ids |= {r["id"] for r in group}
+            continue
         ranked = sorted(group, key=lambda r: heldout_rank(r["id"], seed))
         heldout_ids |= {r["id"] for r in ranked[: heldout_count(len(group), fraction)]}
     train, heldout = [], []
     for record in records:
-        prompt = DistillPrompt(
-            record["id"], record["prompt"], "constitution", record["assertion_id"]
-        )
+        source = UNSEEN if record["assertion_id"] in whole else "constitution"
+        prompt = DistillPrompt(record["id"], record["prompt"], source, record["assertion_id"])
         (heldout if record["id"] in heldout_ids else train).append(prompt)
     return train, heldout
 
@@ -192,11 +211,13 @@ def plan_prompts(
 ) -> PromptPlan:
     """Every prompt the stage samples for, and the counts and shortfalls behind the choice."""
     share, fraction = config.distill.general_share, config.distill.heldout_fraction
-    train, heldout = split_constitution_prompts(constitution_records, fraction, config.seed)
+    unseen = config.distill.heldout_assertions
+    train, heldout = split_constitution_prompts(constitution_records, fraction, config.seed, unseen)
     if not train:
         raise DataError(
             f"{Path(source_dir) / INPUT_FILES[0]}: no constitution prompt is left for training "
-            f"(distill.heldout_fraction={fraction}); expected at least one"
+            f"(distill.heldout_fraction={fraction}, distill.heldout_assertions={unseen}); "
+            "expected at least one"
         )
     wanted_general = round(share * len(train))
     wanted_probes = config.adherence.probe_general_prompts
@@ -227,7 +248,9 @@ def plan_prompts(
     counts = {
         "constitution_prompts": len(constitution_records),
         "constitution_train": len(train),
-        "constitution_heldout": len(heldout),
+        "constitution_heldout": sum(p.source == "constitution" for p in heldout),
+        "unseen_heldout": sum(p.source == UNSEEN for p in heldout),
+        "unseen_assertions": len({p.assertion_id for p in heldout if p.source == UNSEEN}),
         "general_requested": wanted_general,
         "general_train": len(general),
         "general_shortfall": wanted_general - len(general),
