@@ -53,7 +53,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,10 +195,21 @@ def bootstrap_macro_f1(
     splits = _as_splits(splits)
     if not splits:
         raise DataError("bootstrap_macro_f1: no rows to score")
+    prompts = list(dict.fromkeys(r[0] for rows in splits.values() for r in rows))
+    statistic = macro_f1_statistic(splits, prompts, labels)
+    return bootstrap_groups(statistic, len(prompts), n_resamples, seed, level)
+
+
+def macro_f1_statistic(
+    splits: RowSets, prompts: Sequence[str], labels: Sequence[str] | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The mean macro F1 of ``splits`` as a function of prompt draw counts (rows of weights
+    over ``prompts``, which must hold every prompt of the rows), as `bootstrap_macro_f1` and
+    `paired_macro_f1_difference` resample it."""
+    splits = _as_splits(splits)
     labels = truth_labels(splits) if labels is None else list(labels)
     if not labels:
         raise DataError("bootstrap_macro_f1: no labels to average over")
-    prompts = list(dict.fromkeys(r[0] for rows in splits.values() for r in rows))
     code = {label: i for i, label in enumerate(labels)}
     index = {p: i for i, p in enumerate(prompts)}
     k, other = len(labels), len(labels)  # classes outside the label set share column k
@@ -227,7 +238,29 @@ def bootstrap_macro_f1(
         drawn = np.isfinite(stacked)
         return np.where(drawn, stacked, 0).sum(axis=0) / drawn.sum(axis=0)
 
-    return bootstrap_groups(mean_macro_f1, len(prompts), n_resamples, seed, level)
+    return mean_macro_f1
+
+
+def paired_macro_f1_difference(
+    a: RowSets,
+    b: RowSets,
+    n_resamples: int,
+    seed: int,
+    level: float = 0.95,
+    labels_a: Sequence[str] | None = None,
+    labels_b: Sequence[str] | None = None,
+) -> Estimate:
+    """Macro F1 of ``a`` minus that of ``b`` (e.g. the trained model's against the
+    system-prompted model's, both scored against the same base replies), with a prompt-level
+    BCa interval that draws the *same* prompts for both sides: the prompts' shared difficulty
+    cancels, as in every paired difference of this project."""
+    a, b = _as_splits(a), _as_splits(b)
+    prompts = list(dict.fromkeys(r[0] for sets in (a, b) for rows in sets.values() for r in rows))
+    if not prompts:
+        raise DataError("paired_macro_f1_difference: no rows to score")
+    f1_a = macro_f1_statistic(a, prompts, labels_a)
+    f1_b = macro_f1_statistic(b, prompts, labels_b)
+    return bootstrap_groups(lambda w: f1_a(w) - f1_b(w), len(prompts), n_resamples, seed, level)
 
 
 def trivial_macro_f1(splits: RowSets, labels: Sequence[str] | None = None) -> tuple[float, str]:
@@ -506,6 +539,46 @@ def summarise_method(
         status=check.status,
         reason=check.reason,
     )
+
+
+def method_differences(
+    sets: Sets,
+    summaries: Sequence[MethodSummary],
+    adversarial_splits: Sequence[str],
+    n_boot: int,
+    seed: int,
+    reference: str = SYSTEM_PROMPT,
+) -> list[dict[str, Any]]:
+    """Per method other than ``reference`` and per summary field: macro F1 of the method minus
+    that of ``reference`` (trained vs prompted: is the trained persona harder to break?), paired
+    over prompts (`paired_macro_f1_difference`), each side over its own label set. Left out
+    when either side could not measure."""
+    status = {s.method: s.status for s in summaries}
+    if status.get(reference) != MEASURED:
+        return []
+
+    def rows_of(method: str, part: str) -> RowSets | None:
+        if part == "with_instructions":
+            found = {s: sets[(method, s)] for s in adversarial_splits if (method, s) in sets}
+            return found or None
+        return sets.get((method, NONE_SPLIT if part == "no_instruction" else PREFILL_SPLIT))
+
+    out = []
+    for method in (m for m in status if m != reference and status[m] == MEASURED):
+        for part in SUMMARY_FIELDS:
+            a, b = rows_of(method, part), rows_of(reference, part)
+            if not a or not b:
+                continue
+            diff = paired_macro_f1_difference(
+                a,
+                b,
+                n_boot,
+                seed,
+                labels_a=method_labels(sets, method),
+                labels_b=method_labels(sets, reference),
+            )
+            out.append({"method": method, "reference": reference, "field": part, **diff.to_dict()})
+    return out
 
 
 # -- the classifier ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class Report:
     notes: list[str]
     responses: list[dict[str, Any]]
     prompts: dict[str, str]
+    differences: list[dict[str, Any]] = field(default_factory=list)  # method - system prompt
 
     # tables
     def f1_frame(self) -> Any:
@@ -123,6 +124,11 @@ class Report:
                     out[f"{key}_ci"] = [round(value.low, 4), round(value.high, 4)]
                     if s.status == NO_MEASUREMENT:
                         reasons[key] = reasons[f"{key}_ci"] = s.reason
+        for d in self.differences:  # paired over prompts: trained minus prompted
+            key = f"f1_diff_{d['method']}_{d['field']}"
+            out[key] = round(d["value"], 4)
+            out[f"{key}_ci"] = [round(d["low"], 4), round(d["high"], 4)]
+        out["classifier_methods"] = sorted({m for ms in self.methods.values() for m in ms})
         for row in self.coherence:
             if row["group"] == ALL_GROUPS:
                 key = f"coherence_{row['mode']}_{row['first']}_vs_{row['second']}"
@@ -140,6 +146,7 @@ class Report:
             "rows": [r.record() | {"per_class_f1": r.per_class_f1} for r in self.rows],
             "summary": [s.record() for s in self.summaries],
             "coherence": self.coherence,
+            "differences": self.differences,
             "notes": self.notes,
         }
 

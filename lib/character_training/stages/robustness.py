@@ -76,7 +76,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import DPO_STAGE, ROBUSTNESS_STAGE, SFT_STAGE, assistant_name
+from ..artifacts import (
+    DPO_CHECKPOINT,
+    DPO_STAGE,
+    ROBUSTNESS_STAGE,
+    SFT_CHECKPOINT,
+    SFT_STAGE,
+    assistant_name,
+)
 from ..config import PARAMS_DIR, ROBUSTNESS_METHODS, RunParams, read_yaml
 from ..constitutions import Constitution, load_constitution
 from ..errors import ConfigError, DataError
@@ -91,6 +98,7 @@ from ..evaluate.robustness import (
     TRAINED,
     classify_cached,
     f1_table,
+    method_differences,
     split_prompts,
     summarise_method,
 )
@@ -110,7 +118,10 @@ from ..store import CHECKPOINTS_FILE, Checkpoint, list_checkpoints, stage_dir
 logger = logging.getLogger(__name__)
 
 STAGE = ROBUSTNESS_STAGE
-MAKERS = {"dpo": DPO_STAGE, "final": SFT_STAGE}  # the stage that makes each checkpoint
+MAKERS = {
+    DPO_CHECKPOINT: DPO_STAGE,
+    SFT_CHECKPOINT: SFT_STAGE,
+}  # the stage that makes each checkpoint
 
 
 @dataclass(frozen=True)
@@ -476,6 +487,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         summarise_method(method, sets, config.splits, config.bootstrap, config.seed)
         for method in methods_present
     ]
+    differences = method_differences(sets, summaries, config.splits, config.bootstrap, config.seed)
 
     heldout_text = {p: text_of[p] for p in heldout_ids}
     comparisons = _comparisons(config.evals.coherence_pairs, personas, scored, heldout_text, notes)
@@ -497,6 +509,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         notes=notes,
         responses=rows,
         prompts=text_of,
+        differences=differences,
     )
     report.write()
     stage.finish(
