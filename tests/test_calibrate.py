@@ -67,3 +67,13 @@ def test_the_command_prints_one_json_row_per_statistic(capsys):
     for row in rows:
         assert {"statistic", "false_positive_rate", "coverage", "detectable_effect"} <= set(row)
         assert row["reps"] == 10
+
+
+def test_the_teacher_likeness_difference_keeps_its_level_on_few_probe_prompts():
+    """BCa over 14 prompts with one binary reply each rejected a true null 12% of the time;
+    below 30 prompts the paired difference now uses Student's t on per-prompt differences."""
+    from character_training.calibration.reply_cases import teacher_likeness_case
+
+    row = calibrate_case(teacher_likeness_case(14, 1, 200), reps=400, seed=5)
+    assert row.false_positive_rate <= 0.08
+    assert row.coverage >= 0.92

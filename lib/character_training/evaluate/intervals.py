@@ -158,6 +158,12 @@ def bootstrap_mean(
     return bootstrap_groups(pooled_mean, len(sums), n_resamples, seed, level)
 
 
+SMALL_SAMPLE = 30
+"""Below this many paired prompts a difference gets a Student-t interval on the per-prompt
+differences instead of BCa: `calibrate` measured BCa's false-positive rate at 0.12 on 14 prompts
+with one binary reply each (t: 0.07), while both hold their level from 30 prompts up."""
+
+
 def paired_bootstrap_difference(
     a: Mapping[str, Sequence[float]],
     b: Mapping[str, Sequence[float]],
@@ -169,7 +175,9 @@ def paired_bootstrap_difference(
 
     Both sides are resampled with the *same* prompt draws (one BCa bootstrap over the shared
     prompts), so a prompt that is hard for both models moves both means together and cancels
-    in the difference.
+    in the difference. With fewer than `SMALL_SAMPLE` prompts the interval is Student's t on
+    the per-prompt differences of means (method "t"), which keeps its level there where BCa
+    does not.
     """
     common = [k for k in a if len(a[k]) and k in b and len(b[k])]
     if not common:
@@ -180,7 +188,21 @@ def paired_bootstrap_difference(
     def difference(weights: np.ndarray) -> np.ndarray:
         return (weights @ sums_a) / (weights @ counts_a) - (weights @ sums_b) / (weights @ counts_b)
 
+    if 2 <= len(common) < SMALL_SAMPLE:
+        return _t_interval(sums_a / counts_a - sums_b / counts_b, difference, level), len(common)
     return bootstrap_groups(difference, len(common), n_resamples, seed, level), len(common)
+
+
+def _t_interval(per_prompt: np.ndarray, statistic: Statistic, level: float) -> Estimate:
+    """The pooled point value with a Student-t interval from the per-prompt values' spread."""
+    from scipy.stats import t
+
+    value = float(statistic(np.ones((1, len(per_prompt))))[0])
+    spread = float(np.std(per_prompt, ddof=1))
+    if spread == 0:
+        return Estimate(value, value, value, level, "point")
+    half = float(t.ppf((1 + level) / 2, len(per_prompt) - 1)) * spread / np.sqrt(len(per_prompt))
+    return Estimate(value, value - half, value + half, level, "t")
 
 
 # -- instruments that cannot measure -------------------------------------------------------------
