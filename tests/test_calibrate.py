@@ -60,6 +60,7 @@ def test_the_command_prints_one_json_row_per_statistic(capsys):
         "Elo spread change (final - base)",
         "Spearman vs base",
         "teacher-likeness difference (dpo - base)",
+        "F1 difference (final - system prompt)",
         "coherence win rate",
         "RLAIF reward-hacking verdict",
     ):

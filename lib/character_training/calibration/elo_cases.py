@@ -99,17 +99,23 @@ def spearman_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) ->
     return Case("Spearman vs base", "rho", 0.0, simulate, (0.0, 1.0))
 
 
+def _true_spread(outcomes: elo_stats.Outcomes, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Per experiment: the Elo spread beyond the coin-flip floor over its many replicated
+    match sets (the truth an interval is checked against)."""
+    s2 = _per_experiment_mean(elo_stats.elo(outcomes).std(axis=1) ** 2, reps)
+    n2 = _per_experiment_mean(
+        elo_stats.coin_flip_std2(outcomes, 1, int(rng.integers(1 << 31))), reps
+    )
+    return np.sqrt(np.maximum(s2 - n2, 0.0))
+
+
 def spread_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> Case:
     """One model's Elo spread beyond the coin-flip floor; knob: std of its utilities (nats)."""
 
     def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
         u = utilities(knob, reps, design.traits, rng)
         many, _ = _pair(design, judge, _replicated(u), _replicated(u), rng)
-        s2 = _per_experiment_mean(elo_stats.elo(many).std(axis=1) ** 2, reps)
-        n2 = _per_experiment_mean(
-            elo_stats.coin_flip_std2(many, 1, int(rng.integers(1 << 31))), reps
-        )
-        truth = np.sqrt(np.maximum(s2 - n2, 0.0))
+        truth = _true_spread(many, reps, rng)
         if not intervals:
             return _truth_only(truth)
         outcomes, _ = _pair(design, judge, u, u, rng)
@@ -152,11 +158,7 @@ def calibrated_spread_case(
         many = _replicated(u)
         matches = draw_matches(design, many.shape[0], rng)
         outcomes, _ = _calibrated_outcomes(matches, many, judge, rng, slope, mode)
-        s2 = _per_experiment_mean(elo_stats.elo(outcomes).std(axis=1) ** 2, reps)
-        n2 = _per_experiment_mean(
-            elo_stats.coin_flip_std2(outcomes, 1, int(rng.integers(1 << 31))), reps
-        )
-        truth = np.sqrt(np.maximum(s2 - n2, 0.0))
+        truth = _true_spread(outcomes, reps, rng)
         if not intervals:
             return _truth_only(truth)
         matches = draw_matches(design, reps, rng)

@@ -178,3 +178,56 @@ def hacking_verdict_case(probe_prompts: int, adherence_prompts: int, n_boot: int
         (0.0, 6.0),
         f"{probe_prompts} probe prompts, {adherence_prompts} adherence prompts",
     )
+
+
+BASE_RECALL = 0.8  # the persona classifier calls a base reply "base" this often
+PROMPTED_LOGIT = 0.5  # the system-prompted replies are recognised at sigmoid(0.5 + difficulty)
+
+
+def _f1_rows(prompts: int, logit: float, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Per prompt one persona reply (recognised with probability sigmoid(logit + difficulty))
+    and one base reply, as (prompt id, true class, predicted class) rows."""
+    difficulty = rng.standard_normal(prompts) * PROMPT_SPREAD
+    hit = rng.random(prompts) < _sigmoid(logit + difficulty)
+    base_hit = rng.random(prompts) < BASE_RECALL
+    out = []
+    for i in range(prompts):
+        out.append((f"p{i}", "persona", "persona" if hit[i] else "base"))
+        out.append((f"p{i}", "base", "base" if base_hit[i] else "persona"))
+    return out
+
+
+def f1_difference_case(prompts: int, n_boot: int) -> Case:
+    """Macro F1 of the trained model minus the system-prompted model's, both against the same
+    base replies, paired over ``prompts`` held-out prompts (`robustness.method_differences`);
+    knob: how much more recognisable the trained persona is (logit shift)."""
+    from ..evaluate.robustness import macro_f1, paired_macro_f1_difference
+
+    def f1(rows: list[tuple[str, str, str]]) -> float:
+        return macro_f1([r[1] for r in rows], [r[2] for r in rows])
+
+    def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
+        big = POPULATION // 4
+        truth_value = f1(_f1_rows(big, PROMPTED_LOGIT + knob, rng)) - f1(
+            _f1_rows(big, PROMPTED_LOGIT, rng)
+        )
+        truth = np.full(reps, truth_value)
+        if not intervals:
+            nan = np.full(reps, np.nan)
+            return Trial(nan, nan, nan, truth)
+        estimate, low, high = (np.empty(reps) for _ in range(3))
+        for r in range(reps):
+            trained = _f1_rows(prompts, PROMPTED_LOGIT + knob, rng)
+            prompted = _f1_rows(prompts, PROMPTED_LOGIT, rng)
+            diff = paired_macro_f1_difference(trained, prompted, n_boot, int(rng.integers(1 << 31)))
+            estimate[r], low[r], high[r] = diff.value, diff.low, diff.high
+        return Trial(estimate, low, high, truth)
+
+    return Case(
+        "F1 difference (final - system prompt)",
+        "macro F1",
+        0.0,
+        simulate,
+        (0.0, 4.0),
+        f"{prompts} held-out prompts",
+    )

@@ -34,6 +34,7 @@ class Sizes:
     samples_per_probe: int
     adherence_bootstrap: int
     heldout_comparisons: int
+    robustness_bootstrap: int
     rl_probe_prompts: int
 
     def as_dict(self) -> dict[str, int]:
@@ -69,6 +70,7 @@ def design_sizes(params: RunParams) -> Sizes:
         samples_per_probe=params.adherence.samples_per_probe,
         adherence_bootstrap=params.adherence.bootstrap,
         heldout_comparisons=max(1, round(e.robustness_prompts * (1 - e.robustness_train_fraction))),
+        robustness_bootstrap=e.robustness_bootstrap,
         rl_probe_prompts=params.rl.probe_prompts,
     )
 
@@ -85,6 +87,7 @@ def cases(sizes: Sizes) -> list[Case]:
         reply_cases.teacher_likeness_case(
             sizes.probe_prompts, sizes.samples_per_probe, sizes.adherence_bootstrap
         ),
+        reply_cases.f1_difference_case(sizes.heldout_comparisons, sizes.robustness_bootstrap),
         reply_cases.coherence_case(sizes.heldout_comparisons),
         reply_cases.hacking_verdict_case(
             sizes.rl_probe_prompts, sizes.probe_prompts, sizes.adherence_bootstrap
