@@ -10,7 +10,10 @@ test):
 * a Bradley–Terry fit that diverges for a trait that never lost or never played;
 * a lenient judge parser that turns "not formal but casual" into a vote for *formal*;
 * forced-choice scoring that depends on anything but the judge prompt and the two words;
-* a judge preferring whatever is listed first, counted as a trait preference.
+* a judge preferring whatever is listed first, counted as a trait preference (every match is
+  asked in both listing orders; a generative verdict counts only where the two agree);
+* tests that could not fail (``low <= high`` of a percentile interval): replaced by recovery
+  of a trait that moved (paired changes) and coverage of the Elo estimand.
 
 What "truth" means for Elo. Matches are simulated from a Bradley–Terry model with latent
 log-strengths ``s``; on the Elo scale that is ``1000 + 400 / ln(10) * (s - mean s)``, which a
@@ -109,8 +112,6 @@ def test_elo_and_bradley_terry_recover_the_latent_ranking():
     # percentile interval now and then, but rarely
     inside = sum(r["ci_low"] <= r["elo"] <= r["ci_high"] for r in result.rows)
     assert inside >= 0.8 * len(result.rows)
-    assert all(r["ci_low"] < r["ci_high"] for r in result.rows)
-    assert result.std_low <= result.std <= result.std_high + 1e-9
 
 
 def test_bootstrap_intervals_cover_the_elo_estimand_at_about_the_nominal_rate():
@@ -170,13 +171,36 @@ def test_bootstrap_is_seeded_and_pairs_models_judged_on_the_same_matches():
     # the same outcomes for "two models": every paired difference is exactly zero
     diffs = elo.paired_differences(first, again)
     assert all(low == high == 0 for low, high in diffs.values())
-    paired = elo.paired_differences(elo.bootstrap_elo(other, traits, 50, seed=7), first)
-    assert all(low <= high for low, high in paired.values())
     with pytest.raises(DataError, match="different resamples"):
         elo.paired_differences(elo.bootstrap_elo(other, traits, 50, seed=8), first)
-    assert elo.paired_std_difference(first, again) == (0.0, 0.0)
-    low, high = elo.paired_std_difference(elo.bootstrap_elo(other, traits, 50, seed=7), first)
-    assert low <= high
+
+
+def test_paired_trait_changes_find_the_trait_that_moved_and_only_it():
+    """Two models with the same strengths except one trait raised by 2.5 (odds x12), judged
+    on the same 800 matches: that trait's paired interval lies above 0, and the others' hold 0
+    about as often as 95% intervals should."""
+    rng = np.random.default_rng(8)
+    n = 10
+    traits = [f"t{i}" for i in range(n)]
+    strengths = rng.normal(0, 0.5, n)
+    moved = strengths.copy()
+    moved[0] += 2.5
+    a = rng.integers(0, n, 800)
+    b = (a + rng.integers(1, n, 800)) % n
+
+    def play(latent):
+        wins = rng.random(800) < 1 / (1 + np.exp(-(latent[a] - latent[b])))
+        return [
+            (traits[w], traits[lo]) for w, lo in zip(np.where(wins, a, b), np.where(wins, b, a))
+        ]
+
+    after = elo.bootstrap_elo(play(moved), traits, 200, seed=1)
+    before = elo.bootstrap_elo(play(strengths), traits, 200, seed=1)
+    intervals = elo.paired_differences(after, before)
+    assert intervals["t0"][0] > 100
+    still = [low <= 0 <= high for t, (low, high) in intervals.items() if t != "t0"]
+    # the raised trait takes its wins from the others: they move a little, together
+    assert sum(still) >= len(still) - 3
 
 
 def test_the_coin_flip_null_separates_real_preferences_from_elo_noise():
@@ -302,61 +326,54 @@ def test_forced_choice_scores_on_the_tiny_model_are_deterministic(tiny_sampler, 
     assert scores[0][0] == pytest.approx(direct[0], abs=1e-4)
 
 
-def test_position_bias_and_agreement_bookkeeping():
+def test_a_verdict_counts_only_when_both_listing_orders_agree():
+    formal, casual = judge.Verdict("formal", "ok"), judge.Verdict("casual", "ok")
+    unread = judge.Verdict(None, "extra_text")
+    assert judge.combine_orders(formal, formal) == formal
+    assert judge.combine_orders(formal, casual) == judge.Verdict(None, "order_inconsistent")
+    assert judge.combine_orders(unread, formal) == judge.Verdict(None, "unparsed")
+    assert judge.combine_orders(casual, unread) == judge.Verdict(None, "unparsed")
+
+
+def test_position_bias_order_inconsistency_and_agreement_bookkeeping():
+    """A judge naming whatever it lists first, and one with a real reading of the reply, on
+    the same 400 matches asked in both listing orders: the first shows position bias 1 and
+    disagrees with itself on every match; the second shows neither, whatever the model
+    prefers."""
     rng = np.random.default_rng(4)
     records = []
     for _ in range(400):
         first, second = ("formal", "casual") if rng.random() < 0.5 else ("casual", "formal")
-        judge_first = first if rng.random() < 0.5 else second
+        shown = "formal" if rng.random() < 0.7 else "casual"  # a real preference
         records.append(
             {
                 "first": first,
                 "second": second,
-                "judge_first": judge_first,
-                "biased_choice": judge_first,  # always the first listed
-                "fair_choice": "formal" if rng.random() < 0.7 else "casual",  # a real preference
-                "none_choice": None,
+                "offered_first": first if rng.random() < 0.5 else second,
+                "biased_ab_choice": first,  # always the trait listed first
+                "biased_ba_choice": second,
+                "fair_ab_choice": shown,
+                "fair_ba_choice": shown,
+                "fair_choice": shown,
+                "none_ab_choice": None,
+                "none_ba_choice": None,
             }
         )
     biased = judge.position_bias(records, "biased")
-    assert biased.value == 1.0 and biased.p_value < 1e-10
+    assert biased.value == 1.0 and biased.trials == 800 and biased.p_value < 1e-10
+    assert judge.order_inconsistency(records, "biased").value == 1.0
     fair = judge.position_bias(records, "fair")
     assert fair.low < 0.5 < fair.high  # a trait preference is not a position bias
-    assert judge.offer_order_bias(records, "fair").low < 0.5
-    agreement = judge.mode_agreement(records, "biased", "fair")
-    expected = np.mean([r["biased_choice"] == r["fair_choice"] for r in records])
-    assert agreement.trials == 400 and agreement.value == pytest.approx(expected)
+    assert judge.order_inconsistency(records, "fair").value == 0.0
+    offer = judge.offer_order_bias(records, "fair")
+    assert offer.trials == 400 and offer.low < 0.5 < offer.high
+    for r in records:
+        r["logprob_choice"] = "formal"
+    agreement = judge.mode_agreement(records, "fair", "logprob")
+    assert agreement.value == pytest.approx(
+        np.mean([r["fair_choice"] == "formal" for r in records])
+    )
     empty = judge.position_bias(records, "none")
     assert empty.trials == 0 and math.isnan(empty.value)
-
-
-def test_the_paired_spearman_interval_covers_the_agreement_of_two_rankings():
-    """Two models with the same latent strengths (rho of the truth = 1) and two with reversed
-    ones (rho = -1), each judged on the same 600 matches with their own coin flips: the first
-    interval sits well above 0 and the second well below, and both contain the point estimate;
-    unpaired bootstraps are refused."""
-    traits = [f"t{i}" for i in range(12)]
-    strength = np.linspace(-1.5, 1.5, len(traits))
-    rng = np.random.default_rng(3)
-    pairs = [tuple(rng.choice(len(traits), size=2, replace=False)) for _ in range(600)]
-
-    def play(latent):
-        out = []
-        for i, j in pairs:
-            p_i = 1 / (1 + np.exp(-(latent[i] - latent[j])))
-            won = rng.random() < p_i
-            out.append((traits[i], traits[j]) if won else (traits[j], traits[i]))
-        return out
-
-    boot = {
-        name: elo.bootstrap_elo(play(latent), traits, 300, seed=11)
-        for name, latent in (("a", strength), ("b", strength), ("rev", -strength))
-    }
-    rho_same = elo.spearman(boot["a"].samples.mean(0), boot["b"].samples.mean(0))[0]
-    low, high = elo.paired_spearman_interval(boot["a"], boot["b"])
-    assert 0.5 < low <= high <= 1.0 and low - 0.05 <= rho_same <= high + 0.05
-    low, high = elo.paired_spearman_interval(boot["a"], boot["rev"])
-    assert -1.0 <= low <= high < -0.5
-    other = elo.bootstrap_elo(play(strength), traits, 300, seed=12)
-    with pytest.raises(DataError, match="different resamples"):
-        elo.paired_spearman_interval(boot["a"], other)
+    reasons = [{"generative_ab_reason": "ok", "generative_ba_reason": "both"}] * 3
+    assert judge.parse_rate(reasons) == 0.5

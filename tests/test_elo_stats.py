@@ -2,13 +2,16 @@
 
 Pins what the review found: a judge with a position bias made unrelated models look alike
 when every model shared one listing order; the Elo spread's percentile interval sat above its
-own estimate; a rank correlation was read without the base model's own reliability. Each test
-runs a few hundred small simulated experiments at once (vectorised), in about a second.
+own estimate; a rank correlation was read without the base model's own reliability; the
+split-half reliability of a ranking without signal came out negative (-2.5), a step-up of a
+negative correlation. Each test runs a few hundred small simulated experiments at once
+(vectorised), in about a second.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from character_training.calibration import elo_cases
 from character_training.calibration.elo_world import (
     Design,
     Judge,
@@ -96,3 +99,53 @@ def test_the_same_preferences_measured_twice_reach_the_reliability_ceiling():
     other = related(u, 0.0, 1.0, rng)
     unrelated = elo_stats.paired_spearman(*world(design, judge, u, other, "both", rng), 100, 7, 8)
     assert abs(np.nanmean(unrelated.disattenuated)) < 0.15
+
+
+def test_the_paired_spread_change_interval_covers_its_truth():
+    """Issue 16, item 3: the change of the Elo std after training, on paired resamples, covers
+    what it estimates at about its nominal rate, with no change and with one (the judge has a
+    position bias and a taste for words, the model leans towards Option 1)."""
+    case = elo_cases.spread_change_case(Design(traits=8, matches=60), n_boot=100)
+    for knob, rng in ((0.0, np.random.default_rng(5)), (2.0, np.random.default_rng(6))):
+        trial = case.simulate(knob, 100, rng, True)
+        covered = (trial.low <= trial.truth) & (trial.truth <= trial.high)
+        assert covered.mean() >= 0.9, (knob, covered.mean())
+        if knob == 0:
+            assert np.mean(trial.low > 0) <= 0.07  # no change: few false "wider"
+
+
+def test_rank_agreement_recovers_same_and_reversed_preferences_with_its_ceiling():
+    """Two models with the same strengths, and one with reversed strengths, each judged on the
+    same 600 matches with their own coin flips: rho's paired interval lies above 0.5 and
+    below -0.5; the same preferences measured twice reach the ceiling (disattenuated ~1)."""
+    traits = [f"t{i}" for i in range(12)]
+    strength = np.linspace(-1.5, 1.5, len(traits))
+    rng = np.random.default_rng(3)
+    pairs = [tuple(rng.choice(len(traits), size=2, replace=False)) for _ in range(600)]
+
+    def play(latent):
+        out = []
+        for i, j in pairs:
+            won = rng.random() < 1 / (1 + np.exp(-(latent[i] - latent[j])))
+            out.append((traits[i], traits[j]) if won else (traits[j], traits[i]))
+        return elo_stats.Outcomes.from_pairs(out, traits)
+
+    a, b, reversed_ = play(strength), play(strength), play(-strength)
+    same = elo_stats.paired_spearman(a, b, 200, seed=11)
+    assert 0.5 < same.low[0] and same.low[0] <= same.rho[0] <= same.high[0]
+    assert 0.8 < same.reliability_a[0] <= 1 and 0.8 < same.reliability_b[0] <= 1
+    assert same.disattenuated[0] > 0.9
+    opposite = elo_stats.paired_spearman(a, reversed_, 200, seed=11)
+    assert opposite.high[0] < -0.5 and opposite.disattenuated[0] < -0.9
+
+
+def test_a_ranking_without_signal_has_no_reliability_not_a_negative_one():
+    """Split halves of coin flips lean against each other (given the data, their deviations
+    share one total); the reliability of such a ranking is 0, not a step-up of a negative rho
+    (which gave -2.5 in a stage-07 test) and never above 1."""
+    design, rng = Design(traits=12, matches=300), np.random.default_rng(9)
+    flat = utilities(0.0, 40, 12, rng)
+    outcomes, _ = world(design, Judge(signal=1.5), flat, flat, "both", rng)
+    reliability = elo_stats.split_half_reliability(outcomes, 20, seed=1)
+    assert np.all((reliability >= 0) & (reliability <= 1))
+    assert np.mean(reliability == 0) > 0.3 and np.mean(reliability) < 0.2

@@ -333,10 +333,11 @@ def preference_judge_messages(
 ) -> list[Message]:
     """The judge's conversation: the exchange, the two candidate traits, a one-word answer.
 
-    ``first`` is the trait listed first; stage 07 randomises it per match and records it, so a
-    judge that favours whatever comes first shows up as a position bias instead of a trait
-    preference. The same messages serve both judge modes: sampled (the reply is parsed
-    strictly) and forced choice (the two trait words are scored as the reply).
+    ``first`` is the trait listed first; stage 07 asks every reply in both listing orders and
+    combines the two verdicts, so a judge that favours whatever comes first cancels out (and
+    shows up as a position bias) instead of giving every model the same wins. The same
+    messages serve both judge modes: sampled (the reply is parsed strictly) and forced choice
+    (the two trait words are scored as the reply).
     """
     return [
         {"role": "system", "content": PREFERENCE_JUDGE_SYSTEM},

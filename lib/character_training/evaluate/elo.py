@@ -25,6 +25,11 @@ Why three estimates:
 
 The Elo and BT scales agree through ``theta = rating * ln(10) / scale``: an Elo gap of 400 is
 odds of 10 to 1.
+
+This module makes the per-trait table (`rate`) and per-trait paired changes
+(`paired_differences`). The statistics a report leads with (the spread of the ratings beyond
+the coin-flip floor, its change after training, rank agreement between models against its
+reliability ceiling) are `elo_stats`'s, which carry their own noise floor.
 """
 
 from __future__ import annotations
@@ -330,10 +335,11 @@ def null_std(
 
 @dataclass(frozen=True)
 class EloResult:
-    """Everything measured from one sequence of outcomes.
+    """Everything measured from one sequence of outcomes, for the per-trait table.
 
     rows: one per trait with ``trait, elo, ci_low, ci_high, bt, wins, games``; std: the
-    standard deviation of the Elo ratings across traits with its bootstrap interval;
+    standard deviation of the Elo ratings across traits (its noise-aware reading, the spread
+    beyond the coin-flip floor with an interval, is `elo_stats.spread_beyond_noise`);
     null_std / null_std_high: mean and upper 95% point of the std when every verdict is a
     coin flip (`null_std`); elo_bt_spearman: rank agreement of Elo and BT; decided / matches:
     usable verdicts.
@@ -341,8 +347,6 @@ class EloResult:
 
     rows: list[dict]
     std: float
-    std_low: float
-    std_high: float
     elo_bt_spearman: float
     elo_bt_p: float
     decided: int
@@ -364,10 +368,10 @@ def rate(
     k: float = K_FACTOR,
     scale: float = SCALE,
 ) -> EloResult:
-    """Elo, its bootstrap intervals, BT and the win counts of one condition's matches.
+    """Elo, its per-trait bootstrap intervals, BT and the win counts of one condition's matches.
 
-    The std interval is the percentile interval of the per-resample std; resampling adds
-    noise of its own, so it leans high for small match counts.
+    No interval is given for the std itself: the percentile interval of the resampled std
+    lies above its own estimate (resampling adds outcome noise), see `elo_stats`.
     """
     ratings = elo_ratings(outcomes, traits, initial=initial, k=k, scale=scale)
     boot = bootstrap_elo(
@@ -389,14 +393,11 @@ def rate(
         for t in traits
     ]
     values = np.array([ratings[t] for t in traits])
-    std_low, std_high = percentile_interval(boot.std(), level)
     rho, p = spearman(values, [bt[t] for t in traits])
     null = null_std(outcomes, traits, n_resamples, seed + 1, initial=initial, k=k, scale=scale)
     return EloResult(
         rows=rows,
         std=float(values.std()),
-        std_low=float(std_low),
-        std_high=float(std_high),
         elo_bt_spearman=rho,
         elo_bt_p=p,
         decided=sum(o is not None for o in outcomes),
@@ -428,44 +429,6 @@ def paired_differences(after: EloBootstrap, before: EloBootstrap) -> dict[str, t
     return {t: (float(a), float(b)) for t, a, b in zip(after.traits, low, high)}
 
 
-def paired_std_difference(after: EloBootstrap, before: EloBootstrap) -> tuple[float, float]:
-    """Percentile interval of the change in std across traits, on paired resamples.
-
-    Resampling inflates each std a little (duplicated matches add noise), which shifts a
-    single std's interval upwards; in a paired difference that shift largely cancels, so
-    "did training widen the preferences" is best read here.
-    """
-    _check_paired(after, before)
-    low, high = percentile_interval(after.std() - before.std(), after.level)
-    return float(low), float(high)
-
-
-def paired_spearman_interval(a: EloBootstrap, b: EloBootstrap) -> tuple[float, float]:
-    """Percentile interval of Spearman's rho between two models' ratings, resample by resample.
-
-    Both bootstraps must come from the same draws (the same matches judged for both models), so
-    each resample replays one alternative set of matches for both; the rho of every resample
-    gives the interval. Resamples where a model's ratings are all equal have no rho and are
-    left out; (nan, nan) when none is left. With few games per trait, resampling adds rating
-    noise, so the interval leans towards 0 compared with the point estimate: it is the cautious
-    side for a claim that two rankings agree.
-    """
-    _check_paired(a, b)
-    from scipy.stats import rankdata
-
-    ranks_a = rankdata(a.samples, axis=1)
-    ranks_b = rankdata(b.samples, axis=1)
-    ranks_a -= ranks_a.mean(axis=1, keepdims=True)
-    ranks_b -= ranks_b.mean(axis=1, keepdims=True)
-    norm = np.sqrt((ranks_a**2).sum(axis=1) * (ranks_b**2).sum(axis=1))
-    valid = norm > 0
-    if not valid.any():
-        return math.nan, math.nan
-    rho = (ranks_a * ranks_b).sum(axis=1)[valid] / norm[valid]
-    low, high = percentile_interval(rho, a.level)
-    return float(low), float(high)
-
-
 __all__ = [
     "DEFAULT_RIDGE",
     "INITIAL",
@@ -483,8 +446,6 @@ __all__ = [
     "expected_score",
     "null_std",
     "paired_differences",
-    "paired_spearman_interval",
-    "paired_std_difference",
     "percentile_interval",
     "rate",
     "spearman",

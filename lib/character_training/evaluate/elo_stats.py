@@ -23,7 +23,7 @@ reordered the preferences"). The estimators here carry their noise floor:
   paired-bootstrap percentile interval (it leans towards 0, the cautious side), beside each
   model's **split-half reliability** (`split_half_reliability`: the matches split at random
   into halves, Elo on each, rho
-  between the halves, Spearman–Brown corrected to the full length, averaged over splits). The
+  between the halves averaged over splits, Spearman–Brown corrected to the full length). The
   product of the two reliabilities' square roots is the *ceiling*: the rho two measurements
   of unchanged preferences would show at this design; ``rho / ceiling`` is the disattenuated
   correlation.
@@ -280,8 +280,13 @@ def split_half_reliability(out: Outcomes, n_splits: int, seed: int) -> np.ndarra
     """``[E]``: Spearman–Brown corrected split-half reliability of the Elo ranking.
 
     The matches are split at random into two halves ``n_splits`` times; Elo is computed on
-    each half (matches keep their order), rho between the halves is stepped up to the full
-    length with ``2r / (1 + r)`` and averaged over the splits (NaN rho left out).
+    each half (matches keep their order), rho between the halves is averaged over the splits
+    (NaN rho left out) and the mean stepped up to the full length with ``2r / (1 + r)``.
+    Stepping up each split's rho before averaging was unstable for rankings without signal: a
+    split with rho -0.6 alone contributes -3. Halves that do not agree on average (mean rho
+    <= 0, common for a ranking without signal: given the data, the halves' deviations share
+    one total and lean against each other) give 0, no reliability, rather than a negative
+    number the step-up formula was not made for; NaN only where no split gives a rho.
     """
     rng = np.random.default_rng(seed)
     n_exp, n_matches = out.experiments, out.matches
@@ -301,12 +306,11 @@ def split_half_reliability(out: Outcomes, n_splits: int, seed: int) -> np.ndarra
 
         halves.append(play(n_exp * n_splits, out.n_traits, n_matches, chunk))
     r = spearman_rows(halves[0], halves[1]).reshape(n_exp, n_splits)
+    counts = np.isfinite(r).sum(axis=1)
+    mean_r = np.where(counts > 0, np.nansum(r, axis=1) / np.maximum(counts, 1), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        stepped = 2 * r / (1 + r)
-    stepped = np.where(np.isfinite(stepped), stepped, np.nan)
-    counts = np.isfinite(stepped).sum(axis=1)
-    sums = np.nansum(stepped, axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        stepped = 2 * mean_r / (1 + mean_r)
+    return np.where(mean_r <= 0, 0.0, np.where(np.isfinite(stepped), stepped, np.nan))
 
 
 @dataclass(frozen=True)

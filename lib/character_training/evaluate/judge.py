@@ -18,9 +18,14 @@ Two modes, so that neither a parser nor a single decoding decides the result alo
 How often the two modes agree on the matches where both decided is reported next to the
 results: low agreement means the verdicts are mostly the judge's noise.
 
-The judge prompt lists the two traits in a random order per match (recorded); `position_bias`
-measures how often a verdict names the trait listed first, which is 0.5 for a judge without
-position bias whatever the model under test prefers.
+Every reply is judged twice, with the two traits listed both ways, and the two verdicts are
+combined (`combine_orders` for the generative mode; stage 07 sums the two orders' margins for
+forced choice), so a judge's leaning towards the trait listed first cancels instead of giving
+every model the same wins. The bookkeeping reads records with one verdict per order
+(``<mode>_ab_choice``: ``first`` listed first; ``<mode>_ba_choice``: ``second`` listed first)
+and the combined one (``<mode>_choice``): `position_bias` is the share of single-order verdicts
+naming the trait listed first (0.5 for a judge without position bias, whatever the model
+prefers), `order_inconsistency` the share of matches whose two orders disagree.
 """
 
 from __future__ import annotations
@@ -102,6 +107,24 @@ def forced_choice(score_first: float, score_second: float, first: str, second: s
     return Verdict(first if score_first > score_second else second, "ok")
 
 
+ORDER_INCONSISTENT = "order_inconsistent"
+UNPARSED = "unparsed"
+
+
+def combine_orders(ab: Verdict, ba: Verdict) -> Verdict:
+    """One generative verdict from the two listing orders of a match.
+
+    Both orders name the same trait: that trait. They name different traits: no verdict
+    (``order_inconsistent``: the listing order decided, not the reply; its rate is the judge's
+    position bias). Either answer unparsed: no verdict (``unparsed``).
+    """
+    if not (ab.decided and ba.decided):
+        return Verdict(None, UNPARSED)
+    if ab.choice != ba.choice:
+        return Verdict(None, ORDER_INCONSISTENT)
+    return Verdict(ab.choice, "ok")
+
+
 def forced_choice_scores(
     sampler: Any,
     renderer: Any,
@@ -148,24 +171,38 @@ def proportion(successes: int, trials: int, level: float = 0.95) -> Proportion:
 
 
 def position_bias(records: Sequence[Mapping[str, Any]], mode: str) -> Proportion:
-    """Share of ``mode``'s verdicts that name the trait the judge saw first.
+    """Share of ``mode``'s single-order verdicts that name the trait the judge saw first.
 
-    Records carry ``judge_first`` and ``<mode>_choice``. Which trait is listed first is drawn at
-    random per match, independently of the model's reply, so an unbiased judge sits at 0.5.
+    Records carry ``first``, ``second``, ``<mode>_ab_choice`` (``first`` listed first) and
+    ``<mode>_ba_choice`` (``second`` listed first). Every match is asked in both orders, so a
+    judge without position bias sits at 0.5 whatever the model under test prefers.
     """
-    decided = [r for r in records if r.get(f"{mode}_choice")]
-    first = sum(r[f"{mode}_choice"] == r["judge_first"] for r in decided)
-    return proportion(first, len(decided))
+    listed_first, decided = 0, 0
+    for r in records:
+        for order, first_listed in (("ab", r["first"]), ("ba", r["second"])):
+            choice = r.get(f"{mode}_{order}_choice")
+            if choice is not None:
+                decided += 1
+                listed_first += choice == first_listed
+    return proportion(listed_first, decided)
+
+
+def order_inconsistency(records: Sequence[Mapping[str, Any]], mode: str) -> Proportion:
+    """Share of matches, among those decided in both listing orders, whose two verdicts name
+    different traits: how often the listing order, not the reply, decided the judge."""
+    both = [r for r in records if r.get(f"{mode}_ab_choice") and r.get(f"{mode}_ba_choice")]
+    differ = sum(r[f"{mode}_ab_choice"] != r[f"{mode}_ba_choice"] for r in both)
+    return proportion(differ, len(both))
 
 
 def offer_order_bias(records: Sequence[Mapping[str, Any]], mode: str) -> Proportion:
-    """Share of ``mode``'s verdicts naming the trait offered first to the model under test.
+    """Share of ``mode``'s combined verdicts naming the trait offered to the model as Option 1.
 
-    The pair's order in the model's system prompt is random too; a value far from 0.5 means
-    the model (or the judge reading it) favours "Option 1", not a trait.
+    Records carry ``offered_first``. The offered order is drawn per model and match; a value
+    far from 0.5 means the model (or the judge reading it) favours "Option 1", not a trait.
     """
     decided = [r for r in records if r.get(f"{mode}_choice")]
-    first = sum(r[f"{mode}_choice"] == r["first"] for r in decided)
+    first = sum(r[f"{mode}_choice"] == r["offered_first"] for r in decided)
     return proportion(first, len(decided))
 
 
@@ -176,26 +213,39 @@ def mode_agreement(records: Sequence[Mapping[str, Any]], a: str, b: str) -> Prop
     return proportion(same, len(both))
 
 
-def parse_counts(records: Sequence[Mapping[str, Any]], mode: str = "generative") -> dict[str, int]:
-    """How many verdicts of ``mode`` had each reason (``ok`` = decided)."""
+def parse_rate(records: Sequence[Mapping[str, Any]], mode: str = "generative") -> float:
+    """Share of single-order answers of ``mode`` the parser read (nan without answers)."""
+    reasons = [r.get(f"{mode}_{order}_reason") for r in records for order in ("ab", "ba")]
+    reasons = [reason for reason in reasons if reason is not None]
+    return sum(reason == "ok" for reason in reasons) / len(reasons) if reasons else math.nan
+
+
+def parse_counts(records: Sequence[Mapping[str, Any]], field: str = "generative") -> dict[str, int]:
+    """How many records had each ``<field>_reason`` (``ok`` = decided); ``field`` is a mode
+    (combined verdicts) or a mode and order (``generative_ab``: single answers)."""
     counts: dict[str, int] = {}
     for record in records:
-        reason = record.get(f"{mode}_reason")
+        reason = record.get(f"{field}_reason")
         if reason is not None:
             counts[reason] = counts.get(reason, 0) + 1
     return counts
 
 
 __all__ = [
+    "ORDER_INCONSISTENT",
     "PARSE_REASONS",
+    "UNPARSED",
     "Proportion",
     "Verdict",
+    "combine_orders",
     "forced_choice",
     "forced_choice_scores",
     "mode_agreement",
     "offer_order_bias",
+    "order_inconsistency",
     "parse_counts",
     "parse_judgement",
+    "parse_rate",
     "position_bias",
     "proportion",
 ]

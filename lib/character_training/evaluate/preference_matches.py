@@ -1,9 +1,20 @@
-"""Stage 07's traits and matches (pure): which two traits are offered, on which user prompt,
-in which order the judge lists them, and how verdicts become Elo outcomes.
+"""Stage 07's traits and matches (pure): which two traits meet on which user prompt, in which
+order each model is offered them, in which orders the judge lists them, and how verdicts
+become Elo outcomes.
 
-Every draw comes from the run seed alone, so every model and every condition is measured on
-identical matches, and their bootstrap resamples are paired: `bootstrap_seed` depends on the
-condition and the judge mode, never on the model.
+The pair and the prompt of every match come from the run seed alone, so every model and every
+condition is measured on identical matches (the paired design), and their bootstrap resamples
+are paired: `bootstrap_seed` depends on the condition and the judge mode, never on the model.
+
+Two orders are deliberately *not* shared between models (issue 16):
+
+* the judge reads every reply twice, with the pair listed both ways (`ORDERS`), and the two
+  verdicts are combined. A judge leaning towards the trait listed first then cancels out; when
+  one listing order per match was shared by every model, that leaning gave all models the
+  same wins, and two models with unrelated preferences correlated at Spearman ~0.5;
+* the order the two traits are offered to the model ("Option 1", "Option 2") is drawn per
+  model (`offered_first`, a hash of seed, model label and match), so a leaning towards
+  Option 1 that two models share cannot correlate them either.
 """
 
 from __future__ import annotations
@@ -49,10 +60,15 @@ def choose_traits(vocabulary: Sequence[str], n: int, seed: int) -> tuple[str, ..
     return tuple(t for t in vocabulary if t in picked)
 
 
+ORDERS = ("ab", "ba")
+"""The judge's two listing orders of a match: ``ab`` lists ``first`` first, ``ba`` ``second``."""
+
+
 @dataclass(frozen=True)
 class Match:
-    """One comparison: the two traits as offered (``first`` is Option 1), the user prompt, and
-    the trait the judge sees listed first (drawn independently)."""
+    """One comparison: the two traits (``first``, ``second``: the pair as drawn, the reference
+    of every margin and listing order) and the user prompt. Which one a model is offered as
+    Option 1 is `offered_first`; the judge sees both listing orders (`listed`)."""
 
     condition: str
     match_id: str
@@ -60,15 +76,38 @@ class Match:
     second: str
     prompt_id: str
     prompt: str
-    judge_first: str
 
     @property
     def key(self) -> str:
         return f"{self.condition}:{self.match_id}"
 
-    @property
-    def judge_second(self) -> str:
-        return self.second if self.judge_first == self.first else self.first
+    def other(self, trait: str) -> str:
+        """The pair's other trait."""
+        return self.second if trait == self.first else self.first
+
+    def listed(self, order: str) -> tuple[str, str]:
+        """The two traits in the judge's listing ``order`` (one of `ORDERS`)."""
+        if order not in ORDERS:
+            raise DataError(f"listing order {order!r}: expected one of {ORDERS}")
+        return (self.first, self.second) if order == "ab" else (self.second, self.first)
+
+
+def offered_first(seed: int, label: str, match_id: str) -> bool:
+    """Whether model ``label`` is offered ``match.first`` as Option 1 in match ``match_id``.
+
+    A hash of (seed, label, match id): fixed for a model (a rerun, every condition), drawn
+    apart for every model, so a shared leaning towards Option 1 adds noise to each model but
+    no agreement between two models.
+    """
+    digest = hashlib.sha256(f"{seed}:elo-offer:{label}:{match_id}".encode()).digest()
+    return digest[0] % 2 == 0
+
+
+def offered_pair(match: Match, seed: int, label: str) -> tuple[str, str]:
+    """(Option 1, Option 2) of ``match`` as model ``label`` is offered them."""
+    if offered_first(seed, label, match.match_id):
+        return match.first, match.second
+    return match.second, match.first
 
 
 def draw_matches(
@@ -78,7 +117,7 @@ def draw_matches(
     n: int,
     seed: int,
 ) -> list[Match]:
-    """``n`` matches per condition; the same draws (pair, order, prompt, judge order) for all.
+    """``n`` matches per condition; the same draws (pair and prompt) for all.
 
     Every draw comes from one stream seeded by the run seed alone, so a rerun, another model or
     another condition sees exactly the same matches.
@@ -92,12 +131,11 @@ def draw_matches(
     for i in range(n):
         first, second = rng.sample(list(traits), 2)
         prompt = prompts[rng.randrange(len(prompts))]
-        judge_first = first if rng.random() < 0.5 else second
-        draws.append((f"m{i:05d}", first, second, prompt, judge_first))
+        draws.append((f"m{i:05d}", first, second, prompt))
     return [
-        Match(condition, mid, a, b, str(p["id"]), str(p["prompt"]), jf)
+        Match(condition, mid, a, b, str(p["id"]), str(p["prompt"]))
         for condition in conditions
-        for mid, a, b, p, jf in draws
+        for mid, a, b, p in draws
     ]
 
 
@@ -121,10 +159,13 @@ def bootstrap_seed(seed: int, condition: str, mode: str) -> int:
 
 
 __all__ = [
+    "ORDERS",
     "Match",
     "bootstrap_seed",
     "choose_traits",
     "draw_matches",
     "load_traits",
+    "offered_first",
+    "offered_pair",
     "outcomes",
 ]

@@ -10,35 +10,46 @@ Inputs: ``01_prompts/general_eval.jsonl`` (prompts never trained on) and the run
 (``dpo`` and ``final`` when recorded; a missing one is skipped with a note). Outputs
 (``runs/<persona>/<size>/07_preferences/``):
 
-* ``matches.jsonl``: the drawn matches. Pairs, prompts and the judge's listing order are drawn
-  once from the run seed and shared by every condition and every model, so models are
-  compared on identical matches (and their bootstrap resamples are paired);
+* ``matches.jsonl``: the drawn matches. Pairs and prompts are drawn once from the run seed and
+  shared by every condition and every model, so models are compared on identical matches (and
+  their bootstrap resamples are paired). The order the pair is offered to a model is its own
+  (`preference_matches.offered_first`), and the judge reads every reply in both listing
+  orders: an order shared by every model let a judge's or a model's leaning towards the first
+  option make unrelated models agree (issue 16);
 * ``responses/<label>-<digest>.jsonl`` and ``judge/<label>-<digest>-{generative,logprob}
   .jsonl``: resumable logs (the shared sampler's for replies and generative verdicts, an
-  append-only score log for forced choice). ``<digest>`` hashes the model's identity and the
-  settings, so a retrained checkpoint under the same label never reuses old replies;
-* ``judgements.jsonl``: one row per (model, match): the pair as offered, the judge's listing
-  order, the reply, the raw generative answer with its parse reason, both forced-choice
-  scores and both verdicts;
+  append-only score log for forced choice, keyed by match and listing order). ``<digest>``
+  hashes the model's identity and the settings, so a retrained checkpoint under the same label
+  never reuses old replies;
+* ``judgements.jsonl``: one row per (model, match): the pair, the trait offered as Option 1,
+  the reply, each listing order's raw answer or margin and verdict, and each mode's combined
+  verdict (`preference_judging`);
 * ``elo_table.csv``: one row per (model, condition, judge mode, trait): ``elo, ci_low, ci_high,
   bt, wins, games``;
-* ``judge_prior.csv``: with the forced-choice mode, the Elo table of the judge's own leaning
-  between the two words when the reply is empty (one score pair per match, shared by every
-  model). A model's ranking that correlates with it reflects the judge's taste in words more
-  than the model's choices;
-* ``summary.json``: per (model, condition, mode) the Elo standard deviation with its interval
-  and its coin-flip null, Elo-BT rank agreement and decided matches; Spearman correlations
-  between models and with the judge's prior; parse rate, mode agreement and position bias of
-  the judge.
+* ``judge_prior.csv``: with a forced-choice mode, the Elo table of the judge's own leaning
+  between the two words when the reply is empty (one both-order margin per match, shared by
+  every model). A ranking that correlates with it reflects the judge's taste in words;
+* ``summary.json``: per (model, condition, mode) the spread of Elo beyond the coin-flip floor
+  with its interval, the raw std, the reliability of the ranking and whether the instrument
+  measured (`preference_stats`); per two models the paired change of the spread and Spearman
+  with its interval, reliabilities, ceiling and disattenuated value; correlations with the
+  judge's prior and the calibrated mode's fitted slopes; the judge's parse rate, decided
+  share, position bias and order inconsistency.
+
+Where the instrument cannot measure (the generative judge parses under half its answers; the
+two listing orders disagree on most matches; a forced-choice ranking follows the judge's
+prior, |rho| > 0.7) the statistics say "no measurement" with the reason, and the headline
+withholds the numbers (`intervals.withhold`).
 
 The judge is always the untrained ``params.judge`` model, never a checkpoint. On Tinker the
 parameters refuse a judge equal to the student. The tiny preset uses SmolLM2 for both, so there
 the judge is the *base* student (not the trained model under test, but the model it started
 from), which the notebook states.
 
-The traits and matches are drawn in `evaluate.preference_matches` and the judge's verdicts
-given (and logged) in `evaluate.preference_judging`; this module samples the replies, rates
-every (model, condition, judge mode) and builds the tables from the ratings.
+The traits and matches are drawn in `evaluate.preference_matches`, the judge's verdicts given
+(and logged) in `evaluate.preference_judging`, the headline statistics computed in
+`evaluate.preference_stats`; this module samples the replies, rates every (model, condition,
+judge mode) and builds the tables and the headline from the ratings.
 """
 
 from __future__ import annotations
@@ -49,12 +60,17 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import PROMPTS_STAGE
 from ..config import EvalParams, RunParams, SamplingParams
 from ..evaluate import elo as elo_math
+from ..evaluate import elo_stats
+from ..evaluate import judge as judging
+from ..evaluate.intervals import withhold
+from ..evaluate.judge_prior import explained_by_prior
 from ..evaluate.preference_judging import (
     judge_replies,
     judge_report,
@@ -62,6 +78,7 @@ from ..evaluate.preference_judging import (
     prior_ratings,
     prior_scores,
     record_log,
+    single_order_mode,
 )
 from ..evaluate.preference_matches import (
     Match,
@@ -69,7 +86,14 @@ from ..evaluate.preference_matches import (
     choose_traits,
     draw_matches,
     load_traits,
+    offered_pair,
     outcomes,
+)
+from ..evaluate.preference_stats import (
+    ModelStatistics,
+    PairStatistics,
+    model_statistics,
+    pair_statistics,
 )
 from ..prompt_sources import read_prompt_file
 from ..prompts import preference_messages
@@ -96,7 +120,9 @@ class Config(StageConfig):
     traits, conditions, bootstrap, reply budget; ``judge_*``: judge modes and sampling; see
     `config.EvalParams`), the ``sampling`` section, the student and the judge with their chat
     formats, the seed, the traits drawn for this run (`preference_matches.choose_traits`) and
-    the digest of the prompts.
+    the digest of the prompts. ``judge_orders`` and ``offer_order`` name the protocol (both
+    listing orders for the judge, an offered order per model); they are fixed, and recorded so
+    that a folder made with the earlier shared orders is refused rather than mixed.
 
     Model identities are not part of it: adding a checkpoint later resumes the same folder and
     measures only the new model.
@@ -111,6 +137,8 @@ class Config(StageConfig):
     seed: int
     traits: tuple[str, ...]
     prompts_digest: str = ""
+    judge_orders: str = "both"
+    offer_order: str = "per model"
 
     # the budget is evals.elo_response_tokens; the rest of evals belongs to stages 08 and 09
     SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES, "evals": ("elo_", "judge_")}
@@ -159,7 +187,9 @@ def models_to_measure(
 # -- results -------------------------------------------------------------------------------------
 @dataclass
 class Result:
-    """What the stage measured; tables are plain records, `elo` keeps the bootstraps."""
+    """What the stage measured. ``elo`` keeps the per-trait tables (with their bootstraps),
+    ``stats`` the headline statistics per (model, condition, mode) and ``pairs`` those of two
+    models per (a, b, condition, mode), ``a`` listed before ``b`` in ``models``."""
 
     stage_dir: Path
     config: Config
@@ -167,6 +197,8 @@ class Result:
     notes: list[str]
     judgements: list[dict]
     elo: dict[tuple[str, str, str], elo_math.EloResult] = field(default_factory=dict)
+    stats: dict[tuple[str, str, str], ModelStatistics] = field(default_factory=dict)
+    pairs: dict[tuple[str, str, str, str], PairStatistics] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     judge_prior: elo_math.EloResult | None = None
 
@@ -208,95 +240,98 @@ class Result:
         ]
         return sorted(rows, key=lambda r: -r["change"])
 
+    def spread(self, mode: str | None = None) -> list[dict]:
+        """Per (model, condition): the raw Elo std, the coin-flip floor (root mean square, and
+        the null's 95% point), the spread beyond noise with its interval, the reliability of
+        the ranking, decided verdicts, Elo-BT agreement and the measurement status."""
+        mode = mode or self.config.primary_mode
+        return [
+            {
+                **stats.row(),
+                "null_std_high": self.elo[key].null_std_high,
+                "elo_bt_spearman": self.elo[key].elo_bt_spearman,
+            }
+            for key, stats in self.stats.items()
+            if key[2] == mode
+        ]
+
     def spread_changes(self, mode: str | None = None) -> list[dict]:
         """Change of the Elo std from the base model to each other model, per condition, with
         a paired bootstrap interval (a positive change: stronger preferences after training)."""
         mode = mode or self.config.primary_mode
-        rows = []
-        for condition in self.config.conditions:
-            base = self.elo.get((BASE, condition, mode))
-            for label in self.models:
-                if label == BASE or base is None:
-                    continue
-                after = self.elo[(label, condition, mode)]
-                low, high = elo_math.paired_std_difference(after.bootstrap, base.bootstrap)
-                rows.append(
-                    {
-                        "model": label,
-                        "condition": condition,
-                        "std_change": after.std - base.std,
-                        "ci_low": low,
-                        "ci_high": high,
-                    }
-                )
-        return rows
-
-    def spread(self, mode: str | None = None) -> list[dict]:
-        """Elo standard deviation across traits per (model, condition), with its interval."""
-        mode = mode or self.config.primary_mode
         return [
             {
-                "model": m,
-                "condition": c,
-                "std": r.std,
-                "std_low": r.std_low,
-                "std_high": r.std_high,
-                "null_std": r.null_std,
-                "null_std_high": r.null_std_high,
-                "decided": r.decided,
-                "matches": r.matches,
-                "elo_bt_spearman": r.elo_bt_spearman,
+                "model": pair.b,
+                "condition": pair.condition,
+                "std_change": pair.std_change,
+                "ci_low": pair.change_low,
+                "ci_high": pair.change_high,
+                **pair.measurement.to_dict(),
             }
-            for (m, c, md), r in self.elo.items()
-            if md == mode
+            for (a, _, _, md), pair in self.pairs.items()
+            if md == mode and a == BASE
         ]
 
-    def prior_correlations(self) -> list[dict]:
-        """Spearman of each forced-choice table with the judge's prior table (empty replies).
+    def model_correlations(self, mode: str | None = None) -> list[dict]:
+        """Spearman of Elo over traits between every two models, per condition, with its paired
+        interval, both models' split-half reliabilities, the ceiling sqrt(rel_a * rel_b) (what
+        unchanged preferences would show) and the disattenuated rho."""
+        mode = mode or self.config.primary_mode
+        rows = []
+        for (_, _, _, md), pair in self.pairs.items():
+            if md == mode:
+                row = pair.row()
+                del row["mode"], row["std_change"], row["change_low"], row["change_high"]
+                rows.append(row)
+        return rows
 
-        High values mean the ranking mostly reflects which of two words the judge likes to
-        say, whatever the reply; only the part of a model's ranking beyond that is the model's.
+    def prior_correlations(self) -> list[dict]:
+        """Spearman of every table with the judge's prior table (its forced choices after an
+        empty reply), and the calibrated mode's fitted slope of the margins on the prior.
+
+        A ranking correlating beyond 0.7 either way is flagged ``explained``: it reflects which
+        of two words the judge likes (or the calibration's over-correction of it), whatever
+        the reply. In a forced-choice mode, which reads exactly those word scores, that makes
+        the table "no measurement"; a generative table is flagged only.
         """
         if self.judge_prior is None:
             return []
         prior = [r["elo"] for r in self.judge_prior.rows]
         rows = []
         for (m, c, mode), res in self.elo.items():
-            if mode in ("logprob", "calibrated"):
-                rho, p = elo_math.spearman([r["elo"] for r in res.rows], prior)
-                rows.append(
-                    {"model": m, "condition": c, "mode": mode, "spearman": rho, "p_value": p}
-                )
+            rho, p = elo_math.spearman([r["elo"] for r in res.rows], prior)
+            rows.append(
+                {
+                    "model": m,
+                    "condition": c,
+                    "mode": mode,
+                    "spearman": rho,
+                    "p_value": p,
+                    "slope": self.stats[(m, c, mode)].prior_slope,
+                    "explained": explained_by_prior(rho),
+                }
+            )
         return rows
 
-    def model_correlations(self, mode: str | None = None) -> list[dict]:
-        """Spearman correlation of Elo over traits between every two models, per condition."""
-        mode = mode or self.config.primary_mode
-        labels = list(self.models)
-        rows = []
-        for condition in self.config.conditions:
-            for i, a in enumerate(labels):
-                for b in labels[i + 1 :]:
-                    ra, rb = self.elo[(a, condition, mode)], self.elo[(b, condition, mode)]
-                    rho, p = elo_math.spearman(
-                        [r["elo"] for r in ra.rows], [r["elo"] for r in rb.rows]
-                    )
-                    low, high = elo_math.paired_spearman_interval(ra.bootstrap, rb.bootstrap)
-                    rows.append(
-                        {
-                            "condition": condition,
-                            "a": a,
-                            "b": b,
-                            "spearman": rho,
-                            "ci_low": low,
-                            "ci_high": high,
-                            "p_value": p,
-                        }
-                    )
-        return rows
+    def no_measurements(self, mode: str | None = None) -> list[dict]:
+        """Every (model, condition) of ``mode`` (all modes when None) whose statistics the
+        instrument could not measure, with the one-line reason."""
+        return [
+            {"model": m, "condition": c, "mode": md, "reason": stats.measurement.reason}
+            for (m, c, md), stats in self.stats.items()
+            if (mode is None or md == mode) and not stats.measurement.measured
+        ]
+
+    def no_measurement_lines(self, mode: str | None = None) -> list[str]:
+        """``NO MEASUREMENT: <model> (<condition>, <mode>): <reason>`` per `no_measurements`."""
+        return [
+            f"NO MEASUREMENT: {r['model']} ({r['condition']}, {r['mode']}): {r['reason']}"
+            for r in self.no_measurements(mode)
+        ]
 
     def judge_rows(self) -> list[dict]:
-        """Per model and judge mode: decided share, position and offer-order bias, agreement."""
+        """Per model and judge mode: decided share, parse rate, the judge's position bias and
+        order inconsistency, the leaning towards Option 1, mode agreement."""
         rows = []
         per_model = self.summary.get("judge", {}).get("per_model", {})
         for label, report in per_model.items():
@@ -310,12 +345,11 @@ class Result:
                         "mode": mode,
                         "verdicts": report["verdicts"],
                         "decided": part["decided"],
-                        "decided_share": part["decided"] / report["verdicts"]
-                        if report["verdicts"]
-                        else math.nan,
-                        "picks_judge_first": bias["value"],
-                        "picks_judge_first_ci": (bias["low"], bias["high"]),
-                        "picks_judge_first_p": bias["p_value"],
+                        "decided_share": part["decided_share"],
+                        "parse_rate": report["parse_rate"] if mode == "generative" else None,
+                        "order_inconsistent": part["order_inconsistent"]["value"],
+                        "picks_listed_first": bias["value"],
+                        "picks_listed_first_ci": (bias["low"], bias["high"]),
                         "picks_offered_first": offer["value"],
                         "mode_agreement": agreement.get("value", math.nan),
                         "reasons": part["reasons"],
@@ -324,35 +358,72 @@ class Result:
         return rows
 
     def headline(self) -> dict[str, Any]:
-        """The numbers for `runner.write_summary` (first condition, primary judge mode)."""
-        condition, mode = self.config.conditions[0], self.config.primary_mode
-        out: dict[str, Any] = {"condition": condition, "judge_mode": mode}
-        for row in self.spread(mode):
-            if row["condition"] == condition:
-                out[f"elo_std_{row['model']}"] = row["std"]
-                out[f"elo_std_{row['model']}_ci"] = [row["std_low"], row["std_high"]]
-                out[f"elo_std_{row['model']}_null95"] = row["null_std_high"]
-        for row in self.spread_changes(mode):
-            if row["condition"] == condition:
-                out[f"elo_std_change_{row['model']}"] = row["std_change"]
-                out[f"elo_std_change_{row['model']}_ci"] = [row["ci_low"], row["ci_high"]]
-        for row in self.model_correlations(mode):
-            if row["condition"] == condition and row["a"] == BASE:
-                out[f"spearman_base_{row['b']}"] = row["spearman"]
-                out[f"spearman_base_{row['b']}_p"] = row["p_value"]
-                out[f"spearman_base_{row['b']}_ci"] = [row["ci_low"], row["ci_high"]]
+        """The numbers for `runner.write_summary` (first condition, primary judge mode).
+
+        A value derived from a measurement that failed is None, and ``no_measurement`` maps
+        its key to the reason (`intervals.withhold`).
+        """
+        config = self.config
+        condition, mode = config.conditions[0], config.primary_mode
+        out: dict[str, Any] = {
+            "condition": condition,
+            "judge_mode": mode,
+            "judge_orders": config.judge_orders,
+            "elo_comparisons": config.evals.elo_comparisons,
+            "elo_traits": len(config.traits),
+            "games_per_trait": 2 * config.evals.elo_comparisons / len(config.traits),
+        }
+        reasons: dict[str, str] = {}
+        for label in self.models:
+            stats = self.stats[(label, condition, mode)]
+            out[f"elo_std_{label}"] = stats.std
+            out[f"elo_std_{label}_null95"] = self.elo[(label, condition, mode)].null_std_high
+            out[f"elo_noise_floor_{label}"] = stats.noise_floor
+            out[f"elo_spread_beyond_noise_{label}"] = stats.beyond_noise
+            out[f"elo_spread_beyond_noise_{label}_ci"] = [stats.beyond_low, stats.beyond_high]
+            out[f"elo_reliability_{label}"] = stats.reliability
+            if not stats.measurement.measured:
+                for key in ("elo_std", "elo_spread_beyond_noise", "elo_reliability"):
+                    reasons[f"{key}_{label}"] = stats.measurement.reason
+                reasons[f"elo_spread_beyond_noise_{label}_ci"] = stats.measurement.reason
+        for label in self.models:
+            pair = self.pairs.get((BASE, label, condition, mode))
+            if pair is None:
+                continue
+            out[f"elo_std_change_{label}"] = pair.std_change
+            out[f"elo_std_change_{label}_ci"] = [pair.change_low, pair.change_high]
+            out[f"spearman_base_{label}"] = pair.spearman
+            out[f"spearman_base_{label}_p"] = pair.p_value
+            out[f"spearman_base_{label}_ci"] = [pair.ci_low, pair.ci_high]
+            out[f"spearman_ceiling_{label}"] = pair.ceiling
+            out[f"spearman_disattenuated_{label}"] = pair.disattenuated
+            if not pair.measurement.measured:
+                for key in (
+                    f"elo_std_change_{label}",
+                    f"elo_std_change_{label}_ci",
+                    f"spearman_base_{label}",
+                    f"spearman_base_{label}_ci",
+                    f"spearman_base_{label}_p",
+                    f"spearman_ceiling_{label}",
+                    f"spearman_disattenuated_{label}",
+                ):
+                    reasons[key] = pair.measurement.reason
         for row in self.prior_correlations():
             if row["condition"] == condition:
-                infix = "" if row["mode"] == "logprob" else f"{row['mode']}_"
+                infix = "" if row["mode"] == mode else f"{row['mode']}_"
                 out[f"judge_prior_spearman_{infix}{row['model']}"] = row["spearman"]
+                if row["mode"] == "calibrated":
+                    out[f"judge_prior_slope_{row['model']}"] = row["slope"]
         judge = self.summary.get("judge", {})
+        inconsistent = judge.get(mode, {}).get("order_inconsistent", {})
+        out["judge_order_inconsistent_rate"] = inconsistent.get("value")
         out["judge_parse_rate"] = judge.get("parse_rate")
         out["mode_agreement"] = judge.get("mode_agreement", {}).get("value")
-        out["judge_is_base_student"] = self.config.judge == self.config.student
-        return json_safe(out)
+        out["judge_is_base_student"] = config.judge == config.student
+        return withhold(json_safe(out), reasons)
 
 
-# -- sampling and judging (I/O) ------------------------------------------------------------------
+# -- sampling (I/O) ------------------------------------------------------------------------------
 def _sample_responses(
     config: Config,
     service_client: Any,
@@ -361,15 +432,19 @@ def _sample_responses(
     matches: Sequence[Match],
     folder: Path,
 ) -> tuple[str, dict[str, Any]]:
-    """One model's replies to every match, through the shared sampler (resumable); returns
-    the log's name (the judge's logs are named after it) and the completions by match key."""
+    """One model's replies to every match, offered in the model's own order, through the shared
+    sampler (resumable); returns the log's name (the judge's logs are named after it) and the
+    completions by match key."""
     identity = path if path is not None else f"base:{config.student}"
     settings = sampler_settings(config.sampling, config.evals.elo_response_tokens, config.seed)
     name = f"{label}-{digest({'model': identity, **settings})}"
     record_log(folder / "responses", f"{name}.jsonl", {"model": identity, **settings})
     requests = [
         SampleRequest(
-            key=m.key, messages=preference_messages(m.first, m.second, m.condition, m.prompt)
+            key=m.key,
+            messages=preference_messages(
+                *offered_pair(m, config.seed, label), m.condition, m.prompt
+            ),
         )
         for m in matches
     ]
@@ -426,14 +501,7 @@ def run(
         )
         identities[label] = path if path is not None else f"base:{config.student}"
         verdicts = judge_replies(
-            config,
-            judge_client,
-            label,
-            log_name,
-            matches,
-            responses,
-            stage.path,
-            prior if "calibrated" in config.evals.judge_modes else None,
+            config, judge_client, label, log_name, matches, responses, stage.path, prior
         )
         for m in matches:
             reply = responses[m.key]
@@ -441,7 +509,7 @@ def run(
                 {
                     "model": label,
                     **asdict(m),
-                    "judge_second": m.judge_second,
+                    "offered_first": offered_pair(m, config.seed, label)[0],
                     "response": reply.full_text,
                     "response_complete": reply.complete,
                     "response_tokens": reply.num_tokens,
@@ -454,16 +522,7 @@ def run(
     if prior is not None:
         result.judge_prior = prior_ratings(config, matches, prior)
         _write_table(stage.file(PRIOR_FILE), result.judge_prior.rows, TABLE_COLUMNS)
-    for label in models:
-        for condition in config.conditions:
-            records = [r for r in judgements if r["model"] == label and r["condition"] == condition]
-            for mode in config.evals.judge_modes:
-                result.elo[(label, condition, mode)] = elo_math.rate(
-                    outcomes(records, mode),
-                    config.traits,
-                    config.evals.elo_bootstrap,
-                    bootstrap_seed(config.seed, condition, mode),
-                )
+    rate_all(result)
     result.summary = _summary(result, identities)
     _write_table(
         stage.file(TABLE_FILE),
@@ -482,6 +541,56 @@ def run(
     return result
 
 
+def rate_all(result: Result) -> None:
+    """Fill ``result.elo``, ``result.stats`` and ``result.pairs`` from its judgements.
+
+    Per (condition, mode) one bootstrap seed serves every model (paired resamples); the
+    per-trait table is `elo.rate`, the headline statistics `preference_stats`'.
+    """
+    config = result.config
+    prior = [r["elo"] for r in result.judge_prior.rows] if result.judge_prior else None
+    for condition in config.conditions:
+        for mode in config.evals.judge_modes:
+            seed = bootstrap_seed(config.seed, condition, mode)
+            played: dict[str, elo_stats.Outcomes] = {}
+            for label in result.models:
+                records = [
+                    r
+                    for r in result.judgements
+                    if r["model"] == label and r["condition"] == condition
+                ]
+                pairs = outcomes(records, mode)
+                table = elo_math.rate(pairs, config.traits, config.evals.elo_bootstrap, seed)
+                result.elo[(label, condition, mode)] = table
+                played[label] = elo_stats.Outcomes.from_pairs(pairs, config.traits)
+                slopes = {r.get("calibrated_slope") for r in records} - {None}
+                result.stats[(label, condition, mode)] = model_statistics(
+                    label,
+                    condition,
+                    mode,
+                    played[label],
+                    config.evals.elo_bootstrap,
+                    seed,
+                    parse_rate=judging.parse_rate(records) if mode == "generative" else math.nan,
+                    order_inconsistent=judging.order_inconsistency(
+                        records, single_order_mode(mode)
+                    ).value,
+                    prior_spearman=elo_math.spearman([r["elo"] for r in table.rows], prior)[0]
+                    if prior is not None
+                    else math.nan,
+                    prior_slope=slopes.pop() if mode == "calibrated" and slopes else math.nan,
+                )
+            for a, b in combinations(result.models, 2):
+                result.pairs[(a, b, condition, mode)] = pair_statistics(
+                    result.stats[(a, condition, mode)],
+                    result.stats[(b, condition, mode)],
+                    played[a],
+                    played[b],
+                    config.evals.elo_bootstrap,
+                    seed,
+                )
+
+
 def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
     config = result.config
     modes = config.evals.judge_modes
@@ -494,6 +603,8 @@ def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
         "models": dict(identities),
         "judge_model": config.judge,
         "judge_is_base_student": config.judge == config.student,
+        "judge_orders": config.judge_orders,
+        "offer_order": config.offer_order,
         "traits": len(config.traits),
         "conditions": list(config.conditions),
         "judge_modes": list(modes),
@@ -503,6 +614,7 @@ def _summary(result: Result, identities: Mapping[str, str]) -> dict[str, Any]:
         "spread": {mode: result.spread(mode) for mode in modes},
         "spread_changes": {mode: result.spread_changes(mode) for mode in modes},
         "model_correlations": {mode: result.model_correlations(mode) for mode in modes},
+        "no_measurement": result.no_measurements(),
         "judge": judge,
         "judge_prior_correlations": result.prior_correlations(),
     }
@@ -575,5 +687,6 @@ __all__ = [
     "gather_tables",
     "load_eval_prompts",
     "models_to_measure",
+    "rate_all",
     "run",
 ]
