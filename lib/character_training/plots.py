@@ -3,6 +3,11 @@
 Each function returns a matplotlib ``Figure`` so notebooks display it and reports embed it
 (nbconvert inlines PNG outputs into the HTML). `table` is the one way a notebook shows a table
 whose rows are records: headed by what it shows, without the row numbers pandas would add.
+
+Length: one module on purpose: every figure a notebook draws shares the palette, the method
+names and the interval conventions defined at the top, so a reader finds all of them in one
+place; each function is a short, independent figure (the summary page's own figures live with
+it in `summary_sections`).
 """
 
 from __future__ import annotations
@@ -390,52 +395,63 @@ def elo_extremes(rows: Sequence[Mapping[str, Any]], n: int = 10, title: str = ""
 
 
 def elo_spread(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
-    """Standard deviation of trait Elo per model, one bar group per condition, with intervals.
+    """Strength of trait preferences per model, one bar group per condition.
 
-    ``rows`` carry ``model, condition, std, std_low, std_high`` (`preferences.Result.spread`);
-    with ``null_std_high`` a dotted line marks the upper 95% point of the std a coin-flip judge
-    would give on the same matches: a bar below it shows no detectable preference.
+    ``rows`` are `preferences.Result.spread` records. A bar is the spread of Elo *beyond* the
+    coin-flip floor with its 95% interval (0: no preference these matches can detect); a cross
+    marks the raw std of Elo across traits and a dotted line the floor, the std a judge
+    flipping coins gives on the same matches (Elo with a fixed K never settles). A row the
+    instrument could not measure (``status`` "no measurement") gets no bar, only the words.
     """
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     by_key = {(r["model"], r["condition"]): r for r in rows}
     width = 0.8 / max(1, len(models))
     fig, ax = plt.subplots(figsize=(1.6 * max(1, len(conditions)) + 2.5, 3.5))
-    null_drawn = False
+    labelled: set[str] = set()
+
+    def once(label: str) -> str | None:
+        if label in labelled:
+            return None
+        labelled.add(label)
+        return label
+
     for k, model in enumerate(models):
-        xs, values, errors = [], [], [[], []]
+        xs, values, lows, highs = [], [], [], []
         for i, condition in enumerate(conditions):
             row = by_key.get((model, condition))
             if row is None:
                 continue
             x = i + (k - (len(models) - 1) / 2) * width
+            if row.get("status", "measured") == "no measurement":
+                ax.text(x, 0, "no measurement", rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
             xs.append(x)
-            values.append(row["std"])
-            errors[0].append(max(0.0, row["std"] - row["std_low"]))
-            errors[1].append(max(0.0, row["std_high"] - row["std"]))
-            null = row.get("null_std_high")
-            if null is not None and null == null:
-                ax.hlines(
-                    null,
-                    x - width / 2,
-                    x + width / 2,
-                    colors="#222",
-                    linestyles=":",
-                    label="coin-flip judge, 95%" if not null_drawn else None,
-                )
-                null_drawn = True
-        ax.bar(
-            xs,
-            values,
-            width=width,
-            yerr=errors,
-            capsize=3,
-            color=_model_color(model, k),
-            label=model,
-        )
+            values.append(row["beyond_noise"])
+            lows.append(row.get("beyond_low"))
+            highs.append(row.get("beyond_high"))
+            ax.plot(x, row["std"], "x", color="#222", label=once("raw std of Elo"))
+            ax.hlines(
+                row["noise_floor"],
+                x - width / 2,
+                x + width / 2,
+                colors="#222",
+                linestyles=":",
+                label=once("coin-flip floor"),
+            )
+        if xs:
+            ax.bar(
+                xs,
+                values,
+                width=width,
+                yerr=_interval_errors(values, lows, highs),
+                capsize=3,
+                color=_model_color(model, k),
+                label=model,
+            )
     ax.set_xticks(range(len(conditions)), conditions)
-    ax.set_ylabel("std of trait Elo")
-    ax.set_title(title or "Strength of trait preferences (std of Elo, 95% interval)")
+    ax.set_ylabel("Elo points")
+    ax.set_title(title or "Elo spread beyond the coin-flip floor (95% interval)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -445,7 +461,10 @@ def rank_correlations(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fig
     """Matrix of Spearman correlations between rankings, each cell annotated with its p-value.
 
     ``rows`` carry ``a, b, spearman, p_value`` for each unordered pair (models of one run, or
-    persona/size/model columns across runs).
+    persona/size/model columns across runs). With ``ceiling`` (`preferences.Result.
+    model_correlations`) a cell also gives it: the rho two measurements of unchanged
+    preferences would reach, against which a rho must be read. A pair the instrument could
+    not measure (``status`` "no measurement") is left blank and says so.
     """
     names = list(dict.fromkeys([r["a"] for r in rows] + [r["b"] for r in rows]))
     index = {name: i for i, name in enumerate(names)}
@@ -455,8 +474,14 @@ def rank_correlations(rows: Sequence[Mapping[str, Any]], title: str = "") -> Fig
     for r in rows:
         i, j = index[r["a"]], index[r["b"]]
         rho, p = r["spearman"], r["p_value"]
+        if r.get("status", "measured") == "no measurement":
+            labels[(i, j)] = labels[(j, i)] = "no\nmeasurement"
+            continue
         matrix[i][j] = matrix[j][i] = rho if rho == rho else float("nan")
         text = "n/a" if rho != rho else f"{rho:.2f}\np={p:.2g}"
+        ceiling = r.get("ceiling")
+        if rho == rho and ceiling is not None:
+            text += "\nceiling n/a" if ceiling != ceiling else f"\nceiling {ceiling:.2f}"
         labels[(i, j)] = labels[(j, i)] = text
     fig, ax = plt.subplots(figsize=(1.1 * size + 2.5, 0.9 * size + 1.8))
     image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
