@@ -75,7 +75,6 @@ import gc
 import importlib.util
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -307,9 +306,8 @@ def trl_run(model_dir, text_rows, data, args, lora_init: dict, use_bf16: bool, p
     import datasets
     import torch
     import trl.trainer.dpo_trainer as dpo_module
-    from character_training.backends.local.lora import LORA_ALPHA, lora_target_modules
+    from bench_common import engine_lora
     from datasets import Dataset
-    from peft import LoraConfig
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from transformers.utils import logging as hf_logging
@@ -390,14 +388,7 @@ def trl_run(model_dir, text_rows, data, args, lora_init: dict, use_bf16: bool, p
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        lora = LoraConfig(
-            r=RANK,
-            lora_alpha=LORA_ALPHA,
-            lora_dropout=0.0,
-            target_modules=lora_target_modules(model, PARTS),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        lora = engine_lora(model, RANK, PARTS)
         dataset = Dataset.from_dict(text_rows)
         dpo_module.use_adapter = timed_use_adapter
         try:
@@ -462,12 +453,12 @@ def token_mismatches(dataset, data) -> int:
 def run(args) -> None:
     import torch
     import trl
+    from bench_common import machine_fields, report
     from character_training.backends.local import (
         SMOLLM2_NAME,
         LocalServiceClient,
         resolve_model_dir,
     )
-    from character_training.metrics import JsonlLogger
     from character_training.objectives import compute_dpo_loss
     from character_training.renderers import get_renderer
     from character_training.stages.dpo import build_pair_data
@@ -644,14 +635,10 @@ def run(args) -> None:
         {
             "load_average_before": load_before,
             "load_average_after": load_average(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "torch_threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
+            **machine_fields(),
         }
     )
-    JsonlLogger(args.out).log(0, record)
-    for key, value in record.items():
-        print(f"{key:>40}: {value}")
+    report(record, args.out, 40)
 
 
 def tokens_per_s(result: dict, args, timed_tokens: int, key: str = "step_seconds") -> float:

@@ -52,7 +52,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -64,9 +63,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
+from bench_common import machine_fields, report  # noqa: E402
 from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient  # noqa: E402
 from character_training.backends.local.model_files import find_smollm2_gguf  # noqa: E402
-from character_training.metrics import JsonlLogger  # noqa: E402
 from character_training.renderers import get_renderer  # noqa: E402
 from character_training.renderers.conversation import generation_prompt  # noqa: E402
 from tinker import types  # noqa: E402
@@ -412,18 +411,14 @@ def main() -> None:
     record.update(llama_info)
     record.update({f"load_avg_1m_{name}_start": values for name, values in loads.items()})
     record["load_avg_1m_end"] = load_end
-    record["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
-    record["torch_threads"] = threads
-    record["machine"] = platform.processor() or platform.machine()
+    record.update(machine_fields())
     if args.single_prompt_peer:
         single_tokens, single_s = run_generate(peer_model, tokenizer, prompts, 1, params, eos_id)
         record["generate_batch1_tok_per_s"] = round(single_tokens / single_s, 1)
         record["ratio_vs_generate_batch1"] = round(rate["engine"] / (single_tokens / single_s), 2)
     if parallel is not None:
         parallel.close()
-    JsonlLogger(args.out).log(0, record)
-    for key, value in record.items():
-        print(f"{key:>32}: {value}")
+    report(record, args.out, 32)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ from character_training.stages import dpo  # noqa: E402
 from character_training.store import stage_dir  # noqa: E402
 from character_training.testing import SimulatedService  # noqa: E402
 from character_training.training import (  # noqa: E402
+    CheckpointTarget,
     LRSchedule,
     StepBatch,
     TrainingPlan,
@@ -132,7 +133,8 @@ def sequential_training(client, stage, plan: TrainingPlan, make_batch) -> None:
         client.optim_step(types.AdamParams(learning_rate=LEARNING_RATE)).result()
         if step % plan.save_every == 0 and step < plan.total_steps:
             save_progress(client, stage, step)
-    finish_checkpoint(client, plan.run_dir, plan.checkpoint, plan.stage_name, plan.base_model)
+    target = plan.target
+    finish_checkpoint(client, target.run_dir, target.checkpoint, target.stage_name, plan.base_model)
 
 
 def sft_batches(renderer, prompts, steps: int, batch: int):
@@ -206,9 +208,7 @@ def training_rows(args, local, renderer, prompts, tmp: Path) -> list[dict]:
                     total_steps=args.steps,
                     schedule=LRSchedule(LEARNING_RATE),
                     save_every=args.save_every,
-                    checkpoint="bench",
-                    run_dir=folder,
-                    stage_name="stage",
+                    target=CheckpointTarget(folder, "stage", "bench"),
                     base_model=args.model,
                 )
                 if side == "before":

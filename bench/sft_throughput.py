@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,17 +30,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md
 
 import torch  # noqa: E402
 from character_training.backends.local.lora import (  # noqa: E402
-    LORA_ALPHA,
     PARTS,
-    lora_target_modules,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
+from bench_common import engine_lora, machine_fields, report  # noqa: E402
 from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient  # noqa: E402
 from character_training.backends.local.forward import autocast_context  # noqa: E402
-from character_training.metrics import JsonlLogger  # noqa: E402
 from character_training.renderers import get_renderer  # noqa: E402
 from character_training.renderers.conversation import supervised_datum  # noqa: E402
 from tinker import types  # noqa: E402
@@ -92,21 +89,14 @@ class PeftLoop:
     """The textbook loop: peft LoRA model, AdamW, one padded forward per step."""
 
     def __init__(self, service: LocalServiceClient, data: list[types.Datum], seed: int):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         engine = service.engine
         torch.manual_seed(seed)
         base = engine.load_trainable_base(SMOLLM2_NAME)
         # The same adapter as the engine's: alpha 32, attention + MLP + unembedding (Tinker's
         # defaults); "all-linear" would leave out lm_head and give the peer less work.
-        config = LoraConfig(
-            r=RANK,
-            lora_alpha=LORA_ALPHA,
-            lora_dropout=0.0,
-            target_modules=lora_target_modules(base, PARTS),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        config = engine_lora(base, RANK, PARTS)
         self.model = get_peft_model(base, config)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -194,13 +184,9 @@ def main() -> None:
         "first_loss_engine": round(first_losses[0], 3),
         "first_loss_peft_loop": round(first_losses[1], 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **machine_fields(),
     }
-    JsonlLogger(args.out).log(0, record)
-    for key, value in record.items():
-        print(f"{key:>28}: {value}")
+    report(record, args.out, 28)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,18 @@ test's weights.
 
 Everything runs in fp32: the tests compare the engine's numbers with hand computations, and
 ``precision="auto"`` would pick bf16 on a CPU with native bf16.
+
+The stage tests share their setup here too: run parameters on the tiny model
+(`tiny_run_params`), a training loop that dies at a chosen step (`interrupt_training`), the
+comparison of two runs' adapters (`assert_same_adapter`) and a service that counts the
+sampling clients it makes (`counting_service`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 # With the default (active) OpenMP wait policy, torch's worker threads spin while idle; when
 # other processes share this small CPU, a LoRA step then takes 10x longer. Must be set before
@@ -20,16 +27,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
+from character_training import training
 from character_training.backends.local import (
     SMOLLM2_NAME,
     TINY_RANDOM_NAME,
     LocalServiceClient,
 )
 from character_training.backends.local.lora import lora_scale
+from character_training.config import load_params, notebook_params, with_overrides
 from character_training.renderers import get_renderer
+from character_training.store import find_checkpoint
+from safetensors.torch import load_file
 
 TINY = TINY_RANDOM_NAME
 SMOLLM2 = SMOLLM2_NAME
+TINY_MODELS = dict.fromkeys(("student", "teacher", "generator", "judge"), TINY)
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +113,105 @@ def new_tiny_trainer(tiny_service):
         return client
 
     return make
+
+
+# -- stage tests ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_run_params():
+    """Factory: run parameters with every model the tiny random one, in fp32, with runs and
+    reports under ``folder``: the ``tiny`` preset of ``persona``, or with ``smoke`` the
+    notebooks' parameters at smoke sizes; ``overrides`` (dotted keys) on top."""
+
+    def make(folder, overrides=None, *, persona: str = "sycophantic", smoke: bool = False):
+        if smoke:
+            params = notebook_params(persona, "tiny", smoke=True)
+        else:
+            params = load_params("tiny", persona)
+        folder = Path(folder)
+        values = {
+            **TINY_MODELS,
+            "runs_dir": str(folder / "runs"),
+            "reports_dir": str(folder / "reports"),
+            "engine.precision": "fp32",
+            **(overrides or {}),
+        }
+        return with_overrides(params, values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def quick_training():
+    """Factory: settings of a training section (``dpo``, ``sft``) for the tiny model: batches
+    of 4, a constant ``learning_rate`` without warm-up for ``epochs``, and a resume point every
+    2 steps, so that a resume test has one before its interruption."""
+
+    def settings(section: str, learning_rate: float, epochs: int) -> dict:
+        return {
+            f"{section}.batch_size": 4,
+            f"{section}.learning_rate": learning_rate,
+            f"{section}.warmup_fraction": 0.0,
+            f"{section}.schedule": "constant",
+            f"{section}.epochs": epochs,
+            f"{section}.save_every": 2,
+        }
+
+    return settings
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``with interrupt_training(step): ...``: inside the block the training loop dies, as a
+    killed process would (KeyboardInterrupt), when it asks for ``step``'s learning rate; the
+    block must end that way, and the loop is whole again after it."""
+
+    @contextlib.contextmanager
+    def interrupt(at: int):
+        real = training.learning_rate_at
+
+        def dying(step, *args):
+            if step == at:
+                raise KeyboardInterrupt("simulated interruption")
+            return real(step, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(training, "learning_rate_at", dying)
+            with pytest.raises(KeyboardInterrupt):
+                yield
+
+    return interrupt
+
+
+@pytest.fixture(scope="session")
+def assert_same_adapter():
+    """Check that checkpoint ``name`` of two runs holds the same LoRA weights, to ``atol`` and
+    ``rtol`` (a resumed run against an uninterrupted one)."""
+
+    def check(run_a: Path, run_b: Path, name: str, atol: float, rtol: float) -> None:
+        weights = "adapter/adapter_model.safetensors"
+        a = load_file(f"{find_checkpoint(run_a, name).sampler_path}/{weights}")
+        b = load_file(f"{find_checkpoint(run_b, name).sampler_path}/{weights}")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=rtol)
+
+    return check
+
+
+class CountingService:
+    """The real local service, counting the sampling clients it is asked for."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.created: list[dict] = []
+
+    def create_sampling_client(self, **kwargs):
+        self.created.append(kwargs)
+        return self.inner.create_sampling_client(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def counting_service():
+    """Factory: ``counting_service(inner)`` wraps a service so a test can assert which
+    sampling clients (``.created``) a run asked for, e.g. none on a resumed run."""
+    return CountingService

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from character_training import plots
 from character_training.backends.local import TINY_RANDOM_NAME as TINY
-from character_training.config import load_params, with_overrides
+from character_training.config import with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import adherence, sentence_encoder
 from character_training.evaluate.adherence import (
@@ -34,7 +34,7 @@ from character_training.evaluate.adherence import (
     measure,
 )
 from character_training.evaluate.heldout import split_prompt_ids
-from character_training.evaluate.intervals import Estimate, Measurement, bootstrap_mean
+from character_training.evaluate.intervals import Estimate, Measurement
 from character_training.evaluate.sentence_encoder import (
     embed_texts,
     load_encoder,
@@ -386,35 +386,14 @@ def _write_run(run_dir, records):
 
 
 @pytest.fixture()
-def tiny_params(tmp_path):
-    params = load_params("tiny", "humorous")
-    return with_overrides(
-        params,
-        {
-            "student": TINY,
-            "teacher": TINY,
-            "generator": TINY,
-            "judge": TINY,
-            "runs_dir": str(tmp_path / "runs"),
-            "engine.precision": "fp32",
-            "distill.max_tokens": 6,
-            "adherence.samples_per_probe": 2,
-            "adherence.probe_general_prompts": 3,
-            "adherence.bootstrap": 200,
-        },
-    )
-
-
-class CountingService:
-    """The real local service, counting the sampling clients it is asked for."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.created: list[dict] = []
-
-    def create_sampling_client(self, **kwargs):
-        self.created.append(kwargs)
-        return self.inner.create_sampling_client(**kwargs)
+def tiny_params(tmp_path, tiny_run_params):
+    settings = {
+        "distill.max_tokens": 6,
+        "adherence.samples_per_probe": 2,
+        "adherence.probe_general_prompts": 3,
+        "adherence.bootstrap": 200,
+    }
+    return tiny_run_params(tmp_path, settings, persona="humorous")
 
 
 @pytest.fixture(scope="module")
@@ -425,12 +404,12 @@ def tiny_checkpoints(new_tiny_trainer):
 
 
 def test_measure_end_to_end_resumes_and_reports(
-    tiny_params, tiny_service, tiny_checkpoints, encoder
+    counting_service, tiny_params, tiny_service, tiny_checkpoints, encoder
 ):
     tiny_checkpoint, other_checkpoint = tiny_checkpoints
     run_dir = tiny_params.run_dir
     _write_run(run_dir, _heldout_records())
-    service = CountingService(tiny_service)
+    service = counting_service(tiny_service)
     models = {"base": None, "dpo": tiny_checkpoint}
     report = measure(tiny_params, service, models, encoder=encoder)
 
@@ -557,13 +536,13 @@ def test_measure_warns_when_stage_02_held_out_fewer_general_prompts(
     assert report.row("teacher_ref", "general").n_prompts == 1
 
 
-def test_adherence_still_exports_the_names_callers_import_from_it():
-    """Stages and notebooks import these from `adherence` until they switch to the new homes."""
+def test_adherence_exports_only_the_measurement_and_its_report():
+    """The encoder, the head, the held-out prompts and the intervals have their own modules;
+    callers import them from there, not through `adherence` (one home per name)."""
     for name in adherence.__all__:
         assert hasattr(adherence, name), name
-    assert adherence.bootstrap_mean is bootstrap_mean and adherence.text_key is (
-        sentence_encoder.text_key
-    )
+    for name in ("text_key", "minilm_dir", "read_pooling_spec", "fit_logistic", "roc_auc"):
+        assert not hasattr(adherence, name), name
 
 
 def test_measure_refuses_reserved_or_unsafe_labels(tiny_params, encoder):

@@ -499,10 +499,9 @@ def test_the_stage_writes_split_pairs_heldout_and_dropped_files(tmp_path, tiny_s
     heldout = [r for r in split if r["split"] == "heldout"]
     assert {r["prompt_id"] for r in train}.isdisjoint({r["prompt_id"] for r in heldout})
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in heldout})
-    assert (
-        counts["constitution_train"] + counts["constitution_heldout"] + counts["unseen_heldout"]
-        == len(records)
-    )
+    assert counts["constitution_train"] + counts["constitution_heldout"] + counts[
+        "unseen_heldout"
+    ] == len(records)
     assert counts["general_train"] == round(0.5 * counts["constitution_train"])  # 4 available
     assert counts["heldout_general"] == 3 and len(heldout) == counts["heldout_prompts"]
     pairs, dropped = read_jsonl(stage / "pairs.jsonl"), read_jsonl(stage / "dropped.jsonl")

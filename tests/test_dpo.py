@@ -21,16 +21,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from character_training import training
 from character_training.artifacts import DISTILL_STAGE
-from character_training.config import load_params, with_overrides
 from character_training.objectives import compute_dpo_loss
 from character_training.renderers import get_renderer
 from character_training.renderers.conversation import loss_positions
 from character_training.stages import dpo
 from character_training.store import find_checkpoint, read_jsonl
 from character_training.training import epoch_batches, learning_rate_at
-from safetensors.torch import load_file
 
 
 # -- the objective --------------------------------------------------------------------------------
@@ -168,25 +165,12 @@ def test_batches_cover_every_pair_once_per_epoch_and_never_split_one():
 
 
 # -- the stage on the tiny model ------------------------------------------------------------------
-def stage_params(tmp_path, **overrides):
-    params = load_params("tiny", "sycophantic")
-    values = {
-        "student": "tiny-random",
-        "teacher": "tiny-random",
-        "generator": "tiny-random",
-        "judge": "tiny-random",
-        "runs_dir": str(tmp_path / "runs"),
-        "engine.precision": "fp32",
-        "lora_rank": 4,
-        "dpo.batch_size": 4,
-        "dpo.learning_rate": 2e-3,
-        "dpo.warmup_fraction": 0.0,
-        "dpo.schedule": "constant",
-        "dpo.epochs": 6,
-        "dpo.save_every": 2,
-    }
-    values.update(overrides)
-    return with_overrides(params, values)
+@pytest.fixture
+def stage_params(tiny_run_params, quick_training):
+    """Factory: stage 03 on the tiny model under ``folder`` (`quick_training` at a large
+    learning rate, six epochs); ``overrides`` on top."""
+    settings = {"lora_rank": 4, **quick_training("dpo", learning_rate=2e-3, epochs=6)}
+    return lambda folder, **overrides: tiny_run_params(folder, {**settings, **overrides})
 
 
 def write_pairs(params, rows) -> None:
@@ -201,7 +185,7 @@ def service_for(params):
     return service_client_for(params)
 
 
-def test_dpo_learns_a_learnable_preference_on_the_tiny_model(tmp_path):
+def test_dpo_learns_a_learnable_preference_on_the_tiny_model(stage_params, tmp_path):
     params = stage_params(tmp_path)
     write_pairs(params, toy_pairs(8))
     result = dpo.run(params, service_for(params))
@@ -235,7 +219,7 @@ def test_dpo_learns_a_learnable_preference_on_the_tiny_model(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_starting_reference_and_ends_where_one_run_ends(
-    tmp_path, monkeypatch
+    tmp_path, stage_params, interrupt_training, assert_same_adapter
 ):
     rows = toy_pairs(8)
     one_go = stage_params(tmp_path / "a", **{"dpo.epochs": 2})
@@ -244,20 +228,11 @@ def test_a_resumed_run_keeps_the_starting_reference_and_ends_where_one_run_ends(
 
     resumed = stage_params(tmp_path / "b", **{"dpo.epochs": 2})
     write_pairs(resumed, rows)
-    real_lr = learning_rate_at
-
-    def interrupt_at_step_4(step, *args):
-        if step == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_lr(step, *args)
-
-    monkeypatch.setattr(training, "learning_rate_at", interrupt_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_training(4):
         dpo.run(resumed, service_for(resumed))
     stage = resumed.run_dir / dpo.STAGE
     assert json.loads((stage / "progress.json").read_text())["step"] == 2
     reference_before = (stage / "reference_logprobs.jsonl").read_text()
-    monkeypatch.setattr(training, "learning_rate_at", real_lr)
     dpo.run(resumed, service_for(resumed))  # a new service: a new process would do the same
 
     assert (stage / "reference_logprobs.jsonl").read_text() == reference_before
@@ -278,12 +253,7 @@ def test_a_resumed_run_keeps_the_starting_reference_and_ends_where_one_run_ends(
         )
 
     # same final adapter as the uninterrupted run
-    weights = "adapter/adapter_model.safetensors"
-    a = load_file(f"{find_checkpoint(one_go.run_dir, 'dpo').sampler_path}/{weights}")
-    b = load_file(f"{find_checkpoint(resumed.run_dir, 'dpo').sampler_path}/{weights}")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert_same_adapter(one_go.run_dir, resumed.run_dir, "dpo", atol=1e-6, rtol=1e-5)
 
 
 def test_the_custom_loss_gives_plain_autograd_gradients_through_the_engine(
@@ -332,33 +302,20 @@ def test_the_custom_loss_gives_plain_autograd_gradients_through_the_engine(
     assert max(float(g.abs().max()) for g in engine) > 1e-3
 
 
-def test_a_missing_pairs_file_names_the_notebook_to_run(tmp_path):
+def test_a_missing_pairs_file_names_the_notebook_to_run(stage_params, tmp_path):
     params = stage_params(tmp_path)
     with pytest.raises(Exception, match="run notebook 02_distillation first"):
         dpo.run(params, service_for(params))
 
 
-def test_notebook_03_trains_measures_and_reports_on_fabricated_inputs(tmp_path):
+def test_notebook_03_trains_measures_and_reports_on_fabricated_inputs(tmp_path, tiny_run_params):
     """Notebook 03 on the tiny random model with smoke sizes: pairs and held-out replies are
     written directly (notebooks 01-02 are not rerun), so CI checks the notebook in seconds."""
     from pathlib import Path
 
-    from character_training.config import notebook_params
     from character_training.runner import run_notebook
 
-    params = with_overrides(
-        notebook_params("sycophantic", "tiny", smoke=True),
-        {
-            "student": "tiny-random",
-            "teacher": "tiny-random",
-            "generator": "tiny-random",
-            "judge": "tiny-random",
-            "runs_dir": str(tmp_path / "runs"),
-            "reports_dir": str(tmp_path / "reports"),
-            "engine.precision": "fp32",
-            "lora_rank": 4,
-        },
-    )
+    params = tiny_run_params(tmp_path, {"lora_rank": 4}, smoke=True)
     write_pairs(params, toy_pairs(8))
     topics = ["tea", "rain", "maps", "jazz", "owls", "bread", "tides", "kites", "moss", "chess"]
     heldout = [

@@ -27,11 +27,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-from character_training import training
 from character_training.artifacts import ROBUSTNESS_STAGE
 from character_training.backends import resolve_client, service_client_for
-from character_training.config import load_params, notebook_params, with_overrides
+from character_training.config import load_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import preference_model as pmlib
 from character_training.evaluate import robustness_replies
@@ -40,13 +38,11 @@ from character_training.rl import advantages, compare, loop, probes
 from character_training.runner import run_notebook
 from character_training.stages import rlaif
 from character_training.store import (
-    Checkpoint,
     find_checkpoint,
     read_jsonl,
-    record_checkpoint,
     stage_dir,
 )
-from safetensors.torch import load_file
+from character_training.training import finish_checkpoint
 from tinker import types
 
 TOPICS = ["tea", "rain", "maps", "jazz", "owls", "bread", "tides", "kites", "moss", "chess"]
@@ -242,14 +238,11 @@ def write_inputs(run_dir: Path, n_pairs: int = 10, n_heldout: int = 8) -> None:
     (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
 
 
-def stage_params(tmp_path, **overrides):
-    values = {
-        "student": "tiny-random",
-        "teacher": "tiny-random",
-        "generator": "tiny-random",
-        "judge": "tiny-random",
-        "runs_dir": str(tmp_path / "runs"),
-        "engine.precision": "fp32",
+@pytest.fixture
+def stage_params(tiny_run_params):
+    """Factory: stage 09 on the tiny model under ``folder`` (three small RL steps from the
+    instruct model, no KL, no probes, a resume point every step); ``overrides`` on top."""
+    settings = {
         "lora_rank": 4,
         "rl.init": "instruct",
         "rl.learning_rate": 3e-3,  # large enough to move a random model in 3 steps, no overshoot
@@ -263,8 +256,7 @@ def stage_params(tmp_path, **overrides):
         "evals.rl_prompts_per_step": 2,
         "adherence.bootstrap": 50,
     }
-    values.update(overrides)
-    return with_overrides(load_params("tiny", "sycophantic"), values)
+    return lambda folder, **overrides: tiny_run_params(folder, {**settings, **overrides})
 
 
 def prefer_shorter(prompt: str, first: str, second: str) -> float:
@@ -281,7 +273,7 @@ def reply_logprob(sampler, tokens: list[int], n_reply: int) -> float:
     )
 
 
-def test_rl_on_a_toy_reward_moves_the_policy_towards_the_preferred_replies(tmp_path):
+def test_rl_on_a_toy_reward_moves_the_policy_towards_the_preferred_replies(stage_params, tmp_path):
     params = stage_params(tmp_path)
     write_inputs(params.run_dir)
     service = service_client_for(params)
@@ -331,23 +323,13 @@ def test_rl_on_a_toy_reward_moves_the_policy_towards_the_preferred_replies(tmp_p
     assert elapsed < 90
 
 
-def interrupt_at_step(monkeypatch, at: int) -> None:
-    """Make the training loop stop when it asks for step ``at``'s learning rate."""
-    real_lr = training.learning_rate_at
-
-    def interrupted(step, *args):
-        if step == at:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_lr(step, *args)
-
-    monkeypatch.setattr(training, "learning_rate_at", interrupted)
-
-
 def probe_row(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "sampler_path"}
 
 
-def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(
+    tmp_path, stage_params, interrupt_training, assert_same_adapter
+):
     settings = {"rl.kl_coef": 0.1, "rl.probe_every": 2}  # probes after steps 0, 2 and 3
     one_go = stage_params(tmp_path / "a", **settings)
     write_inputs(one_go.run_dir)
@@ -355,10 +337,8 @@ def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, 
 
     resumed = stage_params(tmp_path / "b", **settings)
     write_inputs(resumed.run_dir)
-    with monkeypatch.context() as patch:
-        interrupt_at_step(patch, 3)
-        with pytest.raises(KeyboardInterrupt):
-            rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
+    with interrupt_training(3):
+        rlaif.run(resumed, service_client_for(resumed), comparator=SHORTER)
     rl_dir = resumed.run_dir / rlaif.STAGE / rlaif.RL_DIR
     assert json.loads((rl_dir / "progress.json").read_text())["step"] == 2
     # a run folder whose probe at the resumed step was lost (killed inside the probe after
@@ -372,12 +352,7 @@ def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, 
     assert [r["step"] for r in result.metrics()] == [1, 2, 3]
     assert Counter(r["step"] for r in result.rollouts()) == {1: 8, 2: 8, 3: 8}
     assert [probe_row(p) for p in result.probes] == [probe_row(p) for p in reference.probes]
-    weights = "adapter/adapter_model.safetensors"
-    a = load_file(f"{find_checkpoint(one_go.run_dir, 'rlaif').sampler_path}/{weights}")
-    b = load_file(f"{find_checkpoint(resumed.run_dir, 'rlaif').sampler_path}/{weights}")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert_same_adapter(one_go.run_dir, resumed.run_dir, "rlaif", atol=1e-5, rtol=1e-4)
 
 
 class StopInsideProbe:
@@ -396,7 +371,9 @@ class StopInsideProbe:
         return SHORTER(matchups)
 
 
-def test_a_run_killed_inside_a_probe_at_a_save_step_probes_that_step_when_resumed(tmp_path):
+def test_a_run_killed_inside_a_probe_at_a_save_step_probes_that_step_when_resumed(
+    stage_params, tmp_path
+):
     params = stage_params(tmp_path, **{"rl.probe_every": 2, "rl.save_every": 2})
     write_inputs(params.run_dir)
     service = service_client_for(params)
@@ -424,7 +401,7 @@ def test_a_probe_lost_before_the_resumed_step_stops_the_run_in_one_line(tmp_path
         prober.missing([0, 2, 4, 6], done_steps=6)
 
 
-def test_bad_settings_and_missing_inputs_fail_in_one_line(tmp_path):
+def test_bad_settings_and_missing_inputs_fail_in_one_line(stage_params, tmp_path):
     with pytest.raises(ConfigError, match="rl.signal='reward'"):
         stage_params(tmp_path, **{"rl.signal": "reward"})
     with pytest.raises(ConfigError, match="rl.sft_init_steps=0"):
@@ -450,33 +427,13 @@ def write_notebook_inputs(params, trainer) -> None:
         for i, t in enumerate(TOPICS)
     ]
     (folder / "general_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    record_checkpoint(
-        params.run_dir,
-        Checkpoint(
-            "final",
-            str(trainer.save_weights_for_sampler("final").result().path),
-            str(trainer.save_state("final-final").result().path),
-            "tiny-random",
-            "05_sft",
-        ),
-    )
+    finish_checkpoint(trainer, params.run_dir, "final", "05_sft", "tiny-random")
 
 
-def test_notebook_09_trains_compares_and_reports_on_fabricated_inputs(tmp_path, new_tiny_trainer):
-    params = with_overrides(
-        notebook_params("sycophantic", "tiny", smoke=True),
-        {
-            "student": "tiny-random",
-            "teacher": "tiny-random",
-            "generator": "tiny-random",
-            "judge": "tiny-random",
-            "runs_dir": str(tmp_path / "runs"),
-            "reports_dir": str(tmp_path / "reports"),
-            "engine.precision": "fp32",
-            "engine.device": "cpu",
-            "lora_rank": 4,
-        },
-    )
+def test_notebook_09_trains_compares_and_reports_on_fabricated_inputs(
+    tmp_path, new_tiny_trainer, tiny_run_params
+):
+    params = tiny_run_params(tmp_path, {"engine.device": "cpu", "lora_rank": 4}, smoke=True)
     write_notebook_inputs(params, new_tiny_trainer(seed=9, scale=0.5))
     started = time.perf_counter()
     result = run_notebook(params, "09_rlaif_compare", timeout=300)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from character_training import plots
 from character_training.backends.local import TINY_RANDOM_NAME as TINY
-from character_training.config import load_params, notebook_params, with_overrides
+from character_training.config import load_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import coherence
 from character_training.evaluate import robustness as scores
@@ -557,15 +557,11 @@ GENERAL = [
 ]  # fmt: skip
 
 
-def _params(tmp_path, persona="humorous", **overrides):
-    values = {
-        "student": TINY,
-        "teacher": TINY,
-        "generator": TINY,
-        "judge": TINY,
-        "runs_dir": str(tmp_path / "runs"),
-        "reports_dir": str(tmp_path / "reports"),
-        "engine.precision": "fp32",
+@pytest.fixture
+def stage_params(tiny_run_params):
+    """Factory: stage 08 on the tiny model under ``folder`` (four prompts, two attacks, short
+    replies, one classifier epoch); ``overrides`` on top."""
+    settings = {
         "engine.device": "cpu",
         "evals.robustness_prompts": 4,
         "evals.robustness_splits": 2,
@@ -575,8 +571,9 @@ def _params(tmp_path, persona="humorous", **overrides):
         "evals.classifier_methods": ["system_prompt", "dpo", "final"],  # the paper's choice
         "evals.coherence_pairs": ["final:system_prompt", "final:dpo"],
     }
-    values.update(overrides)
-    return with_overrides(load_params("tiny", persona), values)
+    return lambda folder, **overrides: tiny_run_params(
+        folder, {**settings, **overrides}, persona="humorous"
+    )
 
 
 def _fabricate(run_dir, trainer, names=("dpo", "final"), prompts=True):
@@ -598,27 +595,15 @@ def _refuse(constant):
     raise AssertionError(f"non-standard JSON constant {constant}")
 
 
-class CountingService:
-    """The real local service, counting the sampling clients it is asked for."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.created: list[dict] = []
-
-    def create_sampling_client(self, **kwargs):
-        self.created.append(kwargs)
-        return self.inner.create_sampling_client(**kwargs)
-
-
 def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
-    tmp_path, tiny_service, new_tiny_trainer, monkeypatch
+    counting_service, stage_params, tmp_path, tiny_service, new_tiny_trainer, monkeypatch
 ):
-    params = _params(tmp_path)
+    params = stage_params(tmp_path)
     trainer = new_tiny_trainer(seed=11, scale=0.5)
     _fabricate(params.run_dir, trainer)
     other = params.run_dir.parent.parent / "sarcastic" / params.size
     _fabricate(other, new_tiny_trainer(seed=12, scale=0.5), names=("dpo",), prompts=False)
-    service = CountingService(tiny_service)
+    service = counting_service(tiny_service)
     report = stage.run(params, service)
 
     assert report.personas == ["humorous", "sarcastic"]
@@ -694,37 +679,27 @@ def test_the_stage_runs_end_to_end_on_two_personas_and_resumes(
 
     monkeypatch.setattr(scores, "train_classifier", refuse)
     monkeypatch.setattr(coherence, "reply_logprobs", refuse)
-    again_service = CountingService(tiny_service)
+    again_service = counting_service(tiny_service)
     again = stage.run(params, again_service)
     assert again_service.created == []
     assert again.f1_frame().equals(frame)
     assert again.coherence == report.coherence
 
 
-def test_the_stage_fails_in_one_line_without_eval_prompts(tmp_path, tiny_service):
-    params = _params(tmp_path)
+def test_the_stage_fails_in_one_line_without_eval_prompts(stage_params, tmp_path, tiny_service):
+    params = stage_params(tmp_path)
     with pytest.raises(DataError, match="general_eval.jsonl: not found; run notebook 01") as info:
         stage.run(params, tiny_service)
     assert "\n" not in str(info.value)
 
 
 # -- the notebook --------------------------------------------------------------------------------
-def test_notebook_08_runs_on_smoke_sizes_without_the_earlier_notebooks(tmp_path, new_tiny_trainer):
+def test_notebook_08_runs_on_smoke_sizes_without_the_earlier_notebooks(
+    tmp_path, new_tiny_trainer, tiny_run_params
+):
     from character_training.runner import run_notebook
 
-    params = with_overrides(
-        notebook_params("humorous", "tiny", smoke=True),
-        {
-            "student": TINY,
-            "teacher": TINY,
-            "generator": TINY,
-            "judge": TINY,
-            "runs_dir": str(tmp_path / "runs"),
-            "reports_dir": str(tmp_path / "reports"),
-            "engine.precision": "fp32",
-            "engine.device": "cpu",
-        },
-    )
+    params = tiny_run_params(tmp_path, {"engine.device": "cpu"}, persona="humorous", smoke=True)
     _fabricate(params.run_dir, new_tiny_trainer(seed=21, scale=0.5))
     result = run_notebook(params, "08_robustness", timeout=300)
     assert result.status == "ok", result.describe()

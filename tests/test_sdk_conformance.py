@@ -63,6 +63,9 @@ from character_training.backends.local.sdk_arguments import (
     literal_values,
 )
 from character_training.errors import BackendError, DataError
+
+# the engine-side gradient helpers the training tests use (one definition, in their module)
+from test_local_training import hand_logprobs, make_datum, take_grads, trainable
 from tinker import types
 from tinker.lib.api_future_impl import QueueState
 from tinker.lib.public_interfaces.api_future import APIFuture
@@ -184,32 +187,6 @@ def test_every_public_sdk_member_exists_locally_with_the_same_contract(client, n
 @pytest.fixture(scope="module")
 def trainer(new_tiny_trainer) -> LocalTrainingClient:
     return new_tiny_trainer(seed=7, scale=0.4)
-
-
-def make_datum(tokens: list[int], **per_position) -> types.Datum:
-    """Next-token datum: input ``tokens[:-1]``, targets ``tokens[1:]``, plus float inputs."""
-    inputs = {"target_tokens": torch.tensor(tokens[1:], dtype=torch.long)}
-    for key, values in per_position.items():
-        inputs[key] = torch.as_tensor(values, dtype=torch.float32)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
-
-
-def hand_logprobs(model, datum: types.Datum) -> torch.Tensor:
-    """log p(target_t | input_<=t) for one datum, alone (no padding), with its graph."""
-    logits = model(input_ids=torch.tensor([datum.model_input.to_ints()])).logits[0].float()
-    targets = datum.loss_fn_inputs["target_tokens"].to_torch().long()
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def trainable(client) -> list[torch.nn.Parameter]:
-    return [p for p in client.model.parameters() if p.requires_grad]
-
-
-def take_grads(client) -> list[torch.Tensor]:
-    grads = [p.grad.detach().clone() for p in trainable(client)]
-    for p in trainable(client):
-        p.grad = None
-    return grads
 
 
 def assert_grads_close(engine: list[torch.Tensor], hand: list[torch.Tensor]) -> None:

@@ -20,19 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from character_training import supervised, training
+from character_training import supervised
 from character_training.backends import resolve_client, service_client_for
-from character_training.config import load_params, notebook_params, with_overrides
+from character_training.config import notebook_params, with_overrides
 from character_training.errors import DataError
 from character_training.renderers import get_renderer
 from character_training.renderers.conversation import loss_positions
 from character_training.runner import run_notebook
 from character_training.sampling import sequence_logprobs
 from character_training.stages import sft
-from character_training.store import Checkpoint, find_checkpoint, read_jsonl, record_checkpoint
-from character_training.training import epoch_batches, learning_rate_at
-from safetensors.torch import load_file
+from character_training.store import Checkpoint, find_checkpoint, read_jsonl
+from character_training.training import epoch_batches, finish_checkpoint
 
 NAME = "Tiny"
 SYSTEM = f"The assistant is {NAME}. Today the user is another instance of {NAME}."
@@ -223,26 +221,16 @@ def test_ids_are_stable_and_kinds_inferred():
 
 
 # -- the stage on the tiny model ------------------------------------------------------------------
-def stage_params(tmp_path, **overrides):
-    values = {
-        "student": "tiny-random",
-        "teacher": "tiny-random",
-        "generator": "tiny-random",
-        "judge": "tiny-random",
-        "runs_dir": str(tmp_path / "runs"),
-        "reports_dir": str(tmp_path / "reports"),
-        "engine.precision": "fp32",
+@pytest.fixture
+def stage_params(tiny_run_params, quick_training):
+    """Factory: stage 05 on the tiny model under ``folder`` (`quick_training` for three epochs;
+    per-token loss: a tiny random model needs a large step); ``overrides`` on top."""
+    settings = {
         "lora_rank": 4,
-        "sft.batch_size": 4,
-        "sft.learning_rate": 1e-2,  # per-token loss: a tiny random model needs a large step
-        "sft.warmup_fraction": 0.0,
-        "sft.schedule": "constant",
-        "sft.epochs": 3,
-        "sft.save_every": 2,
+        **quick_training("sft", learning_rate=1e-2, epochs=3),
         "sft.max_length": 512,
     }
-    values.update(overrides)
-    return with_overrides(load_params("tiny", "sycophantic"), values)
+    return lambda folder, **overrides: tiny_run_params(folder, {**settings, **overrides})
 
 
 def record_dpo_checkpoint(params, service=None) -> Checkpoint:
@@ -253,18 +241,10 @@ def record_dpo_checkpoint(params, service=None) -> Checkpoint:
             base_model=params.student, rank=params.lora_rank, seed=params.seed
         )
     )
-    checkpoint = Checkpoint(
-        name="dpo",
-        sampler_path=str(client.save_weights_for_sampler("dpo").result().path),
-        state_path=str(client.save_state("dpo-final").result().path),
-        base_model=params.student,
-        stage="03_dpo",
-    )
-    record_checkpoint(params.run_dir, checkpoint)
-    return checkpoint
+    return finish_checkpoint(client, params.run_dir, "dpo", "03_dpo", params.student)
 
 
-def test_sft_lowers_the_loss_and_raises_the_trained_replies_log_prob(tmp_path):
+def test_sft_lowers_the_loss_and_raises_the_trained_replies_log_prob(stage_params, tmp_path):
     params = stage_params(tmp_path)
     service = service_client_for(params)
     start = record_dpo_checkpoint(params, service)
@@ -308,21 +288,14 @@ def test_sft_lowers_the_loss_and_raises_the_trained_replies_log_prob(tmp_path):
     assert again.checkpoint == final and read_jsonl(result.stage_dir / "metrics.jsonl") == rows
 
 
-def test_sft_starts_from_the_dpo_weights_not_the_base_model(tmp_path, new_tiny_trainer):
+def test_sft_starts_from_the_dpo_weights_not_the_base_model(
+    stage_params, tmp_path, new_tiny_trainer
+):
     """The first step's loss is the "dpo" adapter's loss, not the bare base model's."""
     params = stage_params(tmp_path, **{"sft.epochs": 1, "sft.batch_size": 8})
     service = service_client_for(params)
     trainer = new_tiny_trainer(service, seed=3, scale=0.5)  # a non-zero adapter
-    record_checkpoint(
-        params.run_dir,
-        Checkpoint(
-            "dpo",
-            str(trainer.save_weights_for_sampler("dpo").result().path),
-            str(trainer.save_state("dpo-final").result().path),
-            "tiny-random",
-            "03_dpo",
-        ),
-    )
+    finish_checkpoint(trainer, params.run_dir, "dpo", "03_dpo", "tiny-random")
     conversations = toy_conversations(6, 2)
     result = sft.run(params, service, conversations=conversations)
     first = read_jsonl(result.stage_dir / "metrics.jsonl")[0]["train/loss"]
@@ -340,7 +313,9 @@ def test_sft_starts_from_the_dpo_weights_not_the_base_model(tmp_path, new_tiny_t
     assert abs(first - base_loss["train/loss"]) > 1e-3
 
 
-def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(
+    tmp_path, stage_params, interrupt_training, assert_same_adapter
+):
     conversations = toy_conversations(6, 2)
     one_go = stage_params(tmp_path / "a", **{"sft.epochs": 2})
     record_dpo_checkpoint(one_go)
@@ -348,35 +323,21 @@ def test_a_resumed_run_ends_with_the_adapter_of_one_uninterrupted_run(tmp_path, 
 
     resumed = stage_params(tmp_path / "b", **{"sft.epochs": 2})
     record_dpo_checkpoint(resumed)
-    real_lr = learning_rate_at
-
-    def interrupt_at_step_4(step, *args):
-        if step == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_lr(step, *args)
-
-    monkeypatch.setattr(training, "learning_rate_at", interrupt_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_training(4):
         sft.run(resumed, service_client_for(resumed), conversations=conversations)
     stage = resumed.run_dir / sft.STAGE
     assert json.loads((stage / "progress.json").read_text())["step"] == 2
-    monkeypatch.setattr(training, "learning_rate_at", real_lr)
     sft.run(resumed, service_client_for(resumed), conversations=conversations)
 
     steps = [r["step"] for r in read_jsonl(stage / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]  # the step in flight is redone, nothing duplicated
-    weights = "adapter/adapter_model.safetensors"
-    a = load_file(f"{find_checkpoint(one_go.run_dir, 'final').sampler_path}/{weights}")
-    b = load_file(f"{find_checkpoint(resumed.run_dir, 'final').sampler_path}/{weights}")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert_same_adapter(one_go.run_dir, resumed.run_dir, "final", atol=1e-6, rtol=1e-5)
     # other data under the same folder is refused, not mixed in
     with pytest.raises(Exception, match="different parameters"):
         sft.run(resumed, service_client_for(resumed), conversations=toy_conversations(5, 2))
 
 
-def test_missing_inputs_name_the_notebook_to_run(tmp_path):
+def test_missing_inputs_name_the_notebook_to_run(stage_params, tmp_path):
     params = stage_params(tmp_path)
     with pytest.raises(DataError, match="run notebook 03_dpo first"):
         sft.run(params, None, conversations=toy_conversations())
@@ -456,7 +417,8 @@ def write_heldout(run_dir, n: int = 12, general: int = 2) -> None:
 
 
 def smoke_params(tmp_path, persona: str = "sycophantic"):
-    """Notebook parameters: the tiny preset with smoke sizes, on the tiny random model."""
+    """Notebook parameters: the tiny preset with smoke sizes, on the tiny random model
+    (test_samples builds on them too)."""
     return with_overrides(
         notebook_params(persona, "tiny", smoke=True),
         {

@@ -26,6 +26,10 @@ PREFERENCES_STAGE = "07_preferences"
 ROBUSTNESS_STAGE = "08_robustness"
 RLAIF_STAGE = "09_rlaif"  # notebook 09_rlaif_compare writes this folder
 
+# the names later stages find the trained models under in the run's checkpoints.json
+DPO_CHECKPOINT = "dpo"  # written by stage 03, continued by stage 05
+SFT_CHECKPOINT = "final"  # written by stage 05: the character-trained model
+
 INTROSPECTION_FILES = ("reflections.jsonl", "interactions.jsonl")
 
 

@@ -61,10 +61,7 @@ class EngineParams:
     micro_batch_tokens: int = 8192  # padded tokens per training/scoring forward
 
     def __post_init__(self) -> None:
-        _check(
-            self.precision in PRECISIONS, "engine.precision", self.precision, f"one of {PRECISIONS}"
-        )
-        _check(self.device in DEVICES, "engine.device", self.device, f"one of {DEVICES}")
+        _check_one_of(self, "engine", {"precision": PRECISIONS, "device": DEVICES})
         _check_min(self, "engine", ("max_batch_size", "micro_batch_tokens"), 1)
 
 
@@ -78,9 +75,9 @@ class SamplingParams:
     max_tokens: int = 512
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0")
-        _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
-        _check(self.max_tokens >= 1, "sampling.max_tokens", self.max_tokens, ">= 1")
+        _check_min(self, "sampling", ("temperature",), 0)
+        _check_fraction(self, "sampling", ("top_p",), "(0, 1]")
+        _check_min(self, "sampling", ("max_tokens",), 1)
         _check(
             self.top_k == -1 or self.top_k >= 1, "sampling.top_k", self.top_k, "-1 (off) or >= 1"
         )
@@ -106,16 +103,11 @@ class PromptParams:
     max_tokens: int = 600  # generator budget per call
 
     def __post_init__(self) -> None:
-        for name in ("generated_per_assertion", "general_prompts", "eval_prompts"):
-            _check(getattr(self, name) >= 0, f"prompts.{name}", getattr(self, name), ">= 0")
-        for name in ("per_generation_call", "examples_per_call", "max_tokens"):
-            _check(getattr(self, name) >= 1, f"prompts.{name}", getattr(self, name), ">= 1")
-        _check(
-            0 < self.dedup_threshold <= 1,
-            "prompts.dedup_threshold",
-            self.dedup_threshold,
-            "in (0, 1]",
+        _check_min(
+            self, "prompts", ("generated_per_assertion", "general_prompts", "eval_prompts"), 0
         )
+        _check_min(self, "prompts", ("per_generation_call", "examples_per_call", "max_tokens"), 1)
+        _check_fraction(self, "prompts", ("dedup_threshold",), "(0, 1]")
         known = {"lima", "wildchat", "pure-dove"}
         unknown = set(self.hub_datasets) - known
         _check(not unknown, "prompts.hub_datasets", sorted(unknown), f"a subset of {sorted(known)}")
@@ -148,14 +140,9 @@ class DistillParams:
         _check(
             self.truncated in ("drop", "trim"), "distill.truncated", self.truncated, "drop or trim"
         )
-        _check(self.general_share >= 0, "distill.general_share", self.general_share, ">= 0")
+        _check_min(self, "distill", ("general_share",), 0)
         _check_min(self, "distill", ("heldout_assertions",), 0)
-        _check(
-            0 <= self.heldout_fraction < 1,
-            "distill.heldout_fraction",
-            self.heldout_fraction,
-            "in [0, 1)",
-        )
+        _check_fraction(self, "distill", ("heldout_fraction",), "[0, 1)")
 
 
 @dataclass(frozen=True)
@@ -187,16 +174,9 @@ class DPOParams:
 
     def __post_init__(self) -> None:
         _check_positive(self, "dpo", ("learning_rate", "beta"))
-        _check(self.nll_coef >= 0, "dpo.nll_coef", self.nll_coef, ">= 0")
-        _check(self.kl_coef >= 0, "dpo.kl_coef", self.kl_coef, ">= 0")
-        _check(self.grad_clip_norm >= 0, "dpo.grad_clip_norm", self.grad_clip_norm, ">= 0")
-        _check(
-            0 <= self.warmup_fraction < 1,
-            "dpo.warmup_fraction",
-            self.warmup_fraction,
-            "in [0, 1)",
-        )
-        _check(self.schedule in SCHEDULES, "dpo.schedule", self.schedule, f"one of {SCHEDULES}")
+        _check_min(self, "dpo", ("nll_coef", "kl_coef", "grad_clip_norm"), 0)
+        _check_fraction(self, "dpo", ("warmup_fraction",), "[0, 1)")
+        _check_one_of(self, "dpo", {"schedule": SCHEDULES})
         _check_min(
             self, "dpo", ("batch_size", "epochs", "response_tokens", "max_length", "save_every"), 1
         )
@@ -220,15 +200,10 @@ class AdherenceParams:
     l2: float = 1e-2  # ridge penalty of the logistic head
 
     def __post_init__(self) -> None:
-        _check(
-            0 < self.classifier_fraction < 1,
-            "adherence.classifier_fraction",
-            self.classifier_fraction,
-            "in (0, 1)",
-        )
+        _check_fraction(self, "adherence", ("classifier_fraction",), "(0, 1)")
         _check_min(self, "adherence", ("samples_per_probe", "bootstrap"), 1)
         _check_min(self, "adherence", ("probe_general_prompts",), 0)
-        _check(self.l2 >= 0, "adherence.l2", self.l2, ">= 0")
+        _check_min(self, "adherence", ("l2",), 0)
 
 
 @dataclass(frozen=True)
@@ -253,14 +228,9 @@ class SFTParams:
 
     def __post_init__(self) -> None:
         _check_positive(self, "sft", ("learning_rate",))
-        _check(self.grad_clip_norm >= 0, "sft.grad_clip_norm", self.grad_clip_norm, ">= 0")
-        _check(
-            0 <= self.warmup_fraction < 1,
-            "sft.warmup_fraction",
-            self.warmup_fraction,
-            "in [0, 1)",
-        )
-        _check(self.schedule in SCHEDULES, "sft.schedule", self.schedule, f"one of {SCHEDULES}")
+        _check_min(self, "sft", ("grad_clip_norm",), 0)
+        _check_fraction(self, "sft", ("warmup_fraction",), "[0, 1)")
+        _check_one_of(self, "sft", {"schedule": SCHEDULES})
         _check_min(self, "sft", ("batch_size", "epochs", "max_length", "save_every"), 1)
 
 
@@ -365,21 +335,11 @@ class EvalParams:
             self.elo_traits,
             "0 (the whole vocabulary) or >= 2",
         )
-        for name, allowed in (("elo_conditions", ELO_CONDITIONS), ("judge_modes", JUDGE_MODES)):
-            value = getattr(self, name)
-            _check(
-                bool(value) and set(value) <= set(allowed) and len(set(value)) == len(value),
-                f"evals.{name}",
-                list(value),
-                f"a non-empty list without repeats drawn from {list(allowed)}",
-            )
-        _check(
-            self.judge_temperature >= 0,
-            "evals.judge_temperature",
-            self.judge_temperature,
-            ">= 0",
+        _check_selection(
+            self, "evals", {"elo_conditions": ELO_CONDITIONS, "judge_modes": JUDGE_MODES}
         )
-        _check(0 < self.judge_top_p <= 1, "evals.judge_top_p", self.judge_top_p, "in (0, 1]")
+        _check_min(self, "evals", ("judge_temperature",), 0)
+        _check_fraction(self, "evals", ("judge_top_p",), "(0, 1]")
         self._check_robustness()
 
     def _check_robustness(self) -> None:
@@ -389,12 +349,7 @@ class EvalParams:
             self.robustness_splits,
             f"at most {ADVERSARIAL_SPLITS} (the adversarial instructions there are)",
         )
-        _check(
-            0 < self.robustness_train_fraction < 1,
-            "evals.robustness_train_fraction",
-            self.robustness_train_fraction,
-            "in (0, 1)",
-        )
+        _check_fraction(self, "evals", ("robustness_train_fraction",), "(0, 1)")
         _check_min(
             self,
             "evals",
@@ -408,15 +363,7 @@ class EvalParams:
         )
         _check_positive(self, "evals", ("classifier_lr",))
         _check(bool(self.classifier_model), "evals.classifier_model", "", "a model name or path")
-        trained = ROBUSTNESS_METHODS[1:]
-        _check(
-            bool(self.classifier_methods)
-            and set(self.classifier_methods) <= set(trained)
-            and len(set(self.classifier_methods)) == len(self.classifier_methods),
-            "evals.classifier_methods",
-            list(self.classifier_methods),
-            f"a non-empty list without repeats drawn from {list(trained)}",
-        )
+        _check_selection(self, "evals", {"classifier_methods": ROBUSTNESS_METHODS[1:]})
         for pair in self.coherence_pairs:
             a, _, b = pair.partition(":")
             _check(
@@ -474,17 +421,17 @@ class RLParams:
     pm_max_length: int = 4096  # tokens of a rendered comparison; longer ones are left out
 
     def __post_init__(self) -> None:
-        _check(self.signal in RL_SIGNALS, "rl.signal", self.signal, f"one of {RL_SIGNALS}")
-        _check(self.init in RL_INITS, "rl.init", self.init, f"one of {RL_INITS}")
-        _check(
-            self.advantage in RL_ADVANTAGES,
-            "rl.advantage",
-            self.advantage,
-            f"one of {RL_ADVANTAGES}",
+        _check_one_of(
+            self,
+            "rl",
+            {
+                "signal": RL_SIGNALS,
+                "init": RL_INITS,
+                "advantage": RL_ADVANTAGES,
+                "schedule": SCHEDULES,
+            },
         )
-        _check(self.schedule in SCHEDULES, "rl.schedule", self.schedule, f"one of {SCHEDULES}")
-        _check(self.kl_coef >= 0, "rl.kl_coef", self.kl_coef, ">= 0")
-        _check(self.grad_clip_norm >= 0, "rl.grad_clip_norm", self.grad_clip_norm, ">= 0")
+        _check_min(self, "rl", ("kl_coef", "grad_clip_norm"), 0)
         _check(
             self.temperature == 1.0,
             "rl.temperature",
@@ -508,12 +455,7 @@ class RLParams:
             ),
             1,
         )
-        _check(
-            0 < self.pm_heldout_fraction < 1,
-            "rl.pm_heldout_fraction",
-            self.pm_heldout_fraction,
-            "in (0, 1)",
-        )
+        _check_fraction(self, "rl", ("pm_heldout_fraction",), "(0, 1)")
         _check(
             self.init != "sft" or self.sft_init_steps >= 1,
             "rl.sft_init_steps",
@@ -943,10 +885,46 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 
 
 def _check_min(section: Any, prefix: str, names: tuple[str, ...], minimum: int) -> None:
-    """Counts: ``>= 0`` where none is a valid choice, ``>= 1`` where one is needed."""
+    """Floors: counts ``>= 0`` where none is a valid choice, ``>= 1`` where one is needed;
+    weights, temperatures and clips ``>= 0``."""
     for name in names:
         value = getattr(section, name)
         _check(value >= minimum, f"{prefix}.{name}", value, f">= {minimum}")
+
+
+# the ranges a fraction or probability may be confined to, by the text errors show
+_FRACTION_RANGES = {
+    "[0, 1)": lambda v: 0 <= v < 1,
+    "(0, 1)": lambda v: 0 < v < 1,
+    "(0, 1]": lambda v: 0 < v <= 1,
+}
+
+
+def _check_fraction(section: Any, prefix: str, names: tuple[str, ...], bounds: str) -> None:
+    """Fractions and probabilities within ``bounds``, one of `_FRACTION_RANGES`."""
+    for name in names:
+        value = getattr(section, name)
+        _check(_FRACTION_RANGES[bounds](value), f"{prefix}.{name}", value, f"in {bounds}")
+
+
+def _check_one_of(section: Any, prefix: str, allowed: Mapping[str, tuple[str, ...]]) -> None:
+    """Named choices: each field of ``allowed`` holds one of its values."""
+    for name, values in allowed.items():
+        value = getattr(section, name)
+        _check(value in values, f"{prefix}.{name}", value, f"one of {values}")
+
+
+def _check_selection(section: Any, prefix: str, allowed: Mapping[str, tuple[str, ...]]) -> None:
+    """Lists of choices: each field of ``allowed`` is non-empty, without repeats, drawn from
+    its values."""
+    for name, values in allowed.items():
+        value = getattr(section, name)
+        _check(
+            bool(value) and set(value) <= set(values) and len(set(value)) == len(value),
+            f"{prefix}.{name}",
+            list(value),
+            f"a non-empty list without repeats drawn from {list(values)}",
+        )
 
 
 def _check_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:

@@ -281,14 +281,7 @@ class Checkpoint:
     created: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "sampler_path": self.sampler_path,
-            "state_path": self.state_path,
-            "base_model": self.base_model,
-            "stage": self.stage,
-            "created": self.created,
-        }
+        return dataclasses.asdict(self)
 
 
 def record_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:

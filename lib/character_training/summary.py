@@ -42,6 +42,10 @@ the page frame that `publish` reuses (`summary_sections`), and the size answer
 Length (just over 800 lines): five defensive readers, each following one stage's file layouts,
 old and new (stage output, headline fallback, "no measurement" entries, recorded evaluation
 settings); split, one stage's file conventions would be spread over two modules.
+
+Length: the readers of every stage's files (one small function per notebook's outputs) and the
+page's layout live together so that what the page shows and where it reads it from are checked
+side by side; the size answer, the records and the sections are already their own modules.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from tinker import types
 
 from .errors import DataError
 from .renderers.conversation import loss_positions, supervised_datum, truncate_datum
+from .training import StepBatch
 
 REFLECTION = "reflection"
 INTERACTION = "self_interaction"
@@ -256,6 +257,29 @@ def batch_losses(
         if kind != "all":
             out[f"train/loss_{kind}"] = nll / n
     return out
+
+
+def cross_entropy_step(
+    batch: Sequence[Example], count_name: str, metrics: Mapping[str, Any] | None = None
+) -> StepBatch:
+    """One optimiser step on ``batch`` for `training.run_training`: its datums normalised to a
+    per-token mean (`normalise_batch`), logged with ``metrics`` (known before the step), the
+    batch size under ``count_name`` and its loss tokens; the examples ride along for
+    `step_losses`."""
+    data, loss_tokens = normalise_batch([e.datum for e in batch])
+    return StepBatch(
+        data,
+        "cross_entropy",
+        metrics={**(metrics or {}), count_name: len(batch), "train/loss_tokens": loss_tokens},
+        payload=batch,
+        tokens=sum(e.tokens for e in batch),
+    )
+
+
+def step_losses(batch: StepBatch, output: Any) -> dict[str, float]:
+    """`run_training`'s ``read_metrics`` for a `cross_entropy_step`: `batch_losses` of its
+    examples."""
+    return batch_losses(batch.payload, output.loss_fn_outputs)
 
 
 def data_digest(transcripts: Sequence[Transcript]) -> str:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .backends import resolve_client
 from .errors import ConfigError
 from .metrics import JsonlLogger
+from .renderers import get_renderer
 from .store import Checkpoint, StageDir, read_jsonl, record_checkpoint, write_jsonl
 
 PROGRESS_FILE = "progress.json"
@@ -105,6 +106,28 @@ def open_training_client(
         service.create_lora_training_client(base_model=base_model, rank=rank, seed=seed)
     )
     return client, 0
+
+
+def open_trainer(
+    service: Any,
+    stage: StageDir,
+    config: Any,
+    role: str = "student",
+    init_state: str | None = None,
+) -> tuple[Any, int, Any]:
+    """`open_training_client` for the ``role`` model of a stage's settings (``config.<role>``
+    with ``config.lora_rank`` and ``config.seed``), the steps already done, and that model's
+    chat format (``config.<role>_renderer``) on the client's tokenizer."""
+    client, done_steps = open_training_client(
+        service,
+        stage,
+        base_model=getattr(config, role),
+        rank=config.lora_rank,
+        seed=config.seed,
+        init_state=init_state,
+    )
+    renderer = get_renderer(getattr(config, f"{role}_renderer"), client.get_tokenizer())
+    return client, done_steps, renderer
 
 
 def save_progress(client: Any, stage: StageDir, step: int) -> Progress:
@@ -209,13 +232,34 @@ class LRSchedule:
 
 
 @dataclass(frozen=True)
+class CheckpointTarget:
+    """Where a trainer's finished weights are recorded: the name in the run's checkpoint
+    manifest, the run folder, and the stage credited with them (see `finish_checkpoint`)."""
+
+    run_dir: Path
+    stage_name: str
+    checkpoint: str
+
+
+# what a params section may give a plan, and the value when it has no such field (RL's section
+# has no warm-up and trains one pass)
+_SECTION_FIELDS = (
+    ("learning_rate", None),
+    ("warmup_fraction", 0.0),
+    ("schedule", "constant"),
+    ("save_every", None),
+    ("epochs", 1),
+    ("grad_clip_norm", 0.0),
+)
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     """What the loop needs to know about a stage's training, besides its batches.
 
     ``name`` labels the progress bar; ``epochs`` only feeds the ``epoch`` metric column;
     ``grad_clip_norm`` goes to every ``optim_step`` (Tinker's ``AdamParams.grad_clip_norm``);
-    ``checkpoint``, when set, is the name the finished weights are recorded under (with
-    ``run_dir``, ``stage_name`` and ``base_model``), as `finish_checkpoint` does.
+    ``target``, when set, is where the finished weights of ``base_model`` are recorded.
     """
 
     name: str
@@ -224,10 +268,40 @@ class TrainingPlan:
     save_every: int
     epochs: int = 1
     grad_clip_norm: float = 0.0  # global gradient-norm clip in the optimiser step (0: none)
-    checkpoint: str | None = None
-    run_dir: Path | None = None
-    stage_name: str = ""
+    target: CheckpointTarget | None = None
     base_model: str = ""
+
+    @classmethod
+    def for_section(
+        cls,
+        name: str,
+        section: Any,
+        total_steps: int,
+        target: CheckpointTarget,
+        base_model: str,
+        **overrides: Any,
+    ) -> TrainingPlan:
+        """The plan of a trainer configured by a params section (``dpo``, ``sft``, ``rl``):
+        its ``learning_rate``, ``warmup_fraction``, ``schedule``, ``save_every``, ``epochs``
+        and ``grad_clip_norm``, each replaced by ``overrides`` where given (the RL start's
+        own step count, the preference model's ``pm_*`` settings)."""
+        unknown = set(overrides) - {key for key, _ in _SECTION_FIELDS}
+        if unknown:
+            raise TypeError(f"TrainingPlan.for_section: unknown overrides {sorted(unknown)}")
+        value = {key: getattr(section, key, default) for key, default in _SECTION_FIELDS}
+        value.update(overrides)
+        return cls(
+            name=name,
+            total_steps=total_steps,
+            schedule=LRSchedule(
+                value["learning_rate"], value["warmup_fraction"], value["schedule"]
+            ),
+            save_every=value["save_every"],
+            epochs=value["epochs"],
+            grad_clip_norm=value["grad_clip_norm"],
+            target=target,
+            base_model=base_model,
+        )
 
 
 @dataclass
@@ -346,10 +420,9 @@ def run_training(
     if pending is not None:
         finish(pending)
     bar.close()
-    if plan.checkpoint is None:
+    if plan.target is None:
         return None
-    if plan.run_dir is None:
-        raise ValueError("TrainingPlan.checkpoint needs run_dir")
+    target = plan.target
     return finish_checkpoint(
-        client, plan.run_dir, plan.checkpoint, plan.stage_name, plan.base_model
+        client, target.run_dir, target.checkpoint, target.stage_name, plan.base_model
     )

@@ -51,11 +51,6 @@ def _per_experiment_mean(values: np.ndarray, experiments: int) -> np.ndarray:
     )
 
 
-def _truth_only(truth: np.ndarray) -> Trial:
-    nan = np.full_like(truth, np.nan)
-    return Trial(nan, nan, nan, truth)
-
-
 def spread_change_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> Case:
     """Elo spread change final - base; knob: the trained utilities are (1 + knob) times wider,
     same ranking. No effect: the same preferences measured twice."""
@@ -68,7 +63,7 @@ def spread_change_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDG
             elo_stats.elo(a).std(axis=1) - elo_stats.elo(b).std(axis=1), reps
         )
         if not intervals:
-            return _truth_only(truth)
+            return Trial.truth_only(truth)
         after, before = _pair(design, judge, u_after, u_before, rng)
         change = elo_stats.paired_spread_change(after, before, n_boot, int(rng.integers(1 << 31)))
         return Trial(change.value, change.low, change.high, truth)
@@ -89,7 +84,7 @@ def spearman_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) ->
             elo_stats.spearman_rows(elo_stats.elo(a), elo_stats.elo(b)), reps
         )
         if not intervals:
-            return _truth_only(truth)
+            return Trial.truth_only(truth)
         after, before = _pair(design, judge, u_after, u_before, rng)
         agreement = elo_stats.paired_spearman(
             after, before, n_boot, int(rng.integers(1 << 31)), n_splits=4
@@ -117,7 +112,7 @@ def spread_case(design: Design, n_boot: int, judge: Judge = NUISANCE_JUDGE) -> C
         many, _ = _pair(design, judge, _replicated(u), _replicated(u), rng)
         truth = _true_spread(many, reps, rng)
         if not intervals:
-            return _truth_only(truth)
+            return Trial.truth_only(truth)
         outcomes, _ = _pair(design, judge, u, u, rng)
         spread = elo_stats.spread_beyond_noise(outcomes, n_boot, int(rng.integers(1 << 31)))
         return Trial(spread.beyond, spread.low, spread.high, truth)
@@ -160,7 +155,7 @@ def calibrated_spread_case(
         outcomes, _ = _calibrated_outcomes(matches, many, judge, rng, slope, mode)
         truth = _true_spread(outcomes, reps, rng)
         if not intervals:
-            return _truth_only(truth)
+            return Trial.truth_only(truth)
         matches = draw_matches(design, reps, rng)
         outcomes, prior = _calibrated_outcomes(matches, u, judge, rng, slope, mode)
         spread = elo_stats.spread_beyond_noise(outcomes, n_boot, int(rng.integers(1 << 31)))

@@ -24,8 +24,9 @@ form), so coverage is about the interval, not about a model that differs from th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import norm
@@ -45,6 +46,23 @@ class Trial:
     high: np.ndarray
     truth: np.ndarray
     claims: np.ndarray | None = None  # a verdict statistic: where it claims an effect
+
+    @classmethod
+    def truth_only(cls, truth: np.ndarray) -> Trial:
+        """A search run's trial (``intervals`` False): the truth alone, no estimates."""
+        nan = np.full_like(truth, np.nan)
+        return cls(nan, nan, nan, truth)
+
+    @classmethod
+    def of(cls, estimates: Sequence[Any], truth: np.ndarray, value: str = "value") -> Trial:
+        """One experiment per estimate: its ``value`` (or the attribute named), ``low`` and
+        ``high``."""
+        return cls(
+            np.array([getattr(e, value) for e in estimates]),
+            np.array([e.low for e in estimates]),
+            np.array([e.high for e in estimates]),
+            truth,
+        )
 
     def measured(self) -> np.ndarray:
         return np.isfinite(self.low) & np.isfinite(self.high)

@@ -18,11 +18,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from ..evaluate import coherence
-from ..evaluate.intervals import bootstrap_mean, paired_bootstrap_difference
+from ..evaluate.intervals import Estimate, bootstrap_mean, paired_bootstrap_difference
 from .harness import Case, Trial
 
 PROMPT_SPREAD = 1.0  # std of prompt difficulty on the logit scale
@@ -50,10 +51,9 @@ def teacher_likeness_case(prompts: int, samples: int, n_boot: int) -> Case:
         )
         truth = np.full(reps, truth_value)
         if not intervals:
-            nan = np.full(reps, np.nan)
-            return Trial(nan, nan, nan, truth)
-        estimate, low, high = (np.empty(reps) for _ in range(3))
-        for r in range(reps):
+            return Trial.truth_only(truth)
+
+        def experiment() -> Estimate:
             difficulty = rng.standard_normal(prompts) * PROMPT_SPREAD
             a = rng.random((prompts, samples)) < _sigmoid(base + knob + difficulty)[:, None]
             b = rng.random((prompts, samples)) < _sigmoid(base + difficulty)[:, None]
@@ -63,8 +63,9 @@ def teacher_likeness_case(prompts: int, samples: int, n_boot: int) -> Case:
                 n_boot,
                 int(rng.integers(1 << 31)),
             )
-            estimate[r], low[r], high[r] = diff.value, diff.low, diff.high
-        return Trial(estimate, low, high, truth)
+            return diff
+
+        return Trial.of([experiment() for _ in range(reps)], truth)
 
     return Case(
         "teacher-likeness difference (dpo - base)",
@@ -110,15 +111,9 @@ def coherence_case(comparisons: int) -> Case:
         big = _coherence_rates(knob, 4000, rng)
         truth = np.full(reps, big.win_rate)
         if not intervals:
-            nan = np.full(reps, np.nan)
-            return Trial(nan, nan, nan, truth)
+            return Trial.truth_only(truth)
         rates = [_coherence_rates(knob, comparisons, rng) for _ in range(reps)]
-        return Trial(
-            np.array([r.win_rate for r in rates]),
-            np.array([r.low for r in rates]),
-            np.array([r.high for r in rates]),
-            truth,
-        )
+        return Trial.of(rates, truth, value="win_rate")
 
     return Case(
         "coherence win rate",
@@ -145,8 +140,7 @@ def hacking_verdict_case(probe_prompts: int, adherence_prompts: int, n_boot: int
         )
         truth = np.full(reps, -truth_value)  # reported as a drop (positive)
         if not intervals:
-            nan = np.full(reps, np.nan)
-            return Trial(nan, nan, nan, truth)
+            return Trial.truth_only(truth)
         estimate, low, high = (np.full(reps, np.nan) for _ in range(3))
         called = np.zeros(reps, dtype=bool)
         for r in range(reps):
@@ -213,15 +207,14 @@ def f1_difference_case(prompts: int, n_boot: int) -> Case:
         )
         truth = np.full(reps, truth_value)
         if not intervals:
-            nan = np.full(reps, np.nan)
-            return Trial(nan, nan, nan, truth)
-        estimate, low, high = (np.empty(reps) for _ in range(3))
-        for r in range(reps):
+            return Trial.truth_only(truth)
+
+        def experiment() -> Any:
             trained = _f1_rows(prompts, PROMPTED_LOGIT + knob, rng)
             prompted = _f1_rows(prompts, PROMPTED_LOGIT, rng)
-            diff = paired_macro_f1_difference(trained, prompted, n_boot, int(rng.integers(1 << 31)))
-            estimate[r], low[r], high[r] = diff.value, diff.low, diff.high
-        return Trial(estimate, low, high, truth)
+            return paired_macro_f1_difference(trained, prompted, n_boot, int(rng.integers(1 << 31)))
+
+        return Trial.of([experiment() for _ in range(reps)], truth)
 
     return Case(
         "F1 difference (final - system prompt)",

@@ -85,12 +85,7 @@ from ..prompts import student_messages
 from ..renderers import renderer_for_model
 from ..sampling import SampleRequest, sample_chat
 from ..store import find_checkpoint, model_label, portable_path, read_jsonl, write_jsonl
-
-# Re-exported for callers (and used here); to be imported from `.heldout`.
 from .heldout import HeldoutPrompt, heldout_path, load_heldout, split_prompt_ids
-
-# Estimate, bootstrap_mean and paired_bootstrap_difference are re-exported for callers (to be
-# imported from `.intervals`); the rest are this module's own imports.
 from .intervals import (
     MEASURED,
     Estimate,
@@ -99,36 +94,17 @@ from .intervals import (
     paired_bootstrap_difference,
     withhold,
 )
-
-# Re-exported for callers; to be imported from `.sentence_encoder`.
-from .sentence_encoder import (
-    PoolingSpec,
-    SentenceEncoder,
-    embed_texts,
-    load_encoder,
-    minilm_dir,
-    read_pooling_spec,
-    resolve_encoder_dir,
-    text_key,
-)
-
-# Re-exported for callers (THRESHOLD also used here), to be imported from `.teacher_classifier`;
-# InstrumentCheck, check_instrument, train_teacher_head and validate are this module's own.
+from .sentence_encoder import SentenceEncoder, embed_texts, load_encoder
 from .teacher_classifier import (
     THRESHOLD,
     ClassifierSummary,
     InstrumentCheck,
-    LogisticHead,
-    accuracy,
     check_instrument,
-    fit_logistic,
-    roc_auc,
     train_teacher_head,
     validate,
 )
 
 __all__ = [
-    # this module: the measurement and its report
     "ADHERENCE_DIR",
     "CLASSIFIER_SOURCE",
     "STUDENT_REF",
@@ -139,31 +115,6 @@ __all__ = [
     "checkpoint_models",
     "measure",
     "samples_table",
-    # re-exported for callers; to be imported from `.heldout`
-    "HeldoutPrompt",
-    "heldout_path",
-    "load_heldout",
-    "split_prompt_ids",
-    # re-exported for callers; to be imported from `.intervals`
-    "Estimate",
-    "bootstrap_mean",
-    "paired_bootstrap_difference",
-    # re-exported for callers; to be imported from `.sentence_encoder`
-    "PoolingSpec",
-    "SentenceEncoder",
-    "embed_texts",
-    "load_encoder",
-    "minilm_dir",
-    "read_pooling_spec",
-    "resolve_encoder_dir",
-    "text_key",
-    # re-exported for callers; to be imported from `.teacher_classifier`
-    "THRESHOLD",
-    "ClassifierSummary",
-    "LogisticHead",
-    "accuracy",
-    "fit_logistic",
-    "roc_auc",
 ]
 
 logger = logging.getLogger(__name__)

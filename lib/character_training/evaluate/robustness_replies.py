@@ -23,6 +23,7 @@ from ..artifacts import PROMPTS_STAGE
 from ..config import EngineParams, EvalParams, SamplingParams
 from ..errors import DataError
 from ..prompts import ADVERSARIAL_INSTRUCTIONS, prefill_attack_messages, robustness_messages
+from ..sampler_setup import sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import StageConfig
 from ..store import portable_path, read_jsonl
@@ -75,13 +76,7 @@ class ReplySettings(StageConfig):
 
     def reply_sampling(self) -> dict[str, Any]:
         """The keyword settings of `sampling.sample_chat` for every reply (and its log name)."""
-        return {
-            "max_tokens": self.evals.robustness_max_tokens,
-            "temperature": self.sampling.temperature,
-            "top_p": self.sampling.top_p,
-            "top_k": self.sampling.top_k,
-            "seed": self.seed,
-        }
+        return sampler_settings(self.sampling, self.evals.robustness_max_tokens, self.seed)
 
     def classifier(self) -> ClassifierSettings:
         e = self.evals

@@ -44,11 +44,11 @@ from typing import Any
 
 from tinker import types
 
+from .. import training
 from ..backends import resolve_client
 from ..errors import DataError
 from ..evaluate.preference_model import Comparator, Matchup
 from ..prompts import student_messages
-from ..renderers import get_renderer
 from ..renderers.conversation import generation_prompt
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import digest, json_ready
@@ -62,11 +62,10 @@ from ..store import (
     resolve_path,
     write_jsonl,
 )
-from ..training import LRSchedule, StepBatch, open_training_client, read_progress, run_training
 from . import sft_start
 from .advantages import draw_matchups, group_advantages, group_win_rates, kl_shaped_advantages
 from .probes import PROBES_FILE, Prober, probe_steps
-from .settings import CheckpointTarget, RLAIFSettings
+from .settings import RLAIFSettings
 from .signals import judge_cached
 
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -187,7 +186,7 @@ class RLStep:
     def snapshot(self) -> Any:
         return self.client.save_weights_and_get_sampling_client()
 
-    def make_batch(self, step: int) -> StepBatch:
+    def make_batch(self, step: int) -> training.StepBatch:
         """Sample, judge and score step ``step``; the rollout statistics go in its metrics and
         its rollout rows in its payload (written by `read_metrics`)."""
         started = time.perf_counter()
@@ -301,9 +300,9 @@ class RLStep:
             "train/reply_tokens": n_tokens,
             "time/rollout": time.perf_counter() - started,
         }
-        return StepBatch(data, "importance_sampling", metrics=metrics, payload=records)
+        return training.StepBatch(data, "importance_sampling", metrics=metrics, payload=records)
 
-    def read_metrics(self, batch: StepBatch, out: Any) -> dict[str, Any]:
+    def read_metrics(self, batch: training.StepBatch, out: Any) -> dict[str, Any]:
         """Write the step's rollouts once it has run (with its metrics row, so a resumed run
         drops and redoes both together)."""
         for record in batch.payload:
@@ -342,7 +341,7 @@ def open_reference(service: Any, client: Any, stage: StageDir, done_steps: int) 
     A fresh run saves the weights it starts from before any update; a resumed run reloads
     them (never its resumed weights)."""
     reference_file = stage.file(REFERENCE_FILE)
-    if done_steps == 0 and read_progress(stage) is None:
+    if done_steps == 0 and training.read_progress(stage) is None:
         state = client.save_state("rl-start").result().path
         reference_file.write_text(
             json.dumps({"state_path": portable_path(stage.run_dir, str(state))})
@@ -367,7 +366,7 @@ def train_rl(
     probe_prompts: Sequence[Mapping[str, str]],
     signal: Comparator,
     start: Checkpoint | None,
-    target: CheckpointTarget,
+    target: training.CheckpointTarget,
     on_existing: str = "resume",
     signal_name: str = "",
 ) -> RLRun:
@@ -388,16 +387,10 @@ def train_rl(
             stage.manifest().get("counts", {}),
         )
 
-    client, done_steps = open_training_client(
-        service,
-        stage,
-        base_model=config.student,
-        rank=config.lora_rank,
-        seed=config.seed,
-        init_state=start.state_path if start else None,
+    client, done_steps, renderer = training.open_trainer(
+        service, stage, config, init_state=start.state_path if start else None
     )
     reference = open_reference(service, client, stage, done_steps)
-    renderer = get_renderer(config.student_renderer, client.get_tokenizer())
     text_of = {p["id"]: p["prompt"] for p in prompts}
     prompt_tokens = {
         pid: generation_prompt(renderer, student_messages(text)).to_ints()
@@ -428,15 +421,8 @@ def train_rl(
         signal=signal,
         sampling=sampling,
     )
-    plan = target.plan(
-        name="RL",
-        total_steps=config.steps,
-        schedule=LRSchedule(config.rl.learning_rate, 0.0, config.rl.schedule),
-        save_every=config.rl.save_every,
-        base_model=config.student,
-        grad_clip_norm=config.rl.grad_clip_norm,
-    )
-    checkpoint = run_training(
+    plan = training.TrainingPlan.for_section("RL", config.rl, config.steps, target, config.student)
+    checkpoint = training.run_training(
         client,
         stage,
         plan,

@@ -20,6 +20,7 @@ from typing import Any
 
 from tinker import types
 
+from .. import training
 from ..errors import DataError
 from ..evaluate.preference_model import (
     PMExample,
@@ -27,12 +28,10 @@ from ..evaluate.preference_model import (
     load_helpfulness_pairs,
     render_pm_examples,
 )
-from ..renderers import get_renderer
 from ..stage_config import digest, json_ready
 from ..store import Checkpoint, StageDir, find_checkpoint, read_jsonl, write_jsonl
 from ..supervised import normalise_batch
-from ..training import LRSchedule, StepBatch, epoch_batches, open_training_client, run_training
-from .settings import CheckpointTarget, RLAIFSettings
+from .settings import RLAIFSettings, trainer_settings
 
 SHUFFLE_SALT = "pm"
 WARMUP_FRACTION = 0.1
@@ -56,11 +55,7 @@ def settings_used(config: RLAIFSettings, character: str) -> dict[str, Any]:
     """What the preference model depends on: its folder's fingerprint and ``config.json``."""
     rl = config.rl
     return {
-        "judge": config.judge,
-        "judge_renderer": config.judge_renderer,
-        "lora_rank": config.lora_rank,
-        "seed": config.seed,
-        "pairs_digest": config.pairs_digest,
+        **trainer_settings(config, "judge"),
         "character": character,
         "pm": {
             "epochs": rl.pm_epochs,
@@ -89,7 +84,7 @@ def train_preference_model(
     config: RLAIFSettings,
     examples: Sequence[PMExample],
     character: str,
-    target: CheckpointTarget,
+    target: training.CheckpointTarget,
     on_existing: str = "resume",
 ) -> PMResult:
     """Train on the ``train`` comparisons in ``stage`` (``character``: the constitution summary
@@ -103,10 +98,7 @@ def train_preference_model(
             list(examples),
             read_jsonl(stage.file("dropped.jsonl")),
         )
-    client, done_steps = open_training_client(
-        service, stage, base_model=config.judge, rank=config.lora_rank, seed=config.seed
-    )
-    renderer = get_renderer(config.judge_renderer, client.get_tokenizer())
+    client, done_steps, renderer = training.open_trainer(service, stage, config, role="judge")
     rl = config.rl
     datums: dict[str, types.Datum] = {}
     dropped = []
@@ -121,16 +113,18 @@ def train_preference_model(
     write_jsonl(stage.file("dropped.jsonl"), dropped)
     if not datums:
         raise DataError("no preference-model comparison fits rl.pm_max_length")
-    steps = epoch_batches(sorted(datums), rl.pm_batch_size, rl.pm_epochs, config.seed, SHUFFLE_SALT)
+    steps = training.epoch_batches(
+        sorted(datums), rl.pm_batch_size, rl.pm_epochs, config.seed, SHUFFLE_SALT
+    )
 
-    def make_batch(step: int) -> StepBatch:
+    def make_batch(step: int) -> training.StepBatch:
         ids = steps[step - 1]
         data, _ = normalise_batch([datums[i] for i in ids])
-        return StepBatch(
+        return training.StepBatch(
             data, "cross_entropy", metrics={"train/comparisons": len(ids)}, payload=ids
         )
 
-    def read_metrics(batch: StepBatch, out: Any) -> dict[str, float]:
+    def read_metrics(batch: training.StepBatch, out: Any) -> dict[str, float]:
         # the letter's log-prob under the unnormalised weights (exactly 1 on the letter)
         letter_lp = letter_logprobs(out.loss_fn_outputs, [datums[i] for i in batch.payload])
         return {
@@ -138,16 +132,18 @@ def train_preference_model(
             "pm/p_answer": statistics.fmean(math.exp(v) for v in letter_lp),
         }
 
-    plan = target.plan(
-        name="preference model",
-        total_steps=len(steps),
-        schedule=LRSchedule(rl.pm_learning_rate, WARMUP_FRACTION, SCHEDULE),
-        save_every=rl.save_every,
-        base_model=config.judge,
+    plan = training.TrainingPlan.for_section(
+        "preference model",
+        rl,
+        len(steps),
+        target,
+        config.judge,
+        learning_rate=rl.pm_learning_rate,
+        warmup_fraction=WARMUP_FRACTION,
+        schedule=SCHEDULE,
         epochs=rl.pm_epochs,
-        grad_clip_norm=rl.grad_clip_norm,
     )
-    checkpoint = run_training(
+    checkpoint = training.run_training(
         client, stage, plan, make_batch, done_steps=done_steps, read_metrics=read_metrics
     )
     assert checkpoint is not None  # the plan names one

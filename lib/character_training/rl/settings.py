@@ -1,19 +1,17 @@
-"""What stage 09's trainers read from its ``Config``, and where they record their weights.
+"""What stage 09's trainers read from its ``Config``, and what each trainer's folder depends on.
 
 The settings live in the stage's ``Config`` (`stages.rlaif.Config`, a `StageConfig` that
 declares the ``rl``, ``sft``, ``evals`` and ``adherence`` sections and the run-level models).
 This package sits below the stage and must not import it, so it names the part of that
-``Config`` it relies on as a protocol: anything with these attributes will do.
+``Config`` it relies on as a protocol: anything with these attributes will do. Where a trainer
+records its weights is a `training.CheckpointTarget`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config import RLParams, SFTParams
-from ..training import LRSchedule, TrainingPlan
 
 
 class RLAIFSettings(Protocol):
@@ -59,35 +57,14 @@ class RLAIFSettings(Protocol):
     def bootstrap(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class CheckpointTarget:
-    """Where a trainer's finished weights are recorded: the name in the run's checkpoint
-    manifest, the run folder, and the stage credited with them."""
-
-    run_dir: Path
-    stage_name: str
-    checkpoint: str
-
-    def plan(
-        self,
-        name: str,
-        total_steps: int,
-        schedule: LRSchedule,
-        save_every: int,
-        base_model: str,
-        epochs: int = 1,
-        grad_clip_norm: float = 0.0,
-    ) -> TrainingPlan:
-        """The `training.TrainingPlan` of a trainer that records its weights here."""
-        return TrainingPlan(
-            name=name,
-            total_steps=total_steps,
-            schedule=schedule,
-            save_every=save_every,
-            epochs=epochs,
-            grad_clip_norm=grad_clip_norm,
-            checkpoint=self.checkpoint,
-            run_dir=self.run_dir,
-            stage_name=self.stage_name,
-            base_model=base_model,
-        )
+def trainer_settings(config: RLAIFSettings, role: str) -> dict[str, Any]:
+    """What every stage-09 trainer's folder depends on besides its own section: the model it
+    trains (``role``: "student" or "judge") and its chat format, the LoRA rank, the seed and
+    the pairs it learns from (the start of its fingerprint and ``config.json``)."""
+    return {
+        role: getattr(config, role),
+        f"{role}_renderer": getattr(config, f"{role}_renderer"),
+        "lora_rank": config.lora_rank,
+        "seed": config.seed,
+        "pairs_digest": config.pairs_digest,
+    }

@@ -13,13 +13,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import training
 from ..errors import DataError
-from ..renderers import get_renderer
 from ..stage_config import digest, json_ready
 from ..store import Checkpoint, StageDir, find_checkpoint
-from ..supervised import as_transcripts, batch_losses, build_examples, normalise_batch
-from ..training import LRSchedule, StepBatch, epoch_batches, open_training_client, run_training
-from .settings import CheckpointTarget, RLAIFSettings
+from ..supervised import as_transcripts, build_examples, cross_entropy_step, step_losses
+from .settings import RLAIFSettings, trainer_settings
 
 SHUFFLE_SALT = "sft"
 
@@ -43,11 +42,7 @@ def settings_used(config: RLAIFSettings) -> dict[str, Any]:
     """What the SFT start depends on: its folder's fingerprint and ``config.json``."""
     sft = config.sft
     return {
-        "student": config.student,
-        "student_renderer": config.student_renderer,
-        "lora_rank": config.lora_rank,
-        "seed": config.seed,
-        "pairs_digest": config.pairs_digest,
+        **trainer_settings(config, "student"),
         "steps": config.rl.sft_init_steps,
         "sft": {
             "learning_rate": sft.learning_rate,
@@ -64,7 +59,7 @@ def train_sft_start(
     stage: StageDir,
     config: RLAIFSettings,
     pairs: Sequence[Mapping[str, Any]],
-    target: CheckpointTarget,
+    target: training.CheckpointTarget,
     on_existing: str = "resume",
 ) -> Checkpoint:
     """Train the SFT start in ``stage`` and record it as ``target``; a finished folder with
@@ -73,10 +68,7 @@ def train_sft_start(
     stage.prepare(digest(used), on_existing, json_ready(used))
     if stage.manifest().get("status") == "done":
         return find_checkpoint(target.run_dir, target.checkpoint)
-    client, done_steps = open_training_client(
-        service, stage, base_model=config.student, rank=config.lora_rank, seed=config.seed
-    )
-    renderer = get_renderer(config.student_renderer, client.get_tokenizer())
+    client, done_steps, renderer = training.open_trainer(service, stage, config)
     transcripts = as_transcripts(chosen_transcripts(pairs))
     sft = config.sft
     examples, dropped = build_examples(transcripts, renderer, sft.max_length)
@@ -85,39 +77,30 @@ def train_sft_start(
     by_id = {e.id: e for e in examples}
     total = config.rl.sft_init_steps
     epochs = math.ceil(total * sft.batch_size / len(examples))
-    batches = epoch_batches(list(by_id), sft.batch_size, epochs, config.seed, SHUFFLE_SALT)[:total]
+    batches = training.epoch_batches(
+        list(by_id), sft.batch_size, epochs, config.seed, SHUFFLE_SALT
+    )[:total]
     per_epoch = math.ceil(len(examples) / sft.batch_size)
 
-    def make_batch(step: int) -> StepBatch:
-        batch = [by_id[i] for i in batches[step - 1]]
-        data, loss_tokens = normalise_batch([e.datum for e in batch])
-        return StepBatch(
-            data,
-            "cross_entropy",
-            metrics={
-                "epoch": (step - 1) // per_epoch,  # the steps stop mid-epoch: count, not spread
-                "train/examples": len(batch),
-                "train/loss_tokens": loss_tokens,
-            },
-            payload=batch,
+    def make_batch(step: int) -> training.StepBatch:
+        # the steps stop mid-epoch: the epoch column counts epochs rather than spreading them
+        return cross_entropy_step(
+            [by_id[i] for i in batches[step - 1]],
+            "train/examples",
+            {"epoch": (step - 1) // per_epoch},
         )
 
-    plan = target.plan(
-        name="RL start: SFT",
-        total_steps=total,
-        schedule=LRSchedule(sft.learning_rate, sft.warmup_fraction, sft.schedule),
+    plan = training.TrainingPlan.for_section(
+        "RL start: SFT",
+        sft,
+        total,
+        target,
+        config.student,
         save_every=config.rl.save_every,
-        base_model=config.student,
         epochs=epochs,
-        grad_clip_norm=sft.grad_clip_norm,
     )
-    checkpoint = run_training(
-        client,
-        stage,
-        plan,
-        make_batch,
-        done_steps=done_steps,
-        read_metrics=lambda batch, out: batch_losses(batch.payload, out.loss_fn_outputs),
+    checkpoint = training.run_training(
+        client, stage, plan, make_batch, done_steps=done_steps, read_metrics=step_losses
     )
     assert checkpoint is not None  # the plan names one
     stage.finish(examples=len(examples), dropped=len(dropped), steps=total)

@@ -26,41 +26,40 @@ from ..evaluate.preference_model import (
     PMExample,
     pairwise_accuracy,
 )
+from ..sampler_setup import model_sampler
 from ..stage_config import digest
 from ..store import Checkpoint, append_jsonl, portable_path, read_jsonl
 from .settings import RLAIFSettings
 
 
-def judge_comparator(
-    config: RLAIFSettings, service: Any, constitution: Constitution, desc: str | None = None
-) -> ForcedChoiceComparator:
-    """The prompted judge: the untrained ``judge`` model with the whole constitution."""
-    return ForcedChoiceComparator(
-        lambda: service.create_sampling_client(base_model=config.judge),
-        config.judge_renderer,
-        constitution.traits_text,
-        identity=f"judge:{config.judge}",
-        soft=False,
-        desc=desc,
-    )
-
-
-def pm_comparator(
+def signal_comparator(
     config: RLAIFSettings,
     service: Any,
     constitution: Constitution,
-    checkpoint: Checkpoint,
-    run_dir: Path,
+    preference_model: Checkpoint | None = None,
+    run_dir: Path | None = None,
     desc: str | None = None,
 ) -> ForcedChoiceComparator:
-    """The trained preference model: its LoRA on the judge's base, the constitution summary
-    (named after its sampler path as the run records it, so a copied run reuses its cache)."""
+    """A signal on the judge's chat format: without ``preference_model``, the prompted judge
+    (the untrained ``judge`` model with the whole constitution, hard verdicts); with it, the
+    trained preference model (its LoRA on the judge's base with the constitution's summary,
+    soft verdicts), named after its sampler path as the run in ``run_dir`` records it, so a
+    copied run reuses its cache."""
+    if preference_model is None:
+        sampler_path = None
+        character, identity = constitution.traits_text, f"judge:{config.judge}"
+    elif run_dir is None:
+        raise ValueError("the preference model's signal needs run_dir (it names its cache)")
+    else:
+        sampler_path = preference_model.sampler_path
+        character = constitution.description
+        identity = f"pm:{portable_path(run_dir, sampler_path)}"
     return ForcedChoiceComparator(
-        lambda: service.create_sampling_client(model_path=checkpoint.sampler_path),
+        model_sampler(service, config.judge, sampler_path),
         config.judge_renderer,
-        constitution.description,
-        identity=f"pm:{portable_path(run_dir, checkpoint.sampler_path)}",
-        soft=True,
+        character,
+        identity=identity,
+        soft=preference_model is not None,
         desc=desc,
     )
 

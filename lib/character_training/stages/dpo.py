@@ -32,11 +32,11 @@ import torch
 from tinker import types
 from tqdm.auto import tqdm
 
-from ..artifacts import DISTILL_STAGE, load_pairs
+from .. import training
+from ..artifacts import DISTILL_STAGE, DPO_CHECKPOINT, DPO_STAGE, load_pairs
 from ..config import DPOParams, RunParams
 from ..errors import DataError
 from ..objectives import compute_dpo_loss
-from ..renderers import get_renderer
 from ..renderers.conversation import loss_positions, supervised_datum, truncate_datum
 from ..stage_config import StageConfig
 from ..store import (
@@ -47,20 +47,12 @@ from ..store import (
     stage_dir,
     write_jsonl,
 )
-from ..training import (
-    LRSchedule,
-    StepBatch,
-    TrainingPlan,
-    epoch_batches,
-    open_training_client,
-    run_training,
-)
 
 logger = logging.getLogger(__name__)
 
-STAGE = "03_dpo"
+STAGE = DPO_STAGE
 SHUFFLE_SALT = "dpo"
-CHECKPOINT = "dpo"
+CHECKPOINT = DPO_CHECKPOINT
 
 
 @dataclass(frozen=True)
@@ -170,6 +162,11 @@ def make_dpo_loss_fn(
     return loss_fn
 
 
+def dpo_metrics(batch: training.StepBatch, output: Any) -> dict[str, Any]:
+    """The DPO loss terms of a step (``dpo/*``) from its forward-backward output."""
+    return {k: v for k, v in output.metrics.items() if k.startswith("dpo/")}
+
+
 # -- reference log-probs --------------------------------------------------------------------------
 def compute_reference_logprobs(
     client, pairs: Sequence[PairData], path: Path, batch_pairs: int = 16
@@ -222,10 +219,7 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
             stage.path, finished.get("counts", {}), find_checkpoint(params.run_dir, CHECKPOINT)
         )
 
-    client, done_steps = open_training_client(
-        service_client, stage, base_model=config.student, rank=config.lora_rank, seed=config.seed
-    )
-    renderer = get_renderer(config.student_renderer, client.get_tokenizer())
+    client, done_steps, renderer = training.open_trainer(service_client, stage, config)
     data, dropped = build_pair_data(pairs, renderer, dpo.max_length)
     write_jsonl(stage.file("dropped.jsonl"), dropped)
     if not data:
@@ -243,9 +237,11 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
                 f"{done_steps} steps; rerun with on_existing='overwrite'"
             )
 
-    steps = epoch_batches(list(by_id), dpo.batch_size, dpo.epochs, config.seed, SHUFFLE_SALT)
+    steps = training.epoch_batches(
+        list(by_id), dpo.batch_size, dpo.epochs, config.seed, SHUFFLE_SALT
+    )
 
-    def make_batch(step: int) -> StepBatch:
+    def make_batch(step: int) -> training.StepBatch:
         batch = [by_id[pid] for pid in steps[step - 1]]
         loss_fn = make_dpo_loss_fn(
             [references[p.pair_id] for p in batch],
@@ -254,32 +250,14 @@ def run(params: RunParams, service_client, on_existing: str = "resume") -> Resul
             kl_coef=dpo.kl_coef,
         )
         data = [d for p in batch for d in (p.chosen, p.rejected)]
-        return StepBatch(data, loss_fn, metrics={"train/pairs": len(batch)})
+        return training.StepBatch(data, loss_fn, metrics={"train/pairs": len(batch)})
 
-    plan = TrainingPlan(
-        name="DPO",
-        total_steps=len(steps),
-        schedule=LRSchedule(dpo.learning_rate, dpo.warmup_fraction, dpo.schedule),
-        save_every=dpo.save_every,
-        epochs=dpo.epochs,
-        grad_clip_norm=dpo.grad_clip_norm,
-        checkpoint=CHECKPOINT,
-        run_dir=params.run_dir,
-        stage_name=STAGE,
-        base_model=config.student,
+    target = training.CheckpointTarget(params.run_dir, STAGE, CHECKPOINT)
+    plan = training.TrainingPlan.for_section("DPO", dpo, len(steps), target, config.student)
+    checkpoint = training.run_training(
+        client, stage, plan, make_batch, done_steps=done_steps, read_metrics=dpo_metrics
     )
-    checkpoint = run_training(
-        client,
-        stage,
-        plan,
-        make_batch,
-        done_steps=done_steps,
-        read_metrics=lambda batch, out: {
-            k: v for k, v in out.metrics.items() if k.startswith("dpo/")
-        },
-    )
-    total = len(steps)
-    counts = {"pairs": len(data), "dropped": len(dropped), "steps": total}
+    counts = {"pairs": len(data), "dropped": len(dropped), "steps": len(steps)}
     stage.finish(**counts)
     return Result(stage.path, counts, checkpoint)
 

@@ -61,11 +61,11 @@ from ..metrics import read_metrics
 from ..rl.loop import train_rl, training_prompts
 from ..rl.preference_model_training import pm_examples, train_preference_model
 from ..rl.probes import PROBE_LABEL
-from ..rl.settings import CheckpointTarget
 from ..rl.sft_start import train_sft_start
-from ..rl.signals import judge_comparator, pm_comparator, signal_accuracy
+from ..rl.signals import signal_accuracy, signal_comparator
 from ..stage_config import StageConfig
 from ..store import Checkpoint, read_jsonl, resolve_path, stage_dir
+from ..training import CheckpointTarget
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def run(
         signal: Comparator = comparator
         comparators["custom"] = comparator
     else:
-        signal = judge_comparator(config, service_client, constitution, desc="judge")
+        signal = signal_comparator(config, service_client, constitution, desc="judge")
         comparators["judge"] = signal
         if config.rl.signal == "preference_model":
             trained = train_preference_model(
@@ -221,7 +221,7 @@ def run(
                 on_existing,
             )
             preference_model = trained.checkpoint
-            signal = pm_comparator(
+            signal = signal_comparator(
                 config, service_client, constitution, preference_model, params.run_dir, "pm"
             )
             comparators["preference_model"] = signal

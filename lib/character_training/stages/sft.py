@@ -60,37 +60,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import INTROSPECTION_STAGE, assistant_name, sft_conversations, sft_counts
+from .. import training
+from ..artifacts import (
+    DPO_CHECKPOINT,
+    INTROSPECTION_STAGE,
+    SFT_CHECKPOINT,
+    SFT_STAGE,
+    assistant_name,
+    sft_conversations,
+    sft_counts,
+)
 from ..config import RunParams, SFTParams
 from ..constitutions import load_constitution
 from ..errors import ConfigError, DataError
-from ..renderers import get_renderer
 from ..stage_config import StageConfig
 from ..store import StageDir, find_checkpoint, portable_path, stage_dir, write_jsonl
 from ..supervised import (
     PLACEHOLDER,
     Transcript,
     as_transcripts,
-    batch_losses,
     build_examples,
     counts_by_kind,
+    cross_entropy_step,
     data_digest,
-    normalise_batch,
-)
-from ..training import (
-    LRSchedule,
-    StepBatch,
-    TrainingPlan,
-    epoch_batches,
-    open_training_client,
-    run_training,
+    step_losses,
 )
 
 logger = logging.getLogger(__name__)
 
-STAGE = "05_sft"
-START_CHECKPOINT = "dpo"
-CHECKPOINT = "final"
+STAGE = SFT_STAGE
+START_CHECKPOINT = DPO_CHECKPOINT
+CHECKPOINT = SFT_CHECKPOINT
 SHUFFLE_SALT = "sft"
 
 
@@ -210,13 +210,8 @@ def run(
             counts.get("by_kind", {}),
         )
 
-    client, done_steps = open_training_client(
-        service_client,
-        stage,
-        base_model=config.student,
-        rank=config.lora_rank,
-        seed=config.seed,
-        init_state=start.state_path,
+    client, done_steps, renderer = training.open_trainer(
+        service_client, stage, config, init_state=start.state_path
     )
     rank = getattr(client, "rank", None)
     if isinstance(rank, int) and rank != config.lora_rank:
@@ -224,7 +219,6 @@ def run(
             f"lora_rank={config.lora_rank} but the {START_CHECKPOINT!r} adapter has rank {rank}: "
             "SFT continues that adapter; set lora_rank to match or retrain notebook 03"
         )
-    renderer = get_renderer(config.student_renderer, client.get_tokenizer())
     examples, dropped = build_examples(transcripts, renderer, config.sft.max_length)
     by_kind = counts_by_kind(transcripts, examples, dropped)
     write_jsonl(stage.file("data.jsonl"), (e.record() for e in examples))
@@ -237,40 +231,18 @@ def run(
     by_id = {e.id: e for e in examples}
 
     sft = config.sft
-    steps = epoch_batches(list(by_id), sft.batch_size, sft.epochs, config.seed, SHUFFLE_SALT)
-
-    def make_batch(step: int) -> StepBatch:
-        batch = [by_id[i] for i in steps[step - 1]]
-        data, loss_tokens = normalise_batch([e.datum for e in batch])
-        return StepBatch(
-            data,
-            "cross_entropy",
-            metrics={"train/transcripts": len(batch), "train/loss_tokens": loss_tokens},
-            payload=batch,
-            tokens=sum(e.tokens for e in batch),
-        )
-
-    plan = TrainingPlan(
-        name="SFT",
-        total_steps=len(steps),
-        schedule=LRSchedule(sft.learning_rate, sft.warmup_fraction, sft.schedule),
-        save_every=sft.save_every,
-        epochs=sft.epochs,
-        grad_clip_norm=sft.grad_clip_norm,
-        checkpoint=CHECKPOINT,
-        run_dir=params.run_dir,
-        stage_name=STAGE,
-        base_model=config.student,
+    steps = training.epoch_batches(
+        list(by_id), sft.batch_size, sft.epochs, config.seed, SHUFFLE_SALT
     )
-    checkpoint = run_training(
-        client,
-        stage,
-        plan,
-        make_batch,
-        done_steps=done_steps,
-        read_metrics=lambda batch, out: batch_losses(batch.payload, out.loss_fn_outputs),
+
+    def make_batch(step: int) -> training.StepBatch:
+        return cross_entropy_step([by_id[i] for i in steps[step - 1]], "train/transcripts")
+
+    target = training.CheckpointTarget(params.run_dir, STAGE, CHECKPOINT)
+    plan = training.TrainingPlan.for_section("SFT", sft, len(steps), target, config.student)
+    checkpoint = training.run_training(
+        client, stage, plan, make_batch, done_steps=done_steps, read_metrics=step_losses
     )
-    total = len(steps)
     counts = {
         "transcripts": len(transcripts),
         "trained": len(examples),
@@ -279,7 +251,7 @@ def run(
         "cut_mid_turn": sum(e.cut for e in examples),
         "tokens": sum(e.tokens for e in examples),
         "loss_tokens": sum(e.loss_tokens for e in examples),
-        "steps": total,
+        "steps": len(steps),
         "by_kind": by_kind,
     }
     stage.finish(**counts)
