@@ -51,6 +51,7 @@ from character_training.evaluate.preference_stats import MIN_DECIDED_SHARE, MIN_
 from character_training.sampler_setup import LazySampler
 from character_training.stages import preferences
 from character_training.store import Checkpoint, record_checkpoint
+from conftest import CountingService
 from scipy.stats import spearmanr
 
 PROMPTS = [
@@ -90,18 +91,6 @@ def stage_params(tmp_path: Path, **overrides):
     }
     values.update(overrides)
     return with_overrides(load_params("tiny", "sarcastic"), values)
-
-
-class CountingService:
-    """The real local service, recording every sampling client it is asked for."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.created: list[dict] = []
-
-    def create_sampling_client(self, **kwargs):
-        self.created.append(kwargs)
-        return self.inner.create_sampling_client(**kwargs)
 
 
 # -- a scripted world: models and judge run through the stage's own code, no model loaded -----

@@ -26,7 +26,7 @@ from character_training.prompt_sources import qualitative_prompts
 from character_training.runner import run_notebook
 from character_training.stages import samples
 from character_training.store import Checkpoint, record_checkpoint
-from test_preferences_stage import CountingService
+from conftest import CountingService
 from test_sft_stage import smoke_params
 
 
