@@ -393,21 +393,7 @@ def _f1_section(runs: Sequence[RunSummary]) -> str:
             [m for r in have for m in r.f1]
             + [m for r in have for m in F1_METHODS if _f1_withheld(r, m)]
         )
-        header = ["run"] + [
-            f"{m} {'plain' if v == 'no_instruction' else 'attacked'}"
-            for m in methods
-            for v in F1_VARIANTS
-        ]
-        rows = [
-            [run_cell(r)]
-            + [
-                _values_cell(r, r.f1.get(m, {}), v, f"f1_{m}_{v}", ROBUSTNESS)
-                for m in methods
-                for v in F1_VARIANTS
-            ]
-            for r in have
-        ]
-        out.append(table(header, rows))
+        out.append(_f1_grid(have, methods, lambda r: r.f1, "f1", "{m}"))
     diffs = [r for r in runs if r.f1_diff]
     if diffs:
         out.append(
@@ -416,23 +402,35 @@ def _f1_section(runs: Sequence[RunSummary]) -> str:
             "recognisable than asking for it.</p>"
         )
         methods = ordered_models(m for r in diffs for m in r.f1_diff)
-        header = ["run"] + [
-            f"{m} - system prompt, {'plain' if v == 'no_instruction' else 'attacked'}"
+        out.append(_f1_grid(diffs, methods, lambda r: r.f1_diff, "f1_diff", "{m} - system prompt,"))
+    out.append(_absent(runs, "f1"))
+    return "".join(out)
+
+
+def _f1_grid(
+    runs: Sequence[RunSummary],
+    methods: Sequence[str],
+    values_of: Any,
+    key: str,
+    column: str,
+) -> str:
+    """One row per run, one column per (method, plain or attacked): F1 levels or differences
+    (``values_of(run)[method][variant]``), withheld values read "no measurement"."""
+    header = ["run"] + [
+        f"{column.format(m=m)} {'plain' if v == 'no_instruction' else 'attacked'}"
+        for m in methods
+        for v in F1_VARIANTS
+    ]
+    rows = [
+        [run_cell(r)]
+        + [
+            _values_cell(r, values_of(r).get(m, {}), v, f"{key}_{m}_{v}", ROBUSTNESS)
             for m in methods
             for v in F1_VARIANTS
         ]
-        rows = [
-            [run_cell(r)]
-            + [
-                _values_cell(r, r.f1_diff.get(m, {}), v, f"f1_diff_{m}_{v}", ROBUSTNESS)
-                for m in methods
-                for v in F1_VARIANTS
-            ]
-            for r in diffs
-        ]
-        out.append(table(header, rows))
-    out.append(_absent(runs, "f1"))
-    return "".join(out)
+        for r in runs
+    ]
+    return table(header, rows)
 
 
 def _f1_withheld(run: RunSummary, method: str) -> bool:
