@@ -120,7 +120,10 @@ def outcomes_from_margins(matches: Matches, margins: np.ndarray, n_traits: int) 
     """Verdicts: the first-offered trait wins where its margin is positive."""
     a, b = matches.first, matches.second
     a_wins = margins > 0
-    return Outcomes(np.where(a_wins, a, b), np.where(a_wins, b, a), np.ones_like(a_wins), n_traits)
+    # float32 ratings: a simulation needs thousands of experiments, not 1e-4 Elo points
+    return Outcomes(
+        np.where(a_wins, a, b), np.where(a_wins, b, a), np.ones_like(a_wins), n_traits, np.float32
+    )
 
 
 def play_model(

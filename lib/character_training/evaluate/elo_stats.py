@@ -60,6 +60,7 @@ class Outcomes:
     losers: np.ndarray  # [E, M] int
     valid: np.ndarray  # [E, M] bool
     n_traits: int
+    dtype: Any = np.float64  # of the ratings; simulations use float32 (`play`)
 
     def __post_init__(self) -> None:
         shapes = {np.shape(self.winners), np.shape(self.losers), np.shape(self.valid)}
@@ -134,6 +135,7 @@ def elo(out: Outcomes) -> np.ndarray:
         out.n_traits,
         out.matches,
         lambda t0, t1: (out.winners[:, t0:t1].T, out.losers[:, t0:t1].T, out.valid[:, t0:t1].T),
+        out.dtype,
     )
 
 
@@ -165,7 +167,7 @@ def _resampled(tables: Sequence[Outcomes], n_boot: int, seed: int) -> list[np.nd
         ]
         return tuple(np.concatenate([p[k] for p in parts], axis=1) for k in range(3))
 
-    ratings = play(rows * len(tables), first.n_traits, n_matches, chunk)
+    ratings = play(rows * len(tables), first.n_traits, n_matches, chunk, first.dtype)
     return [
         ratings[i * rows : (i + 1) * rows].reshape(n_exp, n_boot, first.n_traits)
         for i in range(len(tables))
@@ -183,7 +185,7 @@ def coin_flip_std2(out: Outcomes, n_null: int, seed: int) -> np.ndarray:
         f = rng.random(w.shape) < 0.5
         return np.where(f, lo, w), np.where(f, w, lo), out.valid[exp_of_row, t0:t1].T
 
-    ratings = play(n_exp * n_null, out.n_traits, out.matches, chunk)
+    ratings = play(n_exp * n_null, out.n_traits, out.matches, chunk, out.dtype)
     return (ratings.std(axis=1) ** 2).reshape(n_exp, n_null).mean(axis=1)
 
 
@@ -304,7 +306,7 @@ def split_half_reliability(out: Outcomes, n_splits: int, seed: int) -> np.ndarra
                 out.valid[exp_of_row, t0:t1].T & keep,
             )
 
-        halves.append(play(n_exp * n_splits, out.n_traits, n_matches, chunk))
+        halves.append(play(n_exp * n_splits, out.n_traits, n_matches, chunk, out.dtype))
     r = spearman_rows(halves[0], halves[1]).reshape(n_exp, n_splits)
     counts = np.isfinite(r).sum(axis=1)
     mean_r = np.where(counts > 0, np.nansum(r, axis=1) / np.maximum(counts, 1), np.nan)
