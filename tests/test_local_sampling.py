@@ -318,15 +318,13 @@ def test_sequences_that_differ_only_in_the_last_token_share_one_forward(tiny_sam
     answers = as_input(tokenizer, " A B C").to_ints()[-3:]
     sequences = [prompt + [a] for a in answers] + [other, other[:1]]
     model = tiny_sampler.model
-    rows: list[int] = []
-    hook = model.get_decoder().register_forward_hook(lambda _m, args, kwargs, _o: rows.append(
-        kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
-    try:
-        futures = [tiny_sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
-        scores = [f.result() for f in futures]
-    finally:
-        hook.remove()
-    assert sum(rows) == 2  # the shared prompt once, the other sentence once; a 1-token one: none
+    before = tiny_sampler.engine.stats()["scoring"]
+    futures = [tiny_sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
+    scores = [f.result() for f in futures]
+    after = tiny_sampler.engine.stats()["scoring"]
+    # the shared prompt once, the other sentence once; a 1-token sequence: nothing
+    assert after["computed"] - before["computed"] == len(prompt) + len(other) - 1
+    assert after["requested"] - before["requested"] == 3 * len(prompt) + len(other) - 1
     assert scores[-1] == [None]
     with torch.inference_mode():
         for seq, got in zip(sequences[:-1], scores[:-1]):

@@ -20,7 +20,8 @@ import torch
 
 from ...errors import BackendError
 from .model_files import resolve_model_dir
-from .settings import LocalEngineConfig
+from .prefix_cache import PrefixCounters, PrefixStore
+from .settings import LocalEngineConfig, log_runtime_once
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class LocalEngine:
         self._frozen: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
         self._sampling: dict[tuple, torch.nn.Module] = {}
         self._run_counter = itertools.count()
+        # Keys and values of prompt prefixes shared by many requests, for every client of this
+        # engine (`prefix_cache`); and the prefill work asked for vs. done, for the manifests.
+        self.prefixes = PrefixStore(config.prefix_cache_mb * 2**20)
+        self.counters = {"sampling": PrefixCounters(), "scoring": PrefixCounters()}
+        log_runtime_once(config)
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
     # -- models -------------------------------------------------------------------------------
@@ -93,6 +99,17 @@ class LocalEngine:
             self._frozen[key] = model
             logger.info("loaded %s (%s) in %.1fs", base_model, dtype, time.perf_counter() - started)
         return self._frozen[key]
+
+    def stats(self) -> dict:
+        """Cumulative prefill counters of this engine's clients (tokens requested, computed,
+        reused from stored prefixes, padded; prefixes built; prompts that hit one) for
+        ``sampling`` (prompts prefilled by ``sample``) and ``scoring``
+        (``compute_logprobs``), and the prefix store's size. Take the difference of two
+        calls to get one stage's numbers."""
+        return {
+            **{kind: counters.as_dict() for kind, counters in self.counters.items()},
+            "prefix_store": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes},
+        }
 
     # -- the session ----------------------------------------------------------------------------
     @property

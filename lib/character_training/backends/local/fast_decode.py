@@ -31,12 +31,15 @@ scope (other rope types, sliding windows, biases other than q/k/v, other norms: 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .adapters import LowRankUpdate, update_of
+from .prefix_cache import PrefixKV
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _NORM_ATTRIBUTES = {"weight", "variance_epsilon"}
@@ -112,6 +115,32 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 def supports(model: torch.nn.Module) -> bool:
     """Whether `FastDecoder` can run this model exactly (see `unsupported_reason`)."""
     return unsupported_reason(model) is None
+
+
+_FUSED: dict[tuple[int, ...], tuple[list[weakref.ref], weakref.ref]] = {}
+
+
+def fused(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, built once per set of weight tensors and shared by every decoder.
+
+    Every sampling client (each snapshot of a training run) makes its own decoder, but they
+    all run the engine's one frozen base: without sharing, each decoder held its own copy of
+    the fused q/k/v and gate/up weights (two thirds of the model's linear weights). An entry
+    lives as long as some decoder holds the fused tensor and its source tensors are alive.
+    """
+    key = tuple(id(t) for t in parts)
+    hit = _FUSED.get(key)
+    if hit is not None:
+        sources, result = hit
+        tensor = result()
+        if tensor is not None and all(ref() is t for ref, t in zip(sources, parts)):
+            return tensor
+    with torch.no_grad():
+        tensor = torch.cat([t.detach() for t in parts]).contiguous()
+    for stale in [k for k, (_, ref) in _FUSED.items() if ref() is None]:
+        del _FUSED[stale]
+    _FUSED[key] = ([weakref.ref(t) for t in parts], weakref.ref(tensor))
+    return tensor
 
 
 @dataclass
@@ -202,12 +231,10 @@ class FastDecoder:
                     _Layer(
                         norm_in=layer.input_layernorm.weight,
                         norm_post=layer.post_attention_layernorm.weight,
-                        qkv=torch.cat(
-                            [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-                        ).contiguous(),
-                        qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                        qkv=fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                        qkv_bias=fused(biases) if all(b is not None for b in biases) else None,
                         out=attn.o_proj.weight,
-                        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+                        gate_up=fused([mlp.gate_proj.weight, mlp.up_proj.weight]),
                         down=mlp.down_proj.weight,
                         qkv_update=_fuse_updates(
                             [update_of(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")],
@@ -268,35 +295,14 @@ class FastDecoder:
         )
 
     # -- forward passes -------------------------------------------------------------------------
-    def prefill(
-        self,
-        cache: "StaticCache",
-        rows: torch.Tensor,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        start: int = 0,
-    ) -> torch.Tensor:
-        """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
-        [start, start + T).
-
-        Whatever those rows held before is invalidated (their whole validity mask is reset), so
-        a slot freed by a finished sequence can take a new prompt while other rows keep
-        decoding. Rotary positions count each row's own tokens from 0, whatever ``start`` is.
-        Returns the last position's logits [R, vocab] (float32).
-        """
+    def _blocks(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The layer stack over a block of tokens ``ids`` [R, T] at rotary ``positions``
+        [R, T]; ``attend(layer_index, q, k, v)`` (q [R, heads, T, D], k and v
+        [R, kv_heads, T, D], rotated) returns the attention output [R, heads, T, D]. Returns
+        the last hidden states [R, T, hidden] before the final norm."""
         r, t = ids.shape
-        if start < 0 or start + t > cache.capacity:
-            raise ValueError(f"prefill columns [{start}, {start + t}) outside the cache")
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cos, sin = self._rotary(positions)  # [R, T, D]
         cos, sin = cos[:, None], sin[:, None]
-        valid = mask.bool()
-        causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
-        # Padding queries attend to themselves only, which keeps every softmax finite.
-        attn_mask = (causal[None] & valid[:, None, :]) | torch.eye(
-            t, dtype=torch.bool, device=self.device
-        )[None]
-        attn_mask = attn_mask[:, None]  # [R, 1, T, T]
         h = F.embedding(ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
@@ -305,20 +311,139 @@ class FastDecoder:
             q = self._rotate(q.view(r, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
-            cache.keys[index, rows, :, start : start + t] = k
-            cache.values[index, rows, :, start : start + t] = v
-            attn = F.scaled_dot_product_attention(
-                q.to(self.cache_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
-            ).to(self.act_dtype)
+            attn = attend(index, q, k, v).to(self.act_dtype)
             h = h + self._linear(
                 attn.transpose(1, 2).reshape(r, t, self.q_size), layer.out, None, layer.out_update
             )
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
-        cache.valid[rows] = False
-        cache.valid[rows, start : start + t] = valid
-        last = self._rms(h[:, -1], self.final_norm)
-        return self._linear(last, self.lm_head, None, self.lm_head_update).float()
+        return h
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of final hidden states (before the final norm)."""
+        normed = self._rms(hidden, self.final_norm)
+        return self._linear(normed, self.lm_head, None, self.lm_head_update).float()
+
+    def prefill(
+        self,
+        cache: "StaticCache",
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: int = 0,
+        offsets: torch.Tensor | None = None,
+        context_start: int | None = None,
+    ) -> torch.Tensor:
+        """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
+        [start, start + T). Returns the last position's logits [R, vocab] (float32).
+
+        Without ``context_start``, whatever those rows held before is invalidated (their whole
+        validity mask is reset), so a slot freed by a finished sequence can take a new prompt
+        while other rows keep decoding; rotary positions count each row's own tokens from 0,
+        whatever ``start`` is.
+
+        With ``context_start`` (a shared prefix already copied into the rows, `generation`),
+        the tokens continue what the rows hold in columns [context_start, start + T) and
+        marked valid: positions count from ``offsets`` [R] (each row's prefix length),
+        attention reads those valid columns up to each query's own, and only real tokens are
+        written, so a row's prefix may lie in the padding columns of a shorter suffix.
+        """
+        r, t = ids.shape
+        if start < 0 or start + t > cache.capacity:
+            raise ValueError(f"prefill columns [{start}, {start + t}) outside the cache")
+        end = start + t
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if offsets is not None:
+            positions = positions + offsets[:, None]
+        valid = mask.bool()
+        diagonal = torch.eye(t, dtype=torch.bool, device=self.device)
+        if context_start is None:
+            cache.valid[rows] = False
+            causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
+            # Padding queries attend to themselves only, which keeps every softmax finite.
+            attn_mask = ((causal[None] & valid[:, None, :]) | diagonal[None])[:, None]
+            lo = start
+        else:
+            lo = context_start
+            cache.valid[rows, start:end] |= valid
+            width = end - lo
+            columns = torch.arange(width, device=self.device)
+            causal = columns[None, :] <= (columns[width - t :, None])  # [T, width]
+            own = torch.zeros((t, width), dtype=torch.bool, device=self.device)
+            own[:, width - t :] = diagonal
+            attn_mask = (causal[None] & cache.valid[rows, lo:end][:, None, :]) | own[None]
+            attn_mask = attn_mask[:, None]  # [R, 1, T, width]
+            written = valid[:, None, :, None]
+
+        def attend(index, q, k, v):
+            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
+            keys, values = cache.keys[index], cache.values[index]
+            if context_start is None:
+                keys[rows, :, start:end] = k
+                values[rows, :, start:end] = v
+            else:
+                keys[rows, :, start:end] = torch.where(written, k, keys[rows, :, start:end])
+                values[rows, :, start:end] = torch.where(written, v, values[rows, :, start:end])
+                k, v = keys[rows, :, lo:end], values[rows, :, lo:end]
+            return F.scaled_dot_product_attention(
+                q.to(self.cache_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+            )
+
+        h = self._blocks(ids, positions, attend)
+        if context_start is None:
+            cache.valid[rows, start:end] = valid
+        return self.unembed(h[:, -1])
+
+    def extend(
+        self,
+        ids: torch.Tensor,
+        context: PrefixKV | None,
+        reuse: int,
+        kv_dtype: torch.dtype,
+        keep_kv: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Hidden states (before the final norm) of right-padded blocks ``ids`` [R, T] that
+        continue the first ``reuse`` tokens of ``context`` (shared by every row; None: no
+        prefix), attending in ``kv_dtype``.
+
+        Used for scoring (`LocalSamplingClient.compute_logprobs`) and to build stored prefixes
+        (`prefix_kv`). Right padding keeps every real query's keys real: a padding position is
+        only seen by later padding positions. With ``keep_kv`` also returns each layer's new
+        keys and values ([R, kv_heads, T, D] in ``kv_dtype``).
+        """
+        r, t = ids.shape
+        positions = torch.arange(reuse, reuse + t, device=self.device).expand(r, t)
+        causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
+        attn_mask = torch.cat(
+            [torch.ones((t, reuse), dtype=torch.bool, device=self.device), causal], dim=-1
+        )
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(index, q, k, v):
+            k, v = k.to(kv_dtype), v.to(kv_dtype)
+            if keep_kv:
+                kept.append((k, v))
+            if reuse:
+                k = torch.cat([context.keys[index, :, :reuse].expand(r, -1, -1, -1), k], dim=2)
+                v = torch.cat([context.values[index, :, :reuse].expand(r, -1, -1, -1), v], dim=2)
+            return F.scaled_dot_product_attention(
+                q.to(kv_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+            )
+
+        return self._blocks(ids, positions, attend), kept
+
+    def prefix_kv(
+        self, tokens: np.ndarray, parent: PrefixKV | None, reuse: int, kv_dtype: torch.dtype
+    ) -> PrefixKV:
+        """A stored prefix for ``tokens``: the first ``reuse`` tokens' keys and values come
+        from ``parent`` (which starts with them), the rest are computed here."""
+        ids = torch.as_tensor(tokens[reuse:], dtype=torch.long, device=self.device)[None]
+        _, kept = self.extend(ids, parent, reuse, kv_dtype, keep_kv=True)
+        keys = torch.stack([k[0] for k, _ in kept])  # [layers, kv_heads, new, D]
+        values = torch.stack([v[0] for _, v in kept])
+        if reuse:
+            keys = torch.cat([parent.keys[:, :, :reuse], keys], dim=2)
+            values = torch.cat([parent.values[:, :, :reuse], values], dim=2)
+        return PrefixKV(tokens=tokens.copy(), keys=keys.contiguous(), values=values.contiguous())
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         gate, up = self._linear(x, layer.gate_up, None, layer.gate_up_update).chunk(2, dim=-1)
@@ -374,6 +499,14 @@ class StaticCache:
     def select(self, rows: torch.Tensor) -> "StaticCache":
         """A new cache holding only ``rows`` (in that order; repeats allowed)."""
         return StaticCache(self.keys[:, rows], self.values[:, rows], self.valid[rows])
+
+    def put(self, row: int, column: int, prefix: PrefixKV, length: int) -> None:
+        """Write the first ``length`` tokens of a stored prefix into ``row`` from ``column`` on
+        and mark those columns valid (the row's other columns are left as they are)."""
+        end = column + length
+        self.keys[:, row, :, column:end] = prefix.keys[:, :, :length]
+        self.values[:, row, :, column:end] = prefix.values[:, :, :length]
+        self.valid[row, column:end] = True
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, start: int, end: int) -> None:
         """Make rows ``dst`` hold what rows ``src`` hold in columns [start, end), and nothing

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fast_decode
+from .prefix_cache import PrefixCounters, PrefixKV, PrefixStore
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,8 @@ class BatchedSampler:
         prefill_tokens: int = 8192,
         use_fast_decoder: bool | None = None,
         cache_tokens: int = 65536,
+        prefixes: PrefixStore | None = None,
+        counters: PrefixCounters | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -251,7 +254,47 @@ class BatchedSampler:
         self.stats = SamplerStats()
         if use_fast_decoder is None:
             use_fast_decoder = fast_decode.supports(model)
-        self.fast = fast_decode.FastDecoder(model) if use_fast_decoder else None
+        self._use_fast = use_fast_decoder
+        self._fast: fast_decode.FastDecoder | None = None
+        # Shared-prefix reuse (fast path only): stored prefixes per attention dtype, and the
+        # engine-wide counters of prefill work asked for and done (`prefix_cache`).
+        self.prefixes = prefixes if prefixes is not None else PrefixStore(0)
+        self.counters = counters if counters is not None else PrefixCounters()
+        self._namespaces: dict[torch.dtype, tuple] = {}
+
+    @property
+    def fast(self) -> fast_decode.FastDecoder | None:
+        """The fast decoder, built on first use (a client that only scores may never need it,
+        and building it costs the fused weights if no other client built them)."""
+        if self._use_fast and self._fast is None:
+            self._fast = fast_decode.FastDecoder(self.model)
+        return self._fast
+
+    def prefix_namespace(self, dtype: torch.dtype) -> tuple:
+        """This model's namespace in the prefix store for keys and values in ``dtype``."""
+        if dtype not in self._namespaces:
+            self._namespaces[dtype] = self.prefixes.namespace(self, str(dtype))
+        return self._namespaces[dtype]
+
+    def resolve_prefixes(
+        self,
+        prompts: Sequence[Sequence[int]],
+        limits: Sequence[int],
+        dtype: torch.dtype,
+        counters: PrefixCounters | None = None,
+    ) -> list[tuple[PrefixKV | None, int]]:
+        """For each prompt, the stored prefix (keys and values in ``dtype``) it starts from
+        and how many of its tokens that covers (at most ``limits[i]``); builds the prefixes
+        that several prompts share (`PrefixStore.plan`)."""
+        fast = self.fast
+        assert fast is not None
+        return self.prefixes.plan(
+            self.prefix_namespace(dtype),
+            prompts,
+            limits,
+            lambda tokens, parent, reuse: fast.prefix_kv(tokens, parent, reuse, dtype),
+            self.counters if counters is None else counters,
+        )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
         rows = [
@@ -474,24 +517,54 @@ class BatchedSampler:
             del pending[index]
         slots = free[: len(admitted)]
         prompts, row_to_unique = self._unique_prompts(admitted)
-        width = max(len(p) for p in prompts)
-        start = column - width
         source: dict[int, int] = {}  # unique prompt -> the slot its prefill is written to
         for slot, unique in zip(slots, row_to_unique):
             source.setdefault(unique, slot)
+        fast = self.fast
+        # Each prompt ends at the current column. A prompt that starts with a stored prefix
+        # gets that prefix copied into its row's first columns and prefills only its suffix.
+        reuse = self.resolve_prefixes(prompts, [len(p) - 1 for p in prompts], fast.cache_dtype)
+        suffixes = [p[length:] for p, (_, length) in zip(prompts, reuse)]
+        width = max(len(s) for s in suffixes)  # the suffix block: [column - width, column)
+        start = column - width
+        lo = column - max(len(p) for p in prompts)  # the first column any of these rows uses
+        shared = any(length for _, length in reuse)
+        if shared:
+            rows = torch.tensor([source[u] for u in range(len(prompts))], device=self.device)
+            wave.cache.valid[rows] = False
+            for u, (entry, length) in enumerate(reuse):
+                if entry is not None:
+                    first = column - len(prompts[u])
+                    wave.cache.put(source[u], first, entry, length)
         per_chunk = max(1, self.prefill_tokens // width)
         chunks = []
         for first in range(0, len(prompts), per_chunk):
-            ids, mask = self._left_pad(prompts[first : first + per_chunk], width)
+            ids, mask = self._left_pad(suffixes[first : first + per_chunk], width)
+            count = ids.shape[0]
             targets = torch.tensor(
-                [source[u] for u in range(first, first + ids.shape[0])], device=self.device
+                [source[u] for u in range(first, first + count)], device=self.device
             )
-            chunks.append(self.fast.prefill(wave.cache, targets, ids, mask, start=start))
+            offsets = None
+            if shared:
+                offsets = torch.tensor(
+                    [length for _, length in reuse[first : first + count]], device=self.device
+                )
+            chunks.append(
+                fast.prefill(
+                    wave.cache,
+                    targets,
+                    ids,
+                    mask,
+                    start=start,
+                    offsets=offsets,
+                    context_start=lo if shared else None,
+                )
+            )
         prompt_logits = torch.cat(chunks)
         copies = [(source[u], slot) for slot, u in zip(slots, row_to_unique) if source[u] != slot]
         if copies:
             src, dst = (torch.tensor(side, device=self.device) for side in zip(*copies))
-            wave.cache.copy_rows(src, dst, start, column)
+            wave.cache.copy_rows(src, dst, lo, column)
         slot_index = torch.tensor(slots, device=self.device)
         wave.logits[slot_index] = prompt_logits[torch.tensor(row_to_unique)].to(wave.logits.device)
         wave.positions[slot_index] = torch.tensor(
@@ -503,6 +576,9 @@ class BatchedSampler:
         self.stats.admissions += 1
         self.stats.admitted_rows += len(admitted)
         self.stats.prefill_tokens += len(prompts) * width
+        self.counters.requested += sum(len(r.prompt) for r in admitted if r.sample == 0)
+        self.counters.computed += sum(len(s) for s in suffixes)
+        self.counters.padded += len(prompts) * width
 
     # -- generic Hugging Face path --------------------------------------------------------------
     def _decode_batch_hf(self, batch: list[_Row]) -> None:
@@ -510,6 +586,9 @@ class BatchedSampler:
 
         prompts, row_to_unique = self._unique_prompts(batch)
         ids, mask = self._left_pad(prompts, max(len(p) for p in prompts))
+        self.counters.requested += sum(len(r.prompt) for r in batch if r.sample == 0)
+        self.counters.computed += sum(len(p) for p in prompts)
+        self.counters.padded += ids.numel()
         cache = DynamicCache()
         logits = self.model(
             input_ids=ids,
