@@ -64,9 +64,12 @@ class LocalEngine:
         return load_tokenizer(str(self.model_dir(base_model)))
 
     def load_trainable_base(self, base_model: str) -> torch.nn.Module:
-        """A private fp32 copy of the base model for a training client to wrap with LoRA."""
+        """A private copy of the fp32 base model's module tree for a training client to wrap
+        with LoRA. The frozen weights are shared, not copied (LoRA only adds modules and never
+        writes them), so a training client costs its adapter and optimiser, not a model."""
         model = self._load(base_model, torch.float32)
-        return copy.deepcopy(model)
+        shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+        return copy.deepcopy(model, memo=shared)
 
     def frozen_base(self, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
         """A shared, read-only base model in ``dtype`` for sampling and scoring."""

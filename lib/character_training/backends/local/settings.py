@@ -43,6 +43,8 @@ class LocalEngineConfig:
     micro_batch_tokens: padded tokens per forward pass when training or scoring; bounds memory.
     prefix_cache_mb: memory for the keys and values of prompt prefixes shared by many
         requests, computed once and reused (`prefix_cache`); 0 turns reuse off.
+    activation_mb: activations a training micro-batch may keep for its backward pass; bounds
+        the tokens per micro-batch when training (a longer sequence is checkpointed instead).
     """
 
     root_dir: str = "runs/.local_engine"
@@ -51,6 +53,7 @@ class LocalEngineConfig:
     max_batch_size: int = 64
     micro_batch_tokens: int = 8192
     prefix_cache_mb: int = 256
+    activation_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -63,6 +66,10 @@ class LocalEngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"local engine {name}={value!r}: expected a positive integer")
+        if not isinstance(self.activation_mb, int) or self.activation_mb < 1:
+            raise ConfigError(
+                f"local engine activation_mb={self.activation_mb!r}: expected a positive integer"
+            )
         if not isinstance(self.prefix_cache_mb, int) or self.prefix_cache_mb < 0:
             raise ConfigError(
                 f"local engine prefix_cache_mb={self.prefix_cache_mb!r}: expected an integer >= 0"
