@@ -143,6 +143,66 @@ def fused(parts: list[torch.Tensor]) -> torch.Tensor:
     return tensor
 
 
+def _flash(q, k, v, additive_mask, scale):
+    """Attention output and log-sum-exp of the scaled scores ([..., queries], fp32).
+
+    On CPU this is the kernel `F.scaled_dot_product_attention` itself runs (it returns the
+    log-sum-exp too); elsewhere the same mathematics written out in fp32.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=additive_mask, scale=scale
+        )
+        return out, lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + additive_mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype), lse
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf")
+    )
+
+
+def attend_with_shared(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shared_keys: torch.Tensor,
+    shared_values: torch.Tensor,
+    shared_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of queries ``q`` [B, KV, Q, D] over their rows' own keys [B, KV, L, D]
+    (boolean ``mask`` [B, 1, Q or 1, L]) and over the first ``shared_len[b]`` keys of a prefix
+    every row shares ([KV, P, D], stored once): "cascade" attention.
+
+    The shared prefix is read once for all rows (their queries are stacked into one query
+    block), not once per row, which is what long shared prompts cost per decoding step; the
+    two parts are merged exactly by their log-sum-exps. Every query must see at least one of
+    its own keys. Returns [B, KV, Q, D] in float32.
+    """
+    b, kv, nq, d = q.shape
+    prefix = shared_keys.shape[1]
+    own_out, own_lse = _flash(q, keys, values, _additive(mask, q.dtype), scale)
+    stacked = q.transpose(0, 1).reshape(1, kv, b * nq, d)
+    uses = torch.arange(prefix, device=q.device)[None, :] < shared_len[:, None]  # [B, P]
+    uses = uses[:, None, :].expand(b, nq, prefix).reshape(1, 1, b * nq, prefix)
+    shared_out, shared_lse = _flash(
+        stacked, shared_keys[None], shared_values[None], _additive(uses, q.dtype), scale
+    )
+    shared_out = shared_out.reshape(kv, b, nq, d).transpose(0, 1).float()
+    shared_lse = shared_lse.reshape(kv, b, nq).transpose(0, 1)
+    none = (shared_len <= 0)[:, None, None]
+    shared_lse = shared_lse.masked_fill(none, float("-inf"))
+    top = torch.maximum(own_lse, shared_lse)
+    w_own, w_shared = torch.exp(own_lse - top), torch.exp(shared_lse - top)
+    merged = own_out.float() * w_own[..., None] + shared_out * w_shared[..., None]
+    return merged / (w_own + w_shared)[..., None]
+
+
 @dataclass
 class _Layer:
     norm_in: torch.Tensor
@@ -286,13 +346,26 @@ class FastDecoder:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def new_cache(self, batch: int, capacity: int) -> "StaticCache":
+    def new_cache(self, batch: int, capacity: int, shared: PrefixKV | None = None) -> "StaticCache":
+        """A cache of ``batch`` rows and ``capacity`` columns; with ``shared``, a prefix the
+        rows may start with, kept once (each row says how many of its tokens it uses)."""
         shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
-        return StaticCache(
+        cache = StaticCache(
             keys=torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             values=torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             valid=torch.zeros((batch, capacity), dtype=torch.bool, device=self.device),
         )
+        if shared is not None:
+            cache.shared_keys = shared.keys.to(self.cache_dtype)
+            cache.shared_values = shared.values.to(self.cache_dtype)
+            cache.shared_len = torch.zeros(batch, dtype=torch.long, device=self.device)
+        return cache
+
+    @property
+    def bytes_per_column(self) -> int:
+        """Cache bytes per row and column (keys and values of every layer)."""
+        item = torch.empty((), dtype=self.cache_dtype).element_size()
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * item
 
     # -- forward passes -------------------------------------------------------------------------
     def _blocks(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
@@ -332,9 +405,13 @@ class FastDecoder:
         start: int = 0,
         offsets: torch.Tensor | None = None,
         context_start: int | None = None,
+        shared: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
         [start, start + T). Returns the last position's logits [R, vocab] (float32).
+
+        ``shared`` [R]: how many tokens of the cache's shared prefix (`StaticCache.shared_keys`)
+        each row starts with (0 or None: none); those tokens are not in the row's columns.
 
         Without ``context_start``, whatever those rows held before is invalidated (their whole
         validity mask is reset), so a slot freed by a finished sequence can take a new prompt
@@ -356,6 +433,9 @@ class FastDecoder:
             positions = positions + offsets[:, None]
         valid = mask.bool()
         diagonal = torch.eye(t, dtype=torch.bool, device=self.device)
+        if cache.shared_len is not None:
+            cache.shared_len[rows] = 0 if shared is None else shared
+        cascade = cache.shared_len is not None and bool((cache.shared_len[rows] > 0).any())
         if context_start is None:
             cache.valid[rows] = False
             causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
@@ -384,6 +464,8 @@ class FastDecoder:
                 keys[rows, :, start:end] = torch.where(written, k, keys[rows, :, start:end])
                 values[rows, :, start:end] = torch.where(written, v, values[rows, :, start:end])
                 k, v = keys[rows, :, lo:end], values[rows, :, lo:end]
+            if cascade:
+                return self._prefill_cascade(q, k, v, attn_mask, cache, rows, index)
             return F.scaled_dot_product_attention(
                 q.to(self.cache_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
             )
@@ -392,6 +474,24 @@ class FastDecoder:
         if context_start is None:
             cache.valid[rows, start:end] = valid
         return self.unembed(h[:, -1])
+
+    def _prefill_cascade(self, q, k, v, attn_mask, cache: "StaticCache", rows, index):
+        """Prefill attention of rows that start with the cache's shared prefix: the query
+        heads sharing a K/V head are stacked along the query axis, as in `decode`."""
+        r, heads, t, d = q.shape
+        groups = heads // self.kv_heads
+        stacked = q.to(self.cache_dtype).reshape(r, self.kv_heads, groups * t, d)
+        out = attend_with_shared(
+            stacked,
+            k,
+            v,
+            attn_mask.repeat(1, 1, groups, 1),
+            cache.shared_keys[index],
+            cache.shared_values[index],
+            cache.shared_len[rows],
+            self.scale,
+        )
+        return out.reshape(r, heads, t, d)
 
     def extend(
         self,
@@ -460,6 +560,7 @@ class FastDecoder:
         cos_q, sin_q = cos[:, None, None], sin[:, None, None]
         cache.valid[:, column] = True
         attn_mask = cache.valid[:, None, None, : column + 1]  # [B, 1, 1, L]
+        cascade = cache.shared_len is not None and bool((cache.shared_len > 0).any())
         h = F.embedding(tokens, self.embed)  # [B, hidden]
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
@@ -470,13 +571,25 @@ class FastDecoder:
             k = self._rotate(k.view(b, self.kv_heads, 1, self.head_dim), cos_q, sin_q)
             cache.keys[index, :, :, column] = k[:, :, 0]
             cache.values[index, :, :, column] = v.view(b, self.kv_heads, self.head_dim)
-            attn = F.scaled_dot_product_attention(
-                q.to(self.cache_dtype),
-                cache.keys[index, :, :, : column + 1],
-                cache.values[index, :, :, : column + 1],
-                attn_mask=attn_mask,
-                scale=self.scale,
-            ).to(self.act_dtype)
+            if cascade:  # rows that share the cache's prefix read it once, together
+                attn = attend_with_shared(
+                    q.to(self.cache_dtype),
+                    cache.keys[index, :, :, : column + 1],
+                    cache.values[index, :, :, : column + 1],
+                    attn_mask,
+                    cache.shared_keys[index],
+                    cache.shared_values[index],
+                    cache.shared_len,
+                    self.scale,
+                ).to(self.act_dtype)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    q.to(self.cache_dtype),
+                    cache.keys[index, :, :, : column + 1],
+                    cache.values[index, :, :, : column + 1],
+                    attn_mask=attn_mask,
+                    scale=self.scale,
+                ).to(self.act_dtype)
             h = h + self._linear(attn.reshape(b, self.q_size), layer.out, None, layer.out_update)
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
         return self._linear(
@@ -491,6 +604,11 @@ class StaticCache:
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+    # A prefix shared by the rows, stored once ([layers, kv_heads, P, head_dim]), and how
+    # many of its tokens each row starts with (`FastDecoder.new_cache`); None: no prefix.
+    shared_keys: torch.Tensor | None = None
+    shared_values: torch.Tensor | None = None
+    shared_len: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -498,15 +616,22 @@ class StaticCache:
 
     def select(self, rows: torch.Tensor) -> "StaticCache":
         """A new cache holding only ``rows`` (in that order; repeats allowed)."""
-        return StaticCache(self.keys[:, rows], self.values[:, rows], self.valid[rows])
+        return StaticCache(
+            self.keys[:, rows],
+            self.values[:, rows],
+            self.valid[rows],
+            self.shared_keys,
+            self.shared_values,
+            None if self.shared_len is None else self.shared_len[rows],
+        )
 
-    def put(self, row: int, column: int, prefix: PrefixKV, length: int) -> None:
-        """Write the first ``length`` tokens of a stored prefix into ``row`` from ``column`` on
-        and mark those columns valid (the row's other columns are left as they are)."""
-        end = column + length
-        self.keys[:, row, :, column:end] = prefix.keys[:, :, :length]
-        self.values[:, row, :, column:end] = prefix.values[:, :, :length]
-        self.valid[row, column:end] = True
+    def put(self, row: int, column: int, prefix: PrefixKV, first: int, end: int) -> None:
+        """Write tokens [first, end) of a stored prefix into ``row`` from ``column`` on and
+        mark those columns valid (the row's other columns are left as they are)."""
+        stop = column + end - first
+        self.keys[:, row, :, column:stop] = prefix.keys[:, :, first:end]
+        self.values[:, row, :, column:stop] = prefix.values[:, :, first:end]
+        self.valid[row, column:stop] = True
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, start: int, end: int) -> None:
         """Make rows ``dst`` hold what rows ``src`` hold in columns [start, end), and nothing
@@ -515,6 +640,8 @@ class StaticCache:
         self.values[:, dst, :, start:end] = self.values[:, src, :, start:end]
         self.valid[dst] = False
         self.valid[dst, start:end] = self.valid[src, start:end]
+        if self.shared_len is not None:
+            self.shared_len[dst] = self.shared_len[src]
 
     def shift_left(self, offset: int, end: int) -> None:
         """Move columns [offset, end) to [0, end - offset), in place, for every row.

@@ -94,6 +94,7 @@ class LocalSamplingClient:
             self._tokenizer,
             engine.device,
             engine.config.max_batch_size,
+            cache_bytes=engine.config.kv_cache_mb * 2**20,
             prefixes=engine.prefixes,
             counters=engine.counters["sampling"],
         )

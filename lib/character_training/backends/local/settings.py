@@ -43,6 +43,8 @@ class LocalEngineConfig:
     micro_batch_tokens: padded tokens per forward pass when training or scoring; bounds memory.
     prefix_cache_mb: memory for the keys and values of prompt prefixes shared by many
         requests, computed once and reused (`prefix_cache`); 0 turns reuse off.
+    kv_cache_mb: the sampler's key/value cache (rows x columns); a batch of long prompts gets
+        fewer rows rather than more memory. A prefix the rows share is kept once, outside it.
     activation_mb: activations a training micro-batch may keep for its backward pass; bounds
         the tokens per micro-batch when training (a longer sequence is checkpointed instead).
     """
@@ -53,6 +55,7 @@ class LocalEngineConfig:
     max_batch_size: int = 64
     micro_batch_tokens: int = 8192
     prefix_cache_mb: int = 256
+    kv_cache_mb: int = 1024
     activation_mb: int = 1024
 
     def __post_init__(self) -> None:
@@ -66,6 +69,10 @@ class LocalEngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"local engine {name}={value!r}: expected a positive integer")
+        if not isinstance(self.kv_cache_mb, int) or self.kv_cache_mb < 1:
+            raise ConfigError(
+                f"local engine kv_cache_mb={self.kv_cache_mb!r}: expected a positive integer"
+            )
         if not isinstance(self.activation_mb, int) or self.activation_mb < 1:
             raise ConfigError(
                 f"local engine activation_mb={self.activation_mb!r}: expected a positive integer"
@@ -134,6 +141,8 @@ def runtime_info(config: LocalEngineConfig) -> dict:
         "threads": torch.get_num_threads(),
         "decoder": "fast_decode (fused projections, static KV cache, continuous batching)",
         "prefix_cache_mb": config.prefix_cache_mb,
+        "kv_cache_mb": config.kv_cache_mb,
+        "activation_mb": config.activation_mb,
         "cpu_flags": cpu_flags(),
         "env": {name: os.environ[name] for name in _KERNEL_ENV if name in os.environ},
     }
