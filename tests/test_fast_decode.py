@@ -421,3 +421,20 @@ def test_the_prefix_store_evicts_least_recently_used_and_forgets_a_dead_clients_
     del owner
     gc.collect()
     assert len(store) == 0 and store.nbytes == 0
+
+
+def test_prepacked_bf16_products_give_the_numbers_of_f_linear_bit_for_bit():
+    """bf16 decoders run their products on weights reordered once for oneDNN; that must be a
+    speed change only: the same numbers as `F.linear` at every row count."""
+    from character_training.backends.local.fast_decode import can_pack, shared_weight
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    if not can_pack(weight):
+        pytest.skip("no oneDNN prepacking on this build")
+    packed = shared_weight([weight], pack=True)
+    assert shared_weight([weight], pack=True) is packed  # built once, shared
+    for shape in ((1, 64), (8, 64), (33, 64), (3, 5, 64)):
+        x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        assert torch.equal(got, torch.nn.functional.linear(x, weight))
