@@ -3,8 +3,9 @@
 For SmolLM2-135M-Instruct (the engine's default model) this prints, for batch sizes 1, 8, 32,
 64 and 128:
 
-* **roofline**: the best time this machine's torch GEMMs (MKL for fp32, oneDNN for bf16) take
-  for one decoding step's linear layers at that batch (a pass over weights shaped and sized
+* **roofline**: the best time this machine's torch GEMMs (``F.linear``: MKL for fp32, oneDNN
+  for bf16; or oneDNN on prepacked weights, whichever is faster) take for one decoding
+  step's linear layers at that batch (a pass over weights shaped and sized
   as the model's, every layer its own, so they stream from memory as in a real step; the
   best of several passes), as tok/s and GFLOP/s. Attention and everything else are left
   out, so it bounds any decoder built on these libraries;
@@ -146,15 +147,24 @@ def gemm_roofline(config, dtype: torch.dtype, batch: int, repeats: int) -> dict:
     batches several times)."""
     total, per_shape = 0.0, {}
     gen = torch.Generator().manual_seed(0)
+    packable = torch.backends.mkldnn.is_available()
     for name, n_in, n_out, count in linear_shapes(config):
         x = torch.randn(batch, n_in, generator=gen).to(dtype)
         weights = [torch.randn(n_out, n_in, generator=gen).to(dtype) for _ in range(count)]
 
-        def one_pass(x=x, weights=weights):
+        def plain(x=x, weights=weights):
             for w in weights:
                 F.linear(x, w)
 
-        seconds = best_time(one_pass, repeats)
+        seconds = best_time(plain, repeats)
+        if packable:  # torch's other GEMM: oneDNN on weights reordered once (what the engine runs)
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
+
+            def prepacked(x=x, packed=packed):
+                for w in packed:
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+            seconds = min(seconds, best_time(prepacked, repeats))
         per_shape[name] = round(2 * batch * n_in * n_out * count / seconds / 1e9, 1)
         total += seconds
     flops = flops_per_token(config) * batch

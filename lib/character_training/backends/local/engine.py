@@ -134,6 +134,32 @@ class LocalEngine:
         return self.root / run_id / kind / name
 
 
+@lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_free_memory() -> None:
+    """Give the pages freed by the last large computation back to the operating system.
+
+    glibc keeps freed heap memory for reuse; after a decode wave or a training step that is
+    hundreds of MB of activations, and the next step's allocations (other sizes, other
+    threads' arenas) do not always fit in it, so the process's resident size ratchets up
+    from phase to phase. ``malloc_trim`` returns it (a few ms); elsewhere a no-op.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def write_checkpoint_meta(path: Path, **meta) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))

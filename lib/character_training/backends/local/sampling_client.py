@@ -38,7 +38,7 @@ from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from ...errors import BackendError
 from .adapters import load_adapter, with_adapter
-from .engine import LocalEngine, read_checkpoint_meta
+from .engine import LocalEngine, read_checkpoint_meta, release_free_memory
 from .forward import logprobs_with_alternatives, micro_batches
 from .futures import LocalClientFuture, LocalFuture
 from .generation import BatchedSampler, GenerationRequest
@@ -315,6 +315,12 @@ class LocalSamplingClient:
 
     def flush(self) -> None:
         """Run every queued request now (samples first, then scores)."""
+        try:
+            self._flush()
+        finally:
+            release_free_memory()
+
+    def _flush(self) -> None:
         if self._pending_samples:
             pending, self._pending_samples = self._pending_samples, []
             try:

@@ -38,7 +38,12 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 from tinker.lib.public_interfaces.custom_loss import check_loss_inputs, run_loss_handle
 
 from ...errors import BackendError, DataError
-from .engine import LocalEngine, read_checkpoint_meta, write_checkpoint_meta
+from .engine import (
+    LocalEngine,
+    read_checkpoint_meta,
+    release_free_memory,
+    write_checkpoint_meta,
+)
 from .forward import activation_bytes_per_token, iter_scored_micro_batches, micro_batches
 from .futures import LocalClientFuture, LocalFuture
 from .lora import LORA_ALPHA, lora_parts, lora_target_modules
@@ -367,6 +372,7 @@ class LocalTrainingClient:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        release_free_memory()  # the step's activations, before sampling or the next step
         self.steps += 1
         return LocalFuture.completed(
             types.OptimStepResponse(
