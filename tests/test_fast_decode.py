@@ -438,3 +438,17 @@ def test_prepacked_bf16_products_give_the_numbers_of_f_linear_bit_for_bit():
         x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         assert torch.equal(got, torch.nn.functional.linear(x, weight))
+
+
+def test_snapshots_share_the_base_decoders_weights_instead_of_copying_them(
+    tiny_sampler, new_tiny_trainer
+):
+    """Every snapshot of a training run gets its own decoder; its fused (and prepacked)
+    weights must be the base decoder's, not a copy per snapshot (a model's size each)."""
+    snapshot = new_tiny_trainer(seed=6).save_weights_and_get_sampling_client().result()
+    base, snap = tiny_sampler._sampler.fast, snapshot._sampler.fast
+    for ours, theirs in zip(snap.layers, base.layers):
+        assert ours.qkv is theirs.qkv and ours.gate_up is theirs.gate_up
+        assert ours.out is theirs.out and ours.down is theirs.down
+    assert snap.lm_head is base.lm_head
+    assert snap.layers[0].qkv_update is not None  # the adapter itself is the snapshot's own

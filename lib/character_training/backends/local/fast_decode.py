@@ -117,7 +117,12 @@ def supports(model: torch.nn.Module) -> bool:
     return unsupported_reason(model) is None
 
 
-_SHARED: dict[tuple, tuple[list[weakref.ref], weakref.ref]] = {}
+# Weights built for decoders, by the storage of the tensors they are made from (a snapshot's
+# layers wrap the base's weight storage in new Parameter objects, so identity would miss):
+# a weak reference to the result, and the sources themselves, which pins their storage so
+# its address cannot be reused by other data while the entry exists.
+_SHARED: dict[tuple, tuple[weakref.ref, list[torch.Tensor]]] = {}
+
 
 # dtypes whose products run on oneDNN with weights reordered once ("prepacked"), on CPU.
 # bf16: the kernels `F.linear` itself uses, so the same numbers to the bit (checked by a
@@ -142,29 +147,35 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 def shared_weight(parts: list[torch.Tensor], pack: bool) -> torch.Tensor:
     """``torch.cat(parts)`` (prepacked for oneDNN when ``pack``), built once per set of weight
-    tensors and shared by every decoder.
+    storages and shared by every decoder.
 
     Every sampling client (each snapshot of a training run) makes its own decoder, but they
     all run the engine's one frozen base: without sharing, each decoder held its own copy of
-    the fused q/k/v and gate/up weights (two thirds of the model's linear weights). An entry
-    lives as long as some decoder holds the result and its source tensors are alive.
+    the fused (and packed) weights, up to a model's size per snapshot. An entry lives as long
+    as some decoder holds its result.
     """
-    key = (tuple(id(t) for t in parts), pack)
+    key = (
+        tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in parts),
+        pack,
+    )
     hit = _SHARED.get(key)
-    if hit is not None:
-        sources, result = hit
-        tensor = result()
-        if tensor is not None and all(ref() is t for ref, t in zip(sources, parts)):
-            return tensor
+    tensor = hit[0]() if hit is not None else None
+    if tensor is not None:
+        return tensor
     with torch.no_grad():
         tensor = parts[0].detach() if len(parts) == 1 else torch.cat([t.detach() for t in parts])
         tensor = tensor.contiguous()
         if pack:
             tensor = torch.ops.mkldnn._reorder_linear_weight(tensor, _PACK_HINT)
-    for stale in [k for k, (_, ref) in _SHARED.items() if ref() is None]:
-        del _SHARED[stale]
-    _SHARED[key] = ([weakref.ref(t) for t in parts], weakref.ref(tensor))
+    _SHARED[key] = (weakref.ref(tensor), [t.detach() for t in parts])
+    weakref.finalize(tensor, _forget, key)
     return tensor
+
+
+def _forget(key: tuple) -> None:
+    hit = _SHARED.get(key)
+    if hit is not None and hit[0]() is None:
+        del _SHARED[key]
 
 
 def fused(parts: list[torch.Tensor]) -> torch.Tensor:

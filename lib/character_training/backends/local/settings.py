@@ -56,7 +56,7 @@ class LocalEngineConfig:
     micro_batch_tokens: int = 8192
     prefix_cache_mb: int = 256
     kv_cache_mb: int = 1024
-    activation_mb: int = 1024
+    activation_mb: int = 768
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
