@@ -347,3 +347,25 @@ def test_last_n_scores_only_the_tail_with_the_same_numbers(tiny_sampler, tokeniz
         cut = len(seq) - last_n
         assert tail[:cut] == [None] * cut
         assert np.allclose(tail[cut:], full[cut:], atol=1e-5)
+
+
+def test_the_engine_reports_what_it_picked_and_its_prefill_counters(tiny_service, caplog):
+    """What the lead records in manifests: the runtime the engine chose (dtype, threads,
+    kernels, CPU flags), logged once per process and settings, and the prefill counters."""
+    import logging
+
+    from character_training.backends.local.settings import log_runtime_once, runtime_info
+
+    info = runtime_info(tiny_service.config)
+    assert info["compute_dtype"] == "float32" and info["threads"] == torch.get_num_threads()
+    assert set(info["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert {"decoder", "F.linear"} <= set(info.get("products", {"decoder": 0, "F.linear": 0}))
+    with caplog.at_level(logging.INFO):
+        log_runtime_once(tiny_service.config)  # already logged when the engine was made
+    assert "local engine runtime" not in caplog.text
+    stats = tiny_service.engine.stats()
+    for kind in ("sampling", "scoring"):
+        assert {"requested", "computed", "reused", "padded", "entries_built", "hits"} <= set(
+            stats[kind]
+        )
+    assert {"entries", "bytes"} == set(stats["prefix_store"])

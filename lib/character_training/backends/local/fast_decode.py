@@ -6,7 +6,9 @@ every layer's keys and values at every step, grouped-query attention repeats the
 heads into full copies, and q/k/v (and gate/up) are three (two) separate small products. This
 module runs the *same mathematics* on the same weights with
 
-* q/k/v and gate/up fused into one product each;
+* q/k/v and gate/up fused into one product each, every product on weights reordered once
+  for oneDNN (`PACKED_DTYPES`; the reorder was otherwise redone at every call, which made
+  small-batch products 1.5-4x slower), shared by every decoder of the same base weights;
 * a preallocated KV cache written in place, one column per step;
 * grouped-query attention without copying K/V: the query heads that share a K/V head are
   folded into the query-length axis of one attention call;
@@ -18,10 +20,15 @@ module runs the *same mathematics* on the same weights with
 * `StaticCache.shift_left`: columns no live row still needs are dropped by moving the rest to
   the front; every step's attention reads columns ``[0, column]``, so dead columns cost time;
 * once nothing is left to refill with, finished rows leave the batch by an index-select on the
-  cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step.
+  cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step;
+* a prefix many rows start with is kept once per cache (`StaticCache.shared_keys`) and read
+  once per step for all of them (`attend_with_shared`), instead of a copy per row; prompts
+  continue stored prefixes (`prefill` with a context, `extend` for scoring and for building
+  them: `prefix_cache`).
 
 It reproduces the HF model's numerics (RMSNorm in fp32, rotary tables in fp32 then cast, the
-same softmax scale); a test compares its logits with the HF model's, including after a slot
+same softmax scale; fp32 products on oneDNN sum in another order than MKL's, ~1e-6 relative,
+bf16 ones are bit for bit the same); a test compares its logits with the HF model's, including after a slot
 is refilled and after a shift. Masked columns hold finite stale values, never NaN, and every
 query sees at least one valid column, so masked softmaxes stay finite. Models outside its
 scope (other rope types, sliding windows, biases other than q/k/v, other norms: see
