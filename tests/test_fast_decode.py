@@ -23,6 +23,7 @@ import torch
 from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient
 from character_training.backends.local.fast_decode import FastDecoder
 from character_training.backends.local.generation import BatchedSampler, GenerationRequest
+from character_training.backends.local.prefix_cache import PrefixCounters, PrefixKV, PrefixStore
 from character_training.renderers.conversation import generation_prompt
 from tinker import types
 
@@ -217,3 +218,237 @@ def test_compute_logprobs_equals_the_sampled_logprobs_of_rows_admitted_by_refill
         rescored = np.asarray(score.result()[prompt.length :])
         assert len(seq.tokens) >= 1
         np.testing.assert_allclose(rescored, np.asarray(seq.logprobs), atol=1e-4, rtol=0)
+
+
+# -- shared prefixes: computed once, reused exactly ----------------------------------------------
+SYSTEM = "You are a careful assistant. Answer briefly, kindly and with one concrete example. " * 4
+QUESTIONS = ("What is tea?", "Why is the sky blue?", "Name a bird.", "Count to three, slowly.")
+
+
+OTHER_SYSTEM = "Reply as a ship's cook: short, salty, cheerful, and always about food. " * 4
+
+
+def _prefix_prompts(tokenizer):
+    """Four prompts on one system prompt, one sharing its first 40 tokens, an unrelated short
+    one, and two on another system prompt (a second family in the same call)."""
+    system, other = tokenizer.encode(SYSTEM), tokenizer.encode(OTHER_SYSTEM)
+    prompts = [system + tokenizer.encode(q) for q in QUESTIONS]
+    prompts += [system[:40] + tokenizer.encode(" Tea?"), tokenizer.encode("Hi.")]
+    return system, prompts + [other + tokenizer.encode(q) for q in QUESTIONS[:2]]
+
+
+class _NoReuse:
+    """Turns the engine's prefix store off (and empties it) for the block: every request is
+    then prefilled alone, the reference the reuse must reproduce."""
+
+    def __init__(self, engine):
+        self.store = engine.prefixes
+
+    def __enter__(self):
+        self.saved, self.store.max_bytes = self.store.max_bytes, 0
+        self.store.clear()
+
+    def __exit__(self, *exc):
+        self.store.max_bytes = self.saved
+
+
+def _sample_all(sampler, prompts, budget=10, only=None):
+    """Sample every prompt (the second one twice) in one flush, or only prompt ``only``, with
+    the seed and sample count it has in the full list."""
+    futures = [
+        sampler.sample(
+            types.ModelInput.from_ints(p),
+            2 if i == 1 else 1,
+            types.SamplingParams(max_tokens=budget, temperature=1.0, seed=50 + i, stop=[]),
+        )
+        for i, p in enumerate(prompts)
+        if only is None or i == only
+    ]
+    return [f.result().sequences for f in futures]
+
+
+def test_prompts_sharing_a_prefix_sample_exactly_what_each_samples_alone(
+    new_tiny_trainer, engine_root, tokenizer
+):
+    path = new_tiny_trainer(seed=4, scale=0.5).save_weights_for_sampler("prefix").result().path
+    three_slots = LocalServiceClient(root_dir=str(engine_root), precision="fp32", max_batch_size=3)
+    sampler = three_slots.create_sampling_client(model_path=path).result()
+    engine = three_slots.engine
+    system, prompts = _prefix_prompts(tokenizer)
+    assert len(system) >= 64
+
+    together = _sample_all(sampler, prompts)  # refills: prefixes copied at several columns
+    first = engine.stats()["sampling"]
+    again = _sample_all(sampler, prompts[:2])  # the next chunk of a stage
+    second = engine.stats()["sampling"]
+    with _NoReuse(engine):
+        alone = [_sample_all(sampler, prompts, only=i)[0] for i in range(len(prompts))]
+        plain = engine.stats()["sampling"]
+
+    for got, ref in zip(together + again, alone + alone[:2]):
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    # the system prompt, rounded down to a block, built once (on top of the 32 tokens that
+    # the prompt sharing only 40 tokens shares with the others) and used by the four prompts
+    # that start with it; the one sharing 40 tokens takes them from it; the short prompt is
+    # computed alone; the other family's prefix is built once too. The rows that start with
+    # the first system prompt read it from the wave's one copy (cascade attention); the
+    # other family's rows get copies of theirs.
+    block = len(system) // 16 * 16
+    other = len(tokenizer.encode(OTHER_SYSTEM)) // 16 * 16
+    assert first["entries_built"] == 3 and first["hits"] == 7
+    assert first["reused"] == 4 * block + 40 + 2 * other
+    assert first["requested"] == sum(len(p) for p in prompts)
+    # computed: the two prefixes, then the suffixes (the twice-sampled prompt's suffix twice
+    # when its two rows join the batch at different admissions)
+    suffixes = first["computed"] - (block + other)
+    lower = first["requested"] - first["reused"]
+    assert lower <= suffixes <= lower + len(prompts[1]) - block
+    # the next call finds the stored prefix: nothing rebuilt, only suffixes computed
+    assert second["entries_built"] == 3
+    assert second["computed"] - first["computed"] == sum(len(p) - block for p in prompts[:2])
+    assert plain["reused"] == second["reused"]  # with the store off nothing is reused
+
+
+def test_scores_sharing_a_prefix_equal_scores_computed_alone(tiny_snapshot_for_prefix, tokenizer):
+    sampler = tiny_snapshot_for_prefix
+    engine = sampler.engine
+    _, prompts = _prefix_prompts(tokenizer)
+    reply = tokenizer.encode(" The answer is short and kind.")
+    sequences = [p + reply for p in prompts]
+
+    def score(last_n):
+        futures = [
+            sampler.compute_logprobs(types.ModelInput.from_ints(s), prompt_logprobs_last_n=last_n)
+            for s in sequences
+        ]
+        return [f.result() for f in futures]
+
+    before = engine.stats()["scoring"]
+    tails = score(len(reply))
+    full = score(None)  # every position scored: nothing can come from a stored prefix
+    after = engine.stats()["scoring"]
+    with _NoReuse(engine):
+        tails_alone = [score(len(reply))[i] for i in range(len(sequences))]
+        full_alone = score(None)
+    for got, ref in zip(tails + full, tails_alone + full_alone):
+        assert [g is None for g in got] == [r is None for r in ref]
+        values = [(g, r) for g, r in zip(got, ref) if g is not None]
+        np.testing.assert_allclose(*zip(*values), atol=1e-5, rtol=0)
+    assert after["hits"] - before["hits"] == 7 and after["reused"] > before["reused"]
+    assert after["computed"] - before["computed"] < after["requested"] - before["requested"]
+
+
+@pytest.fixture(scope="module")
+def tiny_snapshot_for_prefix(new_tiny_trainer):
+    return new_tiny_trainer(seed=5, scale=0.5).save_weights_and_get_sampling_client().result()
+
+
+def test_smollm2_samples_and_scores_the_same_with_a_shared_system_prompt(smollm2_sampler, renderer):
+    """The real model, fp32: chat prompts sharing a system prompt, sampled together (the
+    system prompt computed once) and each alone, give the same tokens."""
+    system = {"role": "system", "content": SYSTEM}
+    prompts = [
+        generation_prompt(renderer, [system, {"role": "user", "content": q}]).to_ints()
+        for q in QUESTIONS[:3]
+    ]
+    engine = smollm2_sampler.engine
+    before = engine.stats()["sampling"]
+    together = _sample_all(smollm2_sampler, prompts, budget=8)
+    after = engine.stats()["sampling"]
+    with _NoReuse(engine):
+        alone = [_sample_all(smollm2_sampler, prompts, 8, only=i)[0] for i in range(len(prompts))]
+    assert after["hits"] - before["hits"] == 3
+    for got, ref in zip(together, alone):
+        for a, b in zip(got, ref):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
+def _fake_build(calls):
+    """A `PrefixStore.plan` builder that records what it is asked and stores 1 KB per token."""
+
+    def build(tokens, parent, reuse):
+        calls.append((len(tokens), reuse))
+        kv = torch.zeros((1, 1, len(tokens), 128))  # 512 bytes per token, keys and values
+        return PrefixKV(tokens=tokens.copy(), keys=kv, values=kv.clone())
+
+    return build
+
+
+def test_the_prefix_store_builds_each_shared_block_prefix_once_shortest_first():
+    store = PrefixStore(max_bytes=1 << 20, block=16, min_tokens=32)
+    owner = type("Owner", (), {})()
+    name = store.namespace(owner, "fp32")
+    family_a = [list(range(100)) + [1000 + i] * 5 for i in range(3)]  # share 100 tokens
+    family_b = [[7] * 70 + [2000 + i] for i in range(2)]  # share 70 tokens
+    nested = [family_a[0] + [42] * 20 + [3000 + i] for i in range(2)]  # share 125
+    calls: list[tuple[int, int]] = []
+    counters = PrefixCounters()
+    prompts = family_a + family_b + nested + [[5] * 40]
+    plan = store.plan(name, prompts, [len(p) - 1 for p in prompts], _fake_build(calls), counters)
+
+    # rounded down to 16-token blocks: 64 for family b, 96 for family a; the nested pair
+    # shares 125 tokens, so 112, built on top of family a's 96-token entry. Each prompt then
+    # takes the longest stored prefix it starts with, up to its limit: family a also shares
+    # 100-104 tokens with the 112-token entry
+    assert calls == [(64, 0), (96, 0), (112, 96)]
+    assert [length for _, length in plan] == [104, 100, 100, 64, 64, 112, 112, 0]
+    assert counters.entries_built == 3 and counters.computed == 64 + 96 + 16
+    # a later call sharing a stored prefix builds nothing (and may take an unrounded length)
+    again = store.plan(name, [list(range(90)) + [9]], [90], _fake_build(calls), counters)
+    assert again[0][1] == 90 and len(calls) == 3
+    # a prompt seen before (history) is worth a prefix when it comes back
+    store.plan(name, [[3] * 50], [49], _fake_build(calls), counters)
+    store.plan(name, [[3] * 50 + [4]], [50], _fake_build(calls), counters)
+    assert calls[-1] == (48, 0)
+
+
+def test_the_prefix_store_evicts_least_recently_used_and_forgets_a_dead_clients_prefixes():
+    import gc
+
+    store = PrefixStore(max_bytes=3 * 64 * 1024, block=16, min_tokens=32)  # three entries
+    owner = type("Owner", (), {})()
+    name = store.namespace(owner, "fp32")
+    for first in range(4):  # four families of two: the first is evicted by the fourth
+        family = [[first] * 64 + [i] for i in range(2)]
+        store.plan(name, family, [64, 64], _fake_build([]), PrefixCounters())
+    assert len(store) == 3 and store.nbytes == 3 * 64 * 1024
+    assert store.longest(name, np.array([0] * 64), 64)[1] == 0
+    assert store.longest(name, np.array([3] * 64), 64)[1] == 64
+    del owner
+    gc.collect()
+    assert len(store) == 0 and store.nbytes == 0
+
+
+def test_prepacked_bf16_products_give_the_numbers_of_f_linear_bit_for_bit():
+    """bf16 decoders run their products on weights reordered once for oneDNN; that must be a
+    speed change only: the same numbers as `F.linear` at every row count."""
+    from character_training.backends.local.fast_decode import can_pack, shared_weight
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    if not can_pack(weight):
+        pytest.skip("no oneDNN prepacking on this build")
+    packed = shared_weight([weight], pack=True)
+    assert shared_weight([weight], pack=True) is packed  # built once, shared
+    for shape in ((1, 64), (8, 64), (33, 64), (3, 5, 64)):
+        x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        assert torch.equal(got, torch.nn.functional.linear(x, weight))
+
+
+def test_snapshots_share_the_base_decoders_weights_instead_of_copying_them(
+    tiny_sampler, new_tiny_trainer
+):
+    """Every snapshot of a training run gets its own decoder; its fused (and prepacked)
+    weights must be the base decoder's, not a copy per snapshot (a model's size each)."""
+    snapshot = new_tiny_trainer(seed=6).save_weights_and_get_sampling_client().result()
+    base, snap = tiny_sampler._sampler.fast, snapshot._sampler.fast
+    for ours, theirs in zip(snap.layers, base.layers):
+        assert ours.qkv is theirs.qkv and ours.gate_up is theirs.gate_up
+        assert ours.out is theirs.out and ours.down is theirs.down
+    assert snap.lm_head is base.lm_head
+    assert snap.layers[0].qkv_update is not None  # the adapter itself is the snapshot's own

@@ -318,15 +318,13 @@ def test_sequences_that_differ_only_in_the_last_token_share_one_forward(tiny_sam
     answers = as_input(tokenizer, " A B C").to_ints()[-3:]
     sequences = [prompt + [a] for a in answers] + [other, other[:1]]
     model = tiny_sampler.model
-    rows: list[int] = []
-    hook = model.get_decoder().register_forward_hook(lambda _m, args, kwargs, _o: rows.append(
-        kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
-    try:
-        futures = [tiny_sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
-        scores = [f.result() for f in futures]
-    finally:
-        hook.remove()
-    assert sum(rows) == 2  # the shared prompt once, the other sentence once; a 1-token one: none
+    before = tiny_sampler.engine.stats()["scoring"]
+    futures = [tiny_sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
+    scores = [f.result() for f in futures]
+    after = tiny_sampler.engine.stats()["scoring"]
+    # the shared prompt once, the other sentence once; a 1-token sequence: nothing
+    assert after["computed"] - before["computed"] == len(prompt) + len(other) - 1
+    assert after["requested"] - before["requested"] == 3 * len(prompt) + len(other) - 1
     assert scores[-1] == [None]
     with torch.inference_mode():
         for seq, got in zip(sequences[:-1], scores[:-1]):
@@ -349,3 +347,25 @@ def test_last_n_scores_only_the_tail_with_the_same_numbers(tiny_sampler, tokeniz
         cut = len(seq) - last_n
         assert tail[:cut] == [None] * cut
         assert np.allclose(tail[cut:], full[cut:], atol=1e-5)
+
+
+def test_the_engine_reports_what_it_picked_and_its_prefill_counters(tiny_service, caplog):
+    """What the lead records in manifests: the runtime the engine chose (dtype, threads,
+    kernels, CPU flags), logged once per process and settings, and the prefill counters."""
+    import logging
+
+    from character_training.backends.local.settings import log_runtime_once, runtime_info
+
+    info = runtime_info(tiny_service.config)
+    assert info["compute_dtype"] == "float32" and info["threads"] == torch.get_num_threads()
+    assert set(info["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert {"decoder", "F.linear"} <= set(info.get("products", {"decoder": 0, "F.linear": 0}))
+    with caplog.at_level(logging.INFO):
+        log_runtime_once(tiny_service.config)  # already logged when the engine was made
+    assert "local engine runtime" not in caplog.text
+    stats = tiny_service.engine.stats()
+    for kind in ("sampling", "scoring"):
+        assert {"requested", "computed", "reused", "padded", "entries_built", "hits"} <= set(
+            stats[kind]
+        )
+    assert {"entries", "bytes"} == set(stats["prefix_store"])

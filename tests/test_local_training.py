@@ -263,6 +263,38 @@ def test_dpo_custom_loss_gives_the_same_lora_gradients_as_the_loss_written_in_to
     assert_grads_close(engine_grads, take_grads(client), atol=1e-5, rtol=0)
 
 
+def test_an_activation_budget_splits_and_checkpoints_without_changing_the_gradients(
+    new_tiny_trainer, tokenizer, engine_root, monkeypatch
+):
+    """Training bounds the activations kept for the backward pass (``activation_mb``): a batch
+    is split into smaller micro-batches, and a sequence longer than the budget checkpoints some
+    layers. Both must leave the loss and the gradients as one big pass computes them."""
+    from character_training.backends.local import forward
+
+    # tiny-random keeps ~14 KB per token: 1 MB holds ~73 tokens
+    small = LocalServiceClient(root_dir=str(engine_root), precision="fp32", activation_mb=1)
+    texts = TEXTS + (" ".join(TEXTS * 4),)
+    data = [make_datum(tokens_of(tokenizer, t), weights=[1.0] * (len(tokens_of(tokenizer, t)) - 1))
+            for t in texts]  # fmt: skip
+    assert max(d.model_input.length for d in data) > 100
+    checkpointed: list[int] = []
+    real = forward.activation_checkpointing
+
+    def spy(model, layers):
+        checkpointed.append(layers)
+        return real(model, layers)
+
+    monkeypatch.setattr(forward, "activation_checkpointing", spy)
+    outs, grads = [], []
+    for service in (None, small):
+        client = new_tiny_trainer(service, seed=7)
+        outs.append(client.forward_backward(data, "cross_entropy").result())
+        grads.append(take_grads(client))
+    assert any(layers > 0 for layers in checkpointed)
+    assert outs[1].metrics["loss:sum"] == pytest.approx(outs[0].metrics["loss:sum"], abs=1e-4)
+    assert_grads_close(grads[1], grads[0], atol=1e-5)
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 def _sft_batch(tokenizer) -> list[types.Datum]:
     return [

@@ -20,7 +20,8 @@ import torch
 
 from ...errors import BackendError
 from .model_files import resolve_model_dir
-from .settings import LocalEngineConfig
+from .prefix_cache import PrefixCounters, PrefixStore
+from .settings import LocalEngineConfig, log_runtime_once
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class LocalEngine:
         self._frozen: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
         self._sampling: dict[tuple, torch.nn.Module] = {}
         self._run_counter = itertools.count()
+        # Keys and values of prompt prefixes shared by many requests, for every client of this
+        # engine (`prefix_cache`); and the prefill work asked for vs. done, for the manifests.
+        self.prefixes = PrefixStore(config.prefix_cache_mb * 2**20)
+        self.counters = {"sampling": PrefixCounters(), "scoring": PrefixCounters()}
+        log_runtime_once(config)
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
     # -- models -------------------------------------------------------------------------------
@@ -58,9 +64,12 @@ class LocalEngine:
         return load_tokenizer(str(self.model_dir(base_model)))
 
     def load_trainable_base(self, base_model: str) -> torch.nn.Module:
-        """A private fp32 copy of the base model for a training client to wrap with LoRA."""
+        """A private copy of the fp32 base model's module tree for a training client to wrap
+        with LoRA. The frozen weights are shared, not copied (LoRA only adds modules and never
+        writes them), so a training client costs its adapter and optimiser, not a model."""
         model = self._load(base_model, torch.float32)
-        return copy.deepcopy(model)
+        shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+        return copy.deepcopy(model, memo=shared)
 
     def frozen_base(self, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
         """A shared, read-only base model in ``dtype`` for sampling and scoring."""
@@ -94,6 +103,17 @@ class LocalEngine:
             logger.info("loaded %s (%s) in %.1fs", base_model, dtype, time.perf_counter() - started)
         return self._frozen[key]
 
+    def stats(self) -> dict:
+        """Cumulative prefill counters of this engine's clients (tokens requested, computed,
+        reused from stored prefixes, padded; prefixes built; prompts that hit one) for
+        ``sampling`` (prompts prefilled by ``sample``) and ``scoring``
+        (``compute_logprobs``), and the prefix store's size. Take the difference of two
+        calls to get one stage's numbers."""
+        return {
+            **{kind: counters.as_dict() for kind, counters in self.counters.items()},
+            "prefix_store": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes},
+        }
+
     # -- the session ----------------------------------------------------------------------------
     @property
     def session_id(self) -> str:
@@ -112,6 +132,32 @@ class LocalEngine:
         if not name or "/" in name or name.startswith("."):
             raise BackendError(f"checkpoint name {name!r}: expected a plain, non-empty file name")
         return self.root / run_id / kind / name
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_free_memory() -> None:
+    """Give the pages freed by the last large computation back to the operating system.
+
+    glibc keeps freed heap memory for reuse; after a decode wave or a training step that is
+    hundreds of MB of activations, and the next step's allocations (other sizes, other
+    threads' arenas) do not always fit in it, so the process's resident size ratchets up
+    from phase to phase. ``malloc_trim`` returns it (a few ms); elsewhere a no-op.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def write_checkpoint_meta(path: Path, **meta) -> None:

@@ -6,7 +6,9 @@ every layer's keys and values at every step, grouped-query attention repeats the
 heads into full copies, and q/k/v (and gate/up) are three (two) separate small products. This
 module runs the *same mathematics* on the same weights with
 
-* q/k/v and gate/up fused into one product each;
+* q/k/v and gate/up fused into one product each, every product on weights reordered once
+  for oneDNN (`PACKED_DTYPES`; the reorder was otherwise redone at every call, which made
+  small-batch products 1.5-4x slower), shared by every decoder of the same base weights;
 * a preallocated KV cache written in place, one column per step;
 * grouped-query attention without copying K/V: the query heads that share a K/V head are
   folded into the query-length axis of one attention call;
@@ -18,10 +20,15 @@ module runs the *same mathematics* on the same weights with
 * `StaticCache.shift_left`: columns no live row still needs are dropped by moving the rest to
   the front; every step's attention reads columns ``[0, column]``, so dead columns cost time;
 * once nothing is left to refill with, finished rows leave the batch by an index-select on the
-  cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step.
+  cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step;
+* a prefix many rows start with is kept once per cache (`StaticCache.shared_keys`) and read
+  once per step for all of them (`attend_with_shared`), instead of a copy per row; prompts
+  continue stored prefixes (`prefill` with a context, `extend` for scoring and for building
+  them: `prefix_cache`).
 
 It reproduces the HF model's numerics (RMSNorm in fp32, rotary tables in fp32 then cast, the
-same softmax scale); a test compares its logits with the HF model's, including after a slot
+same softmax scale; fp32 products on oneDNN sum in another order than MKL's, ~1e-6 relative,
+bf16 ones are bit for bit the same); a test compares its logits with the HF model's, including after a slot
 is refilled and after a shift. Masked columns hold finite stale values, never NaN, and every
 query sees at least one valid column, so masked softmaxes stay finite. Models outside its
 scope (other rope types, sliding windows, biases other than q/k/v, other norms: see
@@ -31,12 +38,15 @@ scope (other rope types, sliding windows, biases other than q/k/v, other norms: 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .adapters import LowRankUpdate, update_of
+from .prefix_cache import PrefixKV
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _NORM_ATTRIBUTES = {"weight", "variance_epsilon"}
@@ -114,6 +124,132 @@ def supports(model: torch.nn.Module) -> bool:
     return unsupported_reason(model) is None
 
 
+# Weights built for decoders, by the storage of the tensors they are made from (a snapshot's
+# layers wrap the base's weight storage in new Parameter objects, so identity would miss):
+# a weak reference to the result, and the sources themselves, which pins their storage so
+# its address cannot be reused by other data while the entry exists.
+_SHARED: dict[tuple, tuple[weakref.ref, list[torch.Tensor]]] = {}
+
+
+# dtypes whose products run on oneDNN with weights reordered once ("prepacked"), on CPU.
+# bf16: the kernels `F.linear` itself uses, so the same numbers to the bit (checked by a
+# test), without reordering every weight at every call: 1.5-4x faster products at 8-64 rows
+# on this project's CPU. fp32: `F.linear` uses MKL; oneDNN's prepacked kernels decode
+# 1.4-1.5x faster at 8-128 rows (measured with AVX2 only, the CPUs that run fp32) and sum in
+# another order (~1e-6 relative: float noise, the size of a change of batch shape). Every
+# product of the sampler and of `compute_logprobs` runs on them, so the two agree as before.
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+_PACK_HINT = 32  # rows the packed layout is tuned for (any row count works)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether products with ``weight`` can run on a prepacked oneDNN weight here."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in PACKED_DTYPES
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def shared_weight(parts: list[torch.Tensor], pack: bool) -> torch.Tensor:
+    """``torch.cat(parts)`` (prepacked for oneDNN when ``pack``), built once per set of weight
+    storages and shared by every decoder.
+
+    Every sampling client (each snapshot of a training run) makes its own decoder, but they
+    all run the engine's one frozen base: without sharing, each decoder held its own copy of
+    the fused (and packed) weights, up to a model's size per snapshot. An entry lives as long
+    as some decoder holds its result.
+    """
+    key = (
+        tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in parts),
+        pack,
+    )
+    hit = _SHARED.get(key)
+    tensor = hit[0]() if hit is not None else None
+    if tensor is not None:
+        return tensor
+    with torch.no_grad():
+        tensor = parts[0].detach() if len(parts) == 1 else torch.cat([t.detach() for t in parts])
+        tensor = tensor.contiguous()
+        if pack:
+            tensor = torch.ops.mkldnn._reorder_linear_weight(tensor, _PACK_HINT)
+    _SHARED[key] = (weakref.ref(tensor), [t.detach() for t in parts])
+    weakref.finalize(tensor, _forget, key)
+    return tensor
+
+
+def _forget(key: tuple) -> None:
+    hit = _SHARED.get(key)
+    if hit is not None and hit[0]() is None:
+        del _SHARED[key]
+
+
+def fused(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, shared by every decoder (`shared_weight`)."""
+    return shared_weight(parts, pack=False)
+
+
+def _flash(q, k, v, additive_mask, scale):
+    """Attention output and log-sum-exp of the scaled scores ([..., queries], fp32).
+
+    On CPU this is the kernel `F.scaled_dot_product_attention` itself runs (it returns the
+    log-sum-exp too); elsewhere the same mathematics written out in fp32.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=additive_mask, scale=scale
+        )
+        return out, lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + additive_mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype), lse
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf")
+    )
+
+
+def attend_with_shared(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shared_keys: torch.Tensor,
+    shared_values: torch.Tensor,
+    shared_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of queries ``q`` [B, KV, Q, D] over their rows' own keys [B, KV, L, D]
+    (boolean ``mask`` [B, 1, Q or 1, L]) and over the first ``shared_len[b]`` keys of a prefix
+    every row shares ([KV, P, D], stored once): "cascade" attention.
+
+    The shared prefix is read once for all rows (their queries are stacked into one query
+    block), not once per row, which is what long shared prompts cost per decoding step; the
+    two parts are merged exactly by their log-sum-exps. Every query must see at least one of
+    its own keys. Returns [B, KV, Q, D] in float32.
+    """
+    b, kv, nq, d = q.shape
+    prefix = shared_keys.shape[1]
+    own_out, own_lse = _flash(q, keys, values, _additive(mask, q.dtype), scale)
+    stacked = q.transpose(0, 1).reshape(1, kv, b * nq, d)
+    uses = torch.arange(prefix, device=q.device)[None, :] < shared_len[:, None]  # [B, P]
+    uses = uses[:, None, :].expand(b, nq, prefix).reshape(1, 1, b * nq, prefix)
+    shared_out, shared_lse = _flash(
+        stacked, shared_keys[None], shared_values[None], _additive(uses, q.dtype), scale
+    )
+    shared_out = shared_out.reshape(kv, b, nq, d).transpose(0, 1).float()
+    shared_lse = shared_lse.reshape(kv, b, nq).transpose(0, 1)
+    none = (shared_len <= 0)[:, None, None]
+    shared_lse = shared_lse.masked_fill(none, float("-inf"))
+    top = torch.maximum(own_lse, shared_lse)
+    w_own, w_shared = torch.exp(own_lse - top), torch.exp(shared_lse - top)
+    merged = own_out.float() * w_own[..., None] + shared_out * w_shared[..., None]
+    return merged / (w_own + w_shared)[..., None]
+
+
 @dataclass
 class _Layer:
     norm_in: torch.Tensor
@@ -189,8 +325,13 @@ class FastDecoder:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
         self.lm_head_update = update_of(model.lm_head)
+        self.packed = can_pack(model.lm_head.weight)
+
+        def weight(*parts: torch.Tensor) -> torch.Tensor:
+            return shared_weight(list(parts), pack=self.packed)
+
+        self.lm_head = weight(model.lm_head.weight)
         self.layers: list[_Layer] = []
         q_out = self.heads * self.head_dim
         kv_out = config.num_key_value_heads * self.head_dim
@@ -202,13 +343,11 @@ class FastDecoder:
                     _Layer(
                         norm_in=layer.input_layernorm.weight,
                         norm_post=layer.post_attention_layernorm.weight,
-                        qkv=torch.cat(
-                            [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-                        ).contiguous(),
-                        qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                        out=attn.o_proj.weight,
-                        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                        down=mlp.down_proj.weight,
+                        qkv=weight(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
+                        qkv_bias=fused(biases) if all(b is not None for b in biases) else None,
+                        out=weight(attn.o_proj.weight),
+                        gate_up=weight(mlp.gate_proj.weight, mlp.up_proj.weight),
+                        down=weight(mlp.down_proj.weight),
                         qkv_update=_fuse_updates(
                             [update_of(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")],
                             [q_out, kv_out, kv_out],
@@ -224,7 +363,7 @@ class FastDecoder:
                     )
                 )
         self.q_size = self.heads * self.head_dim
-        self.vocab = self.lm_head.shape[0]
+        self.vocab = int(model.lm_head.weight.shape[0])
         self.kv_size = self.kv_heads * self.head_dim
 
     # -- pieces -------------------------------------------------------------------------------
@@ -248,7 +387,12 @@ class FastDecoder:
     ) -> torch.Tensor:
         """A product in the weights' dtype, returned in the activation dtype, plus an unmerged
         update in fp32: what `adapters.FrozenLinear` computes."""
-        out = F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
+        if self.packed:
+            out = torch.ops.mkldnn._linear_pointwise(
+                x.to(self.dtype), weight, bias, "none", [], ""
+            ).to(self.act_dtype)
+        else:
+            out = F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
         if update is None:
             return out
         return (out.float() + update(x)).to(self.act_dtype)
@@ -259,44 +403,36 @@ class FastDecoder:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def new_cache(self, batch: int, capacity: int) -> "StaticCache":
+    def new_cache(self, batch: int, capacity: int, shared: PrefixKV | None = None) -> "StaticCache":
+        """A cache of ``batch`` rows and ``capacity`` columns; with ``shared``, a prefix the
+        rows may start with, kept once (each row says how many of its tokens it uses)."""
         shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
-        return StaticCache(
+        cache = StaticCache(
             keys=torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             values=torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             valid=torch.zeros((batch, capacity), dtype=torch.bool, device=self.device),
         )
+        if shared is not None:
+            cache.shared_keys = shared.keys.to(self.cache_dtype)
+            cache.shared_values = shared.values.to(self.cache_dtype)
+            cache.shared_len = torch.zeros(batch, dtype=torch.long, device=self.device)
+        return cache
+
+    @property
+    def bytes_per_column(self) -> int:
+        """Cache bytes per row and column (keys and values of every layer)."""
+        item = torch.empty((), dtype=self.cache_dtype).element_size()
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * item
 
     # -- forward passes -------------------------------------------------------------------------
-    def prefill(
-        self,
-        cache: "StaticCache",
-        rows: torch.Tensor,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        start: int = 0,
-    ) -> torch.Tensor:
-        """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
-        [start, start + T).
-
-        Whatever those rows held before is invalidated (their whole validity mask is reset), so
-        a slot freed by a finished sequence can take a new prompt while other rows keep
-        decoding. Rotary positions count each row's own tokens from 0, whatever ``start`` is.
-        Returns the last position's logits [R, vocab] (float32).
-        """
+    def _blocks(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The layer stack over a block of tokens ``ids`` [R, T] at rotary ``positions``
+        [R, T]; ``attend(layer_index, q, k, v)`` (q [R, heads, T, D], k and v
+        [R, kv_heads, T, D], rotated) returns the attention output [R, heads, T, D]. Returns
+        the last hidden states [R, T, hidden] before the final norm."""
         r, t = ids.shape
-        if start < 0 or start + t > cache.capacity:
-            raise ValueError(f"prefill columns [{start}, {start + t}) outside the cache")
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cos, sin = self._rotary(positions)  # [R, T, D]
         cos, sin = cos[:, None], sin[:, None]
-        valid = mask.bool()
-        causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
-        # Padding queries attend to themselves only, which keeps every softmax finite.
-        attn_mask = (causal[None] & valid[:, None, :]) | torch.eye(
-            t, dtype=torch.bool, device=self.device
-        )[None]
-        attn_mask = attn_mask[:, None]  # [R, 1, T, T]
         h = F.embedding(ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
@@ -305,20 +441,166 @@ class FastDecoder:
             q = self._rotate(q.view(r, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(r, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
-            cache.keys[index, rows, :, start : start + t] = k
-            cache.values[index, rows, :, start : start + t] = v
-            attn = F.scaled_dot_product_attention(
-                q.to(self.cache_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
-            ).to(self.act_dtype)
+            attn = attend(index, q, k, v).to(self.act_dtype)
             h = h + self._linear(
                 attn.transpose(1, 2).reshape(r, t, self.q_size), layer.out, None, layer.out_update
             )
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
-        cache.valid[rows] = False
-        cache.valid[rows, start : start + t] = valid
-        last = self._rms(h[:, -1], self.final_norm)
-        return self._linear(last, self.lm_head, None, self.lm_head_update).float()
+        return h
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of final hidden states (before the final norm)."""
+        normed = self._rms(hidden, self.final_norm)
+        return self._linear(normed, self.lm_head, None, self.lm_head_update).float()
+
+    def prefill(
+        self,
+        cache: "StaticCache",
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: int = 0,
+        offsets: torch.Tensor | None = None,
+        context_start: int | None = None,
+        shared: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run left-padded prompts ``ids`` [R, T] into cache rows ``rows`` (distinct), columns
+        [start, start + T). Returns the last position's logits [R, vocab] (float32).
+
+        ``shared`` [R]: how many tokens of the cache's shared prefix (`StaticCache.shared_keys`)
+        each row starts with (0 or None: none); those tokens are not in the row's columns.
+
+        Without ``context_start``, whatever those rows held before is invalidated (their whole
+        validity mask is reset), so a slot freed by a finished sequence can take a new prompt
+        while other rows keep decoding; rotary positions count each row's own tokens from 0,
+        whatever ``start`` is.
+
+        With ``context_start`` (a shared prefix already copied into the rows, `generation`),
+        the tokens continue what the rows hold in columns [context_start, start + T) and
+        marked valid: positions count from ``offsets`` [R] (each row's prefix length),
+        attention reads those valid columns up to each query's own, and only real tokens are
+        written, so a row's prefix may lie in the padding columns of a shorter suffix.
+        """
+        r, t = ids.shape
+        if start < 0 or start + t > cache.capacity:
+            raise ValueError(f"prefill columns [{start}, {start + t}) outside the cache")
+        end = start + t
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if offsets is not None:
+            positions = positions + offsets[:, None]
+        valid = mask.bool()
+        diagonal = torch.eye(t, dtype=torch.bool, device=self.device)
+        if cache.shared_len is not None:
+            cache.shared_len[rows] = 0 if shared is None else shared
+        cascade = cache.shared_len is not None and bool((cache.shared_len[rows] > 0).any())
+        if context_start is None:
+            cache.valid[rows] = False
+            causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
+            # Padding queries attend to themselves only, which keeps every softmax finite.
+            attn_mask = ((causal[None] & valid[:, None, :]) | diagonal[None])[:, None]
+            lo = start
+        else:
+            lo = context_start
+            cache.valid[rows, start:end] |= valid
+            width = end - lo
+            columns = torch.arange(width, device=self.device)
+            causal = columns[None, :] <= (columns[width - t :, None])  # [T, width]
+            own = torch.zeros((t, width), dtype=torch.bool, device=self.device)
+            own[:, width - t :] = diagonal
+            attn_mask = (causal[None] & cache.valid[rows, lo:end][:, None, :]) | own[None]
+            attn_mask = attn_mask[:, None]  # [R, 1, T, width]
+            written = valid[:, None, :, None]
+
+        def attend(index, q, k, v):
+            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
+            keys, values = cache.keys[index], cache.values[index]
+            if context_start is None:
+                keys[rows, :, start:end] = k
+                values[rows, :, start:end] = v
+            else:
+                keys[rows, :, start:end] = torch.where(written, k, keys[rows, :, start:end])
+                values[rows, :, start:end] = torch.where(written, v, values[rows, :, start:end])
+                k, v = keys[rows, :, lo:end], values[rows, :, lo:end]
+            if cascade:
+                return self._prefill_cascade(q, k, v, attn_mask, cache, rows, index)
+            return F.scaled_dot_product_attention(
+                q.to(self.cache_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+            )
+
+        h = self._blocks(ids, positions, attend)
+        if context_start is None:
+            cache.valid[rows, start:end] = valid
+        return self.unembed(h[:, -1])
+
+    def _prefill_cascade(self, q, k, v, attn_mask, cache: "StaticCache", rows, index):
+        """Prefill attention of rows that start with the cache's shared prefix: the query
+        heads sharing a K/V head are stacked along the query axis, as in `decode`."""
+        r, heads, t, d = q.shape
+        groups = heads // self.kv_heads
+        stacked = q.to(self.cache_dtype).reshape(r, self.kv_heads, groups * t, d)
+        out = attend_with_shared(
+            stacked,
+            k,
+            v,
+            attn_mask.repeat(1, 1, groups, 1),
+            cache.shared_keys[index],
+            cache.shared_values[index],
+            cache.shared_len[rows],
+            self.scale,
+        )
+        return out.reshape(r, heads, t, d)
+
+    def extend(
+        self,
+        ids: torch.Tensor,
+        context: PrefixKV | None,
+        reuse: int,
+        kv_dtype: torch.dtype,
+        keep_kv: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Hidden states (before the final norm) of right-padded blocks ``ids`` [R, T] that
+        continue the first ``reuse`` tokens of ``context`` (shared by every row; None: no
+        prefix), attending in ``kv_dtype``.
+
+        Used for scoring (`LocalSamplingClient.compute_logprobs`) and to build stored prefixes
+        (`prefix_kv`). Right padding keeps every real query's keys real: a padding position is
+        only seen by later padding positions. With ``keep_kv`` also returns each layer's new
+        keys and values ([R, kv_heads, T, D] in ``kv_dtype``).
+        """
+        r, t = ids.shape
+        positions = torch.arange(reuse, reuse + t, device=self.device).expand(r, t)
+        causal = torch.ones((t, t), dtype=torch.bool, device=self.device).tril()
+        attn_mask = torch.cat(
+            [torch.ones((t, reuse), dtype=torch.bool, device=self.device), causal], dim=-1
+        )
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(index, q, k, v):
+            k, v = k.to(kv_dtype), v.to(kv_dtype)
+            if keep_kv:
+                kept.append((k, v))
+            if reuse:
+                k = torch.cat([context.keys[index, :, :reuse].expand(r, -1, -1, -1), k], dim=2)
+                v = torch.cat([context.values[index, :, :reuse].expand(r, -1, -1, -1), v], dim=2)
+            return F.scaled_dot_product_attention(
+                q.to(kv_dtype), k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+            )
+
+        return self._blocks(ids, positions, attend), kept
+
+    def prefix_kv(
+        self, tokens: np.ndarray, parent: PrefixKV | None, reuse: int, kv_dtype: torch.dtype
+    ) -> PrefixKV:
+        """A stored prefix for ``tokens``: the first ``reuse`` tokens' keys and values come
+        from ``parent`` (which starts with them), the rest are computed here."""
+        ids = torch.as_tensor(tokens[reuse:], dtype=torch.long, device=self.device)[None]
+        _, kept = self.extend(ids, parent, reuse, kv_dtype, keep_kv=True)
+        keys = torch.stack([k[0] for k, _ in kept])  # [layers, kv_heads, new, D]
+        values = torch.stack([v[0] for _, v in kept])
+        if reuse:
+            keys = torch.cat([parent.keys[:, :, :reuse], keys], dim=2)
+            values = torch.cat([parent.values[:, :, :reuse], values], dim=2)
+        return PrefixKV(tokens=tokens.copy(), keys=keys.contiguous(), values=values.contiguous())
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         gate, up = self._linear(x, layer.gate_up, None, layer.gate_up_update).chunk(2, dim=-1)
@@ -335,6 +617,7 @@ class FastDecoder:
         cos_q, sin_q = cos[:, None, None], sin[:, None, None]
         cache.valid[:, column] = True
         attn_mask = cache.valid[:, None, None, : column + 1]  # [B, 1, 1, L]
+        cascade = cache.shared_len is not None and bool((cache.shared_len > 0).any())
         h = F.embedding(tokens, self.embed)  # [B, hidden]
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
@@ -345,13 +628,25 @@ class FastDecoder:
             k = self._rotate(k.view(b, self.kv_heads, 1, self.head_dim), cos_q, sin_q)
             cache.keys[index, :, :, column] = k[:, :, 0]
             cache.values[index, :, :, column] = v.view(b, self.kv_heads, self.head_dim)
-            attn = F.scaled_dot_product_attention(
-                q.to(self.cache_dtype),
-                cache.keys[index, :, :, : column + 1],
-                cache.values[index, :, :, : column + 1],
-                attn_mask=attn_mask,
-                scale=self.scale,
-            ).to(self.act_dtype)
+            if cascade:  # rows that share the cache's prefix read it once, together
+                attn = attend_with_shared(
+                    q.to(self.cache_dtype),
+                    cache.keys[index, :, :, : column + 1],
+                    cache.values[index, :, :, : column + 1],
+                    attn_mask,
+                    cache.shared_keys[index],
+                    cache.shared_values[index],
+                    cache.shared_len,
+                    self.scale,
+                ).to(self.act_dtype)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    q.to(self.cache_dtype),
+                    cache.keys[index, :, :, : column + 1],
+                    cache.values[index, :, :, : column + 1],
+                    attn_mask=attn_mask,
+                    scale=self.scale,
+                ).to(self.act_dtype)
             h = h + self._linear(attn.reshape(b, self.q_size), layer.out, None, layer.out_update)
             h = h + self._mlp(self._rms(h, layer.norm_post), layer)
         return self._linear(
@@ -366,6 +661,11 @@ class StaticCache:
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+    # A prefix shared by the rows, stored once ([layers, kv_heads, P, head_dim]), and how
+    # many of its tokens each row starts with (`FastDecoder.new_cache`); None: no prefix.
+    shared_keys: torch.Tensor | None = None
+    shared_values: torch.Tensor | None = None
+    shared_len: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -373,7 +673,22 @@ class StaticCache:
 
     def select(self, rows: torch.Tensor) -> "StaticCache":
         """A new cache holding only ``rows`` (in that order; repeats allowed)."""
-        return StaticCache(self.keys[:, rows], self.values[:, rows], self.valid[rows])
+        return StaticCache(
+            self.keys[:, rows],
+            self.values[:, rows],
+            self.valid[rows],
+            self.shared_keys,
+            self.shared_values,
+            None if self.shared_len is None else self.shared_len[rows],
+        )
+
+    def put(self, row: int, column: int, prefix: PrefixKV, first: int, end: int) -> None:
+        """Write tokens [first, end) of a stored prefix into ``row`` from ``column`` on and
+        mark those columns valid (the row's other columns are left as they are)."""
+        stop = column + end - first
+        self.keys[:, row, :, column:stop] = prefix.keys[:, :, first:end]
+        self.values[:, row, :, column:stop] = prefix.values[:, :, first:end]
+        self.valid[row, column:stop] = True
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, start: int, end: int) -> None:
         """Make rows ``dst`` hold what rows ``src`` hold in columns [start, end), and nothing
@@ -382,6 +697,8 @@ class StaticCache:
         self.values[:, dst, :, start:end] = self.values[:, src, :, start:end]
         self.valid[dst] = False
         self.valid[dst, start:end] = self.valid[src, start:end]
+        if self.shared_len is not None:
+            self.shared_len[dst] = self.shared_len[src]
 
     def shift_left(self, offset: int, end: int) -> None:
         """Move columns [offset, end) to [0, end - offset), in place, for every row.

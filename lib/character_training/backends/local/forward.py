@@ -115,21 +115,139 @@ def iter_scored_micro_batches(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     token_budget: int,
+    checkpoint_tokens: int | None = None,
 ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
     """Yield ``(indices, logprobs)`` per micro-batch, in the packing order of `micro_batches`.
 
     ``logprobs`` holds the log-probabilities (float32, one per input position) of each
     sequence's ``targets`` given its ``inputs``, from one padded forward pass per micro-batch.
     Gradients flow when grad mode is on, so the training client uses them directly as its loss
-    input.
+    input. A micro-batch of more than ``checkpoint_tokens`` padded tokens (a sequence longer
+    than the budget gets a micro-batch of its own) keeps only the input of enough layers for
+    its activations to fit that many tokens' worth, and recomputes those layers in the backward
+    pass (`activation_checkpointing`).
     """
+    layers = len(getattr(_decoder(model), "layers", ()))
     for group in micro_batches([len(s) for s in inputs], token_budget):
         ids, mask = right_pad([inputs[i] for i in group], pad_id, device)
         tgt, _ = right_pad([targets[i] for i in group], 0, device)
-        with autocast_context(device, autocast_dtype):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logits = logits.float()
-        flat = -F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
-        ).reshape(tgt.shape)
+        recompute = 0
+        if checkpoint_tokens is not None and torch.is_grad_enabled():
+            recompute = layers_to_checkpoint(ids.numel(), checkpoint_tokens, layers)
+        if _splits_the_head(model):
+            with (
+                autocast_context(device, autocast_dtype),
+                activation_checkpointing(model, recompute),
+            ):
+                hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+            flat = chunked_target_logprobs(
+                model.get_output_embeddings(),
+                hidden.last_hidden_state,
+                tgt,
+                device=device,
+                autocast_dtype=autocast_dtype,
+            )
+        else:
+            with (
+                autocast_context(device, autocast_dtype),
+                activation_checkpointing(model, recompute),
+            ):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            flat = _target_logprobs(logits, tgt.reshape(-1)).reshape(tgt.shape)
         yield group, [flat[row, : len(inputs[i])] for row, i in enumerate(group)]
+
+
+def _decoder(model: torch.nn.Module):
+    return model.get_decoder() if hasattr(model, "get_decoder") else None
+
+
+def layers_to_checkpoint(tokens: int, budget_tokens: int, layers: int) -> int:
+    """How many decoder layers a micro-batch of ``tokens`` must checkpoint for its kept
+    activations to stay near ``budget_tokens`` tokens' worth of a whole layer stack (a
+    checkpointed layer keeps only its input, and the backward pass rebuilds one layer at a
+    time)."""
+    if tokens <= budget_tokens or layers == 0:
+        return 0
+    kept = layers * budget_tokens // tokens  # layers whose activations fit
+    return min(layers, layers - kept + 1)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, layers: int):
+    """Hugging Face gradient checkpointing (non-reentrant) of the first ``layers`` decoder
+    layers inside the block (none when 0).
+
+    Exact: a checkpointed layer's recomputed forward is the same computation. It costs that
+    layer's forward once more, so the training client checkpoints only micro-batches that
+    cannot be split below its activation budget, and only as many layers as needed.
+    """
+    stack = list(getattr(_decoder(model), "layers", ()))
+    if layers <= 0 or not stack or not hasattr(model, "gradient_checkpointing_enable"):
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        for layer in stack[layers:]:
+            layer.gradient_checkpointing = False
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
+def activation_bytes_per_token(config) -> int:
+    """Rough bytes of activations a decoder layer stack keeps per token for its backward pass
+    (fp32; measured on SmolLM2 with LoRA on every linear layer: ~20 hidden-sized and ~4
+    intermediate-sized tensors per layer)."""
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden))
+    return int(config.num_hidden_layers) * (20 * hidden + 4 * intermediate) * 4
+
+
+HEAD_CHUNK = 512
+"""Positions unembedded at once when training or scoring every position. The logits of a
+whole micro-batch (8,192 positions x 49,152 words in fp32: 1.6 GB) and the three or four
+copies cross-entropy and its backward make of them were most of the engine's peak memory."""
+
+
+def _splits_the_head(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are its output embedding applied to the decoder's last
+    hidden states, with nothing after (no soft-capping), so the head can run in chunks."""
+    return getattr(model.config, "final_logit_softcapping", None) is None and all(
+        hasattr(model, name) for name in ("get_decoder", "get_output_embeddings")
+    )
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+
+
+def chunked_target_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    chunk: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """log p(targets) [R, T] from hidden states [R, T, H], unembedding ``chunk`` positions at
+    a time. With gradients on, each chunk is checkpointed: its logits are recomputed in the
+    backward pass instead of kept, so at most one chunk's logits exist at any time. The
+    numbers are those of the whole product (each position's logits are its own row)."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast_context(device, autocast_dtype):
+            logits = head(h)
+        return _target_logprobs(logits, t)
+
+    keep_graph = torch.is_grad_enabled() and flat_hidden.requires_grad
+    pieces = []
+    for first in range(0, flat_hidden.shape[0], chunk):
+        h, t = flat_hidden[first : first + chunk], flat_targets[first : first + chunk]
+        pieces.append(checkpoint(piece, h, t, use_reentrant=False) if keep_graph else piece(h, t))
+    return torch.cat(pieces).reshape(targets.shape)

@@ -20,6 +20,15 @@ SDK contract:
 * prompts are sorted by length (longest first), so left padding inside one prefill is small
   and every later prompt fits in front of the current column;
 * a prompt sampled ``n`` times is prefilled once and its cache columns are copied ``n`` times;
+* prompts that share a prefix (one system prompt, many user turns) prefill it once
+  (`prefix_cache`: planned once per call, kept across calls in the engine's prefix store)
+  and only their own suffix; the prefix most rows share is kept once per wave, outside the
+  rows' columns, and every step's attention reads it once for all of them (cascade
+  attention, `fast_decode.attend_with_shared`); other stored prefixes are copied into the
+  row's first columns. A row then holds only its own tokens, so long shared prompts cost
+  neither per-row memory nor per-row attention reads;
+* the cache is bounded in bytes (``cache_bytes``): long prompts get fewer rows, not more
+  memory;
 * each row draws from its own seeded generator, so a request's samples depend only on its
   seed, not on which other requests share the batch or when its row was admitted;
 * the returned log-probabilities are those of the untempered model distribution
@@ -35,10 +44,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import fast_decode
+from .prefix_cache import PrefixCounters, PrefixKV, PrefixStore, common_prefix
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class _Row:
     params: GenerationRequest
     generator: torch.Generator
     out: GeneratedSequence
+    shared: int = 0  # leading prompt tokens read from the wave's shared prefix (fast path)
+    own: int = 0  # prompt tokens held in the row's own cache columns: len(prompt) - shared
 
 
 def _row_generator(seed: int | None, sample_index: int) -> torch.Generator:
@@ -239,6 +252,9 @@ class BatchedSampler:
         prefill_tokens: int = 8192,
         use_fast_decoder: bool | None = None,
         cache_tokens: int = 65536,
+        cache_bytes: int | None = None,
+        prefixes: PrefixStore | None = None,
+        counters: PrefixCounters | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -248,10 +264,52 @@ class BatchedSampler:
         self.show_progress = show_progress
         self.prefill_tokens = prefill_tokens
         self.cache_tokens = cache_tokens  # rows x columns of one static cache, if more is optional
+        self.cache_bytes = cache_bytes  # when given, the bound in bytes (replaces cache_tokens)
         self.stats = SamplerStats()
         if use_fast_decoder is None:
             use_fast_decoder = fast_decode.supports(model)
-        self.fast = fast_decode.FastDecoder(model) if use_fast_decoder else None
+        self._use_fast = use_fast_decoder
+        self._fast: fast_decode.FastDecoder | None = None
+        # Shared-prefix reuse (fast path only): stored prefixes per attention dtype, and the
+        # engine-wide counters of prefill work asked for and done (`prefix_cache`).
+        self.prefixes = prefixes if prefixes is not None else PrefixStore(0)
+        self.counters = counters if counters is not None else PrefixCounters()
+        self._namespaces: dict[torch.dtype, tuple] = {}
+        self._plan: dict[tuple[int, ...], tuple] = {}  # prompt -> (stored prefix, tokens)
+
+    @property
+    def fast(self) -> fast_decode.FastDecoder | None:
+        """The fast decoder, built on first use (a client that only scores may never need it,
+        and building it costs the fused weights if no other client built them)."""
+        if self._use_fast and self._fast is None:
+            self._fast = fast_decode.FastDecoder(self.model)
+        return self._fast
+
+    def prefix_namespace(self, dtype: torch.dtype) -> tuple:
+        """This model's namespace in the prefix store for keys and values in ``dtype``."""
+        if dtype not in self._namespaces:
+            self._namespaces[dtype] = self.prefixes.namespace(self, str(dtype))
+        return self._namespaces[dtype]
+
+    def resolve_prefixes(
+        self,
+        prompts: Sequence[Sequence[int]],
+        limits: Sequence[int],
+        dtype: torch.dtype,
+        counters: PrefixCounters | None = None,
+    ) -> list[tuple[PrefixKV | None, int]]:
+        """For each prompt, the stored prefix (keys and values in ``dtype``) it starts from
+        and how many of its tokens that covers (at most ``limits[i]``); builds the prefixes
+        that several prompts share (`PrefixStore.plan`)."""
+        fast = self.fast
+        assert fast is not None
+        return self.prefixes.plan(
+            self.prefix_namespace(dtype),
+            prompts,
+            limits,
+            lambda tokens, parent, reuse: fast.prefix_kv(tokens, parent, reuse, dtype),
+            self.counters if counters is None else counters,
+        )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
         rows = [
@@ -354,7 +412,30 @@ class BatchedSampler:
     # over for a later one that does; bounded so a long queue costs no per-step scan).
     ADMISSION_WINDOW = 512
 
-    def _wave_capacity(self, slots: int, width: int, longest: int) -> int:
+    def _plan_prefixes(self, rows: list[_Row]) -> dict[tuple[int, ...], tuple]:
+        """Each distinct prompt's stored prefix and how many of its tokens that covers
+        (`resolve_prefixes`: prefixes several prompts share are built here, once)."""
+        prompts = list(dict.fromkeys(row.prompt for row in rows))
+        reuse = self.resolve_prefixes(prompts, [len(p) - 1 for p in prompts], self.fast.cache_dtype)
+        return dict(zip(prompts, reuse))
+
+    def _shared_prefix(self, rows: list[_Row]) -> PrefixKV | None:
+        """The stored prefix the most prompt tokens of ``rows`` come from, if at least two
+        rows use it: the wave keeps it once and its rows read it from there (`fast_decode`
+        cascade attention) instead of each holding a copy."""
+        use: dict[int, list] = {}
+        for row in rows:
+            entry, length = self._plan[row.prompt]
+            if entry is not None:
+                slot = use.setdefault(id(entry), [entry, 0, 0])
+                slot[1] += length
+                slot[2] += 1
+        best = max(use.values(), key=lambda item: item[1], default=None)
+        return best[0] if best is not None and best[2] >= 2 else None
+
+    def _wave_capacity(
+        self, slots: int, width: int, longest: int, cache_tokens: int | None = None
+    ) -> int:
         """Cache columns for a wave whose prompts are at most ``width`` tokens.
 
         ``width + longest`` is what one sequence needs. With twice the token budget a shift
@@ -363,7 +444,8 @@ class BatchedSampler:
         full budget before the end. More columns would only cost memory.
         """
         needed = width + longest
-        return max(needed, min(width + 2 * longest, self.cache_tokens // max(1, slots)))
+        budget = self.cache_tokens if cache_tokens is None else cache_tokens
+        return max(needed, min(width + 2 * longest, budget // max(1, slots)))
 
     def _decode_fast(self, pending: list[_Row], on_done) -> None:
         """Decode ``pending`` (longest prompt first) to the end, one wave after another.
@@ -372,20 +454,36 @@ class BatchedSampler:
         admit any queued one, which shifting makes rare.
         """
         max_stop_len = max((len(s) for r in pending for s in r.params.stop_strings), default=0)
-        pending = list(pending)
+        self._plan = self._plan_prefixes(pending)
+        shared = self._shared_prefix(pending)
+        for row in pending:
+            row.shared = 0
+            if shared is not None:
+                limit = min(len(row.prompt) - 1, shared.length)
+                length = common_prefix(shared.tokens, np.asarray(row.prompt[:limit]))
+                row.shared = length if length >= self.prefixes.min_tokens else 0
+            row.own = len(row.prompt) - row.shared
+        # longest own part first, samples of one prompt together (as in `generate`)
+        pending = sorted(pending, key=lambda r: (-r.own, r.prompt))
+        cache_tokens = self.cache_tokens
+        if self.cache_bytes is not None:
+            cache_tokens = max(1, self.cache_bytes // self.fast.bytes_per_column)
         while pending:
-            slots = min(self.max_batch_size, len(pending))
-            width = max(len(r.prompt) for r in pending)
+            width = max(r.own for r in pending)
             longest = max(r.params.max_tokens for r in pending)
-            capacity = self._wave_capacity(slots, width, longest)
+            # the cache's memory bound: fewer rows rather than more than cache_tokens columns
+            room = max(1, cache_tokens // (width + longest))
+            slots = min(self.max_batch_size, len(pending), room)
+            capacity = self._wave_capacity(slots, width, longest, cache_tokens)
             wave = _Wave(
-                self.fast.new_cache(slots, capacity),
+                self.fast.new_cache(slots, capacity, shared=shared),
                 column=width,
                 vocab=self.fast.vocab,
                 device=self.device,
             )
             self.stats.waves += 1
             self._run_wave(wave, pending, max_stop_len, on_done)
+        self._plan = {}  # the stored prefixes it holds may have left the store since
 
     def _run_wave(self, wave: "_Wave", pending: list[_Row], max_stop_len: int, on_done) -> None:
         assert self.fast is not None
@@ -440,7 +538,7 @@ class BatchedSampler:
             return
         offset = min(wave.starts[slot] for slot in live)
         if pending:  # keep room in front of the column for the longest queued prompt
-            offset = min(offset, wave.column - len(pending[0].prompt))
+            offset = min(offset, wave.column - pending[0].own)
         if offset <= 0:
             return
         blocked = (
@@ -465,7 +563,7 @@ class BatchedSampler:
         for index, row in enumerate(pending[: self.ADMISSION_WINDOW]):
             if len(taken) == len(free):
                 break
-            if len(row.prompt) <= column and column + row.params.max_tokens <= capacity:
+            if row.own <= column and column + row.params.max_tokens <= capacity:
                 taken.append(index)
         if not taken:
             return
@@ -474,24 +572,54 @@ class BatchedSampler:
             del pending[index]
         slots = free[: len(admitted)]
         prompts, row_to_unique = self._unique_prompts(admitted)
-        width = max(len(p) for p in prompts)
-        start = column - width
+        first_row = {}  # unique prompt -> one of its rows (they share shared/own lengths)
+        for row, u in zip(admitted, row_to_unique):
+            first_row.setdefault(u, row)
         source: dict[int, int] = {}  # unique prompt -> the slot its prefill is written to
         for slot, unique in zip(slots, row_to_unique):
             source.setdefault(unique, slot)
+        fast = self.fast
+        # Each prompt's own part ends at the current column. Its first `shared` tokens are
+        # read from the wave's shared prefix; tokens [shared, reuse) of its stored prefix
+        # are copied into its first own columns; only the rest is prefilled.
+        shared = [first_row[u].shared for u in range(len(prompts))]
+        own = [first_row[u].own for u in range(len(prompts))]
+        plans = [self._plan[p] for p in prompts]
+        done = [max(length, s) for (_, length), s in zip(plans, shared)]
+        suffixes = [p[d:] for p, d in zip(prompts, done)]
+        width = max(len(x) for x in suffixes)  # the suffix block: [column - width, column)
+        start = column - width
+        lo = column - max(own)  # the first column any of these rows uses
+        copied = any(d > s for d, s in zip(done, shared))
+        if copied:
+            rows = torch.tensor([source[u] for u in range(len(prompts))], device=self.device)
+            wave.cache.valid[rows] = False
+            for u, ((entry, length), s) in enumerate(zip(plans, shared)):
+                if entry is not None and length > s:
+                    wave.cache.put(source[u], column - own[u], entry, s, length)
         per_chunk = max(1, self.prefill_tokens // width)
         chunks = []
         for first in range(0, len(prompts), per_chunk):
-            ids, mask = self._left_pad(prompts[first : first + per_chunk], width)
-            targets = torch.tensor(
-                [source[u] for u in range(first, first + ids.shape[0])], device=self.device
+            ids, mask = self._left_pad(suffixes[first : first + per_chunk], width)
+            count = ids.shape[0]
+            part = range(first, first + count)
+            chunks.append(
+                fast.prefill(
+                    wave.cache,
+                    torch.tensor([source[u] for u in part], device=self.device),
+                    ids,
+                    mask,
+                    start=start,
+                    offsets=torch.tensor([done[u] for u in part], device=self.device),
+                    context_start=lo if copied else None,
+                    shared=torch.tensor([shared[u] for u in part], device=self.device),
+                )
             )
-            chunks.append(self.fast.prefill(wave.cache, targets, ids, mask, start=start))
         prompt_logits = torch.cat(chunks)
         copies = [(source[u], slot) for slot, u in zip(slots, row_to_unique) if source[u] != slot]
         if copies:
             src, dst = (torch.tensor(side, device=self.device) for side in zip(*copies))
-            wave.cache.copy_rows(src, dst, start, column)
+            wave.cache.copy_rows(src, dst, lo, column)
         slot_index = torch.tensor(slots, device=self.device)
         wave.logits[slot_index] = prompt_logits[torch.tensor(row_to_unique)].to(wave.logits.device)
         wave.positions[slot_index] = torch.tensor(
@@ -499,10 +627,13 @@ class BatchedSampler:
         )
         for slot, row in zip(slots, admitted):
             wave.rows[slot] = row
-            wave.starts[slot] = column - len(row.prompt)
+            wave.starts[slot] = column - row.own
         self.stats.admissions += 1
         self.stats.admitted_rows += len(admitted)
         self.stats.prefill_tokens += len(prompts) * width
+        self.counters.requested += sum(len(r.prompt) for r in admitted if r.sample == 0)
+        self.counters.computed += sum(len(x) for x in suffixes)
+        self.counters.padded += len(prompts) * width
 
     # -- generic Hugging Face path --------------------------------------------------------------
     def _decode_batch_hf(self, batch: list[_Row]) -> None:
@@ -510,6 +641,9 @@ class BatchedSampler:
 
         prompts, row_to_unique = self._unique_prompts(batch)
         ids, mask = self._left_pad(prompts, max(len(p) for p in prompts))
+        self.counters.requested += sum(len(r.prompt) for r in batch if r.sample == 0)
+        self.counters.computed += sum(len(p) for p in prompts)
+        self.counters.padded += ids.numel()
         cache = DynamicCache()
         logits = self.model(
             input_ids=ids,

@@ -38,10 +38,11 @@ from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from ...errors import BackendError
 from .adapters import load_adapter, with_adapter
-from .engine import LocalEngine, read_checkpoint_meta
+from .engine import LocalEngine, read_checkpoint_meta, release_free_memory
 from .forward import logprobs_with_alternatives, micro_batches
 from .futures import LocalClientFuture, LocalFuture
 from .generation import BatchedSampler, GenerationRequest
+from .scoring import score_inputs
 from .sdk_surface import follows_sdk, no_telemetry
 
 if TYPE_CHECKING:
@@ -89,7 +90,13 @@ class LocalSamplingClient:
         self.model = model
         self._tokenizer = engine.tokenizer(base_model)
         self._sampler = BatchedSampler(
-            model, self._tokenizer, engine.device, engine.config.max_batch_size
+            model,
+            self._tokenizer,
+            engine.device,
+            engine.config.max_batch_size,
+            cache_bytes=engine.config.kv_cache_mb * 2**20,
+            prefixes=engine.prefixes,
+            counters=engine.counters["sampling"],
         )
         self._pending_samples: list[tuple[GenerationRequest, bool, LocalFuture]] = []
         self._pending_scores: list[tuple[list[int], int, LocalFuture]] = []
@@ -308,6 +315,12 @@ class LocalSamplingClient:
 
     def flush(self) -> None:
         """Run every queued request now (samples first, then scores)."""
+        try:
+            self._flush()
+        finally:
+            release_free_memory()
+
+    def _flush(self) -> None:
         if self._pending_samples:
             pending, self._pending_samples = self._pending_samples, []
             try:
@@ -409,24 +422,58 @@ class LocalSamplingClient:
         starts = [min(first_scored[i] for i in idx) - 1 for idx in members]
         pad = int(self._tokenizer.pad_token_id)
         budget = self.engine.config.micro_batch_tokens
+        counters = self.engine.counters["scoring"]
+        counters.requested += sum(len(seq) - 1 for seq in sequences if len(seq) > 1)
         with torch.inference_mode():
-            for group in micro_batches([len(x) for x in inputs], budget):
-                scored = logprobs_with_alternatives(
-                    self.model,
-                    [inputs[k] for k in group],
-                    [targets[k] for k in group],
-                    [alternatives[k] for k in group],
-                    pad_id=pad,
-                    device=self.engine.device,
-                    autocast_dtype=None,
-                    starts=[starts[k] for k in group],
+            fast = self._sampler.fast
+            if fast is not None:
+                # inputs sharing a prefix run it once (`prefix_cache`, `scoring`)
+                reuse = self._sampler.resolve_prefixes(
+                    inputs,
+                    [min(s, len(x) - 1) for s, x in zip(starts, inputs)],
+                    fast.act_dtype,
+                    counters,
                 )
+                scored = score_inputs(
+                    fast,
+                    inputs,
+                    targets,
+                    alternatives,
+                    starts,
+                    reuse,
+                    pad_id=pad,
+                    token_budget=budget,
+                    counters=counters,
+                )
+                batches = [(list(range(len(inputs))), scored)]
+            else:
+                batches = []
+                for group in micro_batches([len(x) for x in inputs], budget):
+                    batches.append(
+                        (group, self._score_hf(group, inputs, targets, alternatives, starts))
+                    )
+                    counters.computed += sum(len(inputs[k]) for k in group)
+            for group, scored in batches:
                 for k, (logprobs, last) in zip(group, scored):
                     head = [None] * (starts[k] + 1) + [float(v) for v in logprobs[:-1].tolist()]
                     for idx, value in zip(members[k], last.tolist()):
                         first = first_scored[idx]  # None before this sequence's own start
                         out[idx] = [None] * first + (head + [float(value)])[first:]
         return out
+
+    def _score_hf(self, group, inputs, targets, alternatives, starts):
+        """One micro-batch scored by the Hugging Face forward (models the fast decoder does
+        not cover)."""
+        return logprobs_with_alternatives(
+            self.model,
+            [inputs[k] for k in group],
+            [targets[k] for k in group],
+            [alternatives[k] for k in group],
+            pad_id=int(self._tokenizer.pad_token_id),
+            device=self.engine.device,
+            autocast_dtype=None,
+            starts=[starts[k] for k in group],
+        )
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,12 @@ class LocalEngineConfig:
         LoRA unmerged in fp32 (see `adapters`).
     max_batch_size: sequences decoded together by the sampler.
     micro_batch_tokens: padded tokens per forward pass when training or scoring; bounds memory.
+    prefix_cache_mb: memory for the keys and values of prompt prefixes shared by many
+        requests, computed once and reused (`prefix_cache`); 0 turns reuse off.
+    kv_cache_mb: the sampler's key/value cache (rows x columns); a batch of long prompts gets
+        fewer rows rather than more memory. A prefix the rows share is kept once, outside it.
+    activation_mb: activations a training micro-batch may keep for its backward pass; bounds
+        the tokens per micro-batch when training (a longer sequence is checkpointed instead).
     """
 
     root_dir: str = "runs/.local_engine"
@@ -48,6 +54,9 @@ class LocalEngineConfig:
     precision: str = "auto"
     max_batch_size: int = 64
     micro_batch_tokens: int = 8192
+    prefix_cache_mb: int = 256
+    kv_cache_mb: int = 1024
+    activation_mb: int = 768
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -60,6 +69,18 @@ class LocalEngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"local engine {name}={value!r}: expected a positive integer")
+        if not isinstance(self.kv_cache_mb, int) or self.kv_cache_mb < 1:
+            raise ConfigError(
+                f"local engine kv_cache_mb={self.kv_cache_mb!r}: expected a positive integer"
+            )
+        if not isinstance(self.activation_mb, int) or self.activation_mb < 1:
+            raise ConfigError(
+                f"local engine activation_mb={self.activation_mb!r}: expected a positive integer"
+            )
+        if not isinstance(self.prefix_cache_mb, int) or self.prefix_cache_mb < 0:
+            raise ConfigError(
+                f"local engine prefix_cache_mb={self.prefix_cache_mb!r}: expected an integer >= 0"
+            )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("local engine device='cuda' but torch sees no CUDA device")
 
@@ -80,3 +101,79 @@ class LocalEngineConfig:
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.use_bf16 else torch.float32
+
+
+# Environment variables that change which kernels the math libraries pick (recorded with
+# every run, since they decide the speed and, in the last bits, the numbers).
+_KERNEL_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+)
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> dict[str, bool]:
+    """Which of the instruction-set flags that decide the engine's speed the CPU advertises."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    present = set(line.split(":", 1)[-1].split())
+    return {flag: flag in present for flag in _CPU_FLAGS}
+
+
+def runtime_info(config: LocalEngineConfig) -> dict:
+    """What the engine picked on this machine: device, compute dtype, threads, kernel path,
+    the CPU flags and library settings behind them. The pipeline records it in manifests."""
+    import os
+
+    device = config.torch_device
+    info = {
+        "device": device.type,
+        "precision": config.precision,
+        "compute_dtype": str(config.compute_dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "decoder": "fast_decode (fused projections, static KV cache, continuous batching)",
+        "prefix_cache_mb": config.prefix_cache_mb,
+        "kv_cache_mb": config.kv_cache_mb,
+        "activation_mb": config.activation_mb,
+        "cpu_flags": cpu_flags(),
+        "env": {name: os.environ[name] for name in _KERNEL_ENV if name in os.environ},
+    }
+    if device.type == "cpu":
+        from .fast_decode import PACKED_DTYPES
+
+        dtype = config.compute_dtype
+        onednn = torch.backends.mkldnn.is_available()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["products"] = {
+            # the sampler's and compute_logprobs' decoder (`fast_decode`)
+            "decoder": "onednn prepacked" if onednn and dtype in PACKED_DTYPES else "F.linear",
+            # training (autocast) and the Hugging Face path: F.linear
+            "F.linear": ("onednn" if onednn else "aten")
+            if dtype == torch.bfloat16
+            else ("mkl" if torch.backends.mkl.is_available() else "aten"),
+        }
+    return info
+
+
+_logged: set[tuple] = set()
+
+
+def log_runtime_once(config: LocalEngineConfig) -> dict:
+    """`runtime_info`, logged once per process and settings (INFO, this module's logger)."""
+    import json
+    import logging
+
+    info = runtime_info(config)
+    key = (info["device"], info["compute_dtype"], info["threads"])
+    if key not in _logged:
+        _logged.add(key)
+        logging.getLogger(__name__).info("local engine runtime: %s", json.dumps(info))
+    return info

@@ -38,8 +38,13 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 from tinker.lib.public_interfaces.custom_loss import check_loss_inputs, run_loss_handle
 
 from ...errors import BackendError, DataError
-from .engine import LocalEngine, read_checkpoint_meta, write_checkpoint_meta
-from .forward import iter_scored_micro_batches, micro_batches
+from .engine import (
+    LocalEngine,
+    read_checkpoint_meta,
+    release_free_memory,
+    write_checkpoint_meta,
+)
+from .forward import activation_bytes_per_token, iter_scored_micro_batches, micro_batches
 from .futures import LocalClientFuture, LocalFuture
 from .lora import LORA_ALPHA, lora_parts, lora_target_modules
 from .losses import loss_inputs_as_tensors, resolve_loss
@@ -149,6 +154,8 @@ class LocalTrainingClient:
             self.model = get_peft_model(base, lora)
         self.model.train()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        per_token = activation_bytes_per_token(base.config)
+        self._activation_tokens = max(1, engine.config.activation_mb * 2**20 // per_token)
         self._optimizer: torch.optim.AdamW | None = None
         self._optimizer_state_to_restore: dict | None = None
         self.steps = 0
@@ -173,7 +180,18 @@ class LocalTrainingClient:
     def _pad_id(self) -> int:
         return int(self._tokenizer.pad_token_id)
 
+    def _token_budget(self, with_graph: bool) -> int:
+        """Padded tokens per micro-batch: ``micro_batch_tokens``, and with a graph also what
+        ``activation_mb`` holds (activations kept for the backward pass grow with the tokens,
+        ~2 MB per token for SmolLM2 in fp32; smaller micro-batches give the same gradient
+        sums, with no extra computation)."""
+        budget = self.engine.config.micro_batch_tokens
+        if with_graph:
+            budget = min(budget, self._activation_tokens)
+        return budget
+
     def _score(self, inputs, targets):
+        with_graph = torch.is_grad_enabled()
         return iter_scored_micro_batches(
             self.model,
             inputs,
@@ -181,7 +199,8 @@ class LocalTrainingClient:
             pad_id=self._pad_id,
             device=self.engine.device,
             autocast_dtype=self.engine.compute_dtype,
-            token_budget=self.engine.config.micro_batch_tokens,
+            token_budget=self._token_budget(with_graph),
+            checkpoint_tokens=self._activation_tokens if with_graph else None,
         )
 
     # -- forward / backward -------------------------------------------------------------------
@@ -259,7 +278,7 @@ class LocalTrainingClient:
         if not data:
             raise DataError("forward_backward_custom got an empty batch")
         inputs, targets = _inputs_and_targets(data)
-        budget = self.engine.config.micro_batch_tokens
+        budget = self._token_budget(with_graph=True)
         single_pass = len(micro_batches([len(s) for s in inputs], budget)) == 1
         graph_logprobs: list[torch.Tensor | None] = [None] * len(data)
         with contextlib.nullcontext() if single_pass else torch.no_grad():
@@ -353,6 +372,7 @@ class LocalTrainingClient:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        release_free_memory()  # the step's activations, before sampling or the next step
         self.steps += 1
         return LocalFuture.completed(
             types.OptimStepResponse(
