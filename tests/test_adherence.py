@@ -466,6 +466,12 @@ def test_measure_end_to_end_resumes_and_reports(
     assert saved["rows"] == json.loads(json.dumps(report.records()))
     assert saved["instrument"]["general"]["status"] == "measured"
     assert saved["classifier"]["val_auc_low"] == summary.val_auc_low
+    # the learning curve refits on 3, 5, 8 and all 10 classifier prompts; its full-size point
+    # is the reported head (the same fit), and the report prints it
+    curve = saved["classifier"]["learning_curve"]
+    assert [p["prompts"] for p in curve] == [3, 5, 8, 10]
+    assert curve[-1]["auc"] == summary.val_auc and curve[-1]["draws"] == 1
+    assert "learning curve (probe AUC by classifier prompts): 3 prompts" in report.instrument_text()
     samples = [json.loads(line) for line in (folder / "adherence_samples.jsonl").open()]
     assert len(samples) == summary.val_teacher + summary.val_student + 2 * 13 * 2
     assert (folder / "adherence_classifier.npz").is_file()

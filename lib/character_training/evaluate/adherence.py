@@ -94,6 +94,7 @@ from .intervals import (
     paired_bootstrap_difference,
     withhold,
 )
+from .learning_curve import CurvePoint, auc_learning_curve, curve_text
 from .sentence_encoder import SentenceEncoder, embed_texts, load_encoder
 from .teacher_classifier import (
     THRESHOLD,
@@ -242,6 +243,8 @@ class AdherenceReport:
             f"classifier: validation accuracy {c.val_accuracy:.2f}, AUC {c.val_auc:.2f} "
             f"[{c.val_auc_low:.2f}, {c.val_auc_high:.2f}] on probe prompts"
         ]
+        if c.learning_curve:
+            lines.append(curve_text([CurvePoint(**point) for point in c.learning_curve]))
         for probe_set, check in self.instrument.items():
             lines.append(f"{probe_set} probes: {check.measurement.text()}")
         return "\n".join(lines)
@@ -434,6 +437,32 @@ def _check_enough_replies(split: _HeldoutSplit, path: Path) -> None:
         "dropped, see *_drop_reason): hold out more prompts (distill.heldout_fraction) or fix "
         "the drops (e.g. raise distill.max_tokens), then rerun notebook 02"
     )
+
+
+def _learning_curve(
+    encoder: SentenceEncoder,
+    split: _HeldoutSplit,
+    reference_vectors: np.ndarray,
+    reference_rows: list[dict[str, Any]],
+    l2: float,
+    seed: int,
+    cache_dir: Path,
+) -> tuple[dict[str, Any], ...]:
+    """The head refitted on shares of the classifier prompts, scored on the references' probe
+    replies as `validate` scores the full head. Teacher replies come before student replies,
+    as in `train_teacher_head`, so the full-size point is the reported head's AUC."""
+    train = [(h, 1.0, h.teacher_reply) for h in split.train if h.teacher_reply is not None]
+    train += [(h, 0.0, h.student_reply) for h in split.train if h.student_reply is not None]
+    points = auc_learning_curve(
+        embed_texts(encoder, [text for _, _, text in train], cache_dir),
+        np.array([label for _, label, _ in train]),
+        [h.prompt_id for h, _, _ in train],
+        reference_vectors,
+        np.array([float(r["label"] == TEACHER_REF) for r in reference_rows]),
+        l2,
+        seed,
+    )
+    return tuple(point.record() for point in points)
 
 
 def _reference_rows(split: _HeldoutSplit) -> list[dict[str, Any]]:
@@ -639,7 +668,8 @@ def measure(
         model_rows += rows
 
     scored = reference_rows + model_rows
-    probabilities = head.predict_proba(embed_texts(encoder, [r["text"] for r in scored], cache_dir))
+    vectors = embed_texts(encoder, [r["text"] for r in scored], cache_dir)
+    probabilities = head.predict_proba(vectors)
     for row, p in zip(scored, probabilities):
         row["p_teacher"] = float(p)
         row["teacher_like"] = bool(p > THRESHOLD)
@@ -670,6 +700,15 @@ def measure(
         val_by_source=validation.by_source,
         val_auc_low=validation.auc_interval.low if validation.auc_interval else math.nan,
         val_auc_high=validation.auc_interval.high if validation.auc_interval else math.nan,
+        learning_curve=_learning_curve(
+            encoder,
+            split,
+            vectors[: len(reference_rows)],
+            reference_rows,
+            settings.l2,
+            params.seed,
+            cache_dir,
+        ),
     )
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

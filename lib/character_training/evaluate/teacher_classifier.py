@@ -286,7 +286,9 @@ class ClassifierSummary:
     train_*/val_* count kept replies (teacher = 1, student = 0) on classifier / probe prompts;
     val_accuracy and val_auc are measured on probe prompts only (never trained on), overall and
     in ``val_by_source`` per prompt source (general prompts test transfer: the head never saw
-    one); ``val_auc_low``/``val_auc_high`` bound the AUC (95%, resampling probe prompts).
+    one); ``val_auc_low``/``val_auc_high`` bound the AUC (95%, resampling probe prompts);
+    ``learning_curve``: the probe AUC of heads refitted on shares of the classifier prompts
+    (`learning_curve.CurvePoint` records), which says whether more prompts would help.
     """
 
     encoder: str
@@ -306,6 +308,7 @@ class ClassifierSummary:
     val_by_source: dict[str, dict[str, float]] = field(default_factory=dict)
     val_auc_low: float = math.nan
     val_auc_high: float = math.nan
+    learning_curve: tuple[dict[str, Any], ...] = ()
 
 
 # -- can the head measure? ---------------------------------------------------------------------
