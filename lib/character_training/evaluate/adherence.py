@@ -94,7 +94,7 @@ from .intervals import (
     paired_bootstrap_difference,
     withhold,
 )
-from .learning_curve import CurvePoint, auc_learning_curve, curve_text
+from .learning_curve import CurvePoint, curve_text, heldout_curve
 from .sentence_encoder import SentenceEncoder, embed_texts, load_encoder
 from .teacher_classifier import (
     THRESHOLD,
@@ -439,32 +439,6 @@ def _check_enough_replies(split: _HeldoutSplit, path: Path) -> None:
     )
 
 
-def _learning_curve(
-    encoder: SentenceEncoder,
-    split: _HeldoutSplit,
-    reference_vectors: np.ndarray,
-    reference_rows: list[dict[str, Any]],
-    l2: float,
-    seed: int,
-    cache_dir: Path,
-) -> tuple[dict[str, Any], ...]:
-    """The head refitted on shares of the classifier prompts, scored on the references' probe
-    replies as `validate` scores the full head. Teacher replies come before student replies,
-    as in `train_teacher_head`, so the full-size point is the reported head's AUC."""
-    train = [(h, 1.0, h.teacher_reply) for h in split.train if h.teacher_reply is not None]
-    train += [(h, 0.0, h.student_reply) for h in split.train if h.student_reply is not None]
-    points = auc_learning_curve(
-        embed_texts(encoder, [text for _, _, text in train], cache_dir),
-        np.array([label for _, label, _ in train]),
-        [h.prompt_id for h, _, _ in train],
-        reference_vectors,
-        np.array([float(r["label"] == TEACHER_REF) for r in reference_rows]),
-        l2,
-        seed,
-    )
-    return tuple(point.record() for point in points)
-
-
 def _reference_rows(split: _HeldoutSplit) -> list[dict[str, Any]]:
     """The teacher's, then the student's, kept replies on the probe prompts, as sample rows."""
     sides = (
@@ -700,13 +674,12 @@ def measure(
         val_by_source=validation.by_source,
         val_auc_low=validation.auc_interval.low if validation.auc_interval else math.nan,
         val_auc_high=validation.auc_interval.high if validation.auc_interval else math.nan,
-        learning_curve=_learning_curve(
+        learning_curve=heldout_curve(
             encoder,
-            split,
+            split.train,
             vectors[: len(reference_rows)],
-            reference_rows,
-            settings.l2,
-            params.seed,
+            [r["label"] == TEACHER_REF for r in reference_rows],
+            (settings.l2, params.seed),
             cache_dir,
         ),
     )

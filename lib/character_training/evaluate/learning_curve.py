@@ -17,11 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
+from .heldout import HeldoutPrompt
+from .sentence_encoder import SentenceEncoder, embed_texts
 from .teacher_classifier import fit_logistic, roc_auc
 
 CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # shares of the classifier prompts refitted on
@@ -90,6 +93,33 @@ def auc_learning_curve(
         if aucs:
             points.append(CurvePoint(size, replies, float(np.mean(aucs)), len(aucs)))
     return points
+
+
+def heldout_curve(
+    encoder: SentenceEncoder,
+    classifier_prompts: Sequence[HeldoutPrompt],
+    reference_vectors: np.ndarray,
+    reference_is_teacher: Sequence[bool],
+    fit: tuple[float, int],
+    cache_dir: Path | None = None,
+) -> tuple[dict[str, Any], ...]:
+    """`auc_learning_curve` of the adherence head: fitted on the classifier prompts' kept
+    replies, scored on the references' probe replies as `validate` scores the full head.
+    Teacher replies come before student replies, as in `train_teacher_head`, so the full-size
+    point is the reported head's own AUC. ``fit`` is (l2, seed); records, for JSON."""
+    teacher = [(h.prompt_id, h.teacher_reply) for h in classifier_prompts if h.teacher_reply]
+    student = [(h.prompt_id, h.student_reply) for h in classifier_prompts if h.student_reply]
+    l2, seed = fit
+    points = auc_learning_curve(
+        embed_texts(encoder, [text for _, text in teacher + student], cache_dir),
+        np.r_[np.ones(len(teacher)), np.zeros(len(student))],
+        [prompt_id for prompt_id, _ in teacher + student],
+        reference_vectors,
+        np.asarray(reference_is_teacher, dtype=np.float64),
+        l2,
+        seed,
+    )
+    return tuple(point.record() for point in points)
 
 
 def auc_gain_per_doubling(points: Sequence[CurvePoint]) -> float:
