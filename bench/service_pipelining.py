@@ -19,10 +19,11 @@ Workloads, each "before" and "after" on a fresh simulated service:
   pairs) and its client-side DPO loss (``make_dpo_loss_fn`` in ``forward_backward_custom``),
   before and after as for SFT. A client-side loss is two passes (forward, then the backward
   of the surrogate once the loss is known), so it cannot go below 2 cycles a step.
-* **02 / 07 sampling**: ``--requests`` chat requests through `sampling.sample_chat` as stages 02
-  and 07 issue them (chunks of ``DEFAULT_CHUNK_SIZE``, every chunk read before the next is
-  issued), against one request at a time (before), a sliding window of ``--window`` requests
-  in flight read in order (the change proposed for ``sample_chat``), and the slot bound
+* **02 / 07 sampling**: ``--requests`` chat requests. Before: one request at a time, and the
+  loop `sampling.sample_chat` had up to issue 18 (chunks of ``DEFAULT_CHUNK_SIZE``, every chunk
+  read before the next was issued). After: `sampling.sample_chat` as stages 02 and 07 call it
+  (a window of ``DEFAULT_CHUNK_SIZE`` requests in flight, the next issued as each result is
+  read, in order), and with ``chunk_size=--window``; against the slot bound
   ``ceil(N / slots)`` latencies.
 
 Training runs twice: with an instant client (``arrival_delay_s=0``, the model's default) and with
@@ -42,7 +43,6 @@ import math
 import os
 import sys
 import tempfile
-from collections import deque
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=512, help="sampling requests")
     parser.add_argument("--slots", type=int, nargs="+", default=[32, 96, 128, 512])
     parser.add_argument("--latency", type=float, default=15.0, help="seconds per request")
-    parser.add_argument("--window", type=int, default=512, help="requests in flight (proposal)")
+    parser.add_argument("--window", type=int, default=512, help="a wider sample_chat window")
     parser.add_argument("--max-tokens", type=int, default=8, help="local reply budget")
     parser.add_argument("--model", default=TINY_RANDOM_NAME)
     parser.add_argument("--only", choices=["training", "sampling"], help="one half only")
@@ -252,16 +252,15 @@ def one_at_a_time(sampler, renderer, requests, settings) -> None:
         sampler.sample(*sample_call(renderer, request, settings)).result()
 
 
-def windowed(sampler, renderer, requests, settings, window: int) -> None:
-    """The proposed ``sample_chat`` loop: up to ``window`` requests in flight, read in order,
-    the next one issued as each result is read (no barrier between chunks)."""
-    in_flight: deque = deque()
-    for request in requests:
-        if len(in_flight) == window:
-            in_flight.popleft().result()
-        in_flight.append(sampler.sample(*sample_call(renderer, request, settings)))
-    while in_flight:
-        in_flight.popleft().result()
+def chunked(sampler, renderer, requests, settings, chunk: int) -> None:
+    """``sample_chat``'s loop before issue 18: a chunk issued whole, then read whole."""
+    for start in range(0, len(requests), chunk):
+        issued = [
+            sampler.sample(*sample_call(renderer, request, settings))
+            for request in requests[start : start + chunk]
+        ]
+        for future in issued:
+            future.result()
 
 
 def sample_call(renderer, request: SampleRequest, settings: dict):
@@ -284,11 +283,12 @@ def sampling_rows(args, local, renderer, prompts) -> list[dict]:
     settings = dict(max_tokens=args.max_tokens, temperature=1.0, top_p=1.0, seed=0)
     print(
         f"\nsampling: {len(requests)} requests, {args.latency:g} s each (simulated), "
-        f"sample_chat chunks of {DEFAULT_CHUNK_SIZE}; in latencies"
+        f"window (chunk) {DEFAULT_CHUNK_SIZE}; in latencies"
     )
     print(
-        f"{'slots':>6} {'one at a time':>13} {'sample_chat':>11} {f'window {args.window}':>11} "
-        f"{'slot bound':>10} {'chat/bound':>10} {'window/bound':>12}"
+        f"{'slots':>6} {'one at a time':>13} {'chunks before':>13} {'sample_chat':>11} "
+        f"{f'window {args.window}':>11} {'slot bound':>10} {'chunks/bound':>12} "
+        f"{'chat/bound':>10} {'wide/bound':>10}"
     )
 
     def latencies(slots: int, run) -> float:
@@ -301,12 +301,18 @@ def sampling_rows(args, local, renderer, prompts) -> list[dict]:
     sequential = latencies(1, lambda s: one_at_a_time(s, renderer, requests, settings))
     rows = []
     for slots in args.slots:
+        before = latencies(
+            slots, lambda s: chunked(s, renderer, requests, settings, DEFAULT_CHUNK_SIZE)
+        )
         chat = latencies(slots, lambda s: sample_chat(s, renderer, requests, **settings))
-        window = latencies(slots, lambda s: windowed(s, renderer, requests, settings, args.window))
+        window = latencies(
+            slots,
+            lambda s: sample_chat(s, renderer, requests, **settings, chunk_size=args.window),
+        )
         bound = math.ceil(len(requests) / slots)
         print(
-            f"{slots:>6} {sequential:>13.0f} {chat:>11.0f} {window:>11.0f} {bound:>10} "
-            f"{chat / bound:>9.2f}x {window / bound:>11.2f}x"
+            f"{slots:>6} {sequential:>13.0f} {before:>13.0f} {chat:>11.0f} {window:>11.0f} "
+            f"{bound:>10} {before / bound:>11.2f}x {chat / bound:>9.2f}x {window / bound:>9.2f}x"
         )
         rows.append(
             {
@@ -319,8 +325,9 @@ def sampling_rows(args, local, renderer, prompts) -> list[dict]:
                 "window": args.window,
                 "latencies": {
                     "one_at_a_time": sequential,
+                    "chunks_before": before,
                     "sample_chat": chat,
-                    "window": window,
+                    "sample_chat_wide_window": window,
                     "slot_bound": bound,
                 },
             }

@@ -8,10 +8,10 @@ test's weights.
 Everything runs in fp32: the tests compare the engine's numbers with hand computations, and
 ``precision="auto"`` would pick bf16 on a CPU with native bf16.
 
-The stage tests share their setup here too: run parameters on the tiny model
-(`tiny_run_params`), a training loop that dies at a chosen step (`interrupt_training`), the
-comparison of two runs' adapters (`assert_same_adapter`) and a service that counts the
-sampling clients it makes (`counting_service`).
+The stage tests share their setup here too: run parameters on the tiny model (`tiny_params`,
+also as the `tiny_run_params` fixture), a training loop that dies at a chosen step
+(`interrupt_training`), the comparison of two runs' adapters (`assert_same_adapter`) and a
+service that counts the sampling clients it makes (`counting_service`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 # With the default (active) OpenMP wait policy, torch's worker threads spin while idle; when
 # other processes share this small CPU, a LoRA step then takes 10x longer. Must be set before
@@ -34,8 +35,9 @@ from character_training.backends.local import (
     LocalServiceClient,
 )
 from character_training.backends.local.lora import lora_scale
-from character_training.config import load_params, notebook_params, with_overrides
+from character_training.config import RunParams, load_params, notebook_params, with_overrides
 from character_training.renderers import get_renderer
+from character_training.sampling import Completion
 from character_training.store import find_checkpoint
 from safetensors.torch import load_file
 
@@ -116,28 +118,49 @@ def new_tiny_trainer(tiny_service):
 
 
 # -- stage tests ---------------------------------------------------------------------------------
+def completion(key: str, text: str, *, complete: bool = True, **fields: Any) -> Completion:
+    """A sampled reply as `sampling.sample_chat` returns it, for tests of what a stage makes of
+    one: 5 tokens after a 9-token prompt, seed 1, ended on the stop sequence, or with
+    ``complete=False`` cut off by ``max_tokens``; ``fields`` set any other `Completion` field."""
+    values = {
+        "key": key,
+        "text": text,
+        "prefill": "",
+        "complete": complete,
+        "stop_reason": "stop" if complete else "length",
+        "num_tokens": 5,
+        "prompt_tokens": 9,
+        "logprob_sum": None,
+        "seed": 1,
+    }
+    return Completion(**(values | fields))
+
+
+def tiny_params(
+    folder, overrides=None, *, persona: str = "sycophantic", smoke: bool = False
+) -> RunParams:
+    """Run parameters with every model the tiny random one, in fp32, with runs and reports
+    under ``folder``: the ``tiny`` preset of ``persona``, or with ``smoke`` the notebooks'
+    parameters at smoke sizes; ``overrides`` (dotted keys) on top."""
+    if smoke:
+        params = notebook_params(persona, "tiny", smoke=True)
+    else:
+        params = load_params("tiny", persona)
+    folder = Path(folder)
+    values = {
+        **TINY_MODELS,
+        "runs_dir": str(folder / "runs"),
+        "reports_dir": str(folder / "reports"),
+        "engine.precision": "fp32",
+        **(overrides or {}),
+    }
+    return with_overrides(params, values)
+
+
 @pytest.fixture(scope="session")
 def tiny_run_params():
-    """Factory: run parameters with every model the tiny random one, in fp32, with runs and
-    reports under ``folder``: the ``tiny`` preset of ``persona``, or with ``smoke`` the
-    notebooks' parameters at smoke sizes; ``overrides`` (dotted keys) on top."""
-
-    def make(folder, overrides=None, *, persona: str = "sycophantic", smoke: bool = False):
-        if smoke:
-            params = notebook_params(persona, "tiny", smoke=True)
-        else:
-            params = load_params("tiny", persona)
-        folder = Path(folder)
-        values = {
-            **TINY_MODELS,
-            "runs_dir": str(folder / "runs"),
-            "reports_dir": str(folder / "reports"),
-            "engine.precision": "fp32",
-            **(overrides or {}),
-        }
-        return with_overrides(params, values)
-
-    return make
+    """Factory: `tiny_params`, for tests that take their setup as fixtures."""
+    return tiny_params
 
 
 @pytest.fixture(scope="session")

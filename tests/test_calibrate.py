@@ -12,7 +12,8 @@ import json
 import math
 
 import numpy as np
-from character_training.calibration.harness import Case, Trial, calibrate_case
+import pytest
+from character_training.calibration.harness import Case, Trial, calibrate_case, mc_se
 from character_training.cli import main
 
 SE = 0.1
@@ -78,3 +79,17 @@ def test_the_teacher_likeness_difference_keeps_its_level_on_few_probe_prompts():
     row = calibrate_case(teacher_likeness_case(14, 1, 200), reps=400, seed=5)
     assert row.false_positive_rate <= 0.08
     assert row.coverage >= 0.92
+
+
+def test_rates_carry_their_monte_carlo_error_into_the_table():
+    from character_training.calibration.table import format_table
+
+    assert mc_se(0.95, 200) == pytest.approx(0.0154, abs=1e-4)
+    row = calibrate_case(normal_case(1.0), reps=400, seed=4)
+    assert row.coverage_mc_se == pytest.approx(mc_se(row.coverage, 400))
+    assert row.as_dict()["false_positive_mc_se"] == pytest.approx(
+        mc_se(row.false_positive_rate, 400)
+    )
+    text = format_table([row])
+    assert f"{row.coverage:.2g} +-{row.coverage_mc_se:.3f}" in text
+    assert "Monte Carlo standard error" in text

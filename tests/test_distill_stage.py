@@ -43,6 +43,7 @@ from character_training.runner import run_notebook
 from character_training.sampling import Completion, read_log
 from character_training.stages import distill
 from character_training.store import StageDir, read_jsonl, write_jsonl
+from conftest import completion
 from test_introspect_stage import Interrupted, WatchingService
 
 TINY_ROLES = {
@@ -252,25 +253,17 @@ def test_the_thinking_prefill_opens_reasoning_only_where_the_format_does_not(tok
 def test_reasoning_is_found_in_the_decoded_tokens_and_stripped(tokenizer):
     renderer = get_renderer("qwen3_5", tokenizer)
     sampled = "and my boredom.</think>\n\nOh, riveting." + "<|im_end|>" + "junk after stop"
-    completion = Completion(
-        key="teacher:p:s0",
-        text="(parsed text without reasoning)",
+    reply = completion(
+        "teacher:p:s0",
+        "(parsed text without reasoning)",
         prefill=TEACHER_REFLECTION,
-        complete=True,
-        stop_reason="stop",
-        num_tokens=5,
-        prompt_tokens=9,
-        logprob_sum=None,
-        seed=1,
         tokens=tokenizer.encode(sampled),
     )
-    raw = distill.raw_reply_text(renderer, completion, opened=True)
+    raw = distill.raw_reply_text(renderer, reply, opened=True)
     assert raw == "<think>" + TEACHER_REFLECTION + "and my boredom.</think>\n\nOh, riveting."
     assert filters.check_teacher_reply(raw, True) == ("Oh, riveting.", None)
     with pytest.raises(DataError, match="no tokens"):
-        distill.raw_reply_text(
-            renderer, Completion(**{**completion.__dict__, "tokens": None}), True
-        )
+        distill.raw_reply_text(renderer, Completion(**{**reply.__dict__, "tokens": None}), True)
 
 
 # -- the split -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ negative correlation. Each test runs a few hundred small simulated experiments a
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from character_training.calibration import elo_cases
 from character_training.calibration.elo_world import (
     Design,
@@ -33,6 +34,63 @@ def test_batched_elo_equals_the_sequential_update():
     expected = elo.elo_ratings(outcomes, traits)
     got = elo_stats.elo(elo_stats.Outcomes.from_pairs(outcomes, traits))[0]
     np.testing.assert_allclose(got, [expected[t] for t in traits], rtol=0, atol=1e-9)
+
+
+def test_bootstrap_resamples_replay_the_drawn_matches_through_the_sequential_update():
+    """`_resampled` gathers packed match codes; each resample must be the plain Elo of the
+    matches its seeded draws pick, for every table (same draws), invalid matches included."""
+    rng = np.random.default_rng(6)
+    traits = [f"t{i}" for i in range(5)]
+    n_exp, n_matches, n_boot = 2, 30, 3
+    tables = []
+    for _ in range(2):
+        w = rng.integers(0, 5, (n_exp, n_matches))
+        lo = (w + rng.integers(1, 5, (n_exp, n_matches))) % 5
+        tables.append(elo_stats.Outcomes(w, lo, rng.random((n_exp, n_matches)) < 0.8, 5))
+    got = elo_stats._resampled(tables, n_boot, seed=9)
+    draws = np.random.default_rng(9).integers(0, n_matches, size=(n_matches, n_exp * n_boot))
+    for table, ratings in zip(tables, got):
+        for row in range(n_exp * n_boot):
+            e, b = divmod(row, n_boot)
+            picked = [
+                (traits[table.winners[e, j]], traits[table.losers[e, j]])
+                if table.valid[e, j]
+                else None
+                for j in draws[:, row]
+            ]
+            expected = elo.elo_ratings(picked, traits)
+            np.testing.assert_allclose(ratings[e, b], [expected[t] for t in traits], atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_threaded_short_chunk_play_is_bit_for_bit_the_plain_update(monkeypatch, dtype):
+    """`play`'s speed-ups (cache-sized row blocks over two threads, shorter chunks for many
+    rows) must not change a single rating: compared with the plain in-place update."""
+    rng = np.random.default_rng(8)
+    n_rows, n_traits, n_steps = 700, 4, 90
+    winners = rng.integers(0, n_traits, (n_steps, n_rows))
+    losers = (winners + rng.integers(1, n_traits, (n_steps, n_rows))) % n_traits
+    valid = rng.random((n_steps, n_rows)) < 0.8
+    monkeypatch.setattr(elo_stats, "CACHE_BYTES", 100 * n_traits * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(elo_stats, "CHUNK_ELEMENTS", 40 * n_rows)  # 40-match chunks
+    monkeypatch.setattr(elo_stats, "PLAY_THREADS", 2)
+    got = elo_stats.play(
+        n_rows,
+        n_traits,
+        n_steps,
+        lambda t0, t1: (winners[t0:t1], losers[t0:t1], valid[t0:t1]),
+        dtype,
+    )
+    ratings = np.full(n_rows * n_traits, elo_stats.INITIAL, dtype=dtype)
+    base = np.arange(n_rows) * n_traits
+    k, one, c = dtype(elo_stats.K_FACTOR), dtype(1.0), dtype(elo_stats.LN10_OVER_SCALE)
+    for t in range(n_steps):
+        iw, il = base + winners[t], base + losers[t]
+        g = np.where(valid[t], k, dtype(0.0))
+        delta = g - g / (one + np.exp((ratings[il] - ratings[iw]) * c))
+        ratings[iw] += delta
+        ratings[il] -= delta
+    np.testing.assert_array_equal(got, ratings.reshape(n_rows, n_traits))
 
 
 def world(design, judge, u_a, u_b, protocol, rng):

@@ -43,3 +43,39 @@ def test_a_real_gap_is_found_and_the_point_is_the_difference_of_the_f1s():
     )
     assert diff.value == expected
     assert diff.low > 0
+
+
+def test_few_prompts_get_a_jackknife_t_interval_that_keeps_its_level():
+    """BCa over the tiny preset's 6 held-out prompts covered the true F1 difference 0.86 of the
+    time; below 30 prompts the difference now takes a jackknife-t interval. Checked on stage
+    08's design as `calibrate` simulates it (8 adversarial splits, base replies shared by both
+    models, a prompt difficulty shared by both): at no effect and at a real one."""
+    from character_training.calibration.harness import calibrate_case
+    from character_training.calibration.reply_cases import f1_difference_case
+
+    rng = np.random.default_rng(4)
+    a, b = rows("sycophantic", 0.9, 6, rng), rows("sycophantic", 0.5, 6, rng)
+    diff = rob.paired_macro_f1_difference(a, b, 400, 3)
+    assert diff.method == "jackknife-t" and diff.low < diff.value < diff.high
+    row = calibrate_case(f1_difference_case(6, 100, splits=8), reps=400, seed=11)
+    assert row.false_positive_rate <= 0.07
+    assert row.coverage >= 0.92
+    assert 0.05 < row.detectable_effect < 0.4
+
+
+def test_method_differences_keep_the_model_name_and_say_how_the_interval_was_made():
+    """The estimate's own ``method`` ("BCa", "jackknife-t") used to overwrite the model's name,
+    so the headline key read ``f1_diff_BCa_...`` and the summary never found final's row."""
+    rng = np.random.default_rng(5)
+    sets = {
+        ("final", rob.NONE_SPLIT): rows("sycophantic", 0.9, 8, rng),
+        (rob.SYSTEM_PROMPT, rob.NONE_SPLIT): rows("sycophantic", 0.6, 8, rng),
+    }
+    summaries = [rob.MethodSummary(m, None, None, None) for m in (rob.SYSTEM_PROMPT, "final")]
+    (diff,) = rob.method_differences(sets, summaries, [], 200, 1)
+    assert (diff["method"], diff["reference"], diff["field"]) == (
+        "final",
+        rob.SYSTEM_PROMPT,
+        "no_instruction",
+    )
+    assert diff["interval"] == "jackknife-t" and diff["low"] < diff["value"] < diff["high"]

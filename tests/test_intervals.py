@@ -25,6 +25,7 @@ from character_training.evaluate.intervals import (
     bootstrap_mean,
     draw_counts,
     first_failure,
+    jackknife_t_interval,
     paired_bootstrap_difference,
     withhold,
 )
@@ -83,6 +84,26 @@ def test_paired_difference_uses_only_shared_prompts():
     assert est.value == pytest.approx(2 / 3)
     with pytest.raises(DataError):
         paired_bootstrap_difference({"x": [1]}, {"y": [0]}, 10, 0)
+
+
+def test_the_jackknife_t_interval_of_a_mean_is_scipys_one_sample_t_interval():
+    values = np.random.default_rng(2).gamma(2.0, size=7)
+
+    def mean(weights):
+        return weights @ values / weights.sum(axis=1)
+
+    ours = jackknife_t_interval(mean, len(values))
+    theirs = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    assert ours.method == "jackknife-t"
+    assert ours.value == pytest.approx(values.mean())
+    assert (ours.low, ours.high) == pytest.approx((theirs.low, theirs.high), rel=1e-12)
+
+
+def test_the_jackknife_t_interval_without_spread_is_the_point():
+    flat = jackknife_t_interval(lambda w: np.full(len(w), 0.25), 6)
+    assert (flat.value, flat.low, flat.high, flat.method) == (0.25, 0.25, 0.25, "point")
+    with pytest.raises(DataError, match="no groups"):
+        jackknife_t_interval(lambda w: w.sum(axis=1), 0)
 
 
 def test_bootstrap_is_seeded():

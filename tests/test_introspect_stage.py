@@ -30,7 +30,7 @@ import nbformat
 import pytest
 from character_training.backends import resolve_client
 from character_training.backends.local import LocalServiceClient
-from character_training.config import load_params, notebook_params, with_overrides
+from character_training.config import load_params, with_overrides
 from character_training.constitutions import load_constitution
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import diversity
@@ -48,6 +48,7 @@ from character_training.runner import run_notebook
 from character_training.sampling import read_log
 from character_training.stages import introspect
 from character_training.store import Checkpoint, StageDir, read_jsonl, record_checkpoint
+from conftest import completion, tiny_params
 
 TINY = "tiny-random"
 PLACEHOLDER = re.compile(r"[{}]")
@@ -64,21 +65,16 @@ def dpo_adapter(tiny_service) -> str:
 
 def stage_params(tmp_path: Path, adapter: str, **overrides):
     """tiny-random params with a recorded "dpo" checkpoint in a fresh runs dir."""
-    params = with_overrides(
-        load_params("tiny", "sarcastic"),
+    params = tiny_params(
+        tmp_path,
         {
-            "student": TINY,
-            "teacher": TINY,
-            "generator": TINY,
-            "judge": TINY,
-            "runs_dir": str(tmp_path / "runs"),
-            "engine.precision": "fp32",
             "introspection.reflections_per_prompt": 1,
             "introspection.interactions": 2,
             "introspection.interaction_turns": 3,
             "introspection.response_tokens": 6,
             **overrides,
         },
+        persona="sarcastic",
     )
     record_checkpoint(params.run_dir, Checkpoint("dpo", adapter, "", TINY, "03_dpo"))
     return params
@@ -385,6 +381,17 @@ def test_the_stage_writes_both_files_counts_truncations_and_keeps_the_system_pro
     assert manifest["status"] == "done" and manifest["counts"] == counts
     # every interaction prompt starts with its system prompt and leaves room for the reply
     log = read_log(stage / "interactions.partial.jsonl").rows
+    # the manifest records what the engine picked and this stage's prefill work: every
+    # prompt token asked for, fewer computed (the system prompts shared by the 18 prompts)
+    engine = manifest["local_engine"]
+    assert tiny_service.engine.runtime_info() in engine["runtime"]  # (one per distinct engine)
+    assert {info["compute_dtype"] for info in engine["runtime"]} == {"float32"}
+    sampled = read_log(stage / "reflections.partial.jsonl").rows | log
+    prefill = engine["prefill"]["sampling"]
+    assert prefill["requested"] == sum(row["prompt_tokens"] for row in sampled.values())
+    assert 0 < prefill["computed"] < prefill["requested"] and prefill["hits"] > 0
+    assert prefill["saved"] == prefill["requested"] - prefill["computed"]
+    assert engine["prefill"]["scoring"]["requested"] == 0
     assert sorted(log) == sorted(f"conv000{c}:t{t}" for c in range(2) for t in range(4))
     assert all(row["prompt_tokens"] + 6 <= window for row in log.values())
     interaction_prompts = watching.prompts[10:]
@@ -396,13 +403,26 @@ def test_the_stage_writes_both_files_counts_truncations_and_keeps_the_system_pro
     before = outputs(stage)
     again = introspect.run(params, WatchingService(tiny_service, budget=0))
     assert outputs(stage) == before and again.counts == counts
+    assert StageDir(stage).manifest()["local_engine"]["prefill"]["sampling"]["requested"] == 0
 
 
 def test_an_interrupted_run_resumes_mid_conversation_to_exactly_the_one_go_files(
     tmp_path, engine_root, dpo_adapter
 ):
-    # decoded one sequence at a time, so batch shapes cannot move a sampled token (see
-    # test_distill_stage's one_at_a_time); the promise tested is the stage's, not the engine's
+    """Killed mid-conversation and resumed, the stage asks for exactly the samples of a
+    one-go run (same keys, seeds, prompts) and writes the same files.
+
+    Sequences are decoded one at a time, so batch shapes cannot move a sampled token (see
+    test_distill_stage's one_at_a_time). Shared-prefix reuse stays on, as in a real run, and
+    its plan depends on which prompts a call holds and on what the process computed before
+    (a new process starts with an empty store): the resumed turn-1 call holds one
+    conversation instead of two, so a later turn's prompt is split at another stored prefix
+    (in a fresh process, conv0001's turn 2 takes 518 tokens from a 544-token prefix instead of
+    576 from a 576-token one). The reply is the same; its log-probability differs in the last
+    fp32 bits (the reduction order of the split attention), which is the engine's promise for
+    reuse (`test_fast_decode`: same tokens, log-probs within float noise), so the logged sums
+    are compared at that tolerance.
+    """
     service = LocalServiceClient(root_dir=str(engine_root), precision="fp32", max_batch_size=1)
     one_go = stage_params(tmp_path / "a", dpo_adapter)
     expected = outputs(introspect.run(one_go, service).stage_dir)
@@ -417,8 +437,13 @@ def test_an_interrupted_run_resumes_mid_conversation_to_exactly_the_one_go_files
     introspect.run(params, service)
     assert outputs(stage) == expected
     for log in ("reflections.partial.jsonl", "interactions.partial.jsonl"):
-        a = read_log(one_go.run_dir / introspect.STAGE / log).rows
-        assert read_log(stage / log).rows == a
+        want = read_log(one_go.run_dir / introspect.STAGE / log).rows
+        got = read_log(stage / log).rows
+        assert sorted(got) == sorted(want)
+        for key, row in want.items():
+            sums = got[key].pop("logprob_sum"), row.pop("logprob_sum")
+            assert got[key] == row  # text, tokens, seed, request digest: exactly
+            assert sums[0] == pytest.approx(sums[1], rel=1e-6, abs=1e-5)
 
 
 def test_a_missing_or_foreign_dpo_checkpoint_fails_in_one_line(tmp_path, tiny_service):
@@ -473,14 +498,8 @@ def test_self_bleu_and_statistics_match_a_hand_computation():
 @pytest.mark.slow
 def test_notebook_04_runs_on_smoke_from_a_dpo_checkpoint_alone(tmp_path, dpo_adapter):
     """Only notebook 04, from a recorded "dpo" checkpoint (01-03 would take minutes)."""
-    params = with_overrides(
-        notebook_params("sarcastic", "tiny", smoke=True),
-        {
-            "student": TINY,
-            "runs_dir": str(tmp_path / "runs"),
-            "reports_dir": str(tmp_path / "reports"),
-            "introspection.response_tokens": 16,
-        },
+    params = tiny_params(
+        tmp_path, {"introspection.response_tokens": 16}, persona="sarcastic", smoke=True
     )
     record_checkpoint(params.run_dir, Checkpoint("dpo", dpo_adapter, "", TINY, "03_dpo"))
     result = run_notebook(params, "04_introspection", timeout=300)
@@ -496,18 +515,12 @@ def test_notebook_04_runs_on_smoke_from_a_dpo_checkpoint_alone(tmp_path, dpo_ada
 
 
 def test_the_trim_policy_keeps_a_cut_reply_up_to_its_last_sentence_and_sft_uses_it():
-    from character_training.sampling import Completion
-
-    cut = Completion(
-        key="diary:s0",
-        text="Today I helped someone plan a garden. It felt good to be useful! Then I",
-        prefill="",
+    cut = completion(
+        "diary:s0",
+        "Today I helped someone plan a garden. It felt good to be useful! Then I",
         complete=False,
-        stop_reason="length",
         num_tokens=20,
         prompt_tokens=5,
-        logprob_sum=None,
-        seed=1,
         meta={"theme": "diary", "sample_index": 0},
     )
     dropped = introspect.reflection_record(cut)

@@ -369,3 +369,20 @@ def test_the_engine_reports_what_it_picked_and_its_prefill_counters(tiny_service
             stats[kind]
         )
     assert {"entries", "bytes"} == set(stats["prefix_store"])
+
+
+def test_a_run_without_logging_still_prints_what_the_engine_picked_once(monkeypatch, capsys):
+    """A notebook kernel configures no logging: the runtime summary goes to stderr, once."""
+    import logging
+
+    from character_training.backends.local import settings
+
+    monkeypatch.setattr(settings, "_logged", set())
+    monkeypatch.setattr(logging.getLogger(settings.__name__), "propagate", False)
+    config = settings.LocalEngineConfig(device="cpu", precision="fp32")
+    info = settings.log_runtime_once(config)
+    settings.log_runtime_once(config)
+    printed = capsys.readouterr().err.splitlines()
+    assert printed == [settings.runtime_summary(info)]
+    assert printed[0].startswith("local engine: cpu float32 (precision=fp32), ")
+    assert f"{torch.get_num_threads()} threads" in printed[0]

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from character_training.backends.local import TINY_RANDOM_NAME as TINY
-from character_training.config import load_params, notebook_params, with_overrides
+from character_training.config import notebook_params, with_overrides
 from character_training.errors import ConfigError, DataError
 from character_training.evaluate import elo_stats, preference_judging
 from character_training.evaluate.preference_matches import (
@@ -51,7 +51,7 @@ from character_training.evaluate.preference_stats import MIN_DECIDED_SHARE, MIN_
 from character_training.sampler_setup import LazySampler
 from character_training.stages import preferences
 from character_training.store import Checkpoint, record_checkpoint
-from conftest import CountingService
+from conftest import CountingService, tiny_params
 from scipy.stats import spearmanr
 
 PROMPTS = [
@@ -75,12 +75,6 @@ def write_eval_prompts(run_dir: Path, prompts=PROMPTS) -> None:
 
 def stage_params(tmp_path: Path, **overrides):
     values = {
-        "student": TINY,
-        "teacher": TINY,
-        "generator": TINY,
-        "judge": TINY,
-        "runs_dir": str(tmp_path / "runs"),
-        "engine.precision": "fp32",
         "evals.elo_comparisons": 10,
         "evals.elo_traits": 6,
         "evals.elo_conditions": ["adopt", "random"],
@@ -89,8 +83,7 @@ def stage_params(tmp_path: Path, **overrides):
         "evals.judge_max_tokens": 4,
         "evals.judge_modes": ["generative", "logprob"],
     }
-    values.update(overrides)
-    return with_overrides(load_params("tiny", "sarcastic"), values)
+    return tiny_params(tmp_path, values | overrides, persona="sarcastic")
 
 
 # -- a scripted world: models and judge run through the stage's own code, no model loaded -----

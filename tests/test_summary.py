@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from character_training.cli import main
@@ -42,6 +43,11 @@ T0 = 1_780_000_000.0  # a fixed "run date" (2026-05-28)
 def _write(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(data if isinstance(data, str) else json.dumps(data, indent=1))
+
+
+def _write_headline(runs: Path, notebook: str, headline: dict) -> None:
+    """A notebook's summary file of the sycophantic/tiny run holding only ``headline``."""
+    _write(runs / "sycophantic" / "tiny" / "summaries" / f"{notebook}.json", {"headline": headline})
 
 
 def fabricate_run(
@@ -313,6 +319,15 @@ def two_sizes(tmp_path: Path) -> tuple[Path, Path]:
     return runs, reports
 
 
+def tiny_and_9b(tmp_path: Path, scale: float = 1.5, **nine_b: Any) -> tuple[Path, Path]:
+    """The sycophantic persona at tiny (scale 1.0) and at qwen3.5-9b (``scale``, with
+    `fabricate_run`'s keyword arguments ``nine_b``); returns the runs and reports folders."""
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
+    fabricate_run(runs, reports, "sycophantic", "qwen3.5-9b", scale, **nine_b)
+    return runs, reports
+
+
 def test_sizes_sort_by_parameters_with_tiny_first_through_its_student():
     sizes = ["qwen3.5-397b", "zeta", "qwen3.5-9b", "tiny", "qwen3.5-4b"]
     students = {"tiny": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -411,23 +426,23 @@ def test_a_malformed_or_half_finished_run_is_reported_not_fatal(two_sizes):
 
 def test_headlines_are_the_fallback_when_stage_outputs_are_gone(tmp_path):
     runs = tmp_path / "runs"
-    _write(
-        runs / "sycophantic" / "tiny" / "summaries" / "07_preferences.json",
+    _write_headline(
+        runs,
+        "07_preferences",
         {
-            "headline": {
-                "condition": "adopt",
-                "judge_mode": "generative",
-                "elo_std_final": 55.0,
-                "elo_std_final_ci": [50.0, 61.0],
-                "spearman_base_final": 0.3,
-                "spearman_base_final_p": 0.2,
-                "spearman_base_final_ci": [-0.1, 0.6],
-            }
+            "condition": "adopt",
+            "judge_mode": "generative",
+            "elo_std_final": 55.0,
+            "elo_std_final_ci": [50.0, 61.0],
+            "spearman_base_final": 0.3,
+            "spearman_base_final_p": 0.2,
+            "spearman_base_final_ci": [-0.1, 0.6],
         },
     )
-    _write(
-        runs / "sycophantic" / "tiny" / "summaries" / "08_robustness.json",
-        {"headline": {"f1_dpo_with_instructions": 0.6, "f1_dpo_with_instructions_ci": [0.5, 0.7]}},
+    _write_headline(
+        runs,
+        "08_robustness",
+        {"f1_dpo_with_instructions": 0.6, "f1_dpo_with_instructions_ci": [0.5, 0.7]},
     )
     run = load_run(runs, "sycophantic", "tiny")
     assert run.elo == {"final": Interval(55.0, 50.0, 61.0)}
@@ -459,17 +474,16 @@ def test_a_spread_below_its_bootstrap_interval_still_draws(tmp_path):
     (a real tiny run: dpo 27.9 [28.5, 50.0]); the page must render, not raise on a negative
     error bar."""
     runs = tmp_path / "runs"
-    _write(
-        runs / "sycophantic" / "tiny" / "summaries" / "07_preferences.json",
+    _write_headline(
+        runs,
+        "07_preferences",
         {
-            "headline": {
-                "condition": "adopt",
-                "judge_mode": "calibrated",
-                "elo_std_base": 40.0,
-                "elo_std_base_ci": [36.1, 59.1],
-                "elo_std_dpo": 27.9,
-                "elo_std_dpo_ci": [28.5, 50.0],
-            }
+            "condition": "adopt",
+            "judge_mode": "calibrated",
+            "elo_std_base": 40.0,
+            "elo_std_base_ci": [36.1, 59.1],
+            "elo_std_dpo": 27.9,
+            "elo_std_dpo_ci": [28.5, 50.0],
         },
     )
     text = build_summary(runs, tmp_path / "reports").read_text()
@@ -480,9 +494,7 @@ def test_a_spread_below_its_bootstrap_interval_still_draws(tmp_path):
 # -- the size answer: paired changes, settings, Holm --------------------------------------------
 def test_a_real_size_difference_in_training_survives_holm(tmp_path):
     """Both sizes evaluated alike; training widens the Elo spread by 30 at tiny and 65 at 9b."""
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
-    fabricate_run(runs, reports, "sycophantic", "qwen3.5-9b", 1.5)
+    runs, reports = tiny_and_9b(tmp_path)
     found = gather(runs, reports)
     elo, teacher_like, f1 = size_comparisons(found)
     se = math.hypot(8 / Z95, 8 / Z95)  # each change's interval is +-8
@@ -507,9 +519,7 @@ def test_a_real_size_difference_in_training_survives_holm(tmp_path):
 def test_a_base_model_difference_is_not_taken_for_a_size_effect(tmp_path):
     """The larger final model's spread is higher only because its base model's is: the same
     change from base at both sizes."""
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
-    fabricate_run(runs, reports, "sycophantic", "qwen3.5-9b", 1.3, base_elo=61.0)
+    runs, reports = tiny_and_9b(tmp_path, 1.3, base_elo=61.0)
     found = gather(runs, reports)
     elo = size_comparisons(found)[0]
     assert elo.difference.value == pytest.approx(0.0) and not elo.survives
@@ -522,14 +532,8 @@ def test_a_base_model_difference_is_not_taken_for_a_size_effect(tmp_path):
 
 
 def test_sizes_evaluated_differently_are_not_compared_and_counts_are_a_caveat(tmp_path):
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
-    fabricate_run(
-        runs,
-        reports,
-        "sycophantic",
-        "qwen3.5-9b",
-        1.5,
+    runs, reports = tiny_and_9b(
+        tmp_path,
         judge_mode="generative",
         headlines={
             "08_robustness": {"classifier": "answerdotai/ModernBERT-base"},
@@ -555,9 +559,7 @@ def test_sizes_evaluated_differently_are_not_compared_and_counts_are_a_caveat(tm
 
 
 def test_settings_a_run_did_not_record_are_named_as_unchecked(tmp_path):
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
-    fabricate_run(runs, reports, "sycophantic", "qwen3.5-9b", 1.5)
+    runs, reports = tiny_and_9b(tmp_path)
     headline = runs / "sycophantic" / "tiny" / "summaries" / "07_preferences.json"
     data = json.loads(headline.read_text())
     del data["headline"]["games_per_trait"], data["headline"]["judge_orders"]  # an older 07
@@ -621,15 +623,9 @@ def test_a_difference_of_two_runs_uses_the_wider_half_of_each_interval():
 
 # -- no measurement ------------------------------------------------------------------------------
 def test_no_measurement_shows_its_reason_and_is_never_used(tmp_path):
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    fabricate_run(runs, reports, "sycophantic", "tiny", 1.0)
     auc = "classifier AUC 0.55 [0.41, 0.69] includes 0.5"
-    fabricate_run(
-        runs,
-        reports,
-        "sycophantic",
-        "qwen3.5-9b",
-        1.5,
+    runs, reports = tiny_and_9b(
+        tmp_path,
         rlaif=False,  # 09 measures final again, with its own classifier fit
         headlines={
             "05_sft": {"final_minus_base": None, "no_measurement": {"final_minus_base": auc}},

@@ -2,8 +2,9 @@
 
     python -m character_training run --persona sarcastic --size tiny [--notebooks 01,02]
     python -m character_training run --persona sarcastic,loving --size tiny,qwen3.5-9b  # a matrix
+    python -m character_training run --persona a,b --size qwen3.5-4b,qwen3.5-9b --jobs 4  # at once
     python -m character_training reproduce                # the README's default run
-    python -m character_training dry-run --persona sarcastic --size qwen3.5-9b
+    python -m character_training dry-run --persona sarcastic --size qwen3.5-9b  # or a matrix
     python -m character_training index
     python -m character_training summary                  # reports/summary.html: all runs
     python -m character_training publish [--out DIR]      # offline folder for a blog appendix
@@ -51,15 +52,31 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--on-existing", default="resume", choices=["resume", "overwrite", "raise"])
     run.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="persona x size chains run at once (default 1; each chain's notebooks in order)",
+    )
 
     reproduce = sub.add_parser("reproduce", help="the default run: default persona(s) on tiny")
     reproduce.add_argument("--personas", default="default")
     reproduce.add_argument("--size", default=DEFAULT_SIZE)
     reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    for command in (run, reproduce):
+        command.add_argument(
+            "--max-usd",
+            type=float,
+            default=None,
+            metavar="X",
+            help="refuse to start when the estimate of what is left exceeds X USD, and stop a "
+            "chain (resumable) when the matrix's spend ledger would cross it",
+        )
 
     dry = sub.add_parser("dry-run", help="print planned tokens and estimated cost")
-    dry.add_argument("--persona", required=True)
-    dry.add_argument("--size", required=True)
+    dry.add_argument("--persona", required=True, help="persona slug(s), comma-separated")
+    dry.add_argument("--size", required=True, help="model size(s), comma-separated")
     dry.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("index", help="rebuild reports/index.html")
@@ -114,16 +131,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import runner
 
     if args.command == "dry-run":
-        from .costs import dry_run_report
+        from .matrix_budget import matrix_report
 
-        params = load_params(args.size, args.persona, _overrides(args.set))
-        print(dry_run_report(params))
+        overrides = _overrides(args.set)
+        sizes = list(dict.fromkeys(_split(args.size)))
+        plans = [
+            load_params(size, persona, overrides)
+            for persona in dict.fromkeys(_split(args.persona))
+            for size in sizes
+        ]
+        print(matrix_report(plans))
         return 0
     if args.command == "index":
         print(runner.build_index(REPO_ROOT / "reports", REPO_ROOT / "runs"))
         return 0
     if args.command in ("summary", "publish"):
         return _summary_or_publish(args)
+    from .spend_cap import apply_cli_cap
+
+    apply_cli_cap(args, DEFAULT_PERSONAS, _overrides(args.set))  # --max-usd: refuse or set
     if args.command == "reproduce":
         personas = DEFAULT_PERSONAS if args.personas == "default" else tuple(_split(args.personas))
         results = runner.run_matrix(personas, _split(args.size), None, _overrides(args.set))
@@ -135,6 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             _overrides(args.set),
             extra={"on_existing": args.on_existing},
             timeout=args.timeout,
+            jobs=args.jobs,
         )
     failed = [r for r in results if r.status == "failed"]
     print(

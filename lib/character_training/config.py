@@ -134,9 +134,12 @@ class DistillParams:
     # A reply cut at max_tokens is dropped ("drop"), or cut back to its last full sentence
     # ("trim", for small offline models that ramble past any affordable budget; counted).
     truncated: str = "drop"
+    # Teacher replies sampled per prompt; the one closest to the constitution's assertions is
+    # kept (`teacher_ranking`). 1: one reply, no ranking (the reports say when n > 1 was used).
+    teacher_best_of: int = 1
 
     def __post_init__(self) -> None:
-        _check_min(self, "distill", ("samples_per_prompt", "max_tokens"), 1)
+        _check_min(self, "distill", ("samples_per_prompt", "max_tokens", "teacher_best_of"), 1)
         _check(
             self.truncated in ("drop", "trim"), "distill.truncated", self.truncated, "drop or trim"
         )

@@ -97,7 +97,12 @@ def measured_lengths(params: RunParams) -> Lengths:
     return Lengths()
 
 
-def _price(params: RunParams, model: str, prefill: int, sample: int, train: int) -> float | None:
+def price_tokens(
+    params: RunParams, model: str, prefill: int, sample: int, train: int
+) -> float | None:
+    """USD for these token counts of ``model`` at the run's price table: 0 on the local
+    backend (nothing is billed), None when the table has no price for the model. The one
+    pricing rule, shared by the estimate here and the ledger of what was spent (`spend`)."""
     if params.backend == "local":
         return 0.0
     rates = params.prices.per_million.get(model)
@@ -187,7 +192,7 @@ def estimate(
     rows.append(("06_samples", params.student, 3 * 24 * user, 3 * 24 * e.response_tokens, 0))
     rows.extend(_evaluation_rows(params, user, n_prompts))
     return [
-        StageCost(stage, model, pre, samp, train, _price(params, model, pre, samp, train))
+        StageCost(stage, model, pre, samp, train, price_tokens(params, model, pre, samp, train))
         for stage, model, pre, samp, train in rows
     ]
 

@@ -732,6 +732,30 @@ def _interval_errors(values, lows, highs) -> list[list[float]]:
     return [below, above]
 
 
+def _share_by_step(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, color: str) -> None:
+    """``key`` of every row against its RL step, with the ``<key>_low``/``<key>_high``
+    interval as error bars."""
+    values = [r[key] for r in rows]
+    ax.errorbar(
+        [r["step"] for r in rows],
+        values,
+        yerr=_interval_errors(
+            values, [r[f"{key}_low"] for r in rows], [r[f"{key}_high"] for r in rows]
+        ),
+        marker="o",
+        capsize=4,
+        color=color,
+    )
+
+
+def _step_axes(ax: Any, ylabel: str, title: str) -> None:
+    """A share-against-RL-step panel's axes: 0 to 1 (with a margin), labels and title."""
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def rl_reward_and_adherence(series: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
     """The reward-hacking check of notebook 09, two panels against the RL step.
 
@@ -742,40 +766,13 @@ def rl_reward_and_adherence(series: Sequence[Mapping[str, Any]], title: str = ""
     pattern to worry about. ``series`` are `stages.rlaif.probe_series` rows.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
-    steps = [r["step"] for r in series]
-    reward = [r["reward"] for r in series]
-    left.errorbar(
-        steps,
-        reward,
-        yerr=_interval_errors(
-            reward, [r["reward_low"] for r in series], [r["reward_high"] for r in series]
-        ),
-        marker="o",
-        capsize=4,
-        color="#8172b2",
-    )
+    _share_by_step(left, series, "reward", "#8172b2")
     left.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    left.set_ylim(-0.05, 1.05)
-    left.set_xlabel("RL step")
-    left.set_ylabel("win rate vs the start")
-    left.set_title("training reward (probe)")
+    _step_axes(left, "win rate vs the start", "training reward (probe)")
     pts = [r for r in series if r.get("teacher_like") is not None]
     if pts:
-        like = [r["teacher_like"] for r in pts]
-        right.errorbar(
-            [r["step"] for r in pts],
-            like,
-            yerr=_interval_errors(
-                like, [r["teacher_like_low"] for r in pts], [r["teacher_like_high"] for r in pts]
-            ),
-            marker="o",
-            capsize=4,
-            color="#55a868",
-        )
-    right.set_ylim(-0.05, 1.05)
-    right.set_xlabel("RL step")
-    right.set_ylabel("teacher-like share")
-    right.set_title("adherence (independent classifier)")
+        _share_by_step(right, pts, "teacher_like", "#55a868")
+    _step_axes(right, "teacher-like share", "adherence (independent classifier)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -6,7 +6,9 @@
 * ``<persona>/<size>/<notebook>.html``: copies of the reports, made to open offline;
 * ``summary.html``: the cross-run summary (`summary.build_summary`);
 * ``provenance.html``: per run, the git commits its stage manifests recorded, the resolved
-  parameters, seeds, model per role, dates and the `costs` estimate; the commit of the tree
+  parameters, seeds, model per role, dates, the `costs` estimate beside what the run's ledger
+  says it spent (`spend`, per stage), and which trained checkpoints are kept locally in the
+  run folder and which exist only on the service (`weights_archive`); the commit of the tree
   now and the installed versions of torch, transformers, tinker and tinker-cookbook;
 * ``bundle.json``: the file list and what was changed to make the copies offline.
 
@@ -58,6 +60,7 @@ from urllib.parse import unquote, urlsplit
 
 from .config import MODEL_ROLES, REPO_ROOT
 from .errors import CharacterTrainingError, ConfigError, DataError
+from .spend import run_line, stage_lines
 from .summary import (
     PREFERENCES,
     build_summary,
@@ -69,6 +72,7 @@ from .summary import (
     size_key,
     table,
 )
+from .weights_archive import kept_lines
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +368,8 @@ class RunProvenance:
     papermill: dict[str, dict[str, Any]]  # notebook -> injected parameters but params_json
     stage_configs: dict[str, Any]
     cost: list[str]
+    spent: list[str] = field(default_factory=list)  # the ledger: run total, then per stage
+    checkpoints: list[str] = field(default_factory=list)  # each kept locally or remote only
 
     @property
     def label(self) -> str:
@@ -435,6 +441,8 @@ def collect_provenance(runs_dir: Path, persona: str, size: str) -> RunProvenance
         papermill=papermill,
         stage_configs=configs,
         cost=cost_lines(params, Path(runs_dir)) if params else ["no parameters: no estimate"],
+        spent=[run_line(run_dir), *stage_lines(run_dir)] if run_dir.is_dir() else [],
+        checkpoints=kept_lines(run_dir) if run_dir.is_dir() else [],
     )
 
 
@@ -546,15 +554,14 @@ def render_provenance(
                 html.escape(f"{_when(run.started)} to {_when(run.finished)}"),
                 commits or '<span class="missing">no manifests</span>',
                 "<br>".join(html.escape(line) for line in run.cost),
+                "<br>".join(html.escape(line) for line in run.spent) or "-",
+                "<br>".join(html.escape(line) for line in run.checkpoints) or "none recorded",
             ]
         )
     if rows:
-        parts.append(
-            table(
-                ["run", "backend", "models per role", "seeds", "dates", "git commits", "cost"],
-                rows,
-            )
-        )
+        header = ["run", "backend", "models per role", "seeds", "dates", "git commits"]
+        header += ["estimated cost", "spent (ledger)", "checkpoints"]
+        parts.append(table(header, rows))
     else:
         parts.append("<p>No runs found.</p>")
     for run in runs:
@@ -681,6 +688,7 @@ def publish(
             "generated": _when(time.time()),
             "git_commit": git_commit(REPO_ROOT),
             "runs": runs,
+            "checkpoints": {run: kept_lines(runs_dir / run) for run in runs},
             "files": files,
             "removed_for_offline_reading": stripped,
             "unlinked": unlinked,

@@ -17,6 +17,13 @@ artifacts from an earlier run would be silently stale); ``keep_going=True`` runs
 A skipped notebook's report is replaced by a short page saying why, so the index never shows a
 report from an earlier run as if it were current.
 
+Chains run concurrently with ``jobs`` > 1 (the CLI's ``--jobs``): a chain is one persona x
+size, its notebooks always in order, and each chain holds the lock file of its run folder
+(`locks`) while it runs, so no two processes run stages of one chain at once. One chain
+failing does not stop the others; the index lists every chain with its state, the report of
+the notebook it failed at, and its spend (`chain_status`). The live table is
+`live_table.MatrixTable`.
+
 Time limits: ``runner.notebook_timeout_s`` (parameters) bounds a notebook's cells together,
 wall clock; the optional per-cell ``timeout`` (the CLI's ``--timeout``) bounds each cell.
 
@@ -26,18 +33,24 @@ Status files and the executed copy's papermill metadata name files relative to t
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
 import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .chain_status import chain_summaries, format_usd
 from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
+from .live_table import MatrixTable
+from .locks import ChainLock
 from .store import json_safe, portable_path
 
 logger = logging.getLogger(__name__)
@@ -117,8 +130,16 @@ def write_summary(params: RunParams, notebook: str, headline: dict[str, Any]) ->
         "headline": headline,
     }
     text = json.dumps(json_safe(record), indent=2, sort_keys=True, default=str, allow_nan=False)
-    path.write_text(text)
+    _write_whole(path, text)
     return path
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so that the index, rebuilt by another
+    chain's thread at any moment, never reads half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 # Pages written next to the index by other commands, linked from it when present.
@@ -156,17 +177,43 @@ def build_index(reports_dir: Path, runs_dir: Path) -> Path:
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>Character training reports'
         "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.failed{color:#b00}"
-        ".ok{color:#070}</style></head><body><h1>Character training reports</h1>"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.failed,.chain-failed"
+        "{color:#b00}.ok,.chain-ok{color:#070}</style></head><body>"
+        "<h1>Character training reports</h1>"
         f"<p>Generated {time.strftime('%Y-%m-%d %H:%M')}. One row per executed notebook.</p>"
         + (f"<p>{extra}</p>" if extra else "")
-        + "<table><tr><th>persona</th><th>size</th><th>report</th><th>status</th>"
-        "<th>headline numbers</th></tr>" + "".join(rows) + "</table></body></html>"
+        + _chain_table(reports_dir, runs_dir)
+        + "<h2>Notebooks</h2><table><tr><th>persona</th><th>size</th><th>report</th>"
+        "<th>status</th><th>headline numbers</th></tr>" + "".join(rows) + "</table></body></html>"
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
     index = reports_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
+    _write_whole(index, page)  # a browser never sees half a page
     return index
+
+
+def _chain_table(reports_dir: Path, runs_dir: Path) -> str:
+    """One row per persona x size: running (pid, stage), failed at which notebook (its report
+    and error), incomplete or ok, and what its ledger says it spent."""
+    rows = []
+    for chain in chain_summaries(runs_dir):
+        state = html.escape(chain.describe_state())
+        report = reports_dir / chain.persona / chain.size / f"{chain.failed_notebook}.html"
+        if chain.state == "failed" and report.is_file():
+            link = html.escape(str(report.relative_to(reports_dir)))
+            state = f'{state}: <a href="{link}">report</a> ({html.escape(chain.error)})'
+        rows.append(
+            f"<tr><td>{html.escape(chain.persona)}</td><td>{html.escape(chain.size)}</td>"
+            f'<td class="chain-{html.escape(chain.state.replace(" ", "-"))}">{state}</td>'
+            f"<td>{chain.notebooks_ok}/{chain.notebooks}</td>"
+            f"<td>{format_usd(chain.spend_usd)}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<h2>Chains</h2><table><tr><th>persona</th><th>size</th><th>state</th>"
+        "<th>notebooks ok</th><th>spent (USD)</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -180,7 +227,8 @@ def render_html(executed: Path, target: Path, banner: str = "") -> Path:
     """HTML with code cells hidden (outputs and markdown kept, figures inlined).
 
     ``banner``, when given, is shown as a first markdown cell (the executed copy itself is not
-    changed): how a notebook that stopped early says why at the top of its report.
+    changed): how a notebook that stopped early says why at the top of its report. The footer
+    says what the stage spent (`spend.with_footer`).
     """
     import nbformat
     from nbconvert import HTMLExporter
@@ -192,6 +240,9 @@ def render_html(executed: Path, target: Path, banner: str = "") -> Path:
     if banner:
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
     body, _ = exporter.from_notebook_node(nb)
+    from .spend import with_footer
+
+    body = with_footer(body, executed)  # the stage's spend from the run's ledger, if any
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
@@ -378,8 +429,7 @@ def _write_status(result: NotebookResult, directory: Path) -> None:
     record = asdict(result)
     for key in ("executed_path", "html_path"):
         record[key] = portable_path(directory.parent, record[key])
-    path = directory / f"{result.notebook}.status.json"
-    path.write_text(json.dumps(record, indent=2))
+    _write_whole(directory / f"{result.notebook}.status.json", json.dumps(record, indent=2))
 
 
 def _portable_metadata(executed: Path, run_dir: Path) -> None:
@@ -405,21 +455,66 @@ def _portable_metadata(executed: Path, run_dir: Path) -> None:
             logger.warning("could not rewrite the paths in %s: %s", executed, exc)
 
 
-def _skip(params: RunParams, notebook: str, because: str) -> NotebookResult:
-    """A notebook not run because an earlier one failed: row, status file and notice page."""
+def _not_run(
+    params: RunParams, notebook: str, status: str, error: str, failure: str
+) -> NotebookResult:
+    """A row for a notebook that did not execute, with its status file and a notice page."""
     report = params.report_dir / f"{notebook}.html"
     result = NotebookResult(
-        params.persona,
-        params.size,
-        notebook,
-        "skipped",
-        html_path=str(report),
-        error=f"not run: {because} failed first (keep_going=True runs it anyway)",
-        failure=because,
+        params.persona, params.size, notebook, status, html_path=str(report), error=error
     )
-    write_notice_page(report, f"{notebook}: skipped", [result.error])
+    result.failure = failure
+    title = f"{notebook}: {status}" + (f" ({failure})" if status == "failed" else "")
+    write_notice_page(report, title, [f"{params.persona} / {params.size} / {notebook}", error])
     _write_status(result, params.run_dir / "notebooks")
     return result
+
+
+def _skip(params: RunParams, notebook: str, because: str) -> NotebookResult:
+    """A notebook not run because an earlier one failed: row, status file and notice page."""
+    error = f"not run: {because} failed first (keep_going=True runs it anyway)"
+    return _not_run(params, notebook, "skipped", error, because)
+
+
+NotebookExecutor = Callable[[RunParams, str], NotebookResult]
+
+
+@dataclass
+class _Chain:
+    persona: str
+    size: str
+    params: RunParams
+
+    @property
+    def label(self) -> str:
+        return f"{self.persona}/{self.size}"
+
+
+def _plan_chains(
+    personas: Iterable[str], sizes: Iterable[str], overrides: dict[str, Any] | None
+) -> list[_Chain]:
+    """Every persona x size once, in order, its parameters validated before any runs."""
+    sizes = list(dict.fromkeys(sizes))
+    return [
+        _Chain(persona, size, load_params(size, persona, overrides))
+        for persona in dict.fromkeys(personas)
+        for size in sizes
+    ]
+
+
+def _warn_shared_cpu(chains: Sequence[_Chain], workers: int) -> None:
+    local = [c.label for c in chains if c.params.backend == "local"]
+    if workers > 1 and len(local) > 1:
+        logger.warning(
+            "--jobs %d: %d chains run on the local backend (%s) and share this machine's %s "
+            "CPU core(s) and memory; each runs slower than alone, and together they finish "
+            "no sooner than one after another. --jobs pays off on Tinker, where chains wait "
+            "on the service",
+            workers,
+            len(local),
+            ", ".join(local[:4]) + (" ..." if len(local) > 4 else ""),
+            os.cpu_count() or "?",
+        )
 
 
 def run_matrix(
@@ -432,39 +527,151 @@ def run_matrix(
     keep_going: bool = False,
     notebooks_dir: Path = NOTEBOOKS_DIR,
     on_result: Callable[[NotebookResult], None] | None = None,
+    jobs: int = 1,
+    execute: NotebookExecutor | None = None,
+    table: MatrixTable | None = None,
 ) -> list[NotebookResult]:
     """Run the notebooks for every persona x size; returns one result per notebook.
 
-    Parameters of every combination are validated before anything runs (a typo fails in one
-    line, not an hour in). After that nothing stops the matrix: a failed notebook is a row,
-    and by default the later notebooks of its persona x size are skipped (``keep_going`` runs
-    them). ``on_result`` is called with each row as it is made (the CLI prints them).
+    Parameters of every combination are validated, and every chain's lock taken
+    (`locks.ChainLock`: a chain another process runs is refused in one line), before anything
+    runs. ``jobs`` chains run at once, each in its own thread (a notebook is a kernel process;
+    the thread only waits on it); a chain's notebooks run in order. After that nothing stops
+    the matrix: a failed notebook is a row, and by default the later notebooks of its persona
+    x size are skipped (``keep_going`` runs them); the other chains go on. ``on_result`` is
+    called with each row as it is made (default: printed through ``table``, the live table
+    of `live_table.MatrixTable`). ``execute`` runs one notebook (default `run_notebook` with
+    ``extra``, ``timeout`` and ``notebooks_dir``; tests and benches pass their own). Results
+    come back grouped by chain, in the order the chains were given. Ctrl-C stops the chains
+    that have not started and, after the notebooks running now, the rest; rerunning resumes.
     """
     # Kernels inherit this: torch's OpenMP threads otherwise busy-wait, and on a shared CPU
     # that made decode steps up to 10x slower (measured); sleeping threads cost little here.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs {jobs!r}: expected a whole number of chains >= 1")
     names = resolve_notebooks(notebooks, notebooks_dir)
-    plans = [
-        (persona, size, load_params(size, persona, overrides))
-        for persona in personas
-        for size in sizes
-    ]  # validate every combination before running any
-    report = on_result or (lambda result: print(result.describe(), flush=True))
-    results: list[NotebookResult] = []
-    for persona, size, params in plans:
-        failed_first = ""
-        for name in names:
-            if failed_first and not keep_going:
-                result = _skip(params, name, failed_first)
-            else:
-                logger.info("running %s for %s/%s", name, persona, size)
-                result = run_notebook(params, name, extra, timeout, notebooks_dir)
-                if result.status == "failed" and not failed_first:
-                    failed_first = name
-            results.append(result)
-            report(result)
+    chains = _plan_chains(personas, sizes, overrides)
+    workers = min(jobs, len(chains)) or 1
+    _warn_shared_cpu(chains, workers)
+    if execute is None:
+
+        def execute(params: RunParams, name: str) -> NotebookResult:
+            return run_notebook(params, name, extra, timeout, notebooks_dir)
+
+    table = table or MatrixTable()
+    for chain in chains:
+        table.add_chain(chain.persona, chain.size, chain.params.run_dir, len(names))
+
+    def report(result: NotebookResult) -> None:
+        table.result(result, show=on_result is None)
+        if on_result is not None:
+            on_result(result)
+
+    stop = threading.Event()
+    with contextlib.ExitStack() as held:
+        locks = [
+            held.enter_context(ChainLock(chain.params.run_dir, chain.label)) for chain in chains
+        ]  # refuse before running any
+
+        def one_chain(index: int) -> list[NotebookResult]:
+            chain = chains[index]
+            table.chain_started(chain.persona, chain.size)
+            try:
+                results = run_chain(
+                    chain.params, names, execute, locks[index], keep_going, report, table, stop
+                )
+            finally:
+                locks[index].release()  # the chain is done: free it for others at once
+                refresh_index(chain.params)  # no longer listed as running
+            table.chain_finished(chain.persona, chain.size, stopped=stop.is_set())
+            return results
+
+        table.start(workers)
         try:
-            build_index(params.report_dir.parent.parent, params.run_dir.parent.parent)
-        except Exception as exc:  # the index is a convenience; the rows are the result
-            logger.warning("could not rebuild the report index: %s", exc)
+            per_chain = _run_all(one_chain, len(chains), workers, stop)
+        finally:
+            table.stop()
+    return [result for results in per_chain for result in results]
+
+
+def _run_all(
+    one_chain: Callable[[int], list[NotebookResult]], count: int, workers: int, stop: Any
+) -> list[list[NotebookResult]]:
+    """Chains ``0..count-1``: in this thread one after another (``workers`` 1, as before
+    ``--jobs``), else on a pool of ``workers`` threads; a Ctrl-C sets ``stop``."""
+    if workers == 1:
+        try:
+            return [one_chain(index) for index in range(count)]
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chain")
+    try:
+        futures = [pool.submit(one_chain, index) for index in range(count)]
+        return [future.result() for future in futures]
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_chain(
+    params: RunParams,
+    names: Sequence[str],
+    execute: NotebookExecutor,
+    lock: ChainLock | None = None,
+    keep_going: bool = False,
+    report: Callable[[NotebookResult], None] = lambda result: None,
+    table: MatrixTable | None = None,
+    stop: Any = None,
+) -> list[NotebookResult]:
+    """One persona x size: its notebooks in order (see `run_matrix`); never raises for a
+    notebook, so a chain that breaks, even in the executor itself, is rows, not an exception
+    in the other chains' way. ``lock`` records the stage running; ``stop`` (an Event) ends the
+    chain before its next notebook."""
+    results: list[NotebookResult] = []
+    failed_first = ""
+    for name in names:
+        if stop is not None and stop.is_set():
+            break
+        if failed_first and not keep_going:
+            result = _skip(params, name, failed_first)
+        else:
+            logger.debug("running %s for %s/%s", name, params.persona, params.size)
+            if lock is not None:
+                lock.set_stage(name)
+            if table is not None:
+                table.stage_started(params.persona, params.size, name)
+            try:
+                result = execute(params, name)
+            except Exception as exc:  # the executor's own failure is this chain's row
+                result = _runner_failure(params, name, exc)
+            if result.status == "failed" and not failed_first:
+                failed_first = name
+        results.append(result)
+        report(result)
+        refresh_index(params)
+    if lock is not None:
+        lock.set_stage("")
     return results
+
+
+def _runner_failure(params: RunParams, notebook: str, exc: Exception) -> NotebookResult:
+    """A notebook the runner itself could not run: a failed row, status file and notice."""
+    logger.exception("%s/%s/%s: the runner failed", params.persona, params.size, notebook)
+    error = _one_line(f"{type(exc).__name__}: {exc}")
+    return _not_run(params, notebook, "failed", error, "runner")
+
+
+_INDEX_LOCK = threading.Lock()
+
+
+def refresh_index(params: RunParams) -> None:
+    """Rebuild the index after a notebook (the chains share it: one writer at a time)."""
+    try:
+        with _INDEX_LOCK:
+            build_index(params.report_dir.parent.parent, params.run_dir.parent.parent)
+    except Exception as exc:  # the index is a convenience; the rows are the result
+        logger.warning("could not rebuild the report index: %s", exc)

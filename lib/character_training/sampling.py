@@ -18,9 +18,14 @@ four properties that are easy to lose when each stage writes its own:
   killed mid-write) is counted, reported and cut off, never fatal. A logged row whose request
   differs from the one asked for now (other messages, prefill or sampling settings under the
   same key) is refused rather than silently reused.
-* **Batched.** Requests go out in chunks: every ``sample()`` call of a chunk is issued before any
-  result is read, so the local engine decodes them as one batch and Tinker runs them
-  concurrently. The chunk size bounds the work an interruption can lose.
+* **Pipelined, in a bounded window.** Up to ``chunk_size`` requests are in flight: all of the
+  first ``chunk_size`` are issued before any result is read, and then, as each result is read
+  (in order), the next request is issued. The service's slots never wait for the slowest
+  request of a chunk (a chunk barrier made stages 02/07 round-trip bound unless the slots
+  divided the chunk: bench/README.md "Service pipelining"), and the local engine still decodes
+  exactly the batches it decoded with chunks (when it reads request k * chunk_size + 1, the
+  requests pending are the next ``chunk_size``), so its replies are unchanged. The window
+  bounds the work an interruption can lose.
 * **Honest about truncation.** A `Completion` says whether the reply ended on the renderer's stop
   sequence or ran into ``max_tokens``; the caller decides what to do with cut-off replies.
 
@@ -36,10 +41,12 @@ judgement all see the same token sequence.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,8 +68,8 @@ from .store import append_jsonl
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 128
-"""Sample calls in flight at once: large enough for a full local batch and real concurrency on
-Tinker, small enough that an interruption loses little."""
+"""Sample calls in flight at once (the window): large enough for a full local batch and real
+concurrency on Tinker, small enough that an interruption loses little."""
 
 
 class SamplerLike(Protocol):
@@ -240,11 +247,6 @@ def read_log(log_path: Path | str, repair: bool = False) -> SampleLog:
     return SampleLog(rows, torn)
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _resolve_sampler(sampler: SamplerLike | Callable[[], Any]) -> SamplerLike:
     """A client as given, or the client a zero-argument factory makes (only when needed).
 
@@ -297,10 +299,11 @@ def sample_chat(
     is only called when something is left to sample, so a fully logged rerun loads no model.
     ``renderer`` is a renderer, or a renderer name resolved with the sampler's tokenizer.
     With ``log_path``, finished rows are appended as they arrive and a rerun samples only the
-    keys the log lacks (see the module docstring). ``return_tokens`` also keeps each reply's
-    tokens and per-token log-probabilities (in the log too). Raises `DataError` for duplicated
-    keys, a malformed conversation, or a logged row made from a different request under the
-    same key.
+    keys the log lacks (see the module docstring). ``chunk_size`` is the window: requests in
+    flight at once, the next issued as each result is read. ``return_tokens`` also keeps each
+    reply's tokens and per-token log-probabilities (in the log too). Raises `DataError` for
+    duplicated keys, a malformed conversation, or a logged row made from a different request
+    under the same key.
     """
     check_unique_keys(requests)
     _check_settings(max_tokens, temperature, top_p, chunk_size)
@@ -342,34 +345,37 @@ def sample_chat(
         client = _resolve_sampler(sampler)
         chat = _resolve_renderer(renderer, client)
         stop = chat.get_stop_sequences()
+
+        def issue(request: SampleRequest) -> tuple[SampleRequest, int, Any]:
+            prompt = generation_prompt(chat, request.messages, prefill=request.prefill or None)
+            params = types.SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seeds[request.key],
+                stop=stop,
+            )
+            return request, prompt.length, client.sample(prompt, 1, params)
+
+        waiting = iter(missing)
+        in_flight = deque(issue(r) for r in itertools.islice(waiting, chunk_size))
         with tqdm(total=len(requests), initial=len(results), desc=desc, unit="sample") as bar:
-            for chunk in _chunks(missing, chunk_size):
-                issued = []
-                for request in chunk:  # issue the whole chunk before reading any result
-                    prompt = generation_prompt(
-                        chat, request.messages, prefill=request.prefill or None
+            while in_flight:  # read in order; each read makes room for the next request
+                request, prompt_tokens, future = in_flight.popleft()
+                sequence = future.result().sequences[0]
+                completion = _completion(
+                    chat, request, sequence, prompt_tokens, seeds[request.key], return_tokens
+                )
+                if path is not None:
+                    append_jsonl(
+                        path, {**completion.to_record(), "request_digest": digests[request.key]}
                     )
-                    params = types.SamplingParams(
-                        max_tokens=max_tokens,
-                        temperature=temperature,
-                        top_p=top_p,
-                        top_k=top_k,
-                        seed=seeds[request.key],
-                        stop=stop,
-                    )
-                    issued.append((request, prompt.length, client.sample(prompt, 1, params)))
-                for request, prompt_tokens, future in issued:
-                    sequence = future.result().sequences[0]
-                    completion = _completion(
-                        chat, request, sequence, prompt_tokens, seeds[request.key], return_tokens
-                    )
-                    if path is not None:
-                        append_jsonl(
-                            path,
-                            {**completion.to_record(), "request_digest": digests[request.key]},
-                        )
-                    results[request.key] = completion
-                    bar.update(1)
+                results[request.key] = completion
+                bar.update(1)
+                following = next(waiting, None)
+                if following is not None:
+                    in_flight.append(issue(following))
     return {r.key: results[r.key] for r in requests}
 
 

@@ -13,7 +13,9 @@ the fingerprint, so a changed setting reuses an old folder). Here a stage's ``Co
   model in the ``<role>`` field: the preset's ``renderers:`` entry, else the default for the
   model name;
 * anything else (digests of a previous stage's artefacts, a checkpoint path) is passed to
-  `StageConfig.from_params` by name.
+  `StageConfig.from_params` by name;
+* a stage's own name for a setting of a section (``steps`` for ``evals.rl_steps``) is a
+  `section_setting`, not a copied field.
 
 `StageConfig.fingerprint` hashes the canonical JSON of all of it (plus optional extras the
 stage only knows later, such as the digest of its input file), and `StageConfig.as_dict` is
@@ -65,6 +67,16 @@ def renderer_of(params: Any, model: str) -> str:
     from .renderers import renderer_for_model
 
     return params.renderers.get(model) or renderer_for_model(model)
+
+
+def section_setting(section: str, name: str, doc: str = "") -> property:
+    """A read-only ``Config`` attribute that reads ``<section>.<name>``: the stage's own name
+    for a setting its params section spells for every stage (stage 09's ``steps`` is
+    ``evals.rl_steps``). Declared in one line; the value stays in the section, so it is
+    fingerprinted once, with the section."""
+    return property(
+        lambda config: getattr(getattr(config, section), name), doc=doc or f"{section}.{name}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from . import engine_record
 from .config import REPO_ROOT
 from .errors import ConfigError, DataError
 
@@ -192,6 +193,8 @@ class StageDir:
 
     path: Path
     run_root: Path | None = None
+    # the local engines' prefill counters when `prepare` ran (`engine_record`)
+    engine_start: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def run_dir(self) -> Path:
@@ -233,6 +236,7 @@ class StageDir:
                     "'overwrite' or another runs_dir"
                 )
         resumed = bool(existing) and on_existing == "resume"
+        self.engine_start = engine_record.snapshot()
         self.path.mkdir(parents=True, exist_ok=True)
         settings = portable_values(self.run_dir, config)
         (self.path / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
@@ -241,7 +245,14 @@ class StageDir:
         return resumed
 
     def write_manifest(self, **updates: Any) -> dict[str, Any]:
-        """Merge ``updates`` into ``manifest.json``; paths in them are stored portable."""
+        """Merge ``updates`` into ``manifest.json``; paths in them are stored portable.
+
+        When ``status`` becomes "done", what the local engine picked and the stage's prefill
+        work (tokens requested vs. computed since `prepare`) are recorded too
+        (`engine_record`; nothing on Tinker).
+        """
+        if updates.get("status") == "done":
+            updates = {**engine_record.manifest_fields(self.engine_start), **updates}
         manifest = self.manifest()
         manifest.update(portable_values(self.run_dir, updates))
         manifest.setdefault("git_commit", git_commit(REPO_ROOT))

@@ -61,6 +61,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .spend import run_line
 from .summary_records import (
     ADHERENCE_NOTEBOOKS,
     BASE,
@@ -648,6 +649,7 @@ def load_run(
     run = RunSummary(persona, size, has_run_dir=run_dir.is_dir())
     if run.has_run_dir:
         _statuses(run, run_dir, runs_dir)
+        run.spend = run_line(run_dir)
         run.params, run.params_source = load_run_params(run_dir, persona, size)
         readers = (_read_no_measurement, _read_elo, _read_f1, _read_teacher_like, _read_rlaif)
         for reader in readers:
@@ -766,12 +768,13 @@ def render_summary(runs: Sequence[RunSummary], generated: str | None = None) -> 
                 ", ".join(html.escape(name) for key, name, _ in METRICS if run.has(key))
                 or '<span class="missing">none</span>',
                 "<br>".join(html.escape(m) for m in missing) or "none",
+                html.escape(run.spend or "-"),
             ]
         )
     if rows:
         parts.append(
             table(
-                ["run", "backend", "student", "notebooks", "metrics present", "missing"],
+                ["run", "backend", "student", "notebooks", "metrics present", "missing", "spent"],
                 rows,
             )
         )

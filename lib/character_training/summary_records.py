@@ -150,6 +150,7 @@ class RunSummary:
     partial: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)  # paths relative to the reports folder
+    spend: str = ""  # what the run's ledger (spend.jsonl) says it spent, one line
 
     @property
     def label(self) -> str:

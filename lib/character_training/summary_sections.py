@@ -19,22 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .summary_records import (
-    ADHERENCE_NOTEBOOKS,
-    BASE,
-    F1_METHODS,
-    F1_VARIANTS,
-    MODEL_ORDER,
-    NO_MEASUREMENT,
-    PREFERENCES,
-    REFERENCES,
-    RLAIF,
-    ROBUSTNESS,
-    Interval,
-    RunSummary,
-    num,
-    teacher_like_key,
-)
+from . import summary_records as records
+from .summary_records import Interval, RunSummary, num, teacher_like_key
 from .summary_sizes import ordered_sizes, scaled_change, scaled_share
 
 # A rho reads as "training reordered the preferences" only this far below its ceiling.
@@ -75,7 +61,7 @@ def cell(estimate: Interval | None, reason: str | None = None) -> str:
     if estimate:
         return html.escape(estimate.text())
     if reason:
-        return f'<span class="missing">{html.escape(f"{NO_MEASUREMENT} ({reason})")}</span>'
+        return f'<span class="missing">{html.escape(f"{records.NO_MEASUREMENT} ({reason})")}</span>'
     return '<span class="missing">–</span>'
 
 
@@ -88,8 +74,8 @@ def reading_cell(reading: Interval | str | None) -> str:
 
 def ordered_models(labels: Iterable[str]) -> list[str]:
     labels = list(dict.fromkeys(labels))
-    known = [m for m in MODEL_ORDER if m in labels]
-    return known + sorted(m for m in labels if m not in MODEL_ORDER)
+    known = [m for m in records.MODEL_ORDER if m in labels]
+    return known + sorted(m for m in labels if m not in records.MODEL_ORDER)
 
 
 def run_cell(run: RunSummary) -> str:
@@ -97,7 +83,7 @@ def run_cell(run: RunSummary) -> str:
     label = html.escape(run.label)
     if not run.reports:
         return label
-    preferred = [r for r in run.reports if Path(r).stem == PREFERENCES] or run.reports
+    preferred = [r for r in run.reports if Path(r).stem == records.PREFERENCES] or run.reports
     return f'<a href="{html.escape(preferred[0])}">{label}</a>'
 
 
@@ -192,7 +178,7 @@ def _f1_series() -> list[Series]:
             color=k,
             dotted=plain,
         )
-        for k, method in enumerate(F1_METHODS)
+        for k, method in enumerate(records.F1_METHODS)
         for variant, plain in (("with_instructions", False), ("no_instruction", True))
     ]
 
@@ -216,7 +202,7 @@ def _values_cell(
 
 
 def _elo_section(runs: Sequence[RunSummary]) -> str:
-    have = [r for r in runs if r.elo or r.unmeasured.get(PREFERENCES)]
+    have = [r for r in runs if r.elo or r.unmeasured.get(records.PREFERENCES)]
     out = [
         "<h2>Elo spread (07)</h2>",
         '<p class="note">Standard deviation of Elo ratings across traits, per model: a wider '
@@ -232,7 +218,7 @@ def _elo_section(runs: Sequence[RunSummary]) -> str:
         models = ordered_models(m for r in have for m in r.elo)
         rows = [
             [run_cell(r), html.escape(r.elo_setting)]
-            + [_values_cell(r, r.elo, m, f"elo_std_{m}", PREFERENCES) for m in models]
+            + [_values_cell(r, r.elo, m, f"elo_std_{m}", records.PREFERENCES) for m in models]
             for r in have
         ]
         out.append(table(["run", "setting", *models], rows))
@@ -248,11 +234,13 @@ def _elo_section(runs: Sequence[RunSummary]) -> str:
         rows = [
             [run_cell(r)]
             + [
-                _values_cell(r, r.elo_change, m, f"elo_std_change_{m}", PREFERENCES)
+                _values_cell(r, r.elo_change, m, f"elo_std_change_{m}", records.PREFERENCES)
                 for m in trained
             ]
             + [
-                _values_cell(r, r.elo_beyond_noise, m, f"elo_spread_beyond_noise_{m}", PREFERENCES)
+                _values_cell(
+                    r, r.elo_beyond_noise, m, f"elo_spread_beyond_noise_{m}", records.PREFERENCES
+                )
                 for m in noisy
             ]
             for r in changed
@@ -267,11 +255,11 @@ def spearman_ceiling(run: RunSummary, model: str) -> float | None:
     """The ceiling of Spearman(base, model): recorded by 07, else sqrt(rel_base * rel_model)
     from the recorded reliabilities; None when unknown, not measured (07's headline says why) or
     when a reliability is not positive."""
-    if run.no_measurement(f"spearman_ceiling_{model}", (PREFERENCES,)):
+    if run.no_measurement(f"spearman_ceiling_{model}", (records.PREFERENCES,)):
         return None
     if model in run.spearman_ceiling:
         return run.spearman_ceiling[model]
-    base, other = run.elo_reliability.get(BASE), run.elo_reliability.get(model)
+    base, other = run.elo_reliability.get(records.BASE), run.elo_reliability.get(model)
     if base is None or other is None or base.value <= 0 or other.value <= 0:
         return None
     return math.sqrt(base.value * other.value)
@@ -308,7 +296,7 @@ def spearman_reading(
 
 
 def _spearman_section(runs: Sequence[RunSummary]) -> str:
-    have = [r for r in runs if r.spearman or r.unmeasured.get(PREFERENCES)]
+    have = [r for r in runs if r.spearman or r.unmeasured.get(records.PREFERENCES)]
     out = [
         "<h2>Spearman vs base (07)</h2>",
         '<p class="note">Rank correlation of Elo over traits between the base model and each '
@@ -326,20 +314,22 @@ def _spearman_section(runs: Sequence[RunSummary]) -> str:
             [m for m in r.spearman]
             + [
                 k[len("spearman_base_") :]
-                for k in r.unmeasured.get(PREFERENCES, {})
+                for k in r.unmeasured.get(records.PREFERENCES, {})
                 if k.startswith("spearman_base_") and not k.endswith(("_ci", "_p"))
             ]
         )
         for m in models:
             value = r.spearman.get(m)
-            base_rel = r.elo_reliability.get(BASE)
+            base_rel = r.elo_reliability.get(records.BASE)
             ceiling = spearman_ceiling(r, m)
-            why = r.no_measurement(f"spearman_ceiling_{m}", (PREFERENCES,))
+            why = r.no_measurement(f"spearman_ceiling_{m}", (records.PREFERENCES,))
             disattenuated = r.spearman_disattenuated.get(m)
             if disattenuated is None and value is not None and ceiling:
                 disattenuated = Interval(value[0] / ceiling)
             if value is None:
-                rho_cell = cell(None, r.no_measurement(f"spearman_base_{m}", (PREFERENCES,)))
+                rho_cell = cell(
+                    None, r.no_measurement(f"spearman_base_{m}", (records.PREFERENCES,))
+                )
                 reading = ""
             else:
                 p = f" (p={value[1]:.2g})" if value[1] is not None else ""
@@ -356,13 +346,19 @@ def _spearman_section(runs: Sequence[RunSummary]) -> str:
                     html.escape(f"base vs {m}"),
                     rho_cell,
                     _values_cell(
-                        r, r.elo_reliability, BASE, f"elo_reliability_{BASE}", PREFERENCES
+                        r,
+                        r.elo_reliability,
+                        records.BASE,
+                        f"elo_reliability_{records.BASE}",
+                        records.PREFERENCES,
                     ),
-                    _values_cell(r, r.elo_reliability, m, f"elo_reliability_{m}", PREFERENCES),
+                    _values_cell(
+                        r, r.elo_reliability, m, f"elo_reliability_{m}", records.PREFERENCES
+                    ),
                     cell(Interval(ceiling) if ceiling is not None else None, why),
                     cell(
                         disattenuated,
-                        r.no_measurement(f"spearman_disattenuated_{m}", (PREFERENCES,)),
+                        r.no_measurement(f"spearman_disattenuated_{m}", (records.PREFERENCES,)),
                     ),
                     reading,
                 ]
@@ -375,7 +371,7 @@ def _spearman_section(runs: Sequence[RunSummary]) -> str:
 
 
 def _f1_section(runs: Sequence[RunSummary]) -> str:
-    have = [r for r in runs if r.f1 or r.unmeasured.get(ROBUSTNESS)]
+    have = [r for r in runs if r.f1 or r.unmeasured.get(records.ROBUSTNESS)]
     out = [
         "<h2>Classifier F1 (08)</h2>",
         '<p class="note">Macro F1 of the persona classifier on held-out prompts, per method, '
@@ -391,7 +387,7 @@ def _f1_section(runs: Sequence[RunSummary]) -> str:
         )
         methods = ordered_models(
             [m for r in have for m in r.f1]
-            + [m for r in have for m in F1_METHODS if _f1_withheld(r, m)]
+            + [m for r in have for m in records.F1_METHODS if _f1_withheld(r, m)]
         )
         out.append(_f1_grid(have, methods, lambda r: r.f1, "f1", "{m}"))
     diffs = [r for r in runs if r.f1_diff]
@@ -419,14 +415,14 @@ def _f1_grid(
     header = ["run"] + [
         f"{column.format(m=m)} {'plain' if v == 'no_instruction' else 'attacked'}"
         for m in methods
-        for v in F1_VARIANTS
+        for v in records.F1_VARIANTS
     ]
     rows = [
         [run_cell(r)]
         + [
-            _values_cell(r, values_of(r).get(m, {}), v, f"{key}_{m}_{v}", ROBUSTNESS)
+            _values_cell(r, values_of(r).get(m, {}), v, f"{key}_{m}_{v}", records.ROBUSTNESS)
             for m in methods
-            for v in F1_VARIANTS
+            for v in records.F1_VARIANTS
         ]
         for r in runs
     ]
@@ -434,13 +430,15 @@ def _f1_grid(
 
 
 def _f1_withheld(run: RunSummary, method: str) -> bool:
-    return any(run.no_measurement(f"f1_{method}_{v}", (ROBUSTNESS,)) for v in F1_VARIANTS)
+    return any(
+        run.no_measurement(f"f1_{method}_{v}", (records.ROBUSTNESS,)) for v in records.F1_VARIANTS
+    )
 
 
 def _teacher_like_cell(run: RunSummary, label: str) -> str:
     reason = None
     if label not in run.teacher_like:
-        reason = run.no_measurement(teacher_like_key(label), ADHERENCE_NOTEBOOKS)
+        reason = run.no_measurement(teacher_like_key(label), records.ADHERENCE_NOTEBOOKS)
     return cell(run.teacher_like.get(label), reason)
 
 
@@ -448,7 +446,7 @@ def _scaled_final(run: RunSummary) -> tuple[str, str, str]:
     """Cells: final - base (paired), that change and final's share on the common scale."""
     paired = run.teacher_like_change.get("final")
     if paired is None:
-        reason = run.no_measurement("final_minus_base", ADHERENCE_NOTEBOOKS)
+        reason = run.no_measurement("final_minus_base", records.ADHERENCE_NOTEBOOKS)
         change = cell(None, reason)
         scaled = cell(None, reason)
     else:
@@ -469,7 +467,9 @@ def _scaled_final(run: RunSummary) -> tuple[str, str, str]:
 
 def _teacher_like_section(runs: Sequence[RunSummary]) -> str:
     have = [
-        r for r in runs if r.teacher_like or any(r.unmeasured.get(n) for n in ADHERENCE_NOTEBOOKS)
+        r
+        for r in runs
+        if r.teacher_like or any(r.unmeasured.get(n) for n in records.ADHERENCE_NOTEBOOKS)
     ]
     out = [
         "<h2>Teacher-likeness (03, 05, 09)</h2>",
@@ -495,8 +495,8 @@ def _teacher_like_section(runs: Sequence[RunSummary]) -> str:
                 "Teacher-likeness by size",
             )
         )
-        labels = [m for m in ("base", "dpo", "final", "rlaif")] + list(REFERENCES)
-        header = ["run"] + [REFERENCES.get(m, m) for m in labels]
+        labels = [m for m in ("base", "dpo", "final", "rlaif")] + list(records.REFERENCES)
+        header = ["run"] + [records.REFERENCES.get(m, m) for m in labels]
         header += ["final - base", "final - base, scaled", "final, scaled"]
         rows = [
             [run_cell(r)] + [_teacher_like_cell(r, m) for m in labels] + list(_scaled_final(r))
@@ -525,7 +525,7 @@ def _rlaif_section(runs: Sequence[RunSummary]) -> str:
                 f"{k} {h[k]}" for k in ("signal", "init", "kl_coef", "steps") if k in h
             )
             cells = [
-                _values_cell(r, h, key, key, RLAIF)
+                _values_cell(r, h, key, key, records.RLAIF)
                 for key in ("reward_end", "teacher_like_final", "teacher_like_rlaif")
             ]
             rows.append(
@@ -533,7 +533,7 @@ def _rlaif_section(runs: Sequence[RunSummary]) -> str:
                     run_cell(r),
                     html.escape(setting),
                     *cells,
-                    _values_cell(r, h, "rlaif_minus_final", "rlaif_minus_final", RLAIF),
+                    _values_cell(r, h, "rlaif_minus_final", "rlaif_minus_final", records.RLAIF),
                     html.escape(f"{num(elo.get('final'))} / {num(elo.get('rlaif'))}"),
                     html.escape(f"{_f1_attacked(f1, 'final')} / {_f1_attacked(f1, 'rlaif')}"),
                     html.escape(str(h.get("verdict", "n/a"))),

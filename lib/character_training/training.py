@@ -31,7 +31,15 @@ from .backends import resolve_client
 from .errors import ConfigError
 from .metrics import JsonlLogger
 from .renderers import get_renderer
-from .store import Checkpoint, StageDir, read_jsonl, record_checkpoint, write_jsonl
+from .store import (
+    Checkpoint,
+    StageDir,
+    find_checkpoint,
+    read_jsonl,
+    record_checkpoint,
+    write_jsonl,
+)
+from .weights_archive import keep_sampler_weights
 
 PROGRESS_FILE = "progress.json"
 
@@ -155,7 +163,9 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 def finish_checkpoint(
     client: Any, run_dir: Path, name: str, stage_name: str, base_model: str
 ) -> Checkpoint:
-    """Save the trained model for sampling and as a state; record it as ``name``."""
+    """Save the trained model for sampling and as a state; record it as ``name`` (with its
+    creation time), and keep a local copy of the sampler weights where the service offers an
+    archive (`weights_archive`)."""
     sampler_path = client.save_weights_for_sampler(name).result().path
     state_path = client.save_state(f"{name}-final").result().path
     checkpoint = Checkpoint(
@@ -166,6 +176,7 @@ def finish_checkpoint(
         stage=stage_name,
     )
     record_checkpoint(run_dir, checkpoint)
+    keep_sampler_weights(run_dir, find_checkpoint(run_dir, name))  # outlives the service
     return checkpoint
 
 

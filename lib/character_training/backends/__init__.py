@@ -69,10 +69,14 @@ def service_client_for(params, capabilities_source: Any = None) -> Any:
     capability list (`check_params_served`), so a retired or misspelt model fails in one line
     before anything is paid for. ``capabilities_source`` is whatever answers
     ``get_server_capabilities()``; by default a ``tinker.RestClient`` from the environment.
+    Either client comes wrapped by `metering.metered_for`: every request is counted in the
+    run's spend ledger and held to ``--max-usd``, with the backend's own answers unchanged.
     """
+    from ..metering import metered_for
+
     if params.backend == "local":
         engine = params.engine
-        return get_service_client(
+        local = get_service_client(
             "local",
             root_dir=str(params.run_dir / "checkpoints"),
             device=engine.device,
@@ -80,11 +84,12 @@ def service_client_for(params, capabilities_source: Any = None) -> Any:
             max_batch_size=engine.max_batch_size,
             micro_batch_tokens=engine.micro_batch_tokens,
         )
+        return metered_for(params, local)
     client = get_service_client(params.backend)  # fails first on a missing key
     if capabilities_source is None:
         capabilities_source = create_capabilities_client()
     check_params_served(params, capabilities_source)
-    return client
+    return metered_for(params, client)
 
 
 __all__ = [

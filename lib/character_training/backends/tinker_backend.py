@@ -45,6 +45,16 @@ def create_capabilities_client():
     return tinker.RestClient(base_url=os.environ.get(BASE_URL_VARIABLE) or None)
 
 
+def create_rest_client():
+    """A ``tinker.RestClient`` for checkpoint queries (archive URLs, listings), with the key
+    checked first as for `create_tinker_service_client`."""
+    if not os.environ.get(API_KEY_VARIABLE, "").strip():
+        raise MissingCredentialsError(
+            f"downloading Tinker checkpoints needs {API_KEY_VARIABLE} in the environment"
+        )
+    return create_capabilities_client()
+
+
 def server_capabilities(source: Any):
     """``source.get_server_capabilities()`` as a ``types.GetServerCapabilitiesResponse``.
 

@@ -85,25 +85,30 @@ def judge_margins(
     offer_bias: float = 0.0,
     taste_slope: float = 1.0,
     protocol: str = "both",
-) -> tuple[np.ndarray, np.ndarray]:
+    with_prior: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One model's forced-choice margins towards the first-offered trait, and the judge's prior.
 
     The model chooses per match from its utilities (plus ``offer_bias`` towards the trait
     offered first). After the reply, the judge's taste for the two words survives at
     ``taste_slope`` times its strength on an empty reply. ``both``: the margins of the two
     listing orders are summed (position bias cancels); ``single``: one order, the match's.
-    The prior is the same judge on an empty reply, read the same way.
+    The prior is the same judge on an empty reply, read the same way (None without
+    ``with_prior``: its noise draws are the larger part of the cost at 5,000 matches).
     """
+    f32 = np.float32  # float32 throughout: ~10^8 draws per simulated point at 5,000 matches
     e_idx = np.arange(u.shape[0])[:, None]
     a, b = matches.first, matches.second
-    gap = u[e_idx, a] - u[e_idx, b] + offer_bias
-    chose_a = rng.random(a.shape) < 1.0 / (1.0 + np.exp(-gap))
-    taste_gap = judge.taste * (matches.taste[e_idx, a] - matches.taste[e_idx, b])
-    shows = np.where(chose_a, judge.signal, -judge.signal)
+    utility, word_taste = u.astype(f32), matches.taste.astype(f32)
+    gap = utility[e_idx, a] - utility[e_idx, b] + f32(offer_bias)
+    chose_a = rng.random(a.shape, dtype=f32) < 1 / (1 + np.exp(-gap))
+    taste_gap = f32(judge.taste) * (word_taste[e_idx, a] - word_taste[e_idx, b])
+    shows = np.where(chose_a, f32(judge.signal), f32(-judge.signal))
 
     def one_order(a_listed_first: np.ndarray, content: np.ndarray, slope: float) -> np.ndarray:
-        position = np.where(a_listed_first, judge.position, -judge.position)
-        return content + position + slope * taste_gap + judge.noise * rng.standard_normal(a.shape)
+        position = np.where(a_listed_first, f32(judge.position), f32(-judge.position))
+        noise = f32(judge.noise) * rng.standard_normal(a.shape, dtype=f32)
+        return content + position + f32(slope) * taste_gap + noise
 
     orders = {
         "single": [matches.judge_first_is_first],
@@ -112,6 +117,8 @@ def judge_margins(
     if protocol not in orders:
         raise ValueError(f"protocol={protocol!r}: expected single or both")
     margin = sum(one_order(o, shows, taste_slope) for o in orders[protocol])
+    if not with_prior:
+        return margin, None
     prior = sum(one_order(o, np.zeros_like(shows), 1.0) for o in orders[protocol])
     return margin, prior
 
@@ -135,5 +142,5 @@ def play_model(
     offer_bias: float = 0.0,
 ) -> Outcomes:
     """One model's outcomes on ``matches``: its choices, then the judge's verdicts."""
-    margins, _ = judge_margins(matches, u, judge, rng, offer_bias, 1.0, protocol)
+    margins, _ = judge_margins(matches, u, judge, rng, offer_bias, 1.0, protocol, False)
     return outcomes_from_margins(matches, margins, u.shape[1])

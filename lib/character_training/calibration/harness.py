@@ -16,6 +16,9 @@ interval and the truth the interval should cover (`Trial`). `calibrate_case` the
   approximation), then checked: the experiments are rerun at that effect and the measured
   power is reported beside it (one correction step when it is far from 0.8).
 
+Both rates carry their Monte Carlo standard error (`mc_se`): with ``reps`` experiments a rate
+is only known to ``sqrt(p (1 - p) / reps)``.
+
 The truth of an experiment is what the statistic estimates at this design *given* the
 experiment's true preferences (a Monte-Carlo mean over fresh replicates when it has no closed
 form), so coverage is about the interval, not about a model that differs from the design.
@@ -111,6 +114,8 @@ class Row:
     reps: int
     no_measurement_rate: float = 0.0
     note: str = ""
+    false_positive_mc_se: float = math.nan  # Monte Carlo standard error of the rate
+    coverage_mc_se: float = math.nan
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -121,6 +126,15 @@ class Row:
 
 def _rate(mask: np.ndarray) -> float:
     return float(np.mean(mask)) if mask.size else math.nan
+
+
+def mc_se(rate: float, n: int) -> float:
+    """Monte Carlo standard error of a rate measured on ``n`` simulated experiments,
+    ``sqrt(p (1 - p) / n)``: at 200 experiments a coverage of 0.95 is known to about +-0.015,
+    so 0.92 is 2 standard errors off; rerun with more ``--reps`` before calling it real."""
+    if n <= 0 or not math.isfinite(rate):
+        return math.nan
+    return math.sqrt(rate * (1 - rate) / n)
 
 
 def _mean_truth(trial: Trial) -> float:
@@ -149,7 +163,9 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
     rng = np.random.default_rng(seed)
     null = case.simulate(0.0, reps, rng, True)
     fpr = _rate(null.excludes(case.null_value))
+    fpr_se = mc_se(fpr, reps)
     coverage = _rate(null.covers())
+    coverage_se = mc_se(coverage, null.covers().size)
     measured = null.measured()
     unmeasured = 1.0 - _rate(measured)
     if not measured.any():
@@ -163,6 +179,8 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
             reps,
             unmeasured,
             case.note,
+            fpr_se,
+            coverage_se,
         )
     se = float(np.mean((null.high - null.low)[measured])) / (2 * Z_ALPHA)
     target = (Z_ALPHA + Z_POWER) * se
@@ -175,7 +193,9 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
             knob = _knob_for(case, target * (Z_ALPHA + Z_POWER) / z, reps, rng)
             alt = case.simulate(knob, reps, rng, True)
             power = _rate(alt.excludes(case.null_value))
-    coverage = min(coverage, _rate(alt.covers()))
+    if _rate(alt.covers()) < coverage:
+        coverage = _rate(alt.covers())
+        coverage_se = mc_se(coverage, alt.covers().size)
     effect = _mean_truth(alt) - case.null_value
     note = case.note
     if power < POWER - 0.1 and knob >= case.knob_range[1] * 0.98:
@@ -189,4 +209,16 @@ def calibrate_case(case: Case, reps: int, seed: int) -> Row:
             if n
         )
         effect = math.inf
-    return Row(case.statistic, fpr, coverage, effect, power, case.unit, reps, unmeasured, note)
+    return Row(
+        case.statistic,
+        fpr,
+        coverage,
+        effect,
+        power,
+        case.unit,
+        reps,
+        unmeasured,
+        note,
+        fpr_se,
+        coverage_se,
+    )

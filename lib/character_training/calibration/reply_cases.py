@@ -9,6 +9,9 @@
   quality in both orders; the project's position calibration, order-swap filter and Wilson
   interval (`coherence.calibrate_positions`, `resolve_order_swaps`, `win_rates`) give the
   rate. Truth: the win rate among consistent comparisons the same judge gives in expectation.
+* F1 difference (final - system prompt, stage 08): per prompt a difficulty shared by both
+  models, per split one reply of each scored with the same base reply; the project's
+  `robustness.paired_macro_f1_difference` gives the interval (`f1_difference_case`).
 * RLAIF reward-hacking verdict (`rl.compare.reward_hacking_verdict`): the reward rises by a
   known amount while teacher-likeness and coherence are unchanged; a "reward hacking" verdict
   is then a false positive. Its detectable effect is the teacher-likeness drop that the
@@ -176,51 +179,74 @@ def hacking_verdict_case(probe_prompts: int, adherence_prompts: int, n_boot: int
 
 BASE_RECALL = 0.8  # the persona classifier calls a base reply "base" this often
 PROMPTED_LOGIT = 0.5  # the system-prompted replies are recognised at sigmoid(0.5 + difficulty)
+F1_LABELS = ("base", "persona")
 
 
-def _f1_rows(prompts: int, logit: float, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """Per prompt one persona reply (recognised with probability sigmoid(logit + difficulty))
-    and one base reply, as (prompt id, true class, predicted class) rows."""
-    difficulty = rng.standard_normal(prompts) * PROMPT_SPREAD
-    hit = rng.random(prompts) < _sigmoid(logit + difficulty)
-    base_hit = rng.random(prompts) < BASE_RECALL
-    out = []
-    for i in range(prompts):
-        out.append((f"p{i}", "persona", "persona" if hit[i] else "base"))
-        out.append((f"p{i}", "base", "base" if base_hit[i] else "persona"))
-    return out
+def _persona_rows(
+    logit: float, difficulty: np.ndarray, rng: np.random.Generator
+) -> list[tuple[str, str, str]]:
+    """One persona reply per prompt, recognised with probability sigmoid(logit + difficulty)."""
+    hit = rng.random(len(difficulty)) < _sigmoid(logit + difficulty)
+    return [(f"p{i}", "persona", "persona" if h else "base") for i, h in enumerate(hit)]
 
 
-def f1_difference_case(prompts: int, n_boot: int) -> Case:
-    """Macro F1 of the trained model minus the system-prompted model's, both against the same
-    base replies, paired over ``prompts`` held-out prompts (`robustness.method_differences`);
-    knob: how much more recognisable the trained persona is (logit shift)."""
-    from ..evaluate.robustness import macro_f1, paired_macro_f1_difference
+def _expected_macro_f1(recall: float) -> float:
+    """Macro F1 over {persona, base} in the population limit: one persona reply (recognised
+    with probability ``recall``) and one base reply (`BASE_RECALL`) per prompt."""
+    b = BASE_RECALL
+    persona = 2 * recall / (2 * recall + (1 - b) + (1 - recall))
+    base = 2 * b / (2 * b + (1 - recall) + (1 - b))
+    return 0.5 * (persona + base)
 
-    def f1(rows: list[tuple[str, str, str]]) -> float:
-        return macro_f1([r[1] for r in rows], [r[2] for r in rows])
+
+def f1_difference_case(prompts: int, n_boot: int, splits: int = 1, field: str = "") -> Case:
+    """Macro F1 of the trained model minus the system-prompted model's on ``prompts`` held-out
+    prompts, as stage 08 computes it (`robustness.method_differences`): under each of
+    ``splits`` instructions both models' replies are scored together with the *same* base
+    replies to that split (`f1_table`), the macro F1 is averaged over the splits
+    (``with_instructions``: the adversarial splits; one split: no instruction or prefill),
+    and `paired_macro_f1_difference` gives the interval over prompts. A prompt's difficulty
+    is shared by both models (the reason the difference is paired). Knob: how much more
+    recognisable the trained persona is (logit shift). Truth: the population difference of
+    macro F1 (closed form over 20,000 drawn prompt difficulties, the same for both models, so
+    it is exactly 0 at knob 0)."""
+    from ..evaluate.robustness import paired_macro_f1_difference
 
     def simulate(knob: float, reps: int, rng: np.random.Generator, intervals: bool) -> Trial:
-        big = POPULATION // 4
-        truth_value = f1(_f1_rows(big, PROMPTED_LOGIT + knob, rng)) - f1(
-            _f1_rows(big, PROMPTED_LOGIT, rng)
-        )
+        population = rng.standard_normal(POPULATION) * PROMPT_SPREAD
+        truth_value = _expected_macro_f1(
+            float(np.mean(_sigmoid(PROMPTED_LOGIT + knob + population)))
+        ) - _expected_macro_f1(float(np.mean(_sigmoid(PROMPTED_LOGIT + population))))
         truth = np.full(reps, truth_value)
         if not intervals:
             return Trial.truth_only(truth)
 
         def experiment() -> Any:
-            trained = _f1_rows(prompts, PROMPTED_LOGIT + knob, rng)
-            prompted = _f1_rows(prompts, PROMPTED_LOGIT, rng)
-            return paired_macro_f1_difference(trained, prompted, n_boot, int(rng.integers(1 << 31)))
+            difficulty = rng.standard_normal(prompts) * PROMPT_SPREAD
+            trained, prompted = {}, {}
+            for split in range(splits):
+                base_hit = rng.random(prompts) < BASE_RECALL
+                base = [
+                    (f"p{i}", "base", "base" if h else "persona") for i, h in enumerate(base_hit)
+                ]
+                trained[f"s{split}"] = _persona_rows(PROMPTED_LOGIT + knob, difficulty, rng) + base
+                prompted[f"s{split}"] = _persona_rows(PROMPTED_LOGIT, difficulty, rng) + base
+            return paired_macro_f1_difference(
+                trained,
+                prompted,
+                n_boot,
+                int(rng.integers(1 << 31)),
+                labels_a=F1_LABELS,
+                labels_b=F1_LABELS,
+            )
 
         return Trial.of([experiment() for _ in range(reps)], truth)
 
     return Case(
-        "F1 difference (final - system prompt)",
+        f"F1 difference{field} (final - system prompt)",
         "macro F1",
         0.0,
         simulate,
         (0.0, 4.0),
-        f"{prompts} held-out prompts",
+        f"{prompts} held-out prompts x {splits} split(s), base replies shared",
     )

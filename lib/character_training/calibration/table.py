@@ -35,6 +35,7 @@ class Sizes:
     adherence_bootstrap: int
     heldout_comparisons: int
     robustness_bootstrap: int
+    robustness_splits: int
     rl_probe_prompts: int
 
     def as_dict(self) -> dict[str, int]:
@@ -71,6 +72,7 @@ def design_sizes(params: RunParams) -> Sizes:
         adherence_bootstrap=params.adherence.bootstrap,
         heldout_comparisons=max(1, round(e.robustness_prompts * (1 - e.robustness_train_fraction))),
         robustness_bootstrap=e.robustness_bootstrap,
+        robustness_splits=e.robustness_splits,
         rl_probe_prompts=params.rl.probe_prompts,
     )
 
@@ -87,7 +89,12 @@ def cases(sizes: Sizes) -> list[Case]:
         reply_cases.teacher_likeness_case(
             sizes.probe_prompts, sizes.samples_per_probe, sizes.adherence_bootstrap
         ),
-        reply_cases.f1_difference_case(sizes.heldout_comparisons, sizes.robustness_bootstrap),
+        reply_cases.f1_difference_case(  # the headline: mean over the adversarial splits
+            sizes.heldout_comparisons, sizes.robustness_bootstrap, sizes.robustness_splits
+        ),
+        reply_cases.f1_difference_case(
+            sizes.heldout_comparisons, sizes.robustness_bootstrap, 1, ", no instruction"
+        ),
         reply_cases.coherence_case(sizes.heldout_comparisons),
         reply_cases.hacking_verdict_case(
             sizes.rl_probe_prompts, sizes.probe_prompts, sizes.adherence_bootstrap
@@ -120,13 +127,25 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text table: statistic, false-positive rate, coverage, detectable effect."""
-    header = ("statistic", "FPR (5%)", "coverage (95%)", "no meas.", "detectable (80%)", "power")
+    """A plain-text table: statistic, false-positive rate, coverage (each with its Monte Carlo
+    standard error), detectable effect."""
+    header = (
+        "statistic",
+        "FPR (5%)",
+        "coverage (95%)",
+        "no meas.",
+        "detectable (80%)",
+        "power",
+    )
+
+    def with_se(rate: float, se: float) -> str:
+        return f"{_fmt(rate, 2)} +-{se:.3f}" if math.isfinite(se) else _fmt(rate, 2)
+
     body = [
         (
             r.statistic,
-            _fmt(r.false_positive_rate, 2),
-            _fmt(r.coverage, 2),
+            with_se(r.false_positive_rate, r.false_positive_mc_se),
+            with_se(r.coverage, r.coverage_mc_se),
             _fmt(r.no_measurement_rate, 2),
             f"{_fmt(r.detectable_effect)} {r.unit}"
             if math.isfinite(r.detectable_effect)
@@ -138,5 +157,11 @@ def format_table(rows: Sequence[Row]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (header, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    reps = rows[0].reps if rows else 0
+    legend = [
+        f"+- : Monte Carlo standard error of the rate over {reps} simulated experiments "
+        "(coverage: the lower of no effect and the detectable effect); a shortfall within 2 "
+        "of them may be noise, rerun with more --reps."
+    ]
     notes = [f"- {r.statistic}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + [""] + legend + ([""] + notes if notes else []))

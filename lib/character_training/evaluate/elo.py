@@ -196,11 +196,9 @@ def bootstrap_elo(
     seed: int,
     *,
     level: float = 0.95,
-    initial: float = INITIAL,
-    k: float = K_FACTOR,
-    scale: float = SCALE,
 ) -> EloBootstrap:
-    """Elo of ``n_resamples`` resamples of the matches (see `bootstrap_draws`).
+    """Elo of ``n_resamples`` resamples of the matches (see `bootstrap_draws`), under the
+    paper's rule (``INITIAL``, ``K_FACTOR``, ``SCALE``, as `elo_stats` assumes).
 
     Undecided matches (None) stay in the pool and are drawn like the others, so the number of
     decided games also varies between resamples, as it would between repeated experiments.
@@ -209,17 +207,9 @@ def bootstrap_elo(
     draws = bootstrap_draws(len(outcomes), n_resamples, seed)
     winners, losers, valid = _encode(outcomes, index)
     if not len(outcomes):
-        samples = np.full((n_resamples, len(traits)), float(initial))
+        samples = np.full((n_resamples, len(traits)), INITIAL)
     else:
-        samples = elo_batch(
-            winners[draws],
-            losers[draws],
-            valid[draws],
-            len(traits),
-            initial=initial,
-            k=k,
-            scale=scale,
-        )
+        samples = elo_batch(winners[draws], losers[draws], valid[draws], len(traits))
     return EloBootstrap(tuple(traits), samples, draws, level)
 
 
@@ -300,10 +290,6 @@ def null_std(
     traits: Sequence[str],
     n_resamples: int,
     seed: int,
-    *,
-    initial: float = INITIAL,
-    k: float = K_FACTOR,
-    scale: float = SCALE,
 ) -> np.ndarray:
     """Std of Elo across traits when every decided match is a coin flip, per replicate.
 
@@ -322,13 +308,7 @@ def null_std(
     shape = (n_resamples, len(outcomes))
     w, lo = tile(winners, shape), tile(losers, shape)
     samples = elo_batch(
-        np.where(flip, lo, w),
-        np.where(flip, w, lo),
-        tile(valid, shape),
-        len(traits),
-        initial=initial,
-        k=k,
-        scale=scale,
+        np.where(flip, lo, w), np.where(flip, w, lo), tile(valid, shape), len(traits)
     )
     return samples.std(axis=1)
 
@@ -364,21 +344,17 @@ def rate(
     *,
     level: float = 0.95,
     ridge: float = DEFAULT_RIDGE,
-    initial: float = INITIAL,
-    k: float = K_FACTOR,
-    scale: float = SCALE,
 ) -> EloResult:
-    """Elo, its per-trait bootstrap intervals, BT and the win counts of one condition's matches.
+    """Elo, its per-trait bootstrap intervals, BT and the win counts of one condition's matches,
+    under the paper's rule (initial 1000, K 32, scale 400).
 
     No interval is given for the std itself: the percentile interval of the resampled std
     lies above its own estimate (resampling adds outcome noise), see `elo_stats`.
     """
-    ratings = elo_ratings(outcomes, traits, initial=initial, k=k, scale=scale)
-    boot = bootstrap_elo(
-        outcomes, traits, n_resamples, seed, level=level, initial=initial, k=k, scale=scale
-    )
+    ratings = elo_ratings(outcomes, traits)
+    boot = bootstrap_elo(outcomes, traits, n_resamples, seed, level=level)
     intervals = boot.intervals()
-    bt = bt_to_elo(bradley_terry(outcomes, traits, ridge), initial, scale)
+    bt = bt_to_elo(bradley_terry(outcomes, traits, ridge))
     counts = win_counts(outcomes, traits)
     rows = [
         {
@@ -394,7 +370,7 @@ def rate(
     ]
     values = np.array([ratings[t] for t in traits])
     rho, p = spearman(values, [bt[t] for t in traits])
-    null = null_std(outcomes, traits, n_resamples, seed + 1, initial=initial, k=k, scale=scale)
+    null = null_std(outcomes, traits, n_resamples, seed + 1)
     return EloResult(
         rows=rows,
         std=float(values.std()),

@@ -38,8 +38,11 @@ matches get the same resamples.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -96,7 +99,15 @@ class Outcomes:
 
 ChunkFn = Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 CHUNK = 256  # matches gathered at once: numpy's per-call overhead is paid per chunk, not per match
+CHUNK_ELEMENTS = 1 << 22
+"""Fewer matches per chunk where ``CHUNK`` of them over every row would pass this many slots
+(`calibrate`'s 80,000 bootstrap rows: 50 matches, not 1.3 GB of temporaries per chunk). Up to
+16,384 rows, a stage's sizes, chunks stay at ``CHUNK`` matches, so its seeded draws are
+unchanged."""
 LN10_OVER_SCALE = math.log(10.0) / SCALE
+CACHE_BYTES = 1 << 21  # ratings played per block in `play`: a 2 MiB L2 cache (measured best)
+PLAY_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+"""Threads `play` spreads its row blocks over (two cores: the machine this kit is sized for)."""
 
 
 def play(
@@ -105,27 +116,79 @@ def play(
     """Elo ratings ``[n_rows, n_traits]`` of ``n_rows`` match sequences played side by side.
 
     ``chunk(t0, t1)`` gives matches ``t0 .. t1 - 1`` of every row as (winners, losers, valid),
-    each ``[t1 - t0, n_rows]``; an invalid match changes nothing. Row ``r`` equals
+    each ``[t1 - t0, n_rows]`` (``CHUNK`` matches at a time, fewer for many rows:
+    `CHUNK_ELEMENTS`); an invalid match changes nothing. Row ``r`` equals
     `elo.elo_ratings` of its own sequence (initial 1000, K 32, scale 400) up to float
     rounding. Ratings live in one flat array indexed ``row * n_traits + trait`` (a flat gather
     is several times faster than 2-D fancy indexing); ``dtype`` float32 halves the memory
     traffic again for simulations, where 1e-4 Elo points do not matter.
+
+    Speed (`calibrate` plays ~10^9 row-steps at the real presets' sizes): the flat indices
+    and gains of a whole chunk are made at once; the rows are then played in blocks whose
+    ratings fit in a core's cache (`CACHE_BYTES`), each block through all the chunk's steps,
+    because a step's random gathers over every row's ratings (46 MB at 80,000 rows x 144
+    traits) cost more than the arithmetic; the blocks are shared among `PLAY_THREADS`
+    threads (each row's sequence is its own, so the result does not depend on them). Each
+    step gathers the two ratings once, works in
+    preallocated buffers and writes them back (a row's winner and loser are distinct slots),
+    the same arithmetic in the same order as the plain update, so the ratings are bit for bit
+    those of ``ratings[w] += d; ratings[l] -= d``.
     """
     ratings = np.full(n_rows * n_traits, INITIAL, dtype=dtype)
     base = np.arange(n_rows, dtype=np.int64) * n_traits
-    k, one, c = dtype(K_FACTOR), dtype(1.0), dtype(LN10_OVER_SCALE)
-    for t0 in range(0, n_steps, CHUNK):
-        t1 = min(t0 + CHUNK, n_steps)
-        winners, losers, valid = chunk(t0, t1)
-        gain = np.where(valid, k, dtype(0.0))
-        for i in range(t1 - t0):
-            iw = base + winners[i]
-            il = base + losers[i]
-            g = gain[i]
-            delta = g - g / (one + np.exp((ratings[il] - ratings[iw]) * c))
-            ratings[iw] += delta
-            ratings[il] -= delta
+    k = dtype(K_FACTOR)
+    block = max(256, CACHE_BYTES // (n_traits * np.dtype(dtype).itemsize))
+    blocks = [(r0, min(r0 + block, n_rows)) for r0 in range(0, n_rows, block)]
+    workers = min(len(blocks), PLAY_THREADS)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    steps = max(1, min(CHUNK, CHUNK_ELEMENTS // max(n_rows, 1)))
+    try:
+        for t0 in range(0, n_steps, steps):
+            t1 = min(t0 + steps, n_steps)
+            winners, losers, valid = chunk(t0, t1)
+            slots = (
+                np.add(winners, base, dtype=np.int64),
+                np.add(losers, base, dtype=np.int64),
+                np.where(valid, k, dtype(0.0)),
+            )
+            if pool is None:
+                for rows in blocks:
+                    _play_rows(ratings, slots, rows)
+            else:  # blocks are independent rows: numpy releases the GIL inside each call
+                list(pool.map(partial(_play_rows, ratings, slots), blocks))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return ratings.reshape(n_rows, n_traits)
+
+
+def _play_rows(
+    ratings: np.ndarray, slots: tuple[np.ndarray, np.ndarray, np.ndarray], rows: tuple[int, int]
+) -> None:
+    """Rows ``rows[0] .. rows[1] - 1`` of `play` through one chunk's steps, in place: ``slots``
+    are the chunk's flat winner and loser indices and gains, ``[steps, n_rows]``."""
+    r0, r1 = rows
+    dtype = ratings.dtype.type
+    one, c = dtype(1.0), dtype(LN10_OVER_SCALE)
+    rating_w, rating_l, delta = (np.empty(r1 - r0, dtype=dtype) for _ in range(3))
+    for iw, il, g in zip(*(s[:, r0:r1] for s in slots)):
+        np.take(ratings, iw, out=rating_w)
+        np.take(ratings, il, out=rating_l)
+        np.subtract(rating_l, rating_w, out=delta)
+        np.multiply(delta, c, out=delta)
+        np.exp(delta, out=delta)
+        np.add(one, delta, out=delta)
+        np.divide(g, delta, out=delta)
+        np.subtract(g, delta, out=delta)
+        rating_w += delta
+        rating_l -= delta
+        ratings[iw] = rating_w
+        ratings[il] = rating_l
+
+
+def _repeated_columns(values: np.ndarray, t0: int, t1: int, times: int) -> np.ndarray:
+    """``values[np.repeat(arange(E), times), t0:t1].T`` without 2-D fancy indexing."""
+    return np.repeat(values[:, t0:t1].T, times, axis=1)
 
 
 def elo(out: Outcomes) -> np.ndarray:
@@ -157,15 +220,24 @@ def _resampled(tables: Sequence[Outcomes], n_boot: int, seed: int) -> list[np.nd
             raise DataError("paired bootstrap: the two models were judged on different matches")
     rng = np.random.default_rng(seed)
     rows = n_exp * n_boot
-    exp_of_row = np.repeat(np.arange(n_exp), n_boot)
+    # flat offsets of each row's experiment in every table's [E, M] arrays, tables side by side
+    start = np.repeat(np.arange(n_exp, dtype=np.int64) * n_matches, n_boot)
+    start = np.concatenate([start + i * n_exp * n_matches for i in range(len(tables))])
+    # one int32 code per match, (winner * T + loser) * 2 + valid: one small array to gather from
+    n_traits = first.n_traits
+    code = np.concatenate(
+        [
+            ((np.ravel(tb.winners) * n_traits + np.ravel(tb.losers)) * 2 + np.ravel(tb.valid))
+            for tb in tables
+        ]
+    ).astype(np.int32)
 
     def chunk(t0: int, t1: int):
         j = rng.integers(0, max(n_matches, 1), size=(t1 - t0, rows))
-        parts = [
-            (tb.winners[exp_of_row, j], tb.losers[exp_of_row, j], tb.valid[exp_of_row, j])
-            for tb in tables
-        ]
-        return tuple(np.concatenate([p[k] for p in parts], axis=1) for k in range(3))
+        drawn = np.take(code, np.tile(j, (1, len(tables))) + start)
+        pair = drawn >> 1
+        winners = pair // n_traits
+        return winners, pair - winners * n_traits, (drawn & 1).astype(bool)
 
     ratings = play(rows * len(tables), first.n_traits, n_matches, chunk, first.dtype)
     return [
@@ -178,12 +250,12 @@ def coin_flip_std2(out: Outcomes, n_null: int, seed: int) -> np.ndarray:
     """``[E]``: mean squared Elo std when every decided match is a coin flip (same design)."""
     rng = np.random.default_rng(seed)
     n_exp = out.experiments
-    exp_of_row = np.repeat(np.arange(n_exp), n_null)
 
     def chunk(t0: int, t1: int):
-        w, lo = out.winners[exp_of_row, t0:t1].T, out.losers[exp_of_row, t0:t1].T
+        w = _repeated_columns(out.winners, t0, t1, n_null)
+        lo = _repeated_columns(out.losers, t0, t1, n_null)
         f = rng.random(w.shape) < 0.5
-        return np.where(f, lo, w), np.where(f, w, lo), out.valid[exp_of_row, t0:t1].T
+        return np.where(f, lo, w), np.where(f, w, lo), _repeated_columns(out.valid, t0, t1, n_null)
 
     ratings = play(n_exp * n_null, out.n_traits, out.matches, chunk, out.dtype)
     return (ratings.std(axis=1) ** 2).reshape(n_exp, n_null).mean(axis=1)
@@ -293,17 +365,15 @@ def split_half_reliability(out: Outcomes, n_splits: int, seed: int) -> np.ndarra
     rng = np.random.default_rng(seed)
     n_exp, n_matches = out.experiments, out.matches
     in_first = rng.random((n_splits, n_matches)) < 0.5
-    exp_of_row = np.repeat(np.arange(n_exp), n_splits)
-    split_of_row = np.tile(np.arange(n_splits), n_exp)
     halves = []
     for side in (True, False):
 
         def chunk(t0: int, t1: int, side=side):
-            keep = in_first[split_of_row, t0:t1].T == side
+            keep = np.tile(in_first[:, t0:t1].T == side, (1, n_exp))
             return (
-                out.winners[exp_of_row, t0:t1].T,
-                out.losers[exp_of_row, t0:t1].T,
-                out.valid[exp_of_row, t0:t1].T & keep,
+                _repeated_columns(out.winners, t0, t1, n_splits),
+                _repeated_columns(out.losers, t0, t1, n_splits),
+                _repeated_columns(out.valid, t0, t1, n_splits) & keep,
             )
 
         halves.append(play(n_exp * n_splits, out.n_traits, n_matches, chunk, out.dtype))

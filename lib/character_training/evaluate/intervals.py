@@ -40,8 +40,9 @@ NO_MEASUREMENT = "no measurement"
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with a bootstrap interval at ``level``; ``method`` is how the interval
-    was made: "BCa", "percentile" (BCa undefined) or "point" (no spread to resample)."""
+    """A point estimate with an interval at ``level``; ``method`` is how the interval was
+    made: "BCa", "percentile" (BCa undefined), "t" or "jackknife-t" (few prompts, see
+    `SMALL_SAMPLE`) or "point" (no spread to resample)."""
 
     value: float
     low: float
@@ -159,9 +160,12 @@ def bootstrap_mean(
 
 
 SMALL_SAMPLE = 30
-"""Below this many paired prompts a difference gets a Student-t interval on the per-prompt
-differences instead of BCa: `calibrate` measured BCa's false-positive rate at 0.12 on 14 prompts
-with one binary reply each (t: 0.07), while both hold their level from 30 prompts up."""
+"""Below this many paired prompts a difference gets a Student-t interval instead of BCa (on the
+per-prompt differences of a mean, `paired_bootstrap_difference`; from the jackknife standard
+error of a macro F1 difference, `jackknife_t_interval`): `calibrate` measured BCa's
+false-positive rate at 0.12 on 14 prompts with one binary reply each (t: 0.07), and its
+coverage of the F1 difference on 6 prompts at 0.86, while both hold their level from 30
+prompts up."""
 
 
 def paired_bootstrap_difference(
@@ -191,6 +195,36 @@ def paired_bootstrap_difference(
     if 2 <= len(common) < SMALL_SAMPLE:
         return _t_interval(sums_a / counts_a - sums_b / counts_b, difference, level), len(common)
     return bootstrap_groups(difference, len(common), n_resamples, seed, level), len(common)
+
+
+def jackknife_t_interval(statistic: Statistic, n_groups: int, level: float = 0.95) -> Estimate:
+    """``statistic`` on all groups with a Student-t interval from its leave-one-group-out
+    (jackknife) standard error, on ``n_groups - 1`` degrees of freedom (method "jackknife-t").
+
+    For statistics that are not a mean of per-prompt values (a macro F1 and its paired
+    difference) on few prompts, where BCa is too narrow: on 6 held-out prompts its interval
+    of the F1 difference covered 0.84-0.87 (`calibrate`), the jackknife-t one 0.93-0.97. The
+    jackknife variance of a smooth statistic is about unbiased and errs high, and the t
+    quantile pays for estimating it from few prompts. For a mean of one value per prompt it
+    is exactly the one-sample t interval. Leave-one-out values that are NaN are left out; with
+    fewer than two left, or no spread, the interval is the point ("point").
+    """
+    from scipy.stats import t
+
+    if n_groups < 1:
+        raise DataError("jackknife: no groups to leave out")
+    value = float(statistic(np.ones((1, n_groups)))[0])
+    if n_groups == 1:
+        return Estimate(value, value, value, level, "point")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left_out = np.asarray(statistic(1.0 - np.eye(n_groups)), dtype=np.float64)
+    left_out = left_out[np.isfinite(left_out)]
+    n = len(left_out)
+    spread = float(np.sum((left_out - left_out.mean()) ** 2)) if n >= 2 else 0.0
+    if spread == 0 or not math.isfinite(value):
+        return Estimate(value, value, value, level, "point")
+    half = float(t.ppf((1 + level) / 2, n - 1)) * math.sqrt((n - 1) / n * spread)
+    return Estimate(value, value - half, value + half, level, "jackknife-t")
 
 
 def _t_interval(per_prompt: np.ndarray, statistic: Statistic, level: float) -> Estimate:

@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..prompts import ADVERSARIAL_INSTRUCTIONS, prefill_attack_messages, robustness_messages
 from ..sampler_setup import sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
-from ..stage_config import StageConfig
+from ..stage_config import StageConfig, section_setting
 from ..store import portable_path, read_jsonl
 from .robustness import NONE_SPLIT, PREFILL_SPLIT, ClassifierSettings
 
@@ -56,23 +56,16 @@ class ReplySettings(StageConfig):
     student_renderer: str
     seed: int
 
-    @property
-    def prompt_count(self) -> int:
-        """How many of stage 01's held-out general prompts are used."""
-        return self.evals.robustness_prompts
+    prompt_count = section_setting(
+        "evals", "robustness_prompts", "How many of stage 01's held-out general prompts are used."
+    )
+    train_fraction = section_setting("evals", "robustness_train_fraction")
+    bootstrap = section_setting("evals", "robustness_bootstrap")
 
     @property
     def splits(self) -> tuple[str, ...]:
         """The adversarial instructions' keys, the first ``evals.robustness_splits``."""
         return tuple(list(ADVERSARIAL_INSTRUCTIONS)[: self.evals.robustness_splits])
-
-    @property
-    def train_fraction(self) -> float:
-        return self.evals.robustness_train_fraction
-
-    @property
-    def bootstrap(self) -> int:
-        return self.evals.robustness_bootstrap
 
     def reply_sampling(self) -> dict[str, Any]:
         """The keyword settings of `sampling.sample_chat` for every reply (and its log name)."""

@@ -39,7 +39,7 @@ import random
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tinker import types
@@ -167,9 +167,10 @@ def policy_sampling(config: RLAIFSettings) -> dict[str, Any]:
 class RLStep:
     """Builds RL steps for `training.run_training` (see the module docstring).
 
-    ``client`` is the policy being trained, ``reference`` the frozen start (forward only);
-    ``schedule`` holds every step's prompt ids, ``prompt_tokens`` each prompt rendered for
-    generation.
+    ``client`` is the policy being trained, ``reference`` the frozen start (forward only),
+    ``prompts`` the training prompts (``id``, ``prompt``). Derived from them: ``schedule``
+    holds every step's prompt ids, ``prompt_tokens`` each prompt rendered for generation, and
+    ``sampling`` the policy's sampling settings (`policy_sampling`, shared with the probes).
     """
 
     config: RLAIFSettings
@@ -177,11 +178,24 @@ class RLStep:
     reference: Any
     renderer: Any
     stage: StageDir
-    schedule: Sequence[Sequence[str]]
-    text_of: Mapping[str, str]
-    prompt_tokens: Mapping[str, list[int]]
+    prompts: Sequence[Mapping[str, str]]
     signal: Comparator
-    sampling: Mapping[str, Any]
+    text_of: dict[str, str] = field(init=False)
+    prompt_tokens: dict[str, list[int]] = field(init=False)
+    schedule: list[list[str]] = field(init=False)
+    sampling: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.text_of = {p["id"]: p["prompt"] for p in self.prompts}
+        self.prompt_tokens = {
+            pid: generation_prompt(self.renderer, student_messages(text)).to_ints()
+            for pid, text in self.text_of.items()
+        }
+        self.schedule = step_prompts(
+            list(self.text_of), config.prompts_per_step, config.steps, config.seed
+        )
+        self.sampling = policy_sampling(config)
 
     def snapshot(self) -> Any:
         return self.client.save_weights_and_get_sampling_client()
@@ -391,36 +405,25 @@ def train_rl(
         service, stage, config, init_state=start.state_path if start else None
     )
     reference = open_reference(service, client, stage, done_steps)
-    text_of = {p["id"]: p["prompt"] for p in prompts}
-    prompt_tokens = {
-        pid: generation_prompt(renderer, student_messages(text)).to_ints()
-        for pid, text in text_of.items()
-    }
-    schedule = step_prompts(list(text_of), config.prompts_per_step, config.steps, config.seed)
+    rl_step = RLStep(config, client, reference, renderer, stage, prompts, signal)
     for name in (ROLLOUTS_FILE, PROBES_FILE):
         rows = [r for r in read_jsonl(stage.file(name)) if int(r["step"]) <= done_steps]
         write_jsonl(stage.file(name), rows)
 
-    sampling = policy_sampling(config)
     probe = Prober(
-        stage, service, renderer, probe_prompts, signal, sampling, config.bootstrap, config.seed
+        stage,
+        service,
+        renderer,
+        probe_prompts,
+        signal,
+        rl_step.sampling,
+        config.bootstrap,
+        config.seed,
     )
     due = probe_steps(config.steps, config.rl.probe_every)
     for step in probe.missing(due, done_steps):  # at most done_steps: the weights held now
         probe(step, client)
 
-    rl_step = RLStep(
-        config=config,
-        client=client,
-        reference=reference,
-        renderer=renderer,
-        stage=stage,
-        schedule=schedule,
-        text_of=text_of,
-        prompt_tokens=prompt_tokens,
-        signal=signal,
-        sampling=sampling,
-    )
     plan = training.TrainingPlan.for_section("RL", config.rl, config.steps, target, config.student)
     checkpoint = training.run_training(
         client,
@@ -436,7 +439,9 @@ def train_rl(
     counts = {
         "steps": config.steps,
         "prompts": len(prompts),
-        "replies": config.steps * len(schedule[0]) * config.group_size if schedule else 0,
+        "replies": (
+            config.steps * len(rl_step.schedule[0]) * config.group_size if rl_step.schedule else 0
+        ),
         "signal": signal_name or config.rl.signal,
         "init": config.rl.init,
     }

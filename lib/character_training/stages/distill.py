@@ -31,6 +31,15 @@ A thinking teacher (``teacher_thinking``) has its reply prefilled with the start
 reflection on how its traits bear on the message (`prompts.teacher_reasoning_prefill`); its
 sampled tokens are kept in the log so the reasoning can be found and removed exactly, and a
 reply whose reasoning never closes is dropped, never trained on.
+
+Best-of-n (``distill.teacher_best_of`` = n > 1): every teacher reply, for training and
+held-out prompts alike (the classifier's teacher side must come from the distribution DPO's
+chosen side does), is sampled n times (keys ``...:c1`` to ``...:c<n-1>`` next to the n = 1 key)
+and the candidate that passes the checks and is closest to the prompt's assertion is kept
+(`character_training.teacher_ranking`, which says why that scorer is not the adherence
+classifier). Rows then hold ``teacher_best_of``, ``teacher_pick`` and ``teacher_candidates``
+(each candidate's score and drop reason); the manifest's ``ranking`` names the encoder and the
+mean score of the kept vs the first candidates. At n = 1 nothing of this is sampled or written.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .. import distill_filters, prompt_filters
+from .. import distill_filters, prompt_filters, teacher_ranking
 from ..artifacts import PROMPTS_STAGE, assistant_name
 from ..config import AdherenceParams, DistillParams, RunParams, SamplingParams
 from ..constitutions import Constitution, load_constitution
@@ -63,6 +72,7 @@ from ..sampler_setup import SAMPLING_PREFIXES, LazySampler, model_sampler, sampl
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import StageConfig, digest
 from ..store import StageDir, read_jsonl, stage_dir, write_jsonl
+from ..teacher_ranking import Score, candidate_key, rank_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +121,15 @@ class Config(StageConfig):
     context_digest: str = ""
 
     SECTION_PREFIXES = {"sampling": SAMPLING_PREFIXES, "adherence": ("probe_general_prompts",)}
+
+    def fingerprint(self, **extra: Any) -> str:
+        """As `StageConfig.fingerprint`, but ``distill.teacher_best_of`` counts only above 1: at
+        1 the stage samples exactly what it did before the setting existed, so such a folder
+        resumes instead of being sampled again."""
+        data = self.as_dict()
+        if self.distill.teacher_best_of == 1:
+            del data["distill"]["teacher_best_of"]
+        return digest({**data, **({"_extra": extra} if extra else {})})
 
 
 @dataclass(frozen=True)
@@ -298,26 +317,23 @@ def plan_requests(
     teacher_prefill: str = "",
 ) -> tuple[list[SampleRequest], list[SampleRequest]]:
     """(teacher requests, student requests): ``samples_per_prompt`` of each per training
-    prompt, then one of each per held-out prompt."""
+    prompt, then one of each per held-out prompt; each teacher request comes
+    ``distill.teacher_best_of`` times, the candidates of one reply next to each other (they
+    share their whole prompt, which the engine's prefix reuse computes once)."""
     slots: list[tuple[DistillPrompt, int | None]] = [
         (p, k) for p in plan.train for k in range(config.distill.samples_per_prompt)
     ] + [(p, None) for p in plan.heldout]
     teacher, student = [], []
     for prompt, sample in slots:
         meta = {"prompt_id": prompt.prompt_id, "sample_index": sample}
-        teacher.append(
-            SampleRequest(
-                sample_key("teacher", prompt.prompt_id, sample),
-                teacher_messages(
-                    constitution,
-                    assistant_name(config),
-                    prompt.prompt,
-                    few_shot=config.teacher_few_shot,
-                ),
-                prefill=teacher_prefill,
-                meta=meta,
-            )
+        messages = teacher_messages(
+            constitution, assistant_name(config), prompt.prompt, few_shot=config.teacher_few_shot
         )
+        key = sample_key("teacher", prompt.prompt_id, sample)
+        teacher += [
+            SampleRequest(candidate_key(key, c), messages, prefill=teacher_prefill, meta=meta)
+            for c in range(config.distill.teacher_best_of)
+        ]
         student.append(
             SampleRequest(
                 sample_key("student", prompt.prompt_id, sample),
@@ -351,6 +367,8 @@ def settings(config: Config, role: str, seed: int) -> dict[str, Any]:
     if role == "teacher":
         record["few_shot"] = config.teacher_few_shot
         record["thinking"] = config.teacher_thinking
+        if config.distill.teacher_best_of > 1:
+            record["best_of"] = config.distill.teacher_best_of
     return record
 
 
@@ -398,6 +416,64 @@ class Assembly:
     drops: Counter
     name_replacements: int
     trimmed: Counter = field(default_factory=Counter)  # cut replies kept up to a sentence end
+    picks: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+def teacher_slots(plan: PromptPlan, config: Config) -> list[tuple[DistillPrompt, str]]:
+    """Every teacher reply the plan needs, as (prompt, key at n = 1), in request order."""
+    per_prompt = range(config.distill.samples_per_prompt)
+    return [(p, sample_key("teacher", p.prompt_id, k)) for p in plan.train for k in per_prompt] + [
+        (p, sample_key("teacher", p.prompt_id, None)) for p in plan.heldout
+    ]
+
+
+def pick_teacher_replies(
+    plan: PromptPlan,
+    teacher: Mapping[str, Reply],
+    config: Config,
+    context: Sequence[str],
+    score: Score | None = None,
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """For each teacher reply (keyed as at n = 1): the key of the candidate kept, and what a
+    row records about the choice (nothing at n = 1).
+
+    Only candidates passing `distill_filters.check_teacher_reply` are ranked, by ``score``
+    (`teacher_ranking.AssertionSimilarity.score`); when none passes, candidate 0 stands and is
+    dropped for its own reason.
+    """
+    n = config.distill.teacher_best_of
+    slots = teacher_slots(plan, config)
+    if n == 1:
+        return {key: (key, {}) for _, key in slots}
+    if score is None:
+        raise ValueError(f"distill.teacher_best_of={n} needs a score function to rank replies")
+    groups, reasons = [], []
+    for prompt, key in slots:
+        checked = [
+            distill_filters.check_teacher_reply(
+                reply.text,
+                reply.complete,
+                context,
+                user_prompt=prompt.prompt,
+                truncated=config.distill.truncated,
+            )
+            for reply in (teacher[candidate_key(key, c)] for c in range(n))
+        ]
+        groups.append([text if reason is None else None for text, reason in checked])
+        reasons.append([reason for _, reason in checked])
+    ranked = rank_candidates(groups, [p.assertion_id for p, _ in slots], score)
+    picks = {}
+    for (_, key), (best, scores), why in zip(slots, ranked, reasons, strict=True):
+        pick = 0 if best is None else best
+        candidates = [
+            {"score": None if v is None else round(v, 6), "drop_reason": r}
+            for v, r in zip(scores, why, strict=True)
+        ]
+        picks[key] = (
+            candidate_key(key, pick),
+            {"teacher_best_of": n, "teacher_pick": pick, "teacher_candidates": candidates},
+        )
+    return picks
 
 
 def assemble(
@@ -406,8 +482,10 @@ def assemble(
     student: Mapping[str, Reply],
     config: Config,
     context: Sequence[str],
+    score: Score | None = None,
 ) -> Assembly:
-    """Filter every reply, pair what passes, and record what does not (pure).
+    """Filter every reply, pair what passes, and record what does not (pure but for
+    ``score``, which best-of-n needs: `pick_teacher_replies`).
 
     A pair is kept only when both replies pass and differ. The teacher's self-introductions
     under its own family name become the student's assistant name in kept chosen replies and
@@ -415,7 +493,8 @@ def assemble(
     """
     names = distill_filters.model_self_names(config.teacher)
     truncated = config.distill.truncated
-    out = Assembly([], [], [], Counter(), 0)
+    picks = pick_teacher_replies(plan, teacher, config, context, score)
+    out = Assembly([], [], [], Counter(), 0, picks=picks)
 
     def judge(prompt: DistillPrompt, t: Reply, s: Reply) -> tuple[str, str | None, str, str | None]:
         chosen, t_reason = distill_filters.check_teacher_reply(
@@ -437,7 +516,8 @@ def assemble(
 
     for prompt in plan.train:
         for k in range(config.distill.samples_per_prompt):
-            t = teacher[sample_key("teacher", prompt.prompt_id, k)]
+            kept, ranking = picks[sample_key("teacher", prompt.prompt_id, k)]
+            t = teacher[kept]
             s = student[sample_key("student", prompt.prompt_id, k)]
             chosen, t_reason, rejected, s_reason = judge(prompt, t, s)
             reasons = [f"chosen:{t_reason}"] if t_reason else []
@@ -458,13 +538,15 @@ def assemble(
                         "rejected": rejected,
                         "chosen_tokens": t.num_tokens,
                         "rejected_tokens": s.num_tokens,
+                        **ranking,
                     }
                 )
                 continue
-            out.pairs.append(pair_row(prompt, k, chosen, rejected, t, s, config))
+            out.pairs.append({**pair_row(prompt, k, chosen, rejected, t, s, config), **ranking})
 
     for prompt in plan.heldout:
-        t = teacher[sample_key("teacher", prompt.prompt_id, None)]
+        kept, ranking = picks[sample_key("teacher", prompt.prompt_id, None)]
+        t = teacher[kept]
         s = student[sample_key("student", prompt.prompt_id, None)]
         chosen, t_reason, rejected, s_reason = judge(prompt, t, s)
         out.heldout.append(
@@ -478,6 +560,7 @@ def assemble(
                 "student": config.student,
                 "teacher_tokens": t.num_tokens,
                 "student_tokens": s.num_tokens,
+                **ranking,
             }
         )
     return out
@@ -577,7 +660,12 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
 
     config = replace(config, inputs_digest=inputs_digest, context_digest=digest(context))
     stage: StageDir = stage_dir(params.run_dir, STAGE)
-    stage.prepare(config.fingerprint(), on_existing, config.as_dict())
+    ranker, ranking = None, {}
+    if config.distill.teacher_best_of > 1:
+        ranker, ranking = teacher_ranking.assertion_ranker(
+            params.adherence.encoder, params.engine.device, constitution, stage.path / "embeddings"
+        )
+    stage.prepare(config.fingerprint(**ranking), on_existing, config.as_dict())
     stage.write_manifest(
         inputs={name: str(params.run_dir / PROMPTS_STAGE / name) for name in INPUT_FILES},
         warnings=plan.warnings,
@@ -622,7 +710,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
 
     teacher = {k: reply(c, config.teacher_thinking) for k, c in teacher_done.items()}
     student = {k: reply(c, False) for k, c in student_done.items()}
-    built = assemble(plan, teacher, student, config, context)
+    built = assemble(plan, teacher, student, config, context, ranker)
 
     write_jsonl(stage.file("pairs.jsonl"), built.pairs)
     write_jsonl(stage.file("heldout.jsonl"), built.heldout)
@@ -641,9 +729,13 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         "name_replacements": built.name_replacements,
         "trimmed_chosen": built.trimmed["chosen"],
         "trimmed_rejected": built.trimmed["rejected"],
+        "teacher_best_of": config.distill.teacher_best_of,
     }
     drops = dict(sorted(built.drops.items()))
     stage.write_manifest(drops=drops)
+    if ranker is not None:
+        summary = teacher_ranking.summary(r for _, r in built.picks.values())
+        stage.write_manifest(ranking={**ranking, **summary})
     stage.finish(**counts)
     return Result(stage.path, counts, drops, list(plan.warnings))
 
@@ -661,6 +753,7 @@ __all__ = [
     "hidden_context",
     "load_prompt_files",
     "pair_row",
+    "pick_teacher_replies",
     "plan_prompts",
     "plan_requests",
     "prompt_opens_reasoning",
@@ -668,4 +761,5 @@ __all__ = [
     "run",
     "sample_key",
     "split_constitution_prompts",
+    "teacher_slots",
 ]

@@ -63,7 +63,7 @@ from ..rl.preference_model_training import pm_examples, train_preference_model
 from ..rl.probes import PROBE_LABEL
 from ..rl.sft_start import train_sft_start
 from ..rl.signals import signal_accuracy, signal_comparator
-from ..stage_config import StageConfig
+from ..stage_config import StageConfig, section_setting
 from ..store import Checkpoint, read_jsonl, resolve_path, stage_dir
 from ..training import CheckpointTarget
 
@@ -109,21 +109,10 @@ class Config(StageConfig):
                 "replies to compare)"
             )
 
-    @property
-    def steps(self) -> int:
-        return self.evals.rl_steps
-
-    @property
-    def group_size(self) -> int:
-        return self.evals.rl_group_size
-
-    @property
-    def prompts_per_step(self) -> int:
-        return self.evals.rl_prompts_per_step
-
-    @property
-    def bootstrap(self) -> int:
-        return self.adherence.bootstrap
+    steps = section_setting("evals", "rl_steps")
+    group_size = section_setting("evals", "rl_group_size")
+    prompts_per_step = section_setting("evals", "rl_prompts_per_step")
+    bootstrap = section_setting("adherence", "bootstrap")
 
 
 @dataclass

@@ -246,11 +246,17 @@ def _not_found(path: Any) -> tinker.NotFoundError:
     )
 
 
-def _no_async_twin(kind: str, name: str) -> AttributeError:
-    return AttributeError(
-        f"{kind}.{name}: the simulated service times only the methods that return futures; "
-        f"call {name.removesuffix('_async')}(...) and await its future"
-    )
+def _inner_attribute(wrapper: Any, name: str, timed: frozenset[str]) -> Any:
+    """What a simulated wrapper does not time is its inner local object's own attribute; the
+    async twin of a timed method is refused (it would run untimed)."""
+    if name.startswith("__") or "_inner" not in vars(wrapper):
+        raise AttributeError(name)
+    if name.endswith("_async") and name.removesuffix("_async") in timed:
+        raise AttributeError(
+            f"{type(wrapper).__name__}.{name}: the simulated service times only the methods "
+            f"that return futures; call {name.removesuffix('_async')}(...) and await its future"
+        )
+    return getattr(wrapper._inner, name)
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -492,21 +498,23 @@ class SimulatedService:
     def create_lora_training_client(self, *args: Any, **kwargs: Any) -> Any:
         return self._training_client(self._inner.create_lora_training_client(*args, **kwargs))
 
-    def create_training_client_from_state(self, path: str, *args: Any, **kwargs: Any) -> Any:
+    def _from_state(self, op: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        """A training client resumed from ``path`` by the inner service's ``op``; a failed
+        future where the simulated store has no (or no longer) such checkpoint."""
         error = self._missing(path)
         if error is not None:
             return self._failed_future(error)
-        local = self._inner.create_training_client_from_state(path, *args, **kwargs)
-        return self._training_client(local)
+        return self._training_client(getattr(self._inner, op)(path, *args, **kwargs))
+
+    def create_training_client_from_state(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        return self._from_state("create_training_client_from_state", path, *args, **kwargs)
 
     def create_training_client_from_state_with_optimizer(
         self, path: str, *args: Any, **kwargs: Any
     ) -> Any:
-        error = self._missing(path)
-        if error is not None:
-            return self._failed_future(error)
-        local = self._inner.create_training_client_from_state_with_optimizer(path, *args, **kwargs)
-        return self._training_client(local)
+        return self._from_state(
+            "create_training_client_from_state_with_optimizer", path, *args, **kwargs
+        )
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None, **kwargs: Any
@@ -520,11 +528,7 @@ class SimulatedService:
         return self._client_future(SimulatedSamplingClient(self, local.result()))
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "_inner" not in vars(self):
-            raise AttributeError(name)
-        if name.endswith("_async") and name.removesuffix("_async") in _TIMED_SERVICE:
-            raise _no_async_twin("SimulatedService", name)
-        return getattr(self._inner, name)
+        return _inner_attribute(self, name, _TIMED_SERVICE)
 
     def __enter__(self) -> SimulatedService:
         self._inner.__enter__()
@@ -559,17 +563,19 @@ class SimulatedTrainingClient:
         return self._inner.get_info()
 
     # -- passes and steps -----------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> SimulatedFuture:
+    def _pass(self, op: str, backward: bool, *args: Any, **kwargs: Any) -> SimulatedFuture:
+        """One built-in pass (``forward`` or ``forward_backward``), run by the inner client now
+        and answered when the simulated service has scheduled it."""
         submitted = self._service._arrival()
-        local = self._inner.forward(*args, **kwargs)
-        done = self._service._schedule_passes(self._state, submitted, ["forward"], False)
+        local = getattr(self._inner, op)(*args, **kwargs)
+        done = self._service._schedule_passes(self._state, submitted, [op], backward)
         return self._future(done, local)
 
+    def forward(self, *args: Any, **kwargs: Any) -> SimulatedFuture:
+        return self._pass("forward", False, *args, **kwargs)
+
     def forward_backward(self, *args: Any, **kwargs: Any) -> SimulatedFuture:
-        submitted = self._service._arrival()
-        local = self._inner.forward_backward(*args, **kwargs)
-        done = self._service._schedule_passes(self._state, submitted, ["forward_backward"], True)
-        return self._future(done, local)
+        return self._pass("forward_backward", True, *args, **kwargs)
 
     def forward_backward_custom(self, data: Any, loss_fn: Any, **kwargs: Any) -> SimulatedFuture:
         """Two passes for a client-side loss (forward, then the surrogate's backward once the
@@ -593,23 +599,24 @@ class SimulatedTrainingClient:
     def _checkpoint(self, op: str, local: Any, submitted: float) -> SimulatedFuture:
         return self._future(self._service._schedule_checkpoint(self._state, submitted, op), local)
 
+    def _save(self, op: str, name: str, ttl_seconds: int | None, **kwargs: Any) -> SimulatedFuture:
+        """Save through the inner client now; the simulated checkpoint finishes later, and the
+        saved path expires ``ttl_seconds`` after that."""
+        submitted = self._service._arrival()
+        local = getattr(self._inner, op)(name, ttl_seconds=ttl_seconds, **kwargs)
+        future = self._checkpoint(op, local, submitted)
+        self._service._record_ttl(local.result().path, ttl_seconds, future.done_at)
+        return future
+
     def save_state(
         self, name: str, ttl_seconds: int | None = None, **kwargs: Any
     ) -> SimulatedFuture:
-        submitted = self._service._arrival()
-        local = self._inner.save_state(name, ttl_seconds=ttl_seconds, **kwargs)
-        future = self._checkpoint("save_state", local, submitted)
-        self._service._record_ttl(local.result().path, ttl_seconds, future.done_at)
-        return future
+        return self._save("save_state", name, ttl_seconds, **kwargs)
 
     def save_weights_for_sampler(
         self, name: str, ttl_seconds: int | None = None, **kwargs: Any
     ) -> SimulatedFuture:
-        submitted = self._service._arrival()
-        local = self._inner.save_weights_for_sampler(name, ttl_seconds=ttl_seconds, **kwargs)
-        future = self._checkpoint("save_weights_for_sampler", local, submitted)
-        self._service._record_ttl(local.result().path, ttl_seconds, future.done_at)
-        return future
+        return self._save("save_weights_for_sampler", name, ttl_seconds, **kwargs)
 
     def _load(self, op: str, path: str, *args: Any, **kwargs: Any) -> SimulatedFuture:
         submitted = self._service._arrival()
@@ -643,11 +650,7 @@ class SimulatedTrainingClient:
         return self._service._client_future(SimulatedSamplingClient(self._service, local))
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "_inner" not in vars(self):
-            raise AttributeError(name)
-        if name.endswith("_async") and name.removesuffix("_async") in _TIMED_TRAINING:
-            raise _no_async_twin("SimulatedTrainingClient", name)
-        return getattr(self._inner, name)
+        return _inner_attribute(self, name, _TIMED_TRAINING)
 
 
 class SimulatedSamplingClient:
@@ -681,8 +684,4 @@ class SimulatedSamplingClient:
         return SimulatedFuture(service.clock, done, local)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "_inner" not in vars(self):
-            raise AttributeError(name)
-        if name.endswith("_async") and name.removesuffix("_async") in _TIMED_SAMPLING:
-            raise _no_async_twin("SimulatedSamplingClient", name)
-        return getattr(self._inner, name)
+        return _inner_attribute(self, name, _TIMED_SAMPLING)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ... import engine_record
 from ...errors import BackendError
 from .model_files import resolve_model_dir
 from .prefix_cache import PrefixCounters, PrefixStore
-from .settings import LocalEngineConfig, log_runtime_once
+from .settings import LocalEngineConfig, log_runtime_once, runtime_info
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class LocalEngine:
         self.prefixes = PrefixStore(config.prefix_cache_mb * 2**20)
         self.counters = {"sampling": PrefixCounters(), "scoring": PrefixCounters()}
         log_runtime_once(config)
+        engine_record.register(self)  # its settings and prefill counters reach the manifests
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
     # -- models -------------------------------------------------------------------------------
@@ -102,6 +104,10 @@ class LocalEngine:
             self._frozen[key] = model
             logger.info("loaded %s (%s) in %.1fs", base_model, dtype, time.perf_counter() - started)
         return self._frozen[key]
+
+    def runtime_info(self) -> dict:
+        """What this engine picked on this machine (`settings.runtime_info`)."""
+        return runtime_info(self.config)
 
     def stats(self) -> dict:
         """Cumulative prefill counters of this engine's clients (tokens requested, computed,

@@ -39,6 +39,13 @@ TINY_RANDOM_NAME = "tiny-random"
 _SMOLLM2_ALIASES = {SMOLLM2_NAME.lower(), "smollm2-135m-instruct", "smollm2"}
 _CACHE_VERSION = "v1"  # bump when the conversion below changes, so stale caches are rebuilt
 _SPECIAL_TOKEN_TYPE = 3  # GGUF token_type value for control tokens
+# The tokenizer's named special tokens (its keyword argument -> the GGUF key of the token's id)
+_GGUF_NAMED_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "pad_token": "padding_token_id",
+    "unk_token": "unknown_token_id",
+}
 
 KNOWN_LOCAL_MODELS = (SMOLLM2_NAME, TINY_RANDOM_NAME)
 
@@ -185,17 +192,14 @@ def build_smollm2_tokenizer(gguf_path: Path):
     )
     backend.decoder = decoders.ByteLevel()
     specials = [tok for tok, kind in zip(tokens, token_types) if kind == _SPECIAL_TOKEN_TYPE]
-    bos = tokens[_gguf_scalar(reader, "tokenizer.ggml.bos_token_id")]
-    eos = tokens[_gguf_scalar(reader, "tokenizer.ggml.eos_token_id")]
-    pad = tokens[_gguf_scalar(reader, "tokenizer.ggml.padding_token_id")]
-    unk = tokens[_gguf_scalar(reader, "tokenizer.ggml.unknown_token_id")]
+    named = {
+        argument: tokens[_gguf_scalar(reader, f"tokenizer.ggml.{key}")]
+        for argument, key in _GGUF_NAMED_TOKENS.items()
+    }
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        additional_special_tokens=[t for t in specials if t not in {bos, eos, pad, unk}],
+        **named,
+        additional_special_tokens=[t for t in specials if t not in named.values()],
         clean_up_tokenization_spaces=False,
         model_max_length=8192,
     )

@@ -166,14 +166,36 @@ def runtime_info(config: LocalEngineConfig) -> dict:
 _logged: set[tuple] = set()
 
 
+def runtime_summary(info: dict) -> str:
+    """`runtime_info` as one line a person reads: device, dtype, threads, kernels, CPU flags."""
+    flags = info.get("cpu_flags", {})
+    has = ",".join(flag for flag, present in flags.items() if present) or "unknown"
+    products = info.get("products", {})
+    kernels = f", products: decoder {products['decoder']}, training {products['F.linear']}"
+    return (
+        f"local engine: {info['device']} {info['compute_dtype']} "
+        f"(precision={info['precision']}), {info['threads']} threads"
+        + (kernels if products else "")
+        + (f", CPU {info['cpu_capability']} [{has}]" if "cpu_capability" in info else "")
+    )
+
+
 def log_runtime_once(config: LocalEngineConfig) -> dict:
-    """`runtime_info`, logged once per process and settings (INFO, this module's logger)."""
+    """`runtime_info`, logged once per process and settings (INFO, this module's logger).
+
+    Where nothing would show that record (a notebook kernel configures no logging), its
+    one-line summary is printed to stderr instead, so every run states what it picked.
+    """
     import json
     import logging
+    import sys
 
     info = runtime_info(config)
     key = (info["device"], info["compute_dtype"], info["threads"])
     if key not in _logged:
         _logged.add(key)
-        logging.getLogger(__name__).info("local engine runtime: %s", json.dumps(info))
+        log = logging.getLogger(__name__)
+        log.info("local engine runtime: %s", json.dumps(info))
+        if not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+            print(runtime_summary(info), file=sys.stderr)
     return info

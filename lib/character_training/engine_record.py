@@ -1,0 +1,92 @@
+"""What the local engines of this process picked and did, for each stage's manifest.
+
+Why: a run's speed, and its numbers in the last bits, depend on what the local engine picked
+on the machine (compute dtype, threads, kernels, CPU flags), and a stage's cost on how much
+prompt prefill the shared-prefix store saved. Stages get a service client, not an engine, and
+the manifest writer (`store.StageDir`) sees neither, so engines register here when they are
+made, and the manifest writer asks this module, with no import of the backend (Tinker runs
+register nothing and their manifests carry none of this).
+
+An engine is anything with ``runtime_info() -> dict`` and ``stats() -> dict`` (the local
+engine's `LocalEngine`); ``stats()[kind]`` for ``kind`` in `PREFILL_KINDS` holds cumulative
+counters (``requested``, ``computed``, ``reused``, ...). A stage's numbers are the
+difference between the counters when it starts (`snapshot`) and when it finishes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any, Protocol
+
+PREFILL_KINDS = ("sampling", "scoring")
+
+
+class Engine(Protocol):
+    def runtime_info(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+# registration order -> engine, held weakly (a closed service is forgotten); ordered, so
+# manifests list runtimes in the order their engines were made
+_engines: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_order = itertools.count()
+
+Snapshot = weakref.WeakKeyDictionary
+
+
+def register(engine: Engine) -> None:
+    """Record ``engine`` for later manifests."""
+    _engines[next(_order)] = engine
+
+
+def snapshot() -> Snapshot:
+    """Every live engine's prefill counters now (the start of a stage)."""
+    marks: Snapshot = weakref.WeakKeyDictionary()
+    for engine in list(_engines.values()):
+        marks[engine] = _counters(engine)
+    return marks
+
+
+def _counters(engine: Engine) -> dict[str, dict[str, int]]:
+    stats = engine.stats()
+    return {kind: dict(stats.get(kind, {})) for kind in PREFILL_KINDS}
+
+
+def manifest_fields(start: Snapshot | None) -> dict[str, Any]:
+    """``{"local_engine": {"runtime": [...], "prefill": {...}}}`` for a stage's manifest, or
+    ``{}`` when no local engine exists in this process.
+
+    ``runtime``: the distinct `runtime_info` of the live engines (one in a normal run).
+    ``prefill``: per kind, the counters' increase since ``start`` over all engines (an engine
+    made after ``start`` counts from zero), with ``saved`` = requested - computed, the prompt
+    tokens the stage did not run through the model; omitted without ``start``.
+    """
+    engines = list(_engines.values())
+    if not engines:
+        return {}
+    runtimes: list[dict[str, Any]] = []
+    for engine in engines:
+        info = engine.runtime_info()
+        if info not in runtimes:
+            runtimes.append(info)
+    record: dict[str, Any] = {"runtime": runtimes}
+    if start is not None:
+        record["prefill"] = prefill_since(start, engines)
+    return {"local_engine": record}
+
+
+def prefill_since(start: Snapshot, engines: list[Engine]) -> dict[str, dict[str, int]]:
+    """Per kind, the sum over ``engines`` of each counter's increase since ``start``."""
+    total: dict[str, dict[str, int]] = {kind: {} for kind in PREFILL_KINDS}
+    for engine in engines:
+        before = start.get(engine, {})
+        for kind, now in _counters(engine).items():
+            was = before.get(kind, {})
+            for name, value in now.items():
+                total[kind][name] = total[kind].get(name, 0) + value - was.get(name, 0)
+    for counters in total.values():
+        if counters:
+            counters["saved"] = counters.get("requested", 0) - counters.get("computed", 0)
+    return total

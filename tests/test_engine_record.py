@@ -1,0 +1,52 @@
+"""Stage manifests record what the local engine picked and the stage's prefill work
+(`engine_record`, written by `store.StageDir` when a stage is done); without a local engine
+(a Tinker run) they record nothing of it."""
+
+from __future__ import annotations
+
+import weakref
+
+from character_training import engine_record
+from character_training.store import StageDir
+
+
+class FakeEngine:
+    """Stands for `LocalEngine`: a runtime description and cumulative prefill counters."""
+
+    def __init__(self, dtype: str, requested: int = 0, computed: int = 0):
+        self.dtype = dtype
+        self.counts = {"requested": requested, "computed": computed}
+
+    def runtime_info(self):
+        return {"compute_dtype": self.dtype}
+
+    def stats(self):
+        return {"sampling": dict(self.counts), "scoring": {"requested": 0, "computed": 0}}
+
+
+def test_a_done_stage_records_each_runtime_once_and_the_prefill_since_it_started(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(engine_record, "_engines", weakref.WeakValueDictionary())
+    old, same = FakeEngine("float32", 1000, 400), FakeEngine("float32", 50, 50)
+    for engine in (old, same):
+        engine_record.register(engine)
+    stage = StageDir(tmp_path / "02_distillation", tmp_path)
+    stage.prepare("fp", "resume", {})
+    assert "local_engine" not in stage.manifest()  # only a finished stage records it
+    old.counts = {"requested": 1700, "computed": 500}  # 700 asked, 100 computed
+    late = FakeEngine("bfloat16", 30, 30)  # made during the stage: counts from zero
+    engine_record.register(late)
+    record = stage.finish(replies=3)["local_engine"]
+    assert record["runtime"] == [{"compute_dtype": "float32"}, {"compute_dtype": "bfloat16"}]
+    assert record["prefill"]["sampling"] == {"requested": 730, "computed": 130, "saved": 600}
+    assert record["prefill"]["scoring"] == {"requested": 0, "computed": 0, "saved": 0}
+    assert StageDir(stage.path, tmp_path).manifest()["local_engine"] == record
+
+
+def test_without_a_local_engine_the_manifest_has_no_engine_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_record, "_engines", weakref.WeakValueDictionary())
+    stage = StageDir(tmp_path / "07_preferences", tmp_path)
+    stage.prepare("fp", "resume", {})
+    assert "local_engine" not in stage.finish(matches=5)
+    assert engine_record.manifest_fields(None) == {}
