@@ -93,7 +93,9 @@ class StageWorkloads:
         if notebook in SAMPLING_STAGES:
             self.sample(chain, notebook)
         else:
-            self.train(chain, notebook, chain.steps if notebook == "03_dpo" else chain.steps // 2)
+            self.train(
+                chain, notebook, chain.steps if notebook == "03_dpo" else -(-chain.steps // 2)
+            )
         return NotebookResult(
             params.persona, params.size, notebook, "ok", seconds=time.perf_counter() - started
         )
@@ -157,7 +159,7 @@ def new_chains(args, root: Path, personas, sizes) -> dict[tuple[str, str], Chain
             tokenizer = copy.deepcopy(local.engine.tokenizer(args.model))
             local.engine.tokenizer = lambda base_model, tokenizer=tokenizer: tokenizer
             renderer = get_renderer("smollm2", tokenizer)
-            steps = args.steps if size == SIZES[-1] else args.steps // 2
+            steps = args.steps if size == SIZES[-1] else -(-args.steps // 2)
             chains[(persona, size)] = Chain(service, renderer, steps, folder)
     return chains
 
@@ -204,7 +206,10 @@ OPTIONS = (  # flag, type, default, help
 def cycles_text(reports: dict[str, dict]) -> str:
     """Training cycles per step of each chain's stages (1 = one cycle a step, pipelined)."""
     per_step = [
-        t["cycles_per_step"] for report in reports.values() for t in report["training"].values()
+        t["cycles_per_step"]
+        for report in reports.values()
+        for t in report["training"].values()
+        if t["cycles_per_step"] is not None
     ]
     return f"cycles per training step {min(per_step):.2f}-{max(per_step):.2f}"
 

@@ -15,6 +15,7 @@ without one). The runner calls `chain_started`, `stage_started`, `result` and
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -178,9 +179,12 @@ class MatrixTable:
         if not self.live or self._thread is None:
             return
         self._clear()
-        text = self.render()
-        self._write(text)
-        self._drawn = text.count("\n") + 1
+        # clipped to the terminal: a wrapped row would take two lines, and the next redraw,
+        # which moves up one line per row, would leave half of the table behind
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        lines = [line[:width] for line in self.render().splitlines()]
+        self._write("\n".join(lines))
+        self._drawn = len(lines)
 
     def start(self, jobs: int) -> MatrixTable:
         """Begin showing the table; in live mode log records go above it too."""
