@@ -51,6 +51,7 @@ from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
 from .live_table import MatrixTable
 from .locks import ChainLock
+from .notebook_progress import kernel_manager
 from .store import json_safe, portable_path
 
 logger = logging.getLogger(__name__)
@@ -376,6 +377,7 @@ def run_notebook(
             progress_bar=False,
             request_save_on_cell_execute=True,
             timeout_func=deadline,
+            kernel_manager_class=kernel_manager(f"{params.persona}/{params.size} {notebook}"),
         )
     except Exception as exc:  # the boundary: every failure becomes a reported row
         from papermill.exceptions import PapermillExecutionError
