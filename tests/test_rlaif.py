@@ -192,7 +192,7 @@ def test_preference_model_data_is_split_by_prompt_balanced_and_recorded():
             letters = Counter(e.chosen_as for e in part if e.split == split)
             assert abs(letters["A"] - letters["B"]) <= 1
     again = pmlib.render_pm_examples(toy_pairs(10), 0.3, seed=0, helpfulness=helpfulness)
-    assert [e.record() for e in again] == [e.record() for e in examples]
+    assert [e.to_dict() for e in again] == [e.to_dict() for e in examples]
     other = pmlib.render_pm_examples(toy_pairs(10), 0.3, seed=1, helpfulness=helpfulness)
     assert [e.chosen_as for e in other] != [e.chosen_as for e in examples]
 

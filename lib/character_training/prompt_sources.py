@@ -19,11 +19,12 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .field_dict import FieldDict
 from .store import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -40,16 +41,13 @@ HUB_DATASETS = {
 
 
 @dataclass(frozen=True)
-class PromptRecord:
+class PromptRecord(FieldDict):
     """One prompt with a stable id and where it came from."""
 
     id: str
     prompt: str
     source: str
     category: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def check_prompt_records(

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 from . import engine_record
 from .config import REPO_ROOT
 from .errors import ConfigError, DataError
+from .field_dict import FieldDict
 
 ON_EXISTING = ("resume", "overwrite", "raise")
 
@@ -275,7 +276,7 @@ CHECKPOINTS_FILE = "checkpoints.json"
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(FieldDict):
     """A trained model a later stage can sample from or continue training.
 
     sampler_path: what ``create_sampling_client(model_path=...)`` takes (a local directory or a
@@ -290,9 +291,6 @@ class Checkpoint:
     base_model: str
     stage: str
     created: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def record_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:

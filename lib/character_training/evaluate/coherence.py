@@ -39,11 +39,12 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..field_dict import FieldDict
 from ..prompts import COHERENCE_ANSWER_TAGS, coherence_judge_messages
 from ..sampling import SampleRequest, reply_logprobs, sample_chat
 from ..store import append_jsonl, read_jsonl
@@ -101,7 +102,7 @@ def _check_order(order: str) -> None:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(FieldDict):
     """The judge's answer for one comparison in one order: "A", "B" or None (no verdict)."""
 
     comparison_id: str
@@ -109,9 +110,6 @@ class Verdict:
     choice: str | None
     mode: str = "logprob"
     detail: dict[str, Any] = field(default_factory=dict)
-
-    def to_record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,7 @@ def resolve_order_swaps(
 
 
 @dataclass(frozen=True)
-class WinRate:
+class WinRate(FieldDict):
     """How often ``first`` beat ``second`` among consistent comparisons, ± a binomial SE, with a
     Wilson 95% interval (``low``, ``high``): with few consistent verdicts the SE alone misleads,
     e.g. one win out of one has SE 0 while the interval is [0.21, 1].
@@ -192,9 +190,6 @@ class WinRate:
     inconsistent_share: float
     chose_a_share: float
     out_of_character: int = 0
-
-    def to_record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 ALL_GROUPS = "all"

@@ -33,10 +33,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
+from ..field_dict import FieldDict
 from ..prompts import REASONING_CLOSE, REASONING_OPEN
 from ..sampling import reply_logprobs
 
@@ -143,7 +144,7 @@ def forced_choice_scores(
 
 # -- bookkeeping ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Proportion:
+class Proportion(FieldDict):
     """A share with its exact (Clopper–Pearson) 95% interval and a two-sided test of 0.5."""
 
     successes: int
@@ -152,9 +153,6 @@ class Proportion:
     low: float
     high: float
     p_value: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def proportion(successes: int, trials: int, level: float = 0.95) -> Proportion:

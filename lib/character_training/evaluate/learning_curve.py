@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
+from ..field_dict import FieldDict
 from .heldout import HeldoutPrompt
 from .sentence_encoder import SentenceEncoder, embed_texts
 from .teacher_classifier import fit_logistic, roc_auc
@@ -32,7 +33,7 @@ CURVE_DRAWS = 5  # seeded prompt subsets averaged per share below 1
 
 
 @dataclass(frozen=True)
-class CurvePoint:
+class CurvePoint(FieldDict):
     """The head refitted on ``prompts`` classifier prompts (``replies`` replies): its probe AUC,
     the mean over ``draws`` prompt subsets (one draw at the full set)."""
 
@@ -40,9 +41,6 @@ class CurvePoint:
     replies: int
     auc: float
     draws: int
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def auc_learning_curve(
@@ -119,7 +117,7 @@ def heldout_curve(
         l2,
         seed,
     )
-    return tuple(point.record() for point in points)
+    return tuple(point.to_dict() for point in points)
 
 
 def auc_gain_per_doubling(points: Sequence[CurvePoint]) -> float:

@@ -40,11 +40,12 @@ import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol
 
 from ..errors import DataError
+from ..field_dict import FieldDict
 from ..prompts import RLAIF_ANSWERS, rlaif_comparison_messages
 from .judge import forced_choice_scores
 
@@ -205,7 +206,7 @@ class FunctionComparator:
 
 # -- preference-model data (pure) ----------------------------------------------------------------
 @dataclass(frozen=True)
-class PMExample:
+class PMExample(FieldDict):
     """One comparison the preference model learns: the chosen reply shown at ``chosen_as``."""
 
     id: str
@@ -226,9 +227,6 @@ class PMExample:
             (self.chosen, self.rejected) if self.chosen_as == "A" else (self.rejected, self.chosen)
         )
         return rlaif_comparison_messages(self.prompt, a, b, character)
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def load_helpfulness_pairs() -> list[dict[str, str]]:

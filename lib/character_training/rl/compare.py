@@ -212,7 +212,7 @@ def coherence_rates(
     bias = judge_lib.bias_fields(verdicts, params.evals.coherence_calibrate)
     out = []
     for rate in judge_lib.win_rates(outcomes, by_group=False):
-        record = rate.to_record() | {"mode": "logprob", **bias}  # low/high: Wilson 95% interval
+        record = rate.to_dict() | {"mode": "logprob", **bias}  # low/high: Wilson 95% interval
         out.append(record)
     return out
 

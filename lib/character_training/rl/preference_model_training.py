@@ -91,7 +91,7 @@ def train_preference_model(
     the model is shown) and record it as ``target``; resumable, a finished folder is reused."""
     used = settings_used(config, character)
     stage.prepare(digest(used), on_existing, json_ready(used))
-    write_jsonl(stage.file("data.jsonl"), (e.record() for e in examples))
+    write_jsonl(stage.file("data.jsonl"), (e.to_dict() for e in examples))
     if stage.manifest().get("status") == "done":
         return PMResult(
             find_checkpoint(target.run_dir, target.checkpoint),

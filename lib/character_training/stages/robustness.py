@@ -411,7 +411,7 @@ def _coherence(
         outcomes = judge_lib.resolve_order_swaps(comparisons, verdicts)
         bias = judge_lib.bias_fields(verdicts, mode == "logprob" and e.coherence_calibrate)
         for rate in judge_lib.win_rates(outcomes):
-            records.append({"mode": mode, **rate.to_record(), **bias})
+            records.append({"mode": mode, **rate.to_dict(), **bias})
     return records
 
 

@@ -28,10 +28,10 @@ module runs the *same mathematics* on the same weights with
 
 It reproduces the HF model's numerics (RMSNorm in fp32, rotary tables in fp32 then cast, the
 same softmax scale; fp32 products on oneDNN sum in another order than MKL's, ~1e-6 relative,
-bf16 ones are bit for bit the same); a test compares its logits with the HF model's, including after a slot
-is refilled and after a shift. Masked columns hold finite stale values, never NaN, and every
-query sees at least one valid column, so masked softmaxes stay finite. Models outside its
-scope (other rope types, sliding windows, biases other than q/k/v, other norms: see
+bf16 ones are bit for bit the same); a test compares its logits with the HF model's, including
+after a slot is refilled and after a shift. Masked columns hold finite stale values, never NaN,
+and every query sees at least one valid column, so masked softmaxes stay finite. Models outside
+its scope (other rope types, sliding windows, biases other than q/k/v, other norms: see
 `unsupported_reason`) use the generic HF path. LoRA snapshots keep their adapters unmerged
 (`adapters`); the decoder fuses their updates like the weights and adds them in fp32.
 """
