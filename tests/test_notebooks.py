@@ -15,6 +15,7 @@ a checkpoint path or run folder unshortened, and notebook 07's Elo tables are he
 from __future__ import annotations
 
 import ast
+import html
 import json
 from pathlib import Path
 
@@ -133,6 +134,20 @@ def test_record_tables_are_headed_and_leave_out_pandas_row_numbers():
     assert page.startswith("<p><strong>dpo: top traits</strong></p><table")
     assert "<th></th>" not in page and "<th>0</th>" not in page  # no index column
     assert repr(shown).splitlines() == ["dpo: top traits", "trait    elo", "witty 1235.0"]
+
+
+def test_tables_show_intervals_as_brackets_and_long_reasons_as_notes():
+    reason = "the ranking follows the judge's empty-reply prior (Spearman +0.94, |rho| > 0.7)"
+    rows = [
+        {"model": "base", "ci": (0.496976, 0.719435), "reason": reason},
+        {"model": "dpo", "ci": (0.5, 0.75), "reason": reason},
+        {"model": "final", "ci": None, "reason": "short"},
+    ]
+    page = plots.table(rows, "judge")._repr_html_()
+    assert "<td>[0.497, 0.719]</td>" in page and "<td>[0.5, 0.75]</td>" in page
+    assert page.count("<td>note 1</td>") == 2 and "<td>short</td>" in page
+    assert page.endswith(f'<ol style="font-size:smaller"><li>{html.escape(reason)}</li></ol>')
+    assert "(0.496976" not in page
 
 
 def test_the_numbered_notebooks_are_found_in_order():

@@ -34,12 +34,43 @@ class Table:
         self.title = title
 
     def _repr_html_(self) -> str:
+        """The frame as HTML; intervals stored as pairs read ``[low, high]``, and a text longer
+        than `NOTE_CHARS` (a "no measurement" reason) becomes a numbered note under the table,
+        so one long cell cannot squeeze every other column into a tall narrow strip."""
         heading = f"<p><strong>{html.escape(self.title)}</strong></p>" if self.title else ""
-        return heading + self.frame.to_html(index=False)
+        notes: list[str] = []
+
+        def cell(value: Any) -> Any:
+            if isinstance(value, (tuple, list)) and value and all(_is_number(v) for v in value):
+                return "[" + ", ".join(f"{float(v):.3g}" for v in value) + "]"
+            if isinstance(value, str) and len(value) > NOTE_CHARS:
+                if value not in notes:
+                    notes.append(value)
+                return f"note {notes.index(value) + 1}"
+            return value
+
+        from pandas.api.types import is_numeric_dtype
+
+        frame = self.frame.copy()
+        for column in frame.columns:
+            if not is_numeric_dtype(frame[column]):
+                frame[column] = frame[column].map(cell).astype(object)
+        page = heading + frame.to_html(index=False)
+        if notes:
+            items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+            page += f'<ol style="font-size:smaller">{items}</ol>'
+        return page
 
     def __repr__(self) -> str:
         heading = f"{self.title}\n" if self.title else ""
         return heading + self.frame.to_string(index=False)
+
+
+NOTE_CHARS = 60  # a table cell's text longer than this is shown as a note under the table
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def table(rows: Any, title: str = "", digits: int | None = None) -> Table:
