@@ -472,6 +472,7 @@ def test_measure_end_to_end_resumes_and_reports(
     assert [p["prompts"] for p in curve] == [3, 5, 8, 10]
     assert curve[-1]["auc"] == summary.val_auc and curve[-1]["draws"] == 1
     assert "learning curve (probe AUC by classifier prompts): 3 prompts" in report.instrument_text()
+    assert "best of" not in report.instrument_text()  # stage 02 kept every first teacher reply
     samples = [json.loads(line) for line in (folder / "adherence_samples.jsonl").open()]
     assert len(samples) == summary.val_teacher + summary.val_student + 2 * 13 * 2
     assert (folder / "adherence_classifier.npz").is_file()

@@ -67,3 +67,21 @@ def test_the_report_line_and_bad_input():
         auc_learning_curve(x, np.ones(3), ["a"] * 4, x, np.array([0, 1, 0, 1]), 1.0, 0)
     with pytest.raises(DataError, match="need both teacher and student"):
         auc_learning_curve(x, np.array([0, 1, 0, 1]), list("aabb"), x, np.ones(4), 1.0, 0)
+
+
+def test_the_report_says_when_the_teacher_replies_were_best_of_n():
+    from character_training.evaluate.teacher_classifier import ClassifierSummary
+
+    counts = dict.fromkeys(
+        ["heldout_prompts", "classifier_prompts", "probe_prompts", "train_teacher"], 4
+    )
+    counts |= dict.fromkeys(["train_student", "val_teacher", "val_student"], 4)
+    counts |= {"dropped_teacher": 0, "dropped_student": 0}
+    rates = {"train_accuracy": 1.0, "val_accuracy": 0.5, "val_auc": 0.5}
+    first = ClassifierSummary(encoder="minilm", l2=0.01, **counts, **rates)
+    best = ClassifierSummary(encoder="minilm", l2=0.01, teacher_best_of=2, **counts, **rates)
+    assert first.sampling_notes() == []
+    assert best.sampling_notes() == [
+        "teacher replies: best of 2 per prompt, ranked by MiniLM similarity to the "
+        "constitution's assertions (stage 02), not by this classifier"
+    ]

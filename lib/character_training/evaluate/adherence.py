@@ -62,6 +62,10 @@ How it is built, and why:
 
 Truncated model replies (``complete`` false) are scored like the others and counted
 (``n_truncated``); dropping them would select a model's short replies only.
+
+Length: the split, the sampling of each model's probe replies, the rows, the paired
+differences and the headline are one measurement that notebooks 03, 05 and 09 share; the
+classifier, its learning curve, the intervals and the held-out data already have modules.
 """
 
 from __future__ import annotations
@@ -243,6 +247,7 @@ class AdherenceReport:
             f"classifier: validation accuracy {c.val_accuracy:.2f}, AUC {c.val_auc:.2f} "
             f"[{c.val_auc_low:.2f}, {c.val_auc_high:.2f}] on probe prompts"
         ]
+        lines += c.sampling_notes()
         if c.learning_curve:
             lines.append(curve_text([CurvePoint(**point) for point in c.learning_curve]))
         for probe_set, check in self.instrument.items():
@@ -682,6 +687,7 @@ def measure(
             (settings.l2, params.seed),
             cache_dir,
         ),
+        teacher_best_of=params.distill.teacher_best_of,
     )
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -288,7 +288,9 @@ class ClassifierSummary:
     in ``val_by_source`` per prompt source (general prompts test transfer: the head never saw
     one); ``val_auc_low``/``val_auc_high`` bound the AUC (95%, resampling probe prompts);
     ``learning_curve``: the probe AUC of heads refitted on shares of the classifier prompts
-    (`learning_curve.CurvePoint` records), which says whether more prompts would help.
+    (`learning_curve.CurvePoint` records), which says whether more prompts would help;
+    ``teacher_best_of``: stage 02 kept the best of that many teacher replies per prompt (ranked
+    by similarity to the constitution's assertions, `teacher_ranking`), which the report says.
     """
 
     encoder: str
@@ -309,6 +311,16 @@ class ClassifierSummary:
     val_auc_low: float = math.nan
     val_auc_high: float = math.nan
     learning_curve: tuple[dict[str, Any], ...] = ()
+    teacher_best_of: int = 1
+
+    def sampling_notes(self) -> list[str]:
+        """How the teacher's replies were chosen, when not simply the first sample."""
+        if self.teacher_best_of <= 1:
+            return []
+        return [
+            f"teacher replies: best of {self.teacher_best_of} per prompt, ranked by MiniLM "
+            "similarity to the constitution's assertions (stage 02), not by this classifier"
+        ]
 
 
 # -- can the head measure? ---------------------------------------------------------------------
