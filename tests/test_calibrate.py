@@ -93,3 +93,24 @@ def test_rates_carry_their_monte_carlo_error_into_the_table():
     text = format_table([row])
     assert f"{row.coverage:.2g} +-{row.coverage_mc_se:.3f}" in text
     assert "Monte Carlo standard error" in text
+
+
+def test_the_fitted_prior_slope_invents_no_spread_where_subtracting_all_of_it_does():
+    """Issue 16, item 2, on a model without preferences and a judge whose taste for trait words
+    survives a reply at 0.5 or 1.5 times its empty-reply strength: removing the fitted slope
+    keeps false positives near 5%; the retired one-for-one subtraction invents spreads at 0.5;
+    no calibration at 1.5 is caught as a ranking explained by the judge's prior."""
+    from character_training.calibration.elo_cases import calibrated_spread_case
+    from character_training.calibration.elo_world import Design
+
+    design = Design(traits=12, matches=600)
+
+    def null(slope: float, mode: str) -> Trial:
+        case = calibrated_spread_case(design, 60, slope, mode)
+        return case.simulate(0.0, 150, np.random.default_rng(3), True)
+
+    for slope in (0.5, 1.5):
+        fitted = null(slope, "fitted")
+        assert fitted.excludes(0.0).mean() <= 0.07 and fitted.measured().mean() > 0.95
+    assert null(0.5, "slope1").excludes(0.0).mean() > 0.1
+    assert null(1.5, "plain").measured().mean() < 0.1

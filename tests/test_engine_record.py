@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 
 from character_training import engine_record
@@ -50,3 +51,18 @@ def test_without_a_local_engine_the_manifest_has_no_engine_record(tmp_path, monk
     stage.prepare("fp", "resume", {})
     assert "local_engine" not in stage.finish(matches=5)
     assert engine_record.manifest_fields(None) == {}
+
+
+def test_the_report_footer_states_the_prefill_a_stage_saved(tmp_path):
+    stage = tmp_path / "02_distillation"
+    stage.mkdir()
+    counters = {"requested": 70823, "computed": 6478, "reused": 65179}
+    manifest = {"local_engine": {"prefill": {"sampling": counters, "scoring": {"requested": 0}}}}
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    assert engine_record.prefill_line(manifest) == (
+        "Local engine prefill: sampling 70,823 prompt tokens requested, 6,478 computed "
+        "(91% reused from shared prefixes)."
+    )
+    assert "70,823 prompt tokens" in engine_record.footer_html(tmp_path, "02_distillation")
+    assert engine_record.footer_html(tmp_path, "03_dpo") == ""  # no manifest: no footer
+    assert engine_record.prefill_line({"status": "done"}) == ""  # a Tinker stage

@@ -15,8 +15,11 @@ difference between the counters when it starts (`snapshot`) and when it finishes
 
 from __future__ import annotations
 
+import html
 import itertools
+import json
 import weakref
+from pathlib import Path
 from typing import Any, Protocol
 
 PREFILL_KINDS = ("sampling", "scoring")
@@ -90,3 +93,32 @@ def prefill_since(start: Snapshot, engines: list[Engine]) -> dict[str, dict[str,
         if counters:
             counters["saved"] = counters.get("requested", 0) - counters.get("computed", 0)
     return total
+
+
+def prefill_line(manifest: dict[str, Any]) -> str:
+    """One sentence for a report's footer: the prompt tokens a stage asked the local engine
+    to prefill and how many it computed (the rest came from shared prefixes); "" without a
+    local-engine record (Tinker runs, or a stage from before this record existed)."""
+    prefill = manifest.get("local_engine", {}).get("prefill", {})
+    parts = []
+    for kind in PREFILL_KINDS:
+        counters = prefill.get(kind, {})
+        requested, computed = counters.get("requested", 0), counters.get("computed", 0)
+        if requested:
+            saved = 1 - computed / requested
+            parts.append(
+                f"{kind} {requested:,} prompt tokens requested, {computed:,} computed "
+                f"({saved:.0%} reused from shared prefixes)"
+            )
+    return ("Local engine prefill: " + "; ".join(parts) + ".") if parts else ""
+
+
+def footer_html(run_dir: Path, stage: str) -> str:
+    """`prefill_line` of ``run_dir/<stage>/manifest.json`` as a small HTML paragraph."""
+    path = Path(run_dir) / stage / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    line = prefill_line(manifest)
+    return f'<p style="font-size:smaller;color:#555">{html.escape(line)}</p>' if line else ""

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from . import engine_record
 from .chain_status import chain_summaries, format_usd
 from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
@@ -244,6 +245,9 @@ def render_html(executed: Path, target: Path, banner: str = "") -> Path:
     from .spend import with_footer
 
     body = with_footer(body, executed)  # the stage's spend from the run's ledger, if any
+    prefill = engine_record.footer_html(executed.parent.parent, executed.stem)
+    at = body.rfind("</body>")
+    body = body[:at] + prefill + body[at:] if prefill and at >= 0 else body + prefill
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target

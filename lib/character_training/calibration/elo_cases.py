@@ -14,6 +14,7 @@ from ..evaluate.judge_prior import PRIOR_CORRELATION_LIMIT, remove_fitted_prior
 from .elo_world import (
     Design,
     Judge,
+    Matches,
     draw_matches,
     judge_margins,
     outcomes_from_margins,
@@ -37,10 +38,21 @@ def _replicates(intervals: bool) -> int:
 
 
 def _pair(design: Design, judge: Judge, u_after, u_before, rng, protocol: str = "both"):
+    """Two models on the same matches (pairs and judge), each offered the two traits in its
+    own random order, as stage 07 does (`preference_matches.offered_first`, per model): a
+    shared order would let the models' leaning towards the first-offered trait make unrelated
+    preferences look alike."""
     matches = draw_matches(design, u_after.shape[0], rng)
+    swap = rng.random(matches.first.shape, dtype=np.float32) < 0.5
+    reordered = Matches(
+        np.where(swap, matches.second, matches.first),
+        np.where(swap, matches.first, matches.second),
+        matches.judge_first_is_first,
+        matches.taste,
+    )
     return (
         play_model(matches, u_after, judge, protocol, rng, OFFER_BIAS),
-        play_model(matches, u_before, judge, protocol, rng, OFFER_BIAS),
+        play_model(reordered, u_before, judge, protocol, rng, OFFER_BIAS),
     )
 
 
