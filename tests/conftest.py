@@ -238,3 +238,21 @@ def counting_service():
     """Factory: ``counting_service(inner)`` wraps a service so a test can assert which
     sampling clients (``.created``) a run asked for, e.g. none on a resumed run."""
     return CountingService
+
+
+def write_parameterised_notebook(path: Path, *code: str) -> Path:
+    """A notebook at ``path`` with the runner's parameters cell (persona, size, params_json,
+    smoke) followed by one code cell per ``code`` string: what the runner tests execute."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    parameters = 'persona = "x"\nsize = "y"\nparams_json = ""\nsmoke = False'
+    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in code]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, str(path))
+    return path

@@ -36,6 +36,7 @@ from character_training.costs import estimate, total_usd
 from character_training.live_table import MatrixTable
 from character_training.locks import ChainLock, LockHeld, holder
 from character_training.matrix_budget import matrix_report
+from conftest import write_parameterised_notebook
 
 NOTEBOOKS = ("01_first", "02_second", "03_third")
 PERSONAS = ("sarcastic", "loving")
@@ -333,20 +334,7 @@ def test_real_notebooks_run_in_chain_threads(tmp_path):
     """The one test here that starts kernels: papermill from two chain threads at once."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell(
-            'persona = "x"\nsize = "y"\nparams_json = ""\nsmoke = False',
-            metadata={"tags": ["parameters"]},
-        ),
-        nbformat.v4.new_code_cell("print(f'{persona} on {size}')"),
-    ]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(nb, str(notebooks / "01_hello.ipynb"))
+    write_parameterised_notebook(notebooks / "01_hello.ipynb", "print(f'{persona} on {size}')")
     overrides = {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")}
     results = runner.run_matrix(
         ["sarcastic", "loving"],

@@ -30,6 +30,7 @@ from character_training.config import (
     with_overrides,
 )
 from character_training.runner import available_notebooks, build_index, run_notebook
+from conftest import write_parameterised_notebook
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 
@@ -182,21 +183,11 @@ def test_notebook_01_runs_headlessly_and_renders_a_report_with_figures(tmp_path)
 
 
 def test_a_failing_notebook_names_the_cell_and_still_gets_a_report(tmp_path):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell(
-            'persona = "x"\nsize = "y"\nparams_json = ""\nsmoke = False',
-            metadata={"tags": ["parameters"]},
-        ),
-        nbformat.v4.new_code_cell("value = 1 + 1"),
-        nbformat.v4.new_code_cell("raise ValueError('constitution file is broken')"),
-    ]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(nb, str(tmp_path / "99_broken.ipynb"))
+    write_parameterised_notebook(
+        tmp_path / "99_broken.ipynb",
+        "value = 1 + 1",
+        "raise ValueError('constitution file is broken')",
+    )
     params = with_overrides(
         notebook_params("sarcastic", "tiny"),
         {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")},
