@@ -65,6 +65,8 @@ def tiny_params(tmp_path: Path, persona: str = "sarcastic", **overrides):
             "distill.max_tokens": 6,
             "distill.general_share": 0.5,  # the counts below assume it, whatever the preset says
             "distill.heldout_assertions": 0,  # and no assertion held out whole (tested apart)
+            "distill.heldout_fraction": 0.2,  # the held-out counts below assume it
+            "distill.teacher_best_of": 1,  # one teacher reply per prompt (best-of-n tested apart)
             "adherence.probe_general_prompts": 3,
             **overrides,
         },

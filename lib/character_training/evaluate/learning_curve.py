@@ -136,5 +136,6 @@ def curve_text(points: Sequence[CurvePoint]) -> str:
         return "learning curve: not enough classifier prompts to refit on subsets"
     steps = ", ".join(f"{p.prompts} prompts {p.auc:.2f}" for p in points)
     gain = auc_gain_per_doubling(points)
+    gain = 0.0 if abs(gain) < 5e-4 else gain  # a flat curve reads +0.000, not -0.000
     tail = "" if math.isnan(gain) else f"; {gain:+.3f} AUC per doubling of the prompts"
     return f"learning curve (probe AUC by classifier prompts): {steps}{tail}"
