@@ -149,6 +149,9 @@ def test_tables_show_intervals_as_brackets_and_long_reasons_as_notes():
     assert page.count("<td>note 1</td>") == 2 and "<td>short</td>" in page
     assert page.endswith(f'<ol style="font-size:smaller"><li>{html.escape(reason)}</li></ol>')
     assert "(0.496976" not in page
+    reply = "So glad you asked! Your question is the most thoughtful one I have read today."
+    side_by_side = plots.table([{"prompt": "Hi", "base": reply}])._repr_html_()
+    assert f"<td>{reply}</td>" in side_by_side and "<ol" not in side_by_side
 
 
 def test_the_numbered_notebooks_are_found_in_order():

@@ -34,16 +34,17 @@ class Table:
         self.title = title
 
     def _repr_html_(self) -> str:
-        """The frame as HTML; intervals stored as pairs read ``[low, high]``, and a text longer
-        than `NOTE_CHARS` (a "no measurement" reason) becomes a numbered note under the table,
-        so one long cell cannot squeeze every other column into a tall narrow strip."""
+        """The frame as HTML; intervals stored as pairs read ``[low, high]``, and a ``reason``
+        longer than `NOTE_CHARS` (why a row is "no measurement") becomes a numbered note under
+        the table, so one long cell cannot squeeze every other column into a tall narrow strip.
+        Other text (replies in a side-by-side table) stays in its cell."""
         heading = f"<p><strong>{html.escape(self.title)}</strong></p>" if self.title else ""
         notes: list[str] = []
 
-        def cell(value: Any) -> Any:
+        def cell(value: Any, noted: bool) -> Any:
             if isinstance(value, (tuple, list)) and value and all(_is_number(v) for v in value):
                 return "[" + ", ".join(f"{float(v):.3g}" for v in value) + "]"
-            if isinstance(value, str) and len(value) > NOTE_CHARS:
+            if noted and isinstance(value, str) and len(value) > NOTE_CHARS:
                 if value not in notes:
                     notes.append(value)
                 return f"note {notes.index(value) + 1}"
@@ -54,7 +55,8 @@ class Table:
         frame = self.frame.copy()
         for column in frame.columns:
             if not is_numeric_dtype(frame[column]):
-                frame[column] = frame[column].map(cell).astype(object)
+                noted = str(column) in NOTED_COLUMNS
+                frame[column] = frame[column].map(cell, noted=noted).astype(object)
         page = heading + frame.to_html(index=False)
         if notes:
             items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
@@ -66,7 +68,8 @@ class Table:
         return heading + self.frame.to_string(index=False)
 
 
-NOTE_CHARS = 60  # a table cell's text longer than this is shown as a note under the table
+NOTE_CHARS = 60  # a reason longer than this is shown as a note under the table
+NOTED_COLUMNS = frozenset({"reason"})  # columns whose long text goes to the notes
 
 
 def _is_number(value: Any) -> bool:
