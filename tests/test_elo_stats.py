@@ -207,3 +207,16 @@ def test_a_ranking_without_signal_has_no_reliability_not_a_negative_one():
     reliability = elo_stats.split_half_reliability(outcomes, 20, seed=1)
     assert np.all((reliability >= 0) & (reliability <= 1))
     assert np.mean(reliability == 0) > 0.3 and np.mean(reliability) < 0.2
+
+
+def test_a_rank_agreement_above_its_ceiling_is_no_measurement():
+    """The tiny run's dpo-final rho 0.83 [0.23, 0.95] against a ceiling of 0.04: rankings that
+    agree beyond what their own reliabilities allow share the judge's reading of the same
+    matches, not the models' preferences."""
+    from character_training.evaluate.preference_stats import agreement_check
+
+    above = agreement_check(rho_low=0.232, ceiling=0.044)
+    assert not above.measured
+    assert above.reason.startswith("Spearman's interval (low 0.23) lies above the ceiling 0.04")
+    assert agreement_check(rho_low=0.10, ceiling=0.60).measured  # under its ceiling: readable
+    assert agreement_check(rho_low=float("nan"), ceiling=0.5).measured  # nothing to judge

@@ -34,7 +34,7 @@ class Table:
         self.title = title
 
     def _repr_html_(self) -> str:
-        """The frame as HTML; intervals stored as pairs read ``[low, high]``, and a ``reason``
+        """The frame as HTML; intervals stored as pairs read ``[low, high]``, and a ``*reason``
         longer than `NOTE_CHARS` (why a row is "no measurement") becomes a numbered note under
         the table, so one long cell cannot squeeze every other column into a tall narrow strip.
         Other text (replies in a side-by-side table) stays in its cell."""
@@ -55,7 +55,7 @@ class Table:
         frame = self.frame.copy()
         for column in frame.columns:
             if not is_numeric_dtype(frame[column]):
-                noted = str(column) in NOTED_COLUMNS
+                noted = str(column).endswith(NOTED_SUFFIX)
                 frame[column] = frame[column].map(cell, noted=noted).astype(object)
         page = heading + frame.to_html(index=False)
         if notes:
@@ -69,7 +69,7 @@ class Table:
 
 
 NOTE_CHARS = 60  # a reason longer than this is shown as a note under the table
-NOTED_COLUMNS = frozenset({"reason"})  # columns whose long text goes to the notes
+NOTED_SUFFIX = "reason"  # columns (reason, spearman_reason) whose long text goes to the notes
 
 
 def _is_number(value: Any) -> bool:

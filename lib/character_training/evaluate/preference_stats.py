@@ -209,10 +209,33 @@ class PairStatistics:
     ceiling: float
     disattenuated: float
     measurement: Measurement = field(default_factory=Measurement)
+    agreement: Measurement = field(default_factory=Measurement)
 
     def row(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "measurement"}
-        return {**out, **self.measurement.to_dict()}
+        out = {k: v for k, v in asdict(self).items() if k not in ("measurement", "agreement")}
+        spearman = {
+            "spearman_status": self.agreement.status,
+            "spearman_reason": self.agreement.reason,
+        }
+        return {**out, **self.measurement.to_dict(), **spearman}
+
+
+def agreement_check(rho_low: float, ceiling: float) -> Measurement:
+    """Whether the two rankings' Spearman can be read as agreement of the models' preferences.
+
+    Two rankings whose only shared part is the models' preferences cannot correlate above the
+    ceiling their own split-half reliabilities set. When the whole interval lies above it, the
+    rankings share something the reliabilities do not see: the same judge reading the same
+    trait pairs and prompts (its taste for some trait words), not the models. Such a rho says
+    nothing about what training did, whatever its p-value.
+    """
+    if math.isfinite(rho_low) and math.isfinite(ceiling) and rho_low > ceiling:
+        return Measurement.failed(
+            f"Spearman's interval (low {rho_low:.2f}) lies above the ceiling {ceiling:.2f} "
+            "that the models' own split-half reliabilities allow: the rankings agree through "
+            "the shared judge and matches, not through the models' preferences"
+        )
+    return Measurement()
 
 
 def pair_statistics(
@@ -253,10 +276,12 @@ def pair_statistics(
         ceiling=_value(agreement.ceiling),
         disattenuated=_value(agreement.disattenuated),
         measurement=first_failure(failed),
+        agreement=agreement_check(_value(agreement.low), _value(agreement.ceiling)),
     )
 
 
 __all__ = [
+    "agreement_check",
     "MIN_DECIDED_SHARE",
     "MIN_PARSE_RATE",
     "RELIABILITY_SPLITS",

@@ -397,6 +397,10 @@ class Result:
             out[f"spearman_base_{label}_ci"] = [pair.ci_low, pair.ci_high]
             out[f"spearman_ceiling_{label}"] = pair.ceiling
             out[f"spearman_disattenuated_{label}"] = pair.disattenuated
+            if pair.measurement.measured and not pair.agreement.measured:
+                for key in ("", "_ci", "_p"):
+                    reasons[f"spearman_base_{label}{key}"] = pair.agreement.reason
+                reasons[f"spearman_disattenuated_{label}"] = pair.agreement.reason
             if not pair.measurement.measured:
                 for key in (
                     f"elo_std_change_{label}",
