@@ -66,3 +66,16 @@ def test_the_report_footer_states_the_prefill_a_stage_saved(tmp_path):
     assert "70,823 prompt tokens" in engine_record.footer_html(tmp_path, "02_distillation")
     assert engine_record.footer_html(tmp_path, "03_dpo") == ""  # no manifest: no footer
     assert engine_record.prefill_line({"status": "done"}) == ""  # a Tinker stage
+
+
+def test_rerunning_a_finished_stage_keeps_the_prefill_its_work_cost():
+    earlier = {"local_engine": {"prefill": {"sampling": {"requested": 100, "computed": 10}}}}
+    rerun = {"local_engine": {"runtime": [], "prefill": {"sampling": {"requested": 0}}}}
+    merged = engine_record.add_earlier_prefill(rerun, earlier)
+    assert merged["local_engine"]["prefill"]["sampling"] == {
+        "requested": 100,
+        "computed": 10,
+        "saved": 90,
+    }
+    assert merged["local_engine"]["prefill"]["scoring"] == {}
+    assert engine_record.add_earlier_prefill(rerun, {}) is rerun  # a first finish: as measured

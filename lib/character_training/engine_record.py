@@ -122,3 +122,25 @@ def footer_html(run_dir: Path, stage: str) -> str:
         return ""
     line = prefill_line(manifest)
     return f'<p style="font-size:smaller;color:#555">{html.escape(line)}</p>' if line else ""
+
+
+def add_earlier_prefill(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` (this process's `manifest_fields`) with the prefill an earlier "done" of the
+    same stage recorded added in: re-running a finished stage (a resumed chain, a notebook
+    opened again) computes nothing new and must not erase what the stage's work cost."""
+    earlier = manifest.get("local_engine", {}).get("prefill")
+    now = fields.get("local_engine", {}).get("prefill")
+    if not earlier or now is None:
+        return fields
+    total = {
+        kind: {
+            name: now.get(kind, {}).get(name, 0) + earlier.get(kind, {}).get(name, 0)
+            for name in {**earlier.get(kind, {}), **now.get(kind, {})}
+            if name != "saved"
+        }
+        for kind in PREFILL_KINDS
+    }
+    for counters in total.values():
+        if counters:
+            counters["saved"] = counters.get("requested", 0) - counters.get("computed", 0)
+    return {**fields, "local_engine": {**fields["local_engine"], "prefill": total}}

@@ -252,9 +252,10 @@ class StageDir:
         work (tokens requested vs. computed since `prepare`) are recorded too
         (`engine_record`; nothing on Tinker).
         """
-        if updates.get("status") == "done":
-            updates = {**engine_record.manifest_fields(self.engine_start), **updates}
         manifest = self.manifest()
+        if updates.get("status") == "done":
+            fields = engine_record.manifest_fields(self.engine_start)
+            updates = {**engine_record.add_earlier_prefill(fields, manifest), **updates}
         manifest.update(portable_values(self.run_dir, updates))
         manifest.setdefault("git_commit", git_commit(REPO_ROOT))
         self.path.mkdir(parents=True, exist_ok=True)
