@@ -662,7 +662,10 @@ def test_no_measurement_shows_its_reason_and_is_never_used(tmp_path):
     assert f"no measurement ({auc})" in text  # teacher-likeness of final, and final - base
     assert "no measurement (every reply classed as base)" in text  # F1 of final
     assert "no measurement (the judge decided 3 of 40 matches)" in text  # Spearman, change
-    assert "07_preferences: spearman_base_final: no measurement (the judge decided" in text
+    assert (
+        "07_preferences: elo_std_change_final, spearman_base_final: no measurement (the judge"
+        in text
+    )  # one line per failed instrument, naming every value it withheld
     assert "no measurement (the split halves share no trait)" in text  # not sqrt(0.9 * 0.85)
     assert "no ceiling recorded (the split halves share no trait), so a low rho cannot" in text
     lines = size_findings(gather(runs, reports))
@@ -719,3 +722,32 @@ def test_spearman_wording_without_reliabilities_and_near_the_ceiling():
     assert spearman_reading(0.3, (0.0, 0.85), 0.9, 0.95) == (
         "the measurement's ceiling is 0.90, so a low rho cannot be told from noise"
     )
+
+
+def test_teacher_likeness_is_read_on_the_probe_set_the_headline_uses(tmp_path):
+    """With prompts of held-out assertions ("unseen") the headline reads those: a classifier
+    that fails on the sibling ("constitution") probes must not withhold the unseen numbers."""
+    from character_training.summary import headline_probe_set, load_run
+
+    failed = "classifier AUC 0.68 [0.24, 0.96] on the constitution probe prompts includes 0.5"
+
+    def row(label: str, probe_set: str, share: float) -> dict:
+        measured = probe_set == "unseen"
+        return {
+            "label": label,
+            "probe_set": probe_set,
+            "teacher_like": share,
+            "teacher_like_low": share - 0.1,
+            "teacher_like_high": share + 0.1,
+            "status": "measured" if measured else "no measurement",
+            "reason": "" if measured else failed,
+        }
+
+    shares = {"teacher_ref": 0.93, "student_ref": 0.57, "base": 0.54, "dpo": 0.54}
+    rows = [row(label, ps, v) for label, v in shares.items() for ps in ("unseen", "constitution")]
+    _write(tmp_path / "runs" / "p" / "tiny" / "adherence" / "adherence.json", {"rows": rows})
+    assert headline_probe_set(rows) == "unseen"
+    assert headline_probe_set([r for r in rows if r["probe_set"] != "unseen"]) == "constitution"
+    run = load_run(tmp_path / "runs", "p", "tiny")
+    assert run.teacher_like["base"].value == 0.54 and run.teacher_like["teacher_ref"].value == 0.93
+    assert run.no_measurement("teacher_like_base") is None

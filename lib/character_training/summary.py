@@ -88,6 +88,17 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.html"
 F1_FIELDS = (*F1_VARIANTS, "prefill")  # every summary field of stage 08
 ADHERENCE_PROBE_SET = "constitution"  # evaluate.adherence.CLASSIFIER_SOURCE
+UNSEEN_PROBE_SET = "unseen"  # evaluate.adherence.UNSEEN_SOURCE: the headline set when present
+
+
+def headline_probe_set(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The probe set an adherence report's headline uses, as `AdherenceReport` picks it:
+    prompts of assertions never trained on when stage 02 held some out, else the siblings."""
+    if any(row.get("probe_set") == UNSEEN_PROBE_SET for row in rows):
+        return UNSEEN_PROBE_SET
+    return ADHERENCE_PROBE_SET
+
+
 # Adherence reports in the order the notebooks write them (03, 05, 09: ADHERENCE_NOTEBOOKS); a
 # later one wins for a model measured twice (it is the newer measurement of the same
 # checkpoint), unless only the earlier one could measure.
@@ -463,9 +474,10 @@ def _read_teacher_like(run: RunSummary, run_dir: Path, root: Path) -> None:
             continue
         src, listed = _rel(path, root), run.unmeasured.get(notebook, {})
         try:
+            probe_set = headline_probe_set(data["rows"])
             for row in data["rows"]:
                 label = str(row["label"])
-                if row.get("probe_set") != ADHERENCE_PROBE_SET:
+                if row.get("probe_set") != probe_set:
                     continue
                 if label not in MODEL_ORDER and label not in REFERENCES:
                     continue  # rl-step-* probes and other extras
@@ -485,7 +497,7 @@ def _read_teacher_like(run: RunSummary, run_dir: Path, root: Path) -> None:
                         report_refs.setdefault(notebook, {})[label] = estimate
             for row in data.get("differences") or []:
                 model = str(row["a"])
-                if row.get("probe_set") != ADHERENCE_PROBE_SET or row.get("b") != BASE:
+                if row.get("probe_set") != probe_set or row.get("b") != BASE:
                     continue
                 reason = _row_reason(row) or listed.get(f"{model}_minus_base")
                 change = interval(
@@ -716,14 +728,18 @@ def _known_notebooks() -> list[str]:
 
 
 def _no_measurement_lines(run: RunSummary) -> list[str]:
-    """``<notebook>: <key>: no measurement (<reason>)`` per withheld headline value (a key's
-    ``_ci`` twin is not listed again)."""
+    """``<notebook>: <key>, <key>: no measurement (<reason>)``: the withheld headline values
+    of a notebook grouped by their reason, so one failed instrument is one line, not one per
+    value it withheld (a key's ``_ci`` twin is not listed again)."""
     lines = []
     for notebook, listed in sorted(run.unmeasured.items()):
+        by_reason: dict[str, list[str]] = {}
         for key, reason in listed.items():
             if key.endswith("_ci") and key[: -len("_ci")] in listed:
                 continue
-            lines.append(f"{notebook}: {key}: {NO_MEASUREMENT} ({reason})")
+            by_reason.setdefault(reason, []).append(key)
+        for reason, keys in by_reason.items():
+            lines.append(f"{notebook}: {', '.join(keys)}: {NO_MEASUREMENT} ({reason})")
     return lines
 
 
