@@ -722,6 +722,10 @@ def test_spearman_wording_without_reliabilities_and_near_the_ceiling():
     assert spearman_reading(0.3, (0.0, 0.85), 0.9, 0.95) == (
         "the measurement's ceiling is 0.90, so a low rho cannot be told from noise"
     )
+    # the tiny run: base vs dpo 0.61 [0.10, 0.87] against a ceiling of 0.17
+    assert spearman_reading(0.61, (0.10, 0.87), 0.17, 0.38).startswith(
+        "rho is above its ceiling 0.17: the rankings share the judge's reading"
+    )
 
 
 def test_teacher_likeness_is_read_on_the_probe_set_the_headline_uses(tmp_path):

@@ -277,7 +277,8 @@ def spearman_reading(
     Two measurements of unchanged preferences correlate only up to sqrt(rel_base * rel_model),
     so "low means training reordered the preferences" holds only when that ceiling is well
     (`CEILING_MARGIN`) above the rho's interval; otherwise a low rho is indistinguishable from
-    the measurement's own noise. ``no_ceiling`` says why there is no ceiling, if there is none.
+    the measurement's own noise. A rho well above the ceiling cannot come from the models'
+    preferences alone (their own rankings are less reliable than that): it is read as such. ``no_ceiling`` says why there is no ceiling, if there is none.
     """
     if ceiling is None:
         if base_reliability is not None and base_reliability <= 0:
@@ -286,6 +287,11 @@ def spearman_reading(
                 f"reliability {base_reliability:.2f}), so a low rho cannot be told from noise"
             )
         return f"no ceiling recorded ({no_ceiling}), so a low rho cannot be told from noise"
+    if rho - ceiling >= CEILING_MARGIN:
+        return (
+            f"rho is above its ceiling {ceiling:.2f}: the rankings share the judge's reading of "
+            "the same matches, so rho says nothing about whether training kept the preferences"
+        )
     upper = ci[1] if ci else rho
     if ceiling - upper >= CEILING_MARGIN:
         return (
