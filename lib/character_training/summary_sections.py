@@ -278,7 +278,8 @@ def spearman_reading(
     so "low means training reordered the preferences" holds only when that ceiling is well
     (`CEILING_MARGIN`) above the rho's interval; otherwise a low rho is indistinguishable from
     the measurement's own noise. A rho well above the ceiling cannot come from the models'
-    preferences alone (their own rankings are less reliable than that): it is read as such. ``no_ceiling`` says why there is no ceiling, if there is none.
+    preferences alone (their own rankings are less reliable than that): it is read as such.
+    ``no_ceiling`` says why there is no ceiling, if there is none.
     """
     if ceiling is None:
         if base_reliability is not None and base_reliability <= 0:
