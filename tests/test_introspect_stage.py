@@ -403,7 +403,8 @@ def test_the_stage_writes_both_files_counts_truncations_and_keeps_the_system_pro
     before = outputs(stage)
     again = introspect.run(params, WatchingService(tiny_service, budget=0))
     assert outputs(stage) == before and again.counts == counts
-    assert StageDir(stage).manifest()["local_engine"]["prefill"]["sampling"]["requested"] == 0
+    # ... and keeps the prefill its first run cost (the re-run itself asked for nothing)
+    assert StageDir(stage).manifest()["local_engine"]["prefill"]["sampling"] == prefill
 
 
 def test_an_interrupted_run_resumes_mid_conversation_to_exactly_the_one_go_files(
