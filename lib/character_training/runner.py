@@ -230,7 +230,7 @@ def render_html(executed: Path, target: Path, banner: str = "") -> Path:
 
     ``banner``, when given, is shown as a first markdown cell (the executed copy itself is not
     changed): how a notebook that stopped early says why at the top of its report. The footer
-    says what the stage spent (`spend.with_footer`).
+    says what the stage spent and the local engine's prefill (`spend.with_footer`).
     """
     import nbformat
     from nbconvert import HTMLExporter
@@ -244,10 +244,9 @@ def render_html(executed: Path, target: Path, banner: str = "") -> Path:
     body, _ = exporter.from_notebook_node(nb)
     from .spend import with_footer
 
-    body = with_footer(body, executed)  # the stage's spend from the run's ledger, if any
+    # the stage's spend from the run's ledger and the local engine's prefill, if any
     prefill = engine_record.footer_html(executed.parent.parent, executed.stem)
-    at = body.rfind("</body>")
-    body = body[:at] + prefill + body[at:] if prefill and at >= 0 else body + prefill
+    body = with_footer(body, executed, extra=prefill)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target

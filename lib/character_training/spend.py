@@ -291,11 +291,12 @@ def footer_html(run_dir: Path, stage: str) -> str:
     )
 
 
-def with_footer(page: str, executed_notebook: Path) -> str:
+def with_footer(page: str, executed_notebook: Path, extra: str = "") -> str:
     """``page`` (a report rendered from ``runs/<p>/<s>/notebooks/<stage>.ipynb``) with the
-    stage's spend as its footer, before ``</body>``; unchanged when the run has no ledger."""
+    stage's spend, then ``extra`` (other footer HTML), before ``</body>``; unchanged when the
+    run has no ledger and there is no ``extra``."""
     executed_notebook = Path(executed_notebook)
-    footer = footer_html(executed_notebook.parent.parent, executed_notebook.stem)
+    footer = footer_html(executed_notebook.parent.parent, executed_notebook.stem) + extra
     if not footer:
         return page
     at = page.rfind("</body>")
