@@ -89,6 +89,11 @@ def prefill_since(start: Snapshot, engines: list[Engine]) -> dict[str, dict[str,
             was = before.get(kind, {})
             for name, value in now.items():
                 total[kind][name] = total[kind].get(name, 0) + value - was.get(name, 0)
+    return _with_saved(total)
+
+
+def _with_saved(total: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """``total`` with ``saved`` = requested - computed in every non-empty kind."""
     for counters in total.values():
         if counters:
             counters["saved"] = counters.get("requested", 0) - counters.get("computed", 0)
@@ -140,7 +145,5 @@ def add_earlier_prefill(fields: dict[str, Any], manifest: dict[str, Any]) -> dic
         }
         for kind in PREFILL_KINDS
     }
-    for counters in total.values():
-        if counters:
-            counters["saved"] = counters.get("requested", 0) - counters.get("computed", 0)
-    return {**fields, "local_engine": {**fields["local_engine"], "prefill": total}}
+    prefill = _with_saved(total)
+    return {**fields, "local_engine": {**fields["local_engine"], "prefill": prefill}}
