@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .head_logprobs import HEAD_CHUNK, can_use_frozen_head, frozen_head_logprobs
+
 
 def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """Group indices (longest first) so that each group's ``count * max_len <= token_budget``.
@@ -140,13 +142,23 @@ def iter_scored_micro_batches(
                 activation_checkpointing(model, recompute),
             ):
                 hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-            flat = chunked_target_logprobs(
-                model.get_output_embeddings(),
-                hidden.last_hidden_state,
-                tgt,
-                device=device,
-                autocast_dtype=autocast_dtype,
-            )
+            head = model.get_output_embeddings()
+            if can_use_frozen_head(head):
+                flat = frozen_head_logprobs(
+                    head,
+                    hidden.last_hidden_state,
+                    tgt,
+                    mask,
+                    product_dtype=_product_dtype(hidden.last_hidden_state, autocast_dtype),
+                )
+            else:
+                flat = chunked_target_logprobs(
+                    head,
+                    hidden.last_hidden_state,
+                    tgt,
+                    device=device,
+                    autocast_dtype=autocast_dtype,
+                )
         else:
             with (
                 autocast_context(device, autocast_dtype),
@@ -203,10 +215,11 @@ def activation_bytes_per_token(config) -> int:
     return int(config.num_hidden_layers) * (20 * hidden + 4 * intermediate) * 4
 
 
-HEAD_CHUNK = 512
-"""Positions unembedded at once when training or scoring every position. The logits of a
-whole micro-batch (8,192 positions x 49,152 words in fp32: 1.6 GB) and the three or four
-copies cross-entropy and its backward make of them were most of the engine's peak memory."""
+def _product_dtype(hidden: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype autocast would run the head's product in."""
+    if autocast_dtype is None or autocast_dtype == torch.float32:
+        return hidden.dtype
+    return autocast_dtype
 
 
 def _splits_the_head(model: torch.nn.Module) -> bool:
@@ -232,7 +245,8 @@ def chunked_target_logprobs(
     chunk: int = HEAD_CHUNK,
 ) -> torch.Tensor:
     """log p(targets) [R, T] from hidden states [R, T, H], unembedding ``chunk`` positions at
-    a time. With gradients on, each chunk is checkpointed: its logits are recomputed in the
+    a time (a head that is trained or not a plain linear layer; `head_logprobs` serves the
+    frozen one). With gradients on, each chunk is checkpointed: its logits are recomputed in the
     backward pass instead of kept, so at most one chunk's logits exist at any time. The
     numbers are those of the whole product (each position's logits are its own row)."""
     from torch.utils.checkpoint import checkpoint
