@@ -538,3 +538,23 @@ def test_bad_requests_fail_with_one_line_saying_what_was_expected(
         call(env)
     assert str(caught.value) == message.replace("{tmp_path}", str(tmp_path))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("cap", "native"), [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True)]
+)
+def test_a_onednn_isa_cap_without_bf16_makes_auto_precision_pick_fp32(monkeypatch, cap, native):
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` is how an AVX2-only CPU is emulated (bench --isa avx2, the
+    README's AVX2 times): ``auto`` must then pick fp32, as on that CPU, not bf16 by
+    conversion; a cap that keeps bf16 leaves the choice to the CPU's flags."""
+    from character_training.backends.local import settings
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(settings.Path, "read_text", lambda self: "flags : avx2 avx512_bf16")
+    settings.cpu_has_native_bf16.cache_clear()
+    try:
+        assert settings.cpu_has_native_bf16() is native
+        expected = torch.bfloat16 if native else torch.float32
+        assert LocalEngineConfig(device="cpu").compute_dtype == expected
+    finally:
+        settings.cpu_has_native_bf16.cache_clear()

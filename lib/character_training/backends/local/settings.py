@@ -8,6 +8,7 @@ computation ask for fp32 explicitly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,9 +21,22 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# oneDNN's ISA caps (``ONEDNN_MAX_CPU_ISA``) below which it has no bf16 dot-product
+# instructions: a process capped there computes bf16 products by conversion, ~50x slower.
+_ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 arithmetic (Linux: /proc/cpuinfo flags)."""
+    """True when the CPU advertises bf16 arithmetic (Linux: /proc/cpuinfo flags) and oneDNN
+    is allowed to use it: ``ONEDNN_MAX_CPU_ISA=AVX2`` (how the benches and the README's AVX2
+    numbers emulate a CPU without AVX512-BF16) makes ``precision: auto`` pick fp32, as it
+    would on that CPU."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -130,7 +144,6 @@ def cpu_flags() -> dict[str, bool]:
 def runtime_info(config: LocalEngineConfig) -> dict:
     """What the engine picked on this machine: device, compute dtype, threads, kernel path,
     the CPU flags and library settings behind them. The pipeline records it in manifests."""
-    import os
 
     device = config.torch_device
     info = {
