@@ -42,6 +42,10 @@ def test_a_done_stage_records_each_runtime_once_and_the_prefill_since_it_started
     assert record["runtime"] == [{"compute_dtype": "float32"}, {"compute_dtype": "bfloat16"}]
     assert record["prefill"]["sampling"] == {"requested": 730, "computed": 130, "saved": 600}
     assert record["prefill"]["scoring"] == {"requested": 0, "computed": 0, "saved": 0}
+    import resource
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert abs(record["peak_rss_mb"] - peak_kb / 1024) <= 1  # this process's peak so far
     assert StageDir(stage.path, tmp_path).manifest()["local_engine"] == record
 
 
@@ -66,12 +70,28 @@ def test_the_report_footer_states_the_prefill_a_stage_saved(tmp_path):
     assert "70,823 prompt tokens" in engine_record.footer_html(tmp_path, "02_distillation")
     assert engine_record.footer_html(tmp_path, "03_dpo") == ""  # no manifest: no footer
     assert engine_record.prefill_line({"status": "done"}) == ""  # a Tinker stage
+    manifest["local_engine"]["peak_rss_mb"] = 3072
+    assert engine_record.prefill_line(manifest).endswith(
+        "reused from shared prefixes). Peak memory of the notebook's process: 3.00 GB."
+    )
 
 
 def test_rerunning_a_finished_stage_keeps_the_prefill_its_work_cost():
-    earlier = {"local_engine": {"prefill": {"sampling": {"requested": 100, "computed": 10}}}}
-    rerun = {"local_engine": {"runtime": [], "prefill": {"sampling": {"requested": 0}}}}
+    earlier = {
+        "local_engine": {
+            "prefill": {"sampling": {"requested": 100, "computed": 10}},
+            "peak_rss_mb": 3100,
+        }
+    }
+    rerun = {
+        "local_engine": {
+            "runtime": [],
+            "prefill": {"sampling": {"requested": 0}},
+            "peak_rss_mb": 900,
+        }
+    }
     merged = engine_record.add_earlier_prefill(rerun, earlier)
+    assert merged["local_engine"]["peak_rss_mb"] == 3100  # the work's peak, not the rerun's
     assert merged["local_engine"]["prefill"]["sampling"] == {
         "requested": 100,
         "computed": 10,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import itertools
 import json
+import sys
 import weakref
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,7 +78,22 @@ def manifest_fields(start: Snapshot | None) -> dict[str, Any]:
     record: dict[str, Any] = {"runtime": runtimes}
     if start is not None:
         record["prefill"] = prefill_since(start, engines)
+    peak = peak_rss_mb()
+    if peak is not None:
+        record["peak_rss_mb"] = peak
     return {"local_engine": record}
+
+
+def peak_rss_mb() -> int | None:
+    """The most resident memory this process has held, in MB (None where the platform does
+    not say). Each notebook runs in a kernel of its own, so a stage's manifest shows the peak
+    of its notebook up to the stage's end: where a run's memory goes, stage by stage."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
 
 
 def prefill_since(start: Snapshot, engines: list[Engine]) -> dict[str, dict[str, int]]:
@@ -115,7 +131,11 @@ def prefill_line(manifest: dict[str, Any]) -> str:
                 f"{kind} {requested:,} prompt tokens requested, {computed:,} computed "
                 f"({saved:.0%} reused from shared prefixes)"
             )
-    return ("Local engine prefill: " + "; ".join(parts) + ".") if parts else ""
+    line = ("Local engine prefill: " + "; ".join(parts) + ".") if parts else ""
+    peak = manifest.get("local_engine", {}).get("peak_rss_mb")
+    if peak is not None:
+        line = f"{line} Peak memory of the notebook's process: {peak / 1024:.2f} GB.".strip()
+    return line
 
 
 def footer_html(run_dir: Path, stage: str) -> str:
@@ -131,12 +151,18 @@ def footer_html(run_dir: Path, stage: str) -> str:
 
 def add_earlier_prefill(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """``fields`` (this process's `manifest_fields`) with the prefill an earlier "done" of the
-    same stage recorded added in: re-running a finished stage (a resumed chain, a notebook
-    opened again) computes nothing new and must not erase what the stage's work cost."""
+    same stage recorded added in, and the larger of the two peak memories: re-running a
+    finished stage (a resumed chain, a notebook opened again) computes nothing new and must
+    not erase what the stage's work cost."""
     earlier = manifest.get("local_engine", {}).get("prefill")
     now = fields.get("local_engine", {}).get("prefill")
     if not earlier or now is None:
         return fields
+    peaks = [
+        m["local_engine"]["peak_rss_mb"]
+        for m in (manifest, fields)
+        if m.get("local_engine", {}).get("peak_rss_mb") is not None
+    ]
     total = {
         kind: {
             name: now.get(kind, {}).get(name, 0) + earlier.get(kind, {}).get(name, 0)
@@ -145,5 +171,7 @@ def add_earlier_prefill(fields: dict[str, Any], manifest: dict[str, Any]) -> dic
         }
         for kind in PREFILL_KINDS
     }
-    prefill = _with_saved(total)
-    return {**fields, "local_engine": {**fields["local_engine"], "prefill": prefill}}
+    record = {**fields["local_engine"], "prefill": _with_saved(total)}
+    if peaks:
+        record["peak_rss_mb"] = max(peaks)
+    return {**fields, "local_engine": record}
