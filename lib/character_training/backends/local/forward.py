@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .head_logprobs import HEAD_CHUNK, can_use_frozen_head, frozen_head_logprobs
+from .head_logprobs import HEAD_CHUNK, head_logprobs, head_parts
 
 
 def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -143,9 +143,10 @@ def iter_scored_micro_batches(
             ):
                 hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
             head = model.get_output_embeddings()
-            if can_use_frozen_head(head):
-                flat = frozen_head_logprobs(
-                    head,
+            parts = head_parts(head)
+            if parts is not None:
+                flat = head_logprobs(
+                    parts,
                     hidden.last_hidden_state,
                     tgt,
                     mask,
@@ -245,8 +246,8 @@ def chunked_target_logprobs(
     chunk: int = HEAD_CHUNK,
 ) -> torch.Tensor:
     """log p(targets) [R, T] from hidden states [R, T, H], unembedding ``chunk`` positions at
-    a time (a head that is trained or not a plain linear layer; `head_logprobs` serves the
-    frozen one). With gradients on, each chunk is checkpointed: its logits are recomputed in the
+    a time (a head `head_logprobs.head_parts` cannot take apart: a trained weight, a bias,
+    dropout). With gradients on, each chunk is checkpointed: its logits are recomputed in the
     backward pass instead of kept, so at most one chunk's logits exist at any time. The
     numbers are those of the whole product (each position's logits are its own row)."""
     from torch.utils.checkpoint import checkpoint
