@@ -18,6 +18,12 @@ For SmolLM2-135M-Instruct (the engine's default model) this prints, for batch si
   and generated tokens per sequence, its text-generation rate ``S_TG``; the engine's ratio to
   the best llama.cpp configuration at each batch.
 
+With ``--baseline REF`` (a git revision) the engine's decode step and sampler are also run
+from that revision's ``fast_decode`` and ``generation`` modules, in the same process, the two
+alternating within each repeat, and the ratios new / baseline are printed (decode steps also
+alternated step by step, the median step times compared: "per step"): on a CPU shared with
+other work, only such interleaved ratios are worth comparing, the per-step one most.
+
 What the engine picked (dtype, threads, kernels, CPU flags) is printed first. The AVX2-only
 regime of a CPU without AVX512-BF16 is reproduced with ``--isa avx2``: the script re-runs
 itself with ``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``ONEDNN_MAX_CPU_ISA=AVX2`` and
@@ -28,7 +34,7 @@ flags, the ISA settings and the 1-minute load average before each measurement.
 
 Usage: python bench/decode_roofline.py [--isa native|avx2] [--precision auto|fp32|bf16]
          [--batches 1,8,32,64,128] [--prompt 128] [--steps 32]
-         [--llama-cpp-bin DIR] [--gguf-dir DIR]
+         [--llama-cpp-bin DIR] [--gguf-dir DIR] [--baseline GIT_REF]
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ISA_ENV = {
@@ -73,6 +81,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--llama-cpp-bin", default=None, help="folder with llama-batched-bench")
     parser.add_argument("--gguf-dir", default="bench/results/gguf", help="where GGUFs are made")
     parser.add_argument("--skip-sampler", action="store_true")
+    parser.add_argument("--baseline", default=None, help="git revision to compare the engine with")
     return parser.parse_args()
 
 
@@ -86,12 +95,13 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from character_training.backends.local import SMOLLM2_NAME, LocalServiceClient  # noqa: E402
-from character_training.backends.local.fast_decode import FastDecoder  # noqa: E402
-from character_training.backends.local.generation import (  # noqa: E402
-    BatchedSampler,
-    GenerationRequest,
+from character_training.backends.local import (  # noqa: E402
+    SMOLLM2_NAME,
+    LocalServiceClient,
+    fast_decode,
+    generation,
 )
+from character_training.backends.local.generation import GenerationRequest  # noqa: E402
 from character_training.backends.local.model_files import find_smollm2_gguf  # noqa: E402
 from character_training.backends.local.settings import runtime_info  # noqa: E402
 from character_training.metrics import JsonlLogger  # noqa: E402
@@ -99,6 +109,16 @@ from character_training.metrics import JsonlLogger  # noqa: E402
 
 def load1() -> float:
     return os.getloadavg()[0]
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector-extension flags (Linux), recorded with every measurement."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return sorted({f for f in flags.split() if f.startswith(("avx", "fma", "amx", "sse4"))})
 
 
 # -- the roofline: this machine's GEMMs at the model's shapes ------------------------------------
@@ -176,7 +196,35 @@ def gemm_roofline(config, dtype: torch.dtype, batch: int, repeats: int) -> dict:
 
 
 # -- the engine ------------------------------------------------------------------------------------
-def engine_decode(decoder: FastDecoder, batch: int, prompt: int, steps: int, repeats: int):
+def baseline_modules(ref: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """``fast_decode`` and ``generation`` as they are at git revision ``ref``, loaded beside
+    the working tree's (the rest of the package is shared), the sampler wired to that
+    revision's decoder."""
+    loaded = []
+    for name in ("fast_decode", "generation"):
+        source = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "show",
+                f"{ref}:lib/character_training/backends/local/{name}.py",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        module = types.ModuleType(f"character_training.backends.local._baseline_{name}")
+        module.__package__ = "character_training.backends.local"
+        sys.modules[module.__name__] = module
+        exec(compile(source, f"{ref}:{name}.py", "exec"), module.__dict__)
+        loaded.append(module)
+    decoder_module, sampler_module = loaded
+    sampler_module.fast_decode = decoder_module
+    return decoder_module, sampler_module
+
+
+def engine_decode(decoder, batch: int, prompt: int, steps: int, repeats: int):
     """Tokens/s of `FastDecoder.decode` alone: ``steps`` steps after a ``prompt``-token context."""
     cache = decoder.new_cache(batch, prompt + steps + 1)
     cache.valid[:, :prompt] = True  # a context of random keys: the cost, not the values, matters
@@ -192,6 +240,33 @@ def engine_decode(decoder: FastDecoder, batch: int, prompt: int, steps: int, rep
     with torch.inference_mode():
         seconds = best_time(run, repeats, min_seconds=0.0)
     return batch * steps / seconds
+
+
+def decode_step_ratio(decoder, baseline, batch: int, prompt: int, steps: int) -> float:
+    """Median step time of ``baseline`` / ``decoder``, the two alternating step by step on
+    caches of the same contents: on a CPU that other processes share, whole runs of one side
+    land in quiet or busy moments, single steps much less."""
+    cache = decoder.new_cache(batch, prompt + steps + 1)
+    cache.valid[:, :prompt] = True
+    cache.keys.normal_()
+    cache.values.normal_()
+    caches = [cache, baseline.new_cache(batch, prompt + steps + 1)]
+    for name in ("keys", "values", "valid"):
+        getattr(caches[1], name).copy_(getattr(cache, name))
+    tokens = torch.randint(0, decoder.vocab, (batch,))
+    positions = torch.full((batch,), prompt)
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        for step in range(steps):
+            sides = (0, 1) if step % 2 else (1, 0)
+            for side in sides:
+                started = time.perf_counter()
+                (decoder, baseline)[side].decode(
+                    caches[side], tokens, positions + step, prompt + step
+                )
+                if step:  # the first step of each side warms up
+                    times[side].append(time.perf_counter() - started)
+    return statistics.median(times[1]) / statistics.median(times[0])
 
 
 def natural_prompts(tokenizer, count: int, length: int) -> list[tuple[int, ...]]:
@@ -217,7 +292,9 @@ def natural_prompts(tokenizer, count: int, length: int) -> list[tuple[int, ...]]
     return prompts
 
 
-def engine_sampler(model, tokenizer, prompts, steps: int) -> tuple[float, dict]:
+def engine_sampler(
+    model, tokenizer, prompts, steps: int, sampler_module=generation
+) -> tuple[float, dict]:
     """Tokens/s of `BatchedSampler.generate` with the prefill left out: one request per
     prompt, ``steps`` new tokens each (no stop), temperature 0.7, top_p 0.95, own seeds, all
     rows decoded together: decode steps plus everything the sampler does around them (token
@@ -228,11 +305,11 @@ def engine_sampler(model, tokenizer, prompts, steps: int) -> tuple[float, dict]:
         )
         for i, prompt in enumerate(prompts)
     ]
-    sampler = BatchedSampler(
+    sampler = sampler_module.BatchedSampler(
         model, tokenizer, torch.device("cpu"), len(prompts), show_progress=False
     )
     fast = sampler.fast
-    spent = {"decode": 0.0, "prefill": 0.0}
+    spent = {"decode": 0.0, "prefill": 0.0, "cache": 0.0, "choose": 0.0}
 
     def timed(name, original):
         def run(*args, **kwargs):
@@ -245,10 +322,15 @@ def engine_sampler(model, tokenizer, prompts, steps: int) -> tuple[float, dict]:
 
     fast.decode = timed("decode", fast.decode)  # type: ignore[method-assign]
     fast.prefill = timed("prefill", fast.prefill)  # type: ignore[method-assign]
+    fast.new_cache = timed("cache", fast.new_cache)  # type: ignore[method-assign]
+    sampler._choose = timed("choose", sampler._choose)  # type: ignore[method-assign]
     started = time.perf_counter()
     sampler.generate(requests)
     total = time.perf_counter() - started - spent["prefill"]
-    return len(prompts) * steps / total, {"decode_share": round(spent["decode"] / total, 3)}
+    shares = {f"{name}_share": round(spent[name] / total, 3) for name in ("decode", "choose")}
+    # the cache's allocation (page faults of a fresh ~0.2-0.8 GB) is counted in the rate, as
+    # before, and reported: llama.cpp allocates its cache outside the timed generation
+    return len(prompts) * steps / total, {**shares, "cache_alloc_s": round(spent["cache"], 3)}
 
 
 # -- llama.cpp -------------------------------------------------------------------------------------
@@ -302,7 +384,9 @@ def main() -> None:
     model = engine.sampling_base(SMOLLM2_NAME)
     tokenizer = engine.tokenizer(SMOLLM2_NAME)
     config = model.config
-    decoder = FastDecoder(model)
+    decoder = fast_decode.FastDecoder(model)
+    baseline = baseline_modules(ARGS.baseline) if ARGS.baseline else None
+    base_decoder = baseline[0].FastDecoder(model) if baseline else None
     dtype = engine.compute_dtype
     per_token = flops_per_token(config)
     threads = torch.get_num_threads()
@@ -316,19 +400,31 @@ def main() -> None:
         f"{'batch':>5} | {'roofline tok/s':>14} | {'GFLOP/s':>7} | {'decode tok/s':>12} | "
         f"{'of roof':>7} | {'sampler tok/s':>13} | {'of roof':>7} | "
         + " | ".join(f"{'llama ' + name:>11}" for name in ggufs)
-        + f" | {'vs best':>7} | load"
+        + f" | {'vs best':>7}"
+        + (" | decode/base | per step | sampler/base" if baseline else "")
+        + " | load"
     )
     for batch in batches:
         loads, roofs, decodes, samplers, peers = [], [], [], [], {name: [] for name in ggufs}
+        base_decodes, base_samplers, step_ratios = [], [], []
         extra: dict = {}
         prompts = natural_prompts(tokenizer, batch, ARGS.prompt)
         for _ in range(ARGS.repeats):  # the sides alternate; each keeps its best run
             loads.append(load1())
             roofs.append(gemm_roofline(config, dtype, batch, 1))
             decodes.append(engine_decode(decoder, batch, ARGS.prompt, ARGS.steps, 1))
+            if baseline:
+                base_decodes.append(engine_decode(base_decoder, batch, ARGS.prompt, ARGS.steps, 1))
+                step_ratios.append(
+                    decode_step_ratio(decoder, base_decoder, batch, ARGS.prompt, ARGS.steps)
+                )
             if not ARGS.skip_sampler:
                 rate, extra = engine_sampler(model, tokenizer, prompts, ARGS.steps)
                 samplers.append(rate)
+                if baseline:
+                    base_samplers.append(
+                        engine_sampler(model, tokenizer, prompts, ARGS.steps, baseline[1])[0]
+                    )
             for name, path in ggufs.items():
                 peers[name].append(
                     llama_batched(llama_bin, path, batch, ARGS.prompt, ARGS.steps, threads)
@@ -344,7 +440,10 @@ def main() -> None:
             f"{(sampler or 0) / roof['tok_s']:>7.2f} | "
             + " | ".join(f"{rate:>11.1f}" for rate in best_peer.values())
             + f" | {(f'{ours / top:.2f}' if top else '-'):>7} | "
-            f"{min(loads):.1f}-{max(loads):.1f}",
+            + (f"{decode / max(base_decodes):>11.2f} | " if baseline else "")
+            + (f"{statistics.median(step_ratios):>8.2f} | " if baseline else "")
+            + (f"{(sampler or 0) / max(base_samplers, default=1):>12.2f} | " if baseline else "")
+            + f"{min(loads):.1f}-{max(loads):.1f}",
             flush=True,
         )
         logger.log(
@@ -364,6 +463,11 @@ def main() -> None:
                 "sampler_tok_s": sampler,
                 **extra,
                 "llama_cpp_tg_tok_s": best_peer,
+                "baseline": ARGS.baseline,
+                "baseline_decode_tok_s": max(base_decodes, default=None),
+                "baseline_sampler_tok_s": max(base_samplers, default=None),
+                "decode_step_ratio_per_step": step_ratios,
+                "cpu_flags": cpu_flags(),
                 "load_1min": loads,
                 "runtime": info,
             },

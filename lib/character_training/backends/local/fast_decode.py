@@ -19,6 +19,10 @@ module runs the *same mathematics* on the same weights with
   This is what lets the sampler keep its batch full (see `generation`).
 * `StaticCache.shift_left`: columns no live row still needs are dropped by moving the rest to
   the front; every step's attention reads columns ``[0, column]``, so dead columns cost time;
+* a decode step over a few dozen rows runs its element-wise work (norms, rotary, SiLU,
+  residual adds; in place, q and k rotated together) on one thread and only its products and
+  attention on all (`threads.ThreadSwitch`): split between two threads, each small op cost a
+  worker wake-up larger than the op itself. The same operations, the same bits;
 * once nothing is left to refill with, finished rows leave the batch by an index-select on the
   cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step;
 * a prefix many rows start with is kept once per cache (`StaticCache.shared_keys`) and read
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -47,6 +52,7 @@ import torch.nn.functional as F
 
 from .adapters import LowRankUpdate, update_of
 from .prefix_cache import PrefixKV
+from .threads import ThreadSwitch
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _NORM_ATTRIBUTES = {"weight", "variance_epsilon"}
@@ -365,12 +371,22 @@ class FastDecoder:
         self.q_size = self.heads * self.head_dim
         self.vocab = int(model.lm_head.weight.shape[0])
         self.kv_size = self.kv_heads * self.head_dim
+        # Decode attention (without a shared prefix) on the element-wise thread: faster on a
+        # CPU shared with other work (no worker to wake), but the flash kernel then sums in
+        # another order (~1e-7 relative; sampled log-probs move by up to ~4e-5), so off.
+        self.serial_attention = False
 
     # -- pieces -------------------------------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """HF's RMSNorm, ``weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)`` with ``h`` the
+        fp32 input, in the same operations (the same bits) but in place where the result is
+        a fresh tensor: fewer temporaries in a decode step."""
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        scale = h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        normed = (h * scale).to(x.dtype)
+        if weight.dtype == normed.dtype:
+            return normed.mul_(weight)
+        return weight * normed
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables, shape positions.shape + (head_dim,), in the activation dtype."""
@@ -604,54 +620,105 @@ class FastDecoder:
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         gate, up = self._linear(x, layer.gate_up, None, layer.gate_up_update).chunk(2, dim=-1)
-        return self._linear(F.silu(gate) * up, layer.down, None, layer.down_update)
+        return self._linear(F.silu(gate).mul_(up), layer.down, None, layer.down_update)
 
     def decode(
         self, cache: "StaticCache", tokens: torch.Tensor, positions: torch.Tensor, column: int
     ) -> torch.Tensor:
         """One step for every cache row: ``tokens`` [B] at ``positions`` [B], written at
-        ``column``. Returns logits [B, vocab] (float32)."""
-        b = tokens.shape[0]
-        groups = self.heads // self.kv_heads
+        ``column``. Returns logits [B, vocab] (float32).
+
+        The products and attention run on every thread; where torch would split the
+        element-wise work between threads (`threads.ThreadSwitch.for_step`), that work runs on
+        one instead: the same operations, the same bits."""
+        widest = max(self.layers[0].gate_up.shape[0], self.q_size + 2 * self.kv_size)
+        switch = ThreadSwitch.for_step(tokens.shape[0], widest, self.device)
+        try:
+            return self._decode_step(cache, tokens, positions, column, switch)
+        finally:
+            switch.restore()
+
+    def _decode_step(
+        self,
+        cache: "StaticCache",
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        column: int,
+        switch: ThreadSwitch,
+    ) -> torch.Tensor:
         cos, sin = self._rotary(positions)  # [B, D]
-        cos_q, sin_q = cos[:, None, None], sin[:, None, None]
+        # rotate-half as one product: [x1, x2] -> [x2, x1] * [-sin1, sin2] (sign moved onto the
+        # table: the same bits as [-x2, x1] * sin)
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)[:, None]
+        cos = cos[:, None]
         cache.valid[:, column] = True
-        attn_mask = cache.valid[:, None, None, : column + 1]  # [B, 1, 1, L]
-        cascade = cache.shared_len is not None and bool((cache.shared_len > 0).any())
+        step = _Step(
+            cache=cache,
+            column=column,
+            cos=cos,
+            sin=sin,
+            mask=cache.valid[:, None, None, : column + 1],  # [B, 1, 1, L]
+            cascade=cache.shared_len is not None and bool((cache.shared_len > 0).any()),
+        )
+        # The attention block follows its product on all threads: the flash kernel's sums
+        # depend on the thread count, and a parallel region right after another one finds the
+        # workers awake (after serial work they may have lost their core: ~0.5 ms per layer
+        # under load)
+        attend = self._attend if self.serial_attention else partial(switch.run, self._attend)
+        switch.serial()
         h = F.embedding(tokens, self.embed)  # [B, hidden]
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.norm_in)
-            qkv = self._linear(x, layer.qkv, layer.qkv_bias, layer.qkv_update)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            # Query heads sharing a K/V head become that head's "query positions".
-            q = self._rotate(q.view(b, self.kv_heads, groups, self.head_dim), cos_q, sin_q)
-            k = self._rotate(k.view(b, self.kv_heads, 1, self.head_dim), cos_q, sin_q)
-            cache.keys[index, :, :, column] = k[:, :, 0]
-            cache.values[index, :, :, column] = v.view(b, self.kv_heads, self.head_dim)
-            if cascade:  # rows that share the cache's prefix read it once, together
-                attn = attend_with_shared(
-                    q.to(self.cache_dtype),
-                    cache.keys[index, :, :, : column + 1],
-                    cache.values[index, :, :, : column + 1],
-                    attn_mask,
-                    cache.shared_keys[index],
-                    cache.shared_values[index],
-                    cache.shared_len,
-                    self.scale,
-                ).to(self.act_dtype)
-            else:
-                attn = F.scaled_dot_product_attention(
-                    q.to(self.cache_dtype),
-                    cache.keys[index, :, :, : column + 1],
-                    cache.values[index, :, :, : column + 1],
-                    attn_mask=attn_mask,
-                    scale=self.scale,
-                ).to(self.act_dtype)
-            h = h + self._linear(attn.reshape(b, self.q_size), layer.out, None, layer.out_update)
-            h = h + self._mlp(self._rms(h, layer.norm_post), layer)
-        return self._linear(
-            self._rms(h, self.final_norm), self.lm_head, None, self.lm_head_update
-        ).float()
+            qkv = switch.run(self._linear, x, layer.qkv, layer.qkv_bias, layer.qkv_update)
+            attn = attend(index, qkv, step)
+            h.add_(switch.run(self._linear, attn, layer.out, None, layer.out_update))
+            x = self._rms(h, layer.norm_post)
+            gate_up = switch.run(self._linear, x, layer.gate_up, None, layer.gate_up_update)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate).mul_(up)
+            h.add_(switch.run(self._linear, act, layer.down, None, layer.down_update))
+        x = self._rms(h, self.final_norm)
+        return switch.run(self._linear, x, self.lm_head, None, self.lm_head_update).float()
+
+    def _attend(self, index: int, qkv: torch.Tensor, step: "_Step") -> torch.Tensor:
+        """One layer's decode attention from its fused q/k/v output [B, q + 2 kv]: q and k
+        heads rotated together, this step's key and value written to the cache at
+        ``step.column``, the query heads that share a K/V head read as that head's "query
+        positions". Returns [B, heads * head_dim] in the activation dtype."""
+        b, heads, kv_heads, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        cache, column, span = step.cache, step.column, step.column + 1
+        qk = qkv[:, : self.q_size + self.kv_size].view(b, heads + kv_heads, d)
+        swapped = qk.view(b, heads + kv_heads, 2, d // 2).flip(2).view_as(qk)
+        rotated = qk * step.cos
+        rotated += swapped * step.sin
+        q = rotated[:, :heads].view(b, kv_heads, heads // kv_heads, d)
+        q = q.to(self.cache_dtype).contiguous()  # the flash kernel reads strided q slower
+        cache.keys[index, :, :, column] = rotated[:, heads:]
+        cache.values[index, :, :, column] = qkv[:, self.q_size + self.kv_size :].view(
+            b, kv_heads, d
+        )
+        keys, values = cache.keys[index, :, :, :span], cache.values[index, :, :, :span]
+        if step.cascade:  # rows that share the cache's prefix read it once, together
+            shared = (cache.shared_keys[index], cache.shared_values[index], cache.shared_len)
+            attn = attend_with_shared(q, keys, values, step.mask, *shared, self.scale)
+        else:
+            attn = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=step.mask, scale=self.scale
+            )
+        return attn.to(self.act_dtype).reshape(b, self.q_size)
+
+
+@dataclass
+class _Step:
+    """What every layer's attention needs in one decode step (`FastDecoder._attend`)."""
+
+    cache: "StaticCache"
+    column: int
+    cos: torch.Tensor  # [B, 1, D]
+    sin: torch.Tensor  # [B, 1, D], rotate-half's sign folded in
+    mask: torch.Tensor  # [B, 1, 1, L] bool: the columns each row may read
+    cascade: bool  # some rows read the cache's shared prefix
 
 
 @dataclass

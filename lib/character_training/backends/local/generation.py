@@ -346,26 +346,36 @@ class BatchedSampler:
 
     # -- shared per-step logic ------------------------------------------------------------------
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """Pick the next token of each row and record it with its untempered log-probability."""
+        """Pick the next token of each row and record it with its untempered log-probability.
+
+        Greedy rows take an argmax and sampling rows a draw (`sample_tokens`); a batch whose
+        rows are all of one kind is used as it is, not copied into a sub-batch (at 128 rows
+        each full-vocabulary pass or copy is several ms of a step). Every row's numbers are
+        those of the whole-batch computation.
+        """
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
-        tokens = torch.argmax(logprobs, dim=-1)
-        sampling = (temps > 0).nonzero().squeeze(-1)
-        if sampling.numel():
-            uniforms = torch.stack(
-                [torch.rand((), generator=rows[int(i)].generator) for i in sampling]
-            )
+        positive = (temps > 0).tolist()
+        sampling = [i for i, p in enumerate(positive) if p]
+        greedy = [i for i, p in enumerate(positive) if not p]
+        if not sampling:
+            tokens = torch.argmax(logprobs, dim=-1)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long)
+            if greedy:
+                tokens[greedy] = torch.argmax(logprobs[greedy], dim=-1)
+            uniforms = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampling])
             tokens[sampling] = sample_tokens(
-                logprobs[sampling],
+                logprobs if not greedy else logprobs[sampling],
                 temps[sampling],
-                torch.tensor([rows[int(i)].params.top_k for i in sampling], dtype=torch.long),
-                torch.tensor([rows[int(i)].params.top_p for i in sampling], dtype=torch.float32),
+                torch.tensor([rows[i].params.top_k for i in sampling], dtype=torch.long),
+                torch.tensor([rows[i].params.top_p for i in sampling], dtype=torch.float32),
                 uniforms,
             )
         chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-        for pos, row in enumerate(rows):
-            row.out.tokens.append(int(tokens[pos]))
-            row.out.logprobs.append(float(chosen[pos]))
+        for row, token, logprob in zip(rows, tokens.tolist(), chosen.tolist()):
+            row.out.tokens.append(token)
+            row.out.logprobs.append(logprob)
         return tokens
 
     def _finished(self, row: _Row, max_stop_len: int) -> bool:
@@ -501,7 +511,8 @@ class BatchedSampler:
             if not live:
                 return  # empty and nothing admissible: the caller starts a new wave
             rows = [wave.rows[slot] for slot in live]
-            tokens = self._choose(rows, wave.logits[live])
+            logits = wave.logits if len(live) == len(wave.rows) else wave.logits[live]
+            tokens = self._choose(rows, logits)
             for slot, row in zip(live, rows):
                 if self._finished(row, max_stop_len):
                     wave.rows[slot] = None
