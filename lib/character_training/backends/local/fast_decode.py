@@ -149,13 +149,21 @@ _PACK_HINT = 32  # rows the packed layout is tuned for (any row count works)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether products with ``weight`` can run on a prepacked oneDNN weight here."""
+    """Whether products with ``weight`` can run on a prepacked oneDNN weight here (bf16 only
+    where oneDNN has bf16 kernels: an AVX2-only CPU, or an ISA cap, refuses to reorder bf16
+    weights, so bf16 asked for explicitly there runs on `F.linear`)."""
     return (
         weight.device.type == "cpu"
         and weight.dtype in PACKED_DTYPES
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and (weight.dtype != torch.bfloat16 or _onednn_has_bf16())
     )
+
+
+def _onednn_has_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True
 
 
 def shared_weight(parts: list[torch.Tensor], pack: bool) -> torch.Tensor:

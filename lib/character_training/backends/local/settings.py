@@ -160,14 +160,15 @@ def runtime_info(config: LocalEngineConfig) -> dict:
         "env": {name: os.environ[name] for name in _KERNEL_ENV if name in os.environ},
     }
     if device.type == "cpu":
-        from .fast_decode import PACKED_DTYPES
+        from .fast_decode import can_pack
 
         dtype = config.compute_dtype
         onednn = torch.backends.mkldnn.is_available()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        packed = can_pack(torch.empty(0, dtype=dtype))
         info["products"] = {
             # the sampler's and compute_logprobs' decoder (`fast_decode`)
-            "decoder": "onednn prepacked" if onednn and dtype in PACKED_DTYPES else "F.linear",
+            "decoder": "onednn prepacked" if packed else "F.linear",
             # training (autocast) and the Hugging Face path: F.linear
             "F.linear": ("onednn" if onednn else "aten")
             if dtype == torch.bfloat16
