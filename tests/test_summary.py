@@ -731,7 +731,7 @@ def test_spearman_wording_without_reliabilities_and_near_the_ceiling():
 def test_teacher_likeness_is_read_on_the_probe_set_the_headline_uses(tmp_path):
     """With prompts of held-out assertions ("unseen") the headline reads those: a classifier
     that fails on the sibling ("constitution") probes must not withhold the unseen numbers."""
-    from character_training.summary import headline_probe_set, load_run
+    from character_training.summary import load_run, report_probe_set
 
     failed = "classifier AUC 0.68 [0.24, 0.96] on the constitution probe prompts includes 0.5"
 
@@ -750,8 +750,8 @@ def test_teacher_likeness_is_read_on_the_probe_set_the_headline_uses(tmp_path):
     shares = {"teacher_ref": 0.93, "student_ref": 0.57, "base": 0.54, "dpo": 0.54}
     rows = [row(label, ps, v) for label, v in shares.items() for ps in ("unseen", "constitution")]
     _write(tmp_path / "runs" / "p" / "tiny" / "adherence" / "adherence.json", {"rows": rows})
-    assert headline_probe_set(rows) == "unseen"
-    assert headline_probe_set([r for r in rows if r["probe_set"] != "unseen"]) == "constitution"
+    assert report_probe_set(rows) == "unseen"
+    assert report_probe_set([r for r in rows if r["probe_set"] != "unseen"]) == "constitution"
     run = load_run(tmp_path / "runs", "p", "tiny")
     assert run.teacher_like["base"].value == 0.54 and run.teacher_like["teacher_ref"].value == 0.93
     assert run.no_measurement("teacher_like_base") is None

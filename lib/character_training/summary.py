@@ -61,6 +61,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .probe_sets import headline_probe_set
 from .spend import run_line
 from .summary_records import (
     ADHERENCE_NOTEBOOKS,
@@ -87,16 +88,12 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.html"
 F1_FIELDS = (*F1_VARIANTS, "prefill")  # every summary field of stage 08
-ADHERENCE_PROBE_SET = "constitution"  # evaluate.adherence.CLASSIFIER_SOURCE
-UNSEEN_PROBE_SET = "unseen"  # evaluate.adherence.UNSEEN_SOURCE: the headline set when present
 
 
-def headline_probe_set(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The probe set an adherence report's headline uses, as `AdherenceReport` picks it:
-    prompts of assertions never trained on when stage 02 held some out, else the siblings."""
-    if any(row.get("probe_set") == UNSEEN_PROBE_SET for row in rows):
-        return UNSEEN_PROBE_SET
-    return ADHERENCE_PROBE_SET
+def report_probe_set(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The probe set an adherence report's headline uses (`probe_sets.headline_probe_set` over
+    its JSON rows, the rule `AdherenceReport` applied when writing it)."""
+    return headline_probe_set(str(row.get("probe_set")) for row in rows)
 
 
 # Adherence reports in the order the notebooks write them (03, 05, 09: ADHERENCE_NOTEBOOKS); a
@@ -474,7 +471,7 @@ def _read_teacher_like(run: RunSummary, run_dir: Path, root: Path) -> None:
             continue
         src, listed = _rel(path, root), run.unmeasured.get(notebook, {})
         try:
-            probe_set = headline_probe_set(data["rows"])
+            probe_set = report_probe_set(data["rows"])
             for row in data["rows"]:
                 label = str(row["label"])
                 if row.get("probe_set") != probe_set:

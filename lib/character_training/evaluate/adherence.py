@@ -85,6 +85,7 @@ import numpy as np
 
 from ..config import RunParams
 from ..errors import ConfigError, DataError
+from ..probe_sets import CLASSIFIER_SOURCE, headline_probe_set
 from ..prompts import student_messages
 from ..renderers import renderer_for_model
 from ..sampling import SampleRequest, sample_chat
@@ -126,8 +127,6 @@ logger = logging.getLogger(__name__)
 
 ADHERENCE_DIR = "adherence"
 MIN_REPLIES_PER_CLASS = 4  # kept teacher (and student) replies needed to fit the head
-CLASSIFIER_SOURCE = "constitution"  # the only held-out source split into classifier prompts
-UNSEEN_SOURCE = "unseen"  # prompts of assertions held out whole by stage 02 (the headline set)
 TEACHER_REF = "teacher_ref"
 STUDENT_REF = "student_ref"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -258,11 +257,7 @@ class AdherenceReport:
     def headline_probe_set(self) -> str:
         """The probe set headlines report: prompts of assertions never trained on ("unseen")
         when stage 02 held some out, else the held-out siblings of trained prompts."""
-        return (
-            UNSEEN_SOURCE
-            if any(r.probe_set == UNSEEN_SOURCE for r in self.rows)
-            else CLASSIFIER_SOURCE
-        )
+        return headline_probe_set(r.probe_set for r in self.rows)
 
     def headline(
         self,

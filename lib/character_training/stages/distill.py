@@ -56,6 +56,7 @@ from ..artifacts import PROMPTS_STAGE, assistant_name
 from ..config import AdherenceParams, DistillParams, RunParams, SamplingParams
 from ..constitutions import Constitution, load_constitution
 from ..errors import ConfigError, DataError
+from ..probe_sets import CLASSIFIER_SOURCE, UNSEEN_SOURCE
 from ..prompt_sources import check_prompt_records
 from ..prompts import (
     REASONING_CLOSE,
@@ -78,8 +79,8 @@ logger = logging.getLogger(__name__)
 
 STAGE = "02_distillation"
 INPUT_FILES = ("constitution_prompts.jsonl", "general_train.jsonl", "general_eval.jsonl")
-SOURCES = ("constitution", "unseen", "general")
-UNSEEN = "unseen"  # held-out prompts of assertions held out whole (never trained on)
+SOURCES = (CLASSIFIER_SOURCE, UNSEEN_SOURCE, "general")
+UNSEEN = UNSEEN_SOURCE  # held-out prompts of assertions held out whole (never trained on)
 HELDOUT_OVERLAP = 0.9
 """Similarity (`prompt_filters.similarity`) at which a general training prompt counts as the
 same as a held-out prompt and is left out of training; stage 01 splits its pool at 0.9 too."""
@@ -215,7 +216,7 @@ def split_constitution_prompts(
         heldout_ids |= {r["id"] for r in ranked[: heldout_count(len(group), fraction)]}
     train, heldout = [], []
     for record in records:
-        source = UNSEEN if record["assertion_id"] in whole else "constitution"
+        source = UNSEEN if record["assertion_id"] in whole else CLASSIFIER_SOURCE
         prompt = DistillPrompt(record["id"], record["prompt"], source, record["assertion_id"])
         (heldout if record["id"] in heldout_ids else train).append(prompt)
     return train, heldout
