@@ -63,15 +63,15 @@ def test_the_report_footer_states_the_prefill_a_stage_saved(tmp_path):
     counters = {"requested": 70823, "computed": 6478, "reused": 65179}
     manifest = {"local_engine": {"prefill": {"sampling": counters, "scoring": {"requested": 0}}}}
     (stage / "manifest.json").write_text(json.dumps(manifest))
-    assert engine_record.prefill_line(manifest) == (
+    assert engine_record.engine_line(manifest) == (
         "Local engine prefill: sampling 70,823 prompt tokens requested, 6,478 computed "
         "(91% reused from shared prefixes)."
     )
     assert "70,823 prompt tokens" in engine_record.footer_html(tmp_path, "02_distillation")
     assert engine_record.footer_html(tmp_path, "03_dpo") == ""  # no manifest: no footer
-    assert engine_record.prefill_line({"status": "done"}) == ""  # a Tinker stage
+    assert engine_record.engine_line({"status": "done"}) == ""  # a Tinker stage
     manifest["local_engine"]["peak_rss_mb"] = 3072
-    assert engine_record.prefill_line(manifest).endswith(
+    assert engine_record.engine_line(manifest).endswith(
         "reused from shared prefixes). Peak memory of the notebook's process: 3.00 GB."
     )
 
@@ -90,7 +90,7 @@ def test_rerunning_a_finished_stage_keeps_the_prefill_its_work_cost():
             "peak_rss_mb": 900,
         }
     }
-    merged = engine_record.add_earlier_prefill(rerun, earlier)
+    merged = engine_record.keep_earlier_work(rerun, earlier)
     assert merged["local_engine"]["peak_rss_mb"] == 3100  # the work's peak, not the rerun's
     assert merged["local_engine"]["prefill"]["sampling"] == {
         "requested": 100,
@@ -98,4 +98,4 @@ def test_rerunning_a_finished_stage_keeps_the_prefill_its_work_cost():
         "saved": 90,
     }
     assert merged["local_engine"]["prefill"]["scoring"] == {}
-    assert engine_record.add_earlier_prefill(rerun, {}) is rerun  # a first finish: as measured
+    assert engine_record.keep_earlier_work(rerun, {}) is rerun  # a first finish: as measured

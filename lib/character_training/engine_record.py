@@ -116,11 +116,13 @@ def _with_saved(total: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return total
 
 
-def prefill_line(manifest: dict[str, Any]) -> str:
-    """One sentence for a report's footer: the prompt tokens a stage asked the local engine
-    to prefill and how many it computed (the rest came from shared prefixes); "" without a
-    local-engine record (Tinker runs, or a stage from before this record existed)."""
-    prefill = manifest.get("local_engine", {}).get("prefill", {})
+def engine_line(manifest: dict[str, Any]) -> str:
+    """The sentences for a report's footer: the prompt tokens a stage asked the local engine
+    to prefill and how many it computed (the rest came from shared prefixes), and the peak
+    memory of the notebook's process; "" without a local-engine record (Tinker runs, or a
+    stage from before this record existed)."""
+    record = manifest.get("local_engine", {})
+    prefill = record.get("prefill", {})
     parts = []
     for kind in PREFILL_KINDS:
         counters = prefill.get(kind, {})
@@ -132,24 +134,24 @@ def prefill_line(manifest: dict[str, Any]) -> str:
                 f"({saved:.0%} reused from shared prefixes)"
             )
     line = ("Local engine prefill: " + "; ".join(parts) + ".") if parts else ""
-    peak = manifest.get("local_engine", {}).get("peak_rss_mb")
+    peak = record.get("peak_rss_mb")
     if peak is not None:
         line = f"{line} Peak memory of the notebook's process: {peak / 1024:.2f} GB.".strip()
     return line
 
 
 def footer_html(run_dir: Path, stage: str) -> str:
-    """`prefill_line` of ``run_dir/<stage>/manifest.json`` as a small HTML paragraph."""
+    """`engine_line` of ``run_dir/<stage>/manifest.json`` as a small HTML paragraph."""
     path = Path(run_dir) / stage / "manifest.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ""
-    line = prefill_line(manifest)
+    line = engine_line(manifest)
     return f'<p style="font-size:smaller;color:#555">{html.escape(line)}</p>' if line else ""
 
 
-def add_earlier_prefill(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """``fields`` (this process's `manifest_fields`) with the prefill an earlier "done" of the
     same stage recorded added in, and the larger of the two peak memories: re-running a
     finished stage (a resumed chain, a notebook opened again) computes nothing new and must

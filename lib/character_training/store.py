@@ -255,7 +255,7 @@ class StageDir:
         manifest = self.manifest()
         if updates.get("status") == "done":
             fields = engine_record.manifest_fields(self.engine_start)
-            updates = {**engine_record.add_earlier_prefill(fields, manifest), **updates}
+            updates = {**engine_record.keep_earlier_work(fields, manifest), **updates}
         manifest.update(portable_values(self.run_dir, updates))
         manifest.setdefault("git_commit", git_commit(REPO_ROOT))
         self.path.mkdir(parents=True, exist_ok=True)

@@ -379,6 +379,10 @@ class FastDecoder:
         self.q_size = self.heads * self.head_dim
         self.vocab = int(model.lm_head.weight.shape[0])
         self.kv_size = self.kv_heads * self.head_dim
+        # the widest element-wise tensor of a decode step, per row (`ThreadSwitch.for_step`)
+        self.elementwise_width = max(
+            self.layers[0].gate_up.shape[0], self.q_size + 2 * self.kv_size
+        )
         # Decode attention (without a shared prefix) on the element-wise thread: faster on a
         # CPU shared with other work (no worker to wake), but the flash kernel then sums in
         # another order (~1e-7 relative; sampled log-probs move by up to ~4e-5), so off.
@@ -639,8 +643,7 @@ class FastDecoder:
         The products and attention run on every thread; where torch would split the
         element-wise work between threads (`threads.ThreadSwitch.for_step`), that work runs on
         one instead: the same operations, the same bits."""
-        widest = max(self.layers[0].gate_up.shape[0], self.q_size + 2 * self.kv_size)
-        switch = ThreadSwitch.for_step(tokens.shape[0], widest, self.device)
+        switch = ThreadSwitch.for_step(tokens.shape[0], self.elementwise_width, self.device)
         try:
             return self._decode_step(cache, tokens, positions, column, switch)
         finally:
