@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -646,6 +647,33 @@ def test_a_new_checkpoint_under_the_same_label_is_sampled_again(
     assert {"model_path": other} in service.created
     logs = list((params.run_dir / preferences.STAGE / "responses").glob("dpo-*.jsonl"))
     assert len(logs) == 2
+
+
+def test_a_copied_run_folder_reuses_its_replies_and_verdicts(
+    tmp_path, tiny_service, tiny_dpo_checkpoint
+):
+    """Replies and verdicts are keyed by the checkpoint's path inside the run folder, so a run
+    folder copied elsewhere samples and judges nothing again. Keyed by the absolute path, a
+    moved tiny run's notebook 09 sampled and judged 07's dpo and final again (about 100 s)."""
+    small = {
+        "evals.elo_comparisons": 4,
+        "evals.elo_conditions": ["adopt"],
+        "evals.judge_modes": ["logprob"],
+    }
+    params = stage_params(tmp_path / "here", **small)
+    write_eval_prompts(params.run_dir)
+    inside = params.run_dir / "checkpoints" / "r0" / "sampler" / "dpo"
+    shutil.copytree(tiny_dpo_checkpoint, inside)
+    first = preferences.run(params, tiny_service, models={"dpo": str(inside)})
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+    moved = stage_params(tmp_path / "there", **small)
+    service = CountingService(tiny_service)
+    again = preferences.run(
+        moved, service, models={"dpo": str(moved.run_dir / inside.relative_to(params.run_dir))}
+    )
+    assert service.created == []
+    assert again.table_records() == first.table_records()
+    assert again.summary["models"]["dpo"] == "checkpoints/r0/sampler/dpo"
 
 
 # -- notebook 07 ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Bugs pinned here:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -119,6 +120,13 @@ def test_side_by_side_tables_have_a_row_per_prompt_and_a_column_per_stage(two_pe
     # a rerun samples nothing; a retrained checkpoint gets a new log
     again = samples.run(params, service)
     assert len(service.created) == 4 and again.rows == result.rows
+    # a copied runs folder finds every log: replies are keyed by paths inside the run folder
+    assert not any(Path(r["model"]).is_absolute() for r in result.rows)
+    runs = Path(params.runs_dir)
+    shutil.copytree(runs, runs.parent / "moved")
+    moved = with_overrides(params, {"runs_dir": str(runs.parent / "moved")})
+    assert samples.run(moved, service).rows == result.rows
+    assert len(service.created) == 4
     fabricate_checkpoints(params, inner, "humorous", stages=("dpo",))
     samples.run(params, service)
     assert len(service.created) == 5

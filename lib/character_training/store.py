@@ -145,6 +145,13 @@ def portable_path(run_dir: Path, path: str | Path) -> str:
     return text
 
 
+def model_identity(run_dir: Path, sampler_path: str | None, base_model: str) -> str:
+    """What a cache of a model's replies is keyed and named by: the checkpoint's sampler path as
+    the run folder records it (`portable_path`: relative, so a run folder copied or moved
+    elsewhere still finds its logs), or ``base:<base_model>`` for the untrained base."""
+    return portable_path(run_dir, sampler_path) if sampler_path else f"base:{base_model}"
+
+
 def resolve_path(run_dir: Path, stored: str | Path) -> str:
     """The absolute path for a path recorded by `portable_path` (relative to ``run_dir``);
     URIs, empty strings and absolute paths (as older run folders recorded them) unchanged."""

@@ -89,7 +89,14 @@ from ..probe_sets import CLASSIFIER_SOURCE, headline_probe_set
 from ..prompts import student_messages
 from ..renderers import renderer_for_model
 from ..sampling import SampleRequest, sample_chat
-from ..store import find_checkpoint, model_label, portable_path, read_jsonl, write_jsonl
+from ..store import (
+    find_checkpoint,
+    model_identity,
+    model_label,
+    portable_path,
+    read_jsonl,
+    write_jsonl,
+)
 from .heldout import HeldoutPrompt, heldout_path, load_heldout, split_prompt_ids
 from .intervals import (
     MEASURED,
@@ -484,7 +491,7 @@ def _sample_model(
     folder: Path,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Sample ``samples_per_probe`` replies per probe prompt; returns (identity, rows)."""
-    identity = portable_path(params.run_dir, path) if path is not None else f"base:{params.student}"
+    identity = model_identity(params.run_dir, path, params.student)
     settings = _sampling_settings(params)
     log_dir = folder / label
     log_name = _log_name(identity, settings)

@@ -26,7 +26,7 @@ from ..prompts import ADVERSARIAL_INSTRUCTIONS, prefill_attack_messages, robustn
 from ..sampler_setup import sampler_settings
 from ..sampling import Completion, SampleRequest, sample_chat
 from ..stage_config import StageConfig, section_setting
-from ..store import portable_path, read_jsonl
+from ..store import read_jsonl
 from .robustness import NONE_SPLIT, PREFILL_SPLIT, ClassifierSettings
 
 EVAL_FILE = "general_eval.jsonl"
@@ -168,12 +168,6 @@ def log_name(method: str, identity: str, settings: Mapping[str, Any]) -> str:
     model with the same settings (stage 09 after stage 08) finds the other's log by name."""
     blob = json.dumps({"model": identity, **settings}, sort_keys=True)
     return f"{method}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
-
-
-def model_identity(run_dir: Path, model_path: str | None, student: str) -> str:
-    """What a reply log is named after: the checkpoint's sampler path as the run folder records
-    it (relative, so a copied run finds its logs), or the base student."""
-    return portable_path(run_dir, model_path) if model_path else f"base:{student}"
 
 
 def sample_replies(

@@ -39,12 +39,11 @@ from ..evaluate.robustness_replies import (
     ReplySettings,
     load_eval_prompts,
     log_name,
-    model_identity,
     reply_requests,
     sample_replies,
 )
 from ..stage_config import renderer_of
-from ..store import Checkpoint, find_checkpoint, read_jsonl, resolve_path
+from ..store import Checkpoint, find_checkpoint, model_identity, read_jsonl, resolve_path
 from .probes import PROBE_LABEL
 
 COMPARE_REPORT = "rlaif"  # the adherence report's name (``adherence/rlaif.json``)

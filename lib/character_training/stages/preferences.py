@@ -100,7 +100,14 @@ from ..prompts import preference_messages
 from ..sampler_setup import SAMPLING_PREFIXES, LazySampler, model_sampler, sampler_settings
 from ..sampling import SampleRequest, sample_chat
 from ..stage_config import StageConfig, digest
-from ..store import StageDir, json_safe, list_checkpoints, stage_dir, write_jsonl
+from ..store import (
+    StageDir,
+    json_safe,
+    list_checkpoints,
+    model_identity,
+    stage_dir,
+    write_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -435,11 +442,12 @@ def _sample_responses(
     path: str | None,
     matches: Sequence[Match],
     folder: Path,
+    identity: str,
 ) -> tuple[str, dict[str, Any]]:
     """One model's replies to every match, offered in the model's own order, through the shared
     sampler (resumable); returns the log's name (the judge's logs are named after it) and the
-    completions by match key."""
-    identity = path if path is not None else f"base:{config.student}"
+    completions by match key. ``identity`` (`store.model_identity`) names the log, so a moved run
+    folder keeps its replies."""
     settings = sampler_settings(config.sampling, config.evals.elo_response_tokens, config.seed)
     name = f"{label}-{digest({'model': identity, **settings})}"
     record_log(folder / "responses", f"{name}.jsonl", {"model": identity, **settings})
@@ -500,10 +508,10 @@ def run(
     judgements: list[dict] = []
     identities: dict[str, str] = {}
     for label, path in models.items():
+        identities[label] = model_identity(params.run_dir, path, config.student)
         log_name, responses = _sample_responses(
-            config, service_client, label, path, matches, stage.path
+            config, service_client, label, path, matches, stage.path, identities[label]
         )
-        identities[label] = path if path is not None else f"base:{config.student}"
         verdicts = judge_replies(
             config, judge_client, label, log_name, matches, responses, stage.path, prior
         )

@@ -105,7 +105,6 @@ from ..evaluate.robustness import (
 from ..evaluate.robustness_replies import (
     ReplySettings,
     load_eval_prompts,
-    model_identity,
     prefill_requests,
     reply_requests,
     sample_replies,
@@ -113,7 +112,7 @@ from ..evaluate.robustness_replies import (
 from ..evaluate.robustness_report import Report
 from ..prompts import persona_system_prompt
 from ..sampling import Completion, SampleRequest
-from ..store import CHECKPOINTS_FILE, Checkpoint, list_checkpoints, stage_dir
+from ..store import CHECKPOINTS_FILE, Checkpoint, list_checkpoints, model_identity, stage_dir
 
 logger = logging.getLogger(__name__)
 

@@ -55,6 +55,7 @@ from ..store import (
     CHECKPOINTS_FILE,
     Checkpoint,
     list_checkpoints,
+    model_identity,
     read_jsonl,
     stage_dir,
     write_jsonl,
@@ -99,10 +100,7 @@ class Model:
     label: str  # "base" or "<persona>/<stage>"
     base_model: str
     sampler_path: str | None
-
-    @property
-    def identity(self) -> str:
-        return self.sampler_path if self.sampler_path is not None else f"base:{self.base_model}"
+    identity: str  # `store.model_identity`: names its reply log, portable with the run folder
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ def _package_notes() -> dict[str, str]:
 
 
 def models_to_sample(
-    personas: Mapping[str, Mapping[str, Checkpoint]], student: str
+    personas: Mapping[str, Mapping[str, Checkpoint]], student: str, run_dir: Path
 ) -> list[tuple[Model, list[tuple[str, str]]]]:
     """Each distinct model once, with the (persona, stage) cells it fills.
 
@@ -167,10 +165,13 @@ def models_to_sample(
                 f"models {sorted(bases)}: retrain the later stage from this run's 'dpo'"
             )
         base_model = bases.pop() or student
-        base = Model("base", base_model, None)
+        base = Model("base", base_model, None, model_identity(run_dir, None, base_model))
         plan.setdefault(base.identity, (base, []))[1].append((persona, "base"))
         for stage, checkpoint in checkpoints.items():
-            model = Model(f"{persona}/{stage}", base_model, checkpoint.sampler_path)
+            path = checkpoint.sampler_path
+            model = Model(
+                f"{persona}/{stage}", base_model, path, model_identity(run_dir, path, base_model)
+            )
             plan.setdefault(model.identity, (model, []))[1].append((persona, stage))
     return list(plan.values())
 
@@ -415,7 +416,7 @@ def run(
     rows: list[dict[str, Any]] = []
     by_id = {p["id"]: p for p in prompts}
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for model, slots in models_to_sample(trained, config.student):
+    for model, slots in models_to_sample(trained, config.student, params.run_dir):
         completions = _sample_model(service_client, config, model, prompts, log_dir)
         for persona, stage_name in slots:
             for completion in completions.values():
