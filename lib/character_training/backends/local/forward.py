@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import shared_prefix
 from .head_logprobs import HEAD_CHUNK, head_logprobs, head_parts
 
 
@@ -118,6 +119,7 @@ def iter_scored_micro_batches(
     autocast_dtype: torch.dtype | None,
     token_budget: int,
     checkpoint_tokens: int | None = None,
+    share_prefix: bool = False,
 ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
     """Yield ``(indices, logprobs)`` per micro-batch, in the packing order of `micro_batches`.
 
@@ -128,7 +130,19 @@ def iter_scored_micro_batches(
     than the budget gets a micro-batch of its own) keeps only the input of enough layers for
     its activations to fit that many tokens' worth, and recomputes those layers in the backward
     pass (`activation_checkpointing`).
+
+    With ``share_prefix``, sequences that all start with the same `MIN_SHARED_PREFIX` or more
+    tokens run that prefix once (`shared_prefix`). The caller must then run each micro-batch's
+    backward before asking for the next (as ``forward_backward`` does): the prefix's own
+    backward runs when the generator is resumed after the last one.
     """
+    if share_prefix:
+        shared = _shareable_prefix(model, inputs, targets, token_budget, checkpoint_tokens)
+        if shared:
+            yield from _scored_with_shared_prefix(
+                model, inputs, targets, shared, pad_id, device, autocast_dtype, token_budget
+            )
+            return
     layers = len(getattr(_decoder(model), "layers", ()))
     for group in micro_batches([len(s) for s in inputs], token_budget):
         ids, mask = right_pad([inputs[i] for i in group], pad_id, device)
@@ -168,6 +182,57 @@ def iter_scored_micro_batches(
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             flat = _target_logprobs(logits, tgt.reshape(-1)).reshape(tgt.shape)
         yield group, [flat[row, : len(inputs[i])] for row, i in enumerate(group)]
+
+
+def _shareable_prefix(model, inputs, targets, token_budget: int, checkpoint_tokens) -> int:
+    """The prefix length `shared_prefix` may run once, or 0: a Llama-like decoder with a plain
+    head, and every suffix within the activation budget (a checkpointed layer drops the keys
+    and values the suffixes attend to)."""
+    if not _splits_the_head(model) or not shared_prefix.supports(model.get_decoder()):
+        return 0
+    shared = shared_prefix.shared_prefix_length(inputs, targets)
+    if not shared:
+        return 0
+    longest = max(len(s) for s in inputs) - shared
+    if longest > token_budget:
+        return 0
+    if checkpoint_tokens is not None and torch.is_grad_enabled() and longest > checkpoint_tokens:
+        return 0
+    return shared
+
+
+def _scored_with_shared_prefix(
+    model, inputs, targets, shared: int, pad_id: int, device, autocast_dtype, token_budget: int
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    head = model.get_output_embeddings()
+    parts = head_parts(head)
+
+    def logprobs(hidden: torch.Tensor, tgt: torch.Tensor, mask=None) -> torch.Tensor:
+        if parts is None:
+            return chunked_target_logprobs(
+                head, hidden, tgt, device=device, autocast_dtype=autocast_dtype
+            )
+        mask = torch.ones_like(tgt) if mask is None else mask
+        dtype = _product_dtype(hidden, autocast_dtype)
+        return head_logprobs(parts, hidden, tgt, mask, product_dtype=dtype)
+
+    prefix = shared_prefix.SharedPrefix(
+        model.get_decoder(),
+        logprobs,
+        torch.as_tensor(list(inputs[0][:shared]), dtype=torch.long, device=device)[None],
+        torch.as_tensor(list(targets[0][:shared]), dtype=torch.long, device=device)[None],
+        grad=torch.is_grad_enabled(),
+        autocast=lambda: autocast_context(device, autocast_dtype),
+    )
+    suffixes = [list(s[shared:]) for s in inputs]
+    return shared_prefix.scored_with_shared_prefix(
+        prefix,
+        suffixes,
+        [list(t[shared:]) for t in targets],
+        micro_batches([len(s) for s in suffixes], token_budget),
+        logprobs,
+        lambda rows, pad=pad_id: right_pad(rows, pad, device),
+    )
 
 
 def _decoder(model: torch.nn.Module):

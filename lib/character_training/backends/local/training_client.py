@@ -190,7 +190,9 @@ class LocalTrainingClient:
             budget = min(budget, self._activation_tokens)
         return budget
 
-    def _score(self, inputs, targets):
+    def _score(self, inputs, targets, share_prefix: bool = False):
+        """``share_prefix``: only where each micro-batch's backward runs before the next is
+        asked for (`forward.iter_scored_micro_batches`)."""
         with_graph = torch.is_grad_enabled()
         return iter_scored_micro_batches(
             self.model,
@@ -201,6 +203,7 @@ class LocalTrainingClient:
             autocast_dtype=self.engine.compute_dtype,
             token_budget=self._token_budget(with_graph),
             checkpoint_tokens=self._activation_tokens if with_graph else None,
+            share_prefix=share_prefix,
         )
 
     # -- forward / backward -------------------------------------------------------------------
@@ -238,7 +241,7 @@ class LocalTrainingClient:
         inputs, targets = _inputs_and_targets(data)
         outputs: list[dict | None] = [None] * len(data)
         total = 0.0
-        for group, logprobs in self._score(inputs, targets):
+        for group, logprobs in self._score(inputs, targets, share_prefix=True):
             losses = []
             for idx, lp in zip(group, logprobs):
                 value, extra = loss.fn(
