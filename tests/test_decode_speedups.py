@@ -62,12 +62,17 @@ def plain_decode(dec: FastDecoder, cache: StaticCache, tokens, positions, column
     def rope(x):
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
+    def linear(x, weight, bias, update):
+        """The product, then the update added as a separate tensor, on torch's threads."""
+        out = dec._product(x, weight, bias)
+        return out if update is None else (out.float() + update(x)).to(dec.act_dtype)
+
     cache.valid[:, column] = True
     mask = cache.valid[:, None, None, : column + 1]
     cascade = cache.shared_len is not None and bool((cache.shared_len > 0).any())
     h = F.embedding(tokens, dec.embed)
     for i, lay in enumerate(dec.layers):
-        mixed = dec._linear(norm(h, lay.norm_in), lay.qkv, lay.qkv_bias, lay.qkv_update)
+        mixed = linear(norm(h, lay.norm_in), lay.qkv, lay.qkv_bias, lay.qkv_update)
         q, k, v = mixed.split([dec.q_size, dec.kv_size, dec.kv_size], dim=-1)
         q = rope(q.view(b, dec.kv_heads, groups, d)).to(dec.cache_dtype)
         cache.keys[i, :, :, column] = rope(k.view(b, dec.kv_heads, 1, d))[:, :, 0]
@@ -79,12 +84,12 @@ def plain_decode(dec: FastDecoder, cache: StaticCache, tokens, positions, column
         else:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=dec.scale)
         attn = attn.to(dec.act_dtype).reshape(b, dec.q_size)
-        h = h + dec._linear(attn, lay.out, None, lay.out_update)
-        gate, up = dec._linear(norm(h, lay.norm_post), lay.gate_up, None, lay.gate_up_update).chunk(
+        h = h + linear(attn, lay.out, None, lay.out_update)
+        gate, up = linear(norm(h, lay.norm_post), lay.gate_up, None, lay.gate_up_update).chunk(
             2, dim=-1
         )
-        h = h + dec._linear(F.silu(gate) * up, lay.down, None, lay.down_update)
-    return dec._linear(norm(h, dec.final_norm), dec.lm_head, None, dec.lm_head_update).float()
+        h = h + linear(F.silu(gate) * up, lay.down, None, lay.down_update)
+    return linear(norm(h, dec.final_norm), dec.lm_head, None, dec.lm_head_update).float()
 
 
 def filled_cache(dec: FastDecoder, rows: int, width: int, shared: PrefixKV | None = None):
@@ -137,7 +142,9 @@ def test_the_decode_step_gives_the_plain_steps_logits_bit_for_bit(rows):
 
 
 def test_the_decode_step_with_lora_updates_and_a_shared_prefix_is_unchanged():
-    """Adapted layers take the separate-add path; cascade attention reads a shared prefix."""
+    """Adapted layers, the head included (their updates summed inside the up-projection's
+    product, `LowRankUpdate.add_to`), give the bits of the separate add; cascade attention
+    reads a shared prefix."""
     dec = FastDecoder(tiny_llama())
     gen = torch.Generator().manual_seed(3)
 
@@ -149,6 +156,8 @@ def test_the_decode_step_with_lora_updates_and_a_shared_prefix_is_unchanged():
     dec.layers[0].out_update = update(dec.q_size, hidden)
     dec.layers[1].down_update = update(inter, hidden)
     dec.layers[1].qkv_update = update(hidden, dec.q_size + 2 * dec.kv_size)
+    dec.layers[0].gate_up_update = update(hidden, 2 * inter)
+    dec.lm_head_update = update(hidden, dec.vocab)
     prefix = 9
     shape = (len(dec.layers), dec.kv_heads, prefix, dec.head_dim)
     shared = PrefixKV(
@@ -282,3 +291,18 @@ def test_token_choice_picks_and_scores_what_the_plain_choice_did(settings):
         assert [r.out.tokens[-1] for r in ours] == want_tokens
         assert [r.out.logprobs[-1] for r in ours] == want_logprobs
         assert all(isinstance(r.out.tokens[-1], int) for r in ours)
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (3, 7, 576), (1, 576)])
+@pytest.mark.parametrize("out_features", [960, 49152])
+def test_an_update_summed_inside_its_product_gives_the_separate_sums_bits(shape, out_features):
+    """`LowRankUpdate.add_to` (one ``addmm``) against ``out + update(x)``: SmolLM2's layer and
+    head widths, decode rows and prefill blocks."""
+    gen = torch.Generator().manual_seed(out_features + len(shape))
+    update = LowRankUpdate(
+        down=torch.randn(8, shape[-1], generator=gen) * 0.1,
+        up=torch.randn(out_features, 8, generator=gen) * 0.1,
+    )
+    x = torch.randn(shape, generator=gen)
+    out = torch.randn((*shape[:-1], out_features), generator=gen)
+    assert torch.equal(update.add_to(out, x), out + update(x))

@@ -415,15 +415,25 @@ class FastDecoder:
     ) -> torch.Tensor:
         """A product in the weights' dtype, returned in the activation dtype, plus an unmerged
         update in fp32: what `adapters.FrozenLinear` computes."""
+        return self._plus_update(self._product(x, weight, bias), x, update)
+
+    def _product(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The frozen product alone, in the weights' dtype, returned in the activation dtype."""
         if self.packed:
-            out = torch.ops.mkldnn._linear_pointwise(
+            return torch.ops.mkldnn._linear_pointwise(
                 x.to(self.dtype), weight, bias, "none", [], ""
             ).to(self.act_dtype)
-        else:
-            out = F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
+        return F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
+
+    def _plus_update(
+        self, out: torch.Tensor, x: torch.Tensor, update: LowRankUpdate | None
+    ) -> torch.Tensor:
+        """``out`` plus the unmerged update of ``x`` (fp32), back in the activation dtype."""
         if update is None:
             return out
-        return (out.float() + update(x)).to(self.act_dtype)
+        return update.add_to(out, x).to(self.act_dtype)
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
