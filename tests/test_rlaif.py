@@ -415,50 +415,6 @@ def test_bad_settings_and_missing_inputs_fail_in_one_line(stage_params, tmp_path
         rlaif.run(small, None, comparator=SHORTER)
 
 
-def test_coherence_is_judged_on_the_headline_probes_only(stage_params, tmp_path, monkeypatch):
-    """rlaif's coherence is read next to the headline adherence change (`hacking_check`), so it
-    is judged on the same prompts: the unseen assertions' when stage 02 held some out."""
-    from types import SimpleNamespace
-
-    from character_training.evaluate import coherence as judge_lib
-
-    params = stage_params(tmp_path)
-    write_inputs(params.run_dir, n_heldout=8)
-    path = params.run_dir / "02_distillation" / "heldout.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in rows[:3]:
-        row["source"] = "unseen"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    samples = params.run_dir / "adherence" / "rlaif_samples.jsonl"
-    samples.parent.mkdir(parents=True)
-    replies = [
-        {"label": label, "prompt_id": r["prompt_id"], "sample": k, "text": f"{label} {k}"}
-        for r in rows
-        for label in ("rlaif", "final")
-        for k in (0, 1)
-    ]
-    samples.write_text("".join(json.dumps(r) + "\n" for r in replies))
-    seen = []
-
-    def judge(_sampler, _renderer, comparisons, **_kwargs):
-        seen.extend(comparisons)
-        return [
-            judge_lib.Verdict(c.id, order, "A", "logprob", {"logprob_a": 0.0, "logprob_b": -1.0})
-            for c in comparisons
-            for order in judge_lib.ORDERS
-        ]
-
-    monkeypatch.setattr(judge_lib, "judge_logprob", judge)
-    for headline, expected in (("unseen", 3), ("constitution", 3)):
-        seen.clear()
-        report = SimpleNamespace(path=samples.with_name("rlaif.json"), headline_probe_set=headline)
-        rates = compare.coherence_rates(params, None, report, [("rlaif", "final")], tmp_path)
-        assert {c.prompt_id for c in seen} == {
-            r["prompt_id"] for r in rows if r["source"] == headline
-        }
-        assert len(seen) == expected and len(rates) == 1
-
-
 # -- notebook 09 -----------------------------------------------------------------------------------
 def write_notebook_inputs(params, trainer) -> None:
     """Stage 01's eval prompts, stage 02's pairs and held-out file, and a "final" checkpoint as

@@ -174,19 +174,12 @@ def coherence_rates(
 ) -> list[dict[str, Any]]:
     """Order-swapped coherence verdicts of the untrained judge (`evaluate.coherence`, stage 08's
     judge) on the adherence probe replies (first sample per prompt) of each pair; one record per
-    pair with the win rate of its first model, its standard error and a Wilson 95% interval.
-
-    Only the prompts of the report's headline probe set are judged (the unseen assertions' when
-    stage 02 held some out): the hacking check (`hacking_check`) sets this next to the headline
-    adherence change, so both are read on the same prompts. (All 34 tiny probes cost 75 s of
-    the default run; the 21 headline ones about 46 s.)
-    """
+    pair with the win rate of its first model, its standard error and a Wilson 95% interval."""
     constitution = load_constitution(
         params.constitution_ref, allow_opt_in=params.allow_misaligned, prompts_per_assertion=None
     )
     rows = read_jsonl(report.path.parent / f"{report.path.stem}_samples.jsonl")
-    headline = report.headline_probe_set
-    heldout = {h.prompt_id: h.prompt for h in load_heldout(params.run_dir) if h.source == headline}
+    heldout = {h.prompt_id: h.prompt for h in load_heldout(params.run_dir)}
     text = {(r["label"], r["prompt_id"]): r["text"] for r in rows if int(r.get("sample", 0)) == 0}
     comparisons = [
         judge_lib.Comparison(
