@@ -56,7 +56,7 @@ def supports(decoder: torch.nn.Module) -> bool:
 
 class SharedPrefix:
     """One batch's shared prefix: its kept layer inputs, its keys and values as gradient
-    leaves, and its positions' log-probabilities as a gradient leaf (`module docstring`)."""
+    leaves, and its positions' log-probabilities as a gradient leaf (steps 1-3 above)."""
 
     def __init__(
         self,
