@@ -64,7 +64,7 @@ def plain_decode(dec: FastDecoder, cache: StaticCache, tokens, positions, column
 
     def linear(x, weight, bias, update):
         """The product, then the update added as a separate tensor, on torch's threads."""
-        out = dec._product(x, weight, bias)
+        out = dec._linear(x, weight, bias)
         return out if update is None else (out.float() + update(x)).to(dec.act_dtype)
 
     cache.valid[:, column] = True

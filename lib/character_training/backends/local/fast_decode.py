@@ -415,22 +415,12 @@ class FastDecoder:
     ) -> torch.Tensor:
         """A product in the weights' dtype, returned in the activation dtype, plus an unmerged
         update in fp32: what `adapters.FrozenLinear` computes."""
-        return self._plus_update(self._product(x, weight, bias), x, update)
-
-    def _product(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The frozen product alone, in the weights' dtype, returned in the activation dtype."""
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(
+            out = torch.ops.mkldnn._linear_pointwise(
                 x.to(self.dtype), weight, bias, "none", [], ""
             ).to(self.act_dtype)
-        return F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
-
-    def _plus_update(
-        self, out: torch.Tensor, x: torch.Tensor, update: LowRankUpdate | None
-    ) -> torch.Tensor:
-        """``out`` plus the unmerged update of ``x`` (fp32), back in the activation dtype."""
+        else:
+            out = F.linear(x.to(weight.dtype), weight, bias).to(self.act_dtype)
         if update is None:
             return out
         return update.add_to(out, x).to(self.act_dtype)
