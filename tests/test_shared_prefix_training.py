@@ -14,24 +14,19 @@ from character_training.backends.local.shared_prefix import (
     shared_prefix_length,
 )
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_snapshot_fidelity import _tiny_llama
 
 VOCAB = 97
 
 
 def _lora_model(seed: int) -> torch.nn.Module:
+    """`_tiny_llama` (untied head) with a seeded, trained-looking LoRA on every linear layer,
+    in training mode as the training client runs it (so whole rows over the activation
+    budget are checkpointed)."""
+    model = _tiny_llama(
+        vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False
+    ).train()
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
     targets = [
         "q_proj",
         "k_proj",
