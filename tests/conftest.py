@@ -25,6 +25,8 @@ from typing import Any
 # other processes share this small CPU, a LoRA step then takes 10x longer. Must be set before
 # torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# What the package sets on import (huge pages for torch's large allocations), before torch.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import pytest
 import torch

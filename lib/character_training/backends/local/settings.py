@@ -125,8 +125,22 @@ _KERNEL_ENV = (
     "MKL_ENABLE_INSTRUCTIONS",
     "ONEDNN_MAX_CPU_ISA",
     "ATEN_CPU_CAPABILITY",
+    "THP_MEM_ALLOC_ENABLE",
 )
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def transparent_hugepage_mode() -> str | None:
+    """The kernel's transparent huge page mode (always, madvise or never), or None off Linux.
+
+    torch's ``THP_MEM_ALLOC_ENABLE`` asks for huge pages with ``madvise``: "never" ignores it.
+    """
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else None
 
 
 @lru_cache(maxsize=1)
@@ -158,6 +172,7 @@ def runtime_info(config: LocalEngineConfig) -> dict:
         "activation_mb": config.activation_mb,
         "cpu_flags": cpu_flags(),
         "env": {name: os.environ[name] for name in _KERNEL_ENV if name in os.environ},
+        "transparent_hugepage": transparent_hugepage_mode(),
     }
     if device.type == "cpu":
         from .fast_decode import can_pack
