@@ -167,6 +167,27 @@ def test_jobs_on_the_local_backend_warn_that_chains_share_the_cpu(matrix_dirs, c
     assert "sarcastic/tiny, loving/tiny" in warning[0]
 
 
+def test_kernels_spin_when_one_chain_runs_and_sleep_when_chains_share_the_cpu(
+    matrix_dirs, monkeypatch
+):
+    """The kernels inherit OMP_WAIT_POLICY from the runner: what each notebook started with."""
+    seen: list[str] = []
+
+    def recording(params, notebook):
+        seen.append(os.environ.get("OMP_WAIT_POLICY", "<unset>"))
+        return FakeExecutor()(params, notebook)
+
+    for jobs, expected in ((1, "ACTIVE"), (2, "PASSIVE")):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        seen.clear()
+        run(matrix_dirs, recording, jobs)
+        assert seen and set(seen) == {expected}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's choice wins
+    seen.clear()
+    run(matrix_dirs, recording, 1)
+    assert set(seen) == {"PASSIVE"}
+
+
 def test_jobs_below_one_is_a_one_line_error(capsys):
     assert main(["run", "--persona", "sarcastic", "--size", "tiny", "--jobs", "0"]) == 2
     err = capsys.readouterr().err.strip()

@@ -522,6 +522,19 @@ def _warn_shared_cpu(chains: Sequence[_Chain], workers: int) -> None:
         )
 
 
+def omp_wait_policy(workers: int) -> str:
+    """How torch's idle OpenMP workers wait in the notebook kernels (they inherit the variable;
+    a value already in the environment wins).
+
+    One chain at a time has the CPU to itself: workers spin between parallel regions
+    (``ACTIVE``), which made notebook 06 take 57 s instead of 63 s (twice each, 2-core CPU,
+    AVX2 regime; a decode step has dozens of short regions). Chains that share the CPU sleep
+    (``PASSIVE``): a spinning worker holds a core that another chain's thread waits for, and on
+    a shared CPU that made decode steps up to 10x slower (measured).
+    """
+    return "ACTIVE" if workers == 1 else "PASSIVE"
+
+
 def run_matrix(
     personas: Iterable[str],
     sizes: Iterable[str],
@@ -550,14 +563,12 @@ def run_matrix(
     come back grouped by chain, in the order the chains were given. Ctrl-C stops the chains
     that have not started and, after the notebooks running now, the rest; rerunning resumes.
     """
-    # Kernels inherit this: torch's OpenMP threads otherwise busy-wait, and on a shared CPU
-    # that made decode steps up to 10x slower (measured); sleeping threads cost little here.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs {jobs!r}: expected a whole number of chains >= 1")
     names = resolve_notebooks(notebooks, notebooks_dir)
     chains = _plan_chains(personas, sizes, overrides)
     workers = min(jobs, len(chains)) or 1
+    os.environ.setdefault("OMP_WAIT_POLICY", omp_wait_policy(workers))
     _warn_shared_cpu(chains, workers)
     if execute is None:
 

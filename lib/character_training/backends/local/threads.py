@@ -3,12 +3,12 @@
 Why: a decode step over a few dozen rows runs ~25 element-wise operations per layer (norms,
 rotary, SiLU, residual adds) on tensors of a few ten thousand elements. Torch splits each one
 that passes its grain size between the intra-op threads, and every split wakes the sleeping
-OpenMP workers (``OMP_WAIT_POLICY=PASSIVE``, which this project sets so idle workers do not
-spin on a shared CPU) and waits for the slowest. On this project's 2-core CPU that cost more
-than the work: SmolLM2's chain took 980 us per layer at 64 rows on two threads and 216 us on
-one (AVX2, fp32; 2.0 ms -> 0.38 ms at 128 rows). Element-wise results do not depend on the
-thread count (each element is computed the same way; reductions over the last axis are split
-by rows), so the numbers stay the same to the bit.
+OpenMP workers (``OMP_WAIT_POLICY=PASSIVE``, which the runner sets when chains share the CPU,
+so idle workers do not spin there; see `runner.omp_wait_policy`) and waits for the slowest. On
+this project's 2-core CPU that cost more than the work: SmolLM2's chain took 980 us per layer
+at 64 rows on two threads and 216 us on one (AVX2, fp32; 2.0 ms -> 0.38 ms at 128 rows).
+Element-wise results do not depend on the thread count (each element is computed the same way;
+reductions over the last axis are split by rows), so the numbers stay the same to the bit.
 
 The products (and the decode attention, whose CPU flash kernel sums in another order on one
 thread) run on all threads. Switching costs ~0.1 us (`torch.set_num_threads` sets OpenMP's and
