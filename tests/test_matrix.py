@@ -177,11 +177,12 @@ def test_kernels_spin_when_one_chain_runs_and_sleep_when_chains_share_the_cpu(
         seen.append(os.environ.get("OMP_WAIT_POLICY", "<unset>"))
         return FakeExecutor()(params, notebook)
 
-    for jobs, expected in ((1, "ACTIVE"), (2, "PASSIVE")):
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for jobs, expected in ((1, "ACTIVE"), (2, "PASSIVE"), (1, "ACTIVE")):
         seen.clear()
-        run(matrix_dirs, recording, jobs)
+        run(matrix_dirs, recording, jobs)  # one matrix after another in the same process
         assert seen and set(seen) == {expected}
+        assert "OMP_WAIT_POLICY" not in os.environ  # set for that matrix only
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's choice wins
     seen.clear()
     run(matrix_dirs, recording, 1)

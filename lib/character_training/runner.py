@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import engine_record
 from .chain_status import chain_summaries, format_usd
@@ -535,6 +535,20 @@ def omp_wait_policy(workers: int) -> str:
     return "ACTIVE" if workers == 1 else "PASSIVE"
 
 
+@contextlib.contextmanager
+def _kernel_wait_policy(workers: int) -> Iterator[None]:
+    """`omp_wait_policy` in the environment the kernels inherit, for one matrix only: a later
+    matrix in the same process (a notebook, the tests) picks its own from its ``workers``."""
+    if "OMP_WAIT_POLICY" in os.environ:  # the user's choice
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = omp_wait_policy(workers)
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def run_matrix(
     personas: Iterable[str],
     sizes: Iterable[str],
@@ -568,7 +582,6 @@ def run_matrix(
     names = resolve_notebooks(notebooks, notebooks_dir)
     chains = _plan_chains(personas, sizes, overrides)
     workers = min(jobs, len(chains)) or 1
-    os.environ.setdefault("OMP_WAIT_POLICY", omp_wait_policy(workers))
     _warn_shared_cpu(chains, workers)
     if execute is None:
 
@@ -586,6 +599,7 @@ def run_matrix(
 
     stop = threading.Event()
     with contextlib.ExitStack() as held:
+        held.enter_context(_kernel_wait_policy(workers))
         locks = [
             held.enter_context(ChainLock(chain.params.run_dir, chain.label)) for chain in chains
         ]  # refuse before running any
