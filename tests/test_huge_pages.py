@@ -46,19 +46,8 @@ def test_large_tensors_are_eligible_for_huge_pages_and_the_setting_is_recorded()
     assert probe["mode"] == "madvise"
 
 
-def test_the_mode_is_read_from_the_bracketed_word(tmp_path, monkeypatch):
-    from character_training.backends.local import settings
-
-    real = settings.Path
-
-    def fake(path):
-        if str(path).startswith("/sys/kernel/mm/transparent_hugepage"):
-            target = tmp_path / "enabled"
-            target.write_text("always madvise [never]\n")
-            return target
-        return real(path)
-
-    monkeypatch.setattr(settings, "Path", fake)
-    assert settings.transparent_hugepage_mode() == "never"
-    monkeypatch.setattr(settings, "Path", lambda path: tmp_path / "missing")
-    assert settings.transparent_hugepage_mode() is None
+def test_the_mode_is_read_from_the_bracketed_word(tmp_path):
+    enabled = tmp_path / "enabled"
+    enabled.write_text("always madvise [never]\n")
+    assert transparent_hugepage_mode(enabled) == "never"
+    assert transparent_hugepage_mode(tmp_path / "missing") is None

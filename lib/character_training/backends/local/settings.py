@@ -130,13 +130,17 @@ _KERNEL_ENV = (
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def transparent_hugepage_mode() -> str | None:
-    """The kernel's transparent huge page mode (always, madvise or never), or None off Linux.
+_THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_hugepage_mode(path: Path = _THP_ENABLED) -> str | None:
+    """The kernel's transparent huge page mode (always, madvise or never: the bracketed word of
+    ``path``), or None off Linux.
 
     torch's ``THP_MEM_ALLOC_ENABLE`` asks for huge pages with ``madvise``: "never" ignores it.
     """
     try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        text = path.read_text()
     except OSError:
         return None
     chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
