@@ -168,6 +168,25 @@ def test_the_decode_step_with_lora_updates_and_a_shared_prefix_is_unchanged():
     assert_steps_equal(dec, filled_cache(dec, 6, width=7, shared=shared))
 
 
+def test_compacting_a_cache_moves_the_live_rows_in_place_and_decodes_the_same_bits():
+    """A wave that sheds finished rows keeps them in its own tensors (a second copy of the
+    cache set a run's peak memory), holds what an index-select held, and decodes on."""
+    dec = FastDecoder(tiny_llama())
+    cache = filled_cache(dec, 6, width=7)
+    want = copy_of(cache)
+    rows = torch.tensor([1, 3, 4])
+    storage = cache.keys.data_ptr()
+    kept = cache.compact(rows)
+    assert kept.keys.data_ptr() == storage and kept.keys.shape[1] == 3
+    assert torch.equal(kept.keys, want.keys[:, rows]) and torch.equal(
+        kept.values, want.values[:, rows]
+    )
+    assert torch.equal(kept.valid, want.valid[rows])
+    assert_steps_equal(dec, kept)  # a view of the first rows vs a fresh contiguous copy
+    with pytest.raises(ValueError, match="strictly increasing"):
+        kept.compact(torch.tensor([2, 0]))
+
+
 def test_bf16_weights_with_fp32_activations_decode_as_before():
     """A bf16 sampling model (`adapters.sampling_model`): products in bf16, residual fp32."""
     from character_training.backends.local.adapters import sampling_model

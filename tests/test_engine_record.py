@@ -92,6 +92,10 @@ def test_rerunning_a_finished_stage_keeps_the_prefill_its_work_cost():
     }
     merged = engine_record.keep_earlier_work(rerun, earlier)
     assert merged["local_engine"]["peak_rss_mb"] == 3100  # the work's peak, not the rerun's
+    # a later notebook re-opening the stage (09 adding a model to 07's tables) has a higher
+    # peak from its own work; it is not the stage's
+    later = {"local_engine": {**rerun["local_engine"], "peak_rss_mb": 4100}}
+    assert engine_record.keep_earlier_work(later, earlier)["local_engine"]["peak_rss_mb"] == 3100
     assert merged["local_engine"]["prefill"]["sampling"] == {
         "requested": 100,
         "computed": 10,

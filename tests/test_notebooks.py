@@ -175,6 +175,12 @@ def test_notebook_01_runs_headlessly_and_renders_a_report_with_figures(tmp_path)
     assert "Budget (dry run)" in html
     summary = json.loads((params.run_dir / "summaries" / "01_prompts.json").read_text())
     assert summary["headline"]["constitution_prompts"] >= 50
+    # the kernel's peak (it loaded the model: well above an empty interpreter's ~100 MB) reaches
+    # the status file and the runner's line
+    assert summary["peak_rss_mb"] > 300 and result.peak_rss_mb == summary["peak_rss_mb"]
+    assert f"peak {result.peak_rss_mb:,} MB" in result.describe()
+    status = json.loads((params.run_dir / "notebooks" / "01_prompts.status.json").read_text())
+    assert status["peak_rss_mb"] == result.peak_rss_mb
     stage = params.run_dir / "01_prompts"
     ids = [
         json.loads(line)["id"]

@@ -145,6 +145,16 @@ def test_headlines_are_standard_json_with_nan_as_null(tmp_path):
     assert json.loads(text)["headline"] == {"coherence": {"a": None}, "n": 3}
 
 
+def test_a_notebooks_peak_is_read_only_from_a_summary_written_in_this_run(tmp_path):
+    from character_training.runner import _summary_peak
+
+    path = tmp_path / "01_prompts.json"
+    path.write_text(json.dumps({"written": 100.0, "peak_rss_mb": 2500, "headline": {}}))
+    assert _summary_peak(path, since=99.0) == 2500
+    assert _summary_peak(path, since=101.0) is None  # an earlier run's summary
+    assert _summary_peak(tmp_path / "missing.json", since=0.0) is None
+
+
 def test_status_files_name_the_copy_and_report_relative_to_the_run(tmp_path, monkeypatch):
     """A status file is read from the run folder; absolute paths tied it to one machine."""
     from character_training import store

@@ -153,9 +153,14 @@ def footer_html(run_dir: Path, stage: str) -> str:
 
 def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """``fields`` (this process's `manifest_fields`) with the prefill an earlier "done" of the
-    same stage recorded added in, and the larger of the two peak memories: re-running a
-    finished stage (a resumed chain, a notebook opened again) computes nothing new and must
-    not erase what the stage's work cost."""
+    same stage recorded added in, and the earlier peak memory: re-running a finished stage (a
+    resumed chain, a notebook opened again) computes nothing new and must not erase what the
+    stage's work cost.
+
+    The peak stays the one of the process that finished the stage: a later process that
+    re-opens it (09 adds the RLAIF checkpoint to 07's Elo tables) has its own history, and
+    its peak written here made 07's manifest show 09's RL peak (4.1 GB against 07's 3.1).
+    That process's peak is in its own notebook's summary (`runner.write_summary`)."""
     earlier = manifest.get("local_engine", {}).get("prefill")
     now = fields.get("local_engine", {}).get("prefill")
     if not earlier or now is None:
@@ -164,7 +169,7 @@ def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[
         m["local_engine"]["peak_rss_mb"]
         for m in (manifest, fields)
         if m.get("local_engine", {}).get("peak_rss_mb") is not None
-    ]
+    ][:1]
     total = {
         kind: {
             name: now.get(kind, {}).get(name, 0) + earlier.get(kind, {}).get(name, 0)
@@ -175,5 +180,5 @@ def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[
     }
     record = {**fields["local_engine"], "prefill": _with_saved(total)}
     if peaks:
-        record["peak_rss_mb"] = max(peaks)
+        record["peak_rss_mb"] = peaks[0]
     return {**fields, "local_engine": record}

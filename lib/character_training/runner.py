@@ -74,6 +74,9 @@ class NotebookResult:
     # why it failed: "cell-error" | "timeout" | "kernel-died" | "papermill"; for a skipped
     # notebook, the notebook whose failure skipped it
     failure: str = ""
+    # the kernel's peak resident memory up to its last cell (MB), as its summary states it;
+    # None when the notebook wrote no summary in this run (failed, or Tinker-only platforms)
+    peak_rss_mb: int | None = None
 
     def describe(self) -> str:
         head = f"{self.persona}/{self.size}/{self.notebook}: {self.status}"
@@ -88,7 +91,8 @@ class NotebookResult:
                 f"(executed copy: {self.executed_path or 'none'}; report: {self.html_path})"
             )
         if self.status == "ok":
-            return f"{head} in {self.seconds:.0f}s -> {self.html_path}"
+            peak = f", peak {self.peak_rss_mb:,} MB" if self.peak_rss_mb is not None else ""
+            return f"{head} in {self.seconds:.0f}s{peak} -> {self.html_path}"
         return f"{head} ({self.error})" if self.error else head
 
 
@@ -120,7 +124,9 @@ def summary_path(params: RunParams, notebook: str) -> Path:
 
 
 def write_summary(params: RunParams, notebook: str, headline: dict[str, Any]) -> Path:
-    """Called by each notebook's last cell: the numbers shown next to its report link."""
+    """Called by each notebook's last cell: the numbers shown next to its report link, and
+    the peak memory of the notebook's kernel up to then (``peak_rss_mb``). A stage manifest's
+    peak stops at its stage's end; the last cell sees every cell's work."""
     path = summary_path(params, notebook)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -129,6 +135,7 @@ def write_summary(params: RunParams, notebook: str, headline: dict[str, Any]) ->
         "notebook": notebook,
         "fingerprint": params.fingerprint(),
         "written": time.time(),
+        "peak_rss_mb": engine_record.peak_rss_mb(),
         "headline": headline,
     }
     text = json.dumps(json_safe(record), indent=2, sort_keys=True, default=str, allow_nan=False)
@@ -369,7 +376,7 @@ def run_notebook(
     result = NotebookResult(params.persona, params.size, notebook, "ok", str(executed), str(report))
     limit = notebook_timeout if notebook_timeout is not None else params.runner.notebook_timeout_s
     deadline = _Deadline(float(limit), float(timeout) if timeout else None)
-    started = time.perf_counter()
+    started, wall_start = time.perf_counter(), time.time()
     try:
         papermill.execute_notebook(
             str(source),
@@ -393,11 +400,25 @@ def run_notebook(
         elif executed.is_file():
             result.failed_cell = _running_cell(executed)
     result.seconds = time.perf_counter() - started
+    if result.status == "ok":
+        result.peak_rss_mb = _summary_peak(summary_path(params, notebook), since=wall_start)
     if executed.is_file():
         _portable_metadata(executed, params.run_dir)
     _write_report(result, executed, report)
     _write_status(result, executed.parent)
     return result
+
+
+def _summary_peak(path: Path, since: float) -> int | None:
+    """The kernel peak a notebook's summary records, if the summary was written after
+    ``since`` (an older one belongs to an earlier run of the notebook)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    peak, written = record.get("peak_rss_mb"), record.get("written")
+    fresh = isinstance(written, (int, float)) and written >= since
+    return int(peak) if fresh and isinstance(peak, (int, float)) else None
 
 
 def _write_report(result: NotebookResult, executed: Path, report: Path) -> None:

@@ -23,8 +23,9 @@ module runs the *same mathematics* on the same weights with
   residual adds; in place, q and k rotated together) on one thread and only its products and
   attention on all (`threads.ThreadSwitch`): split between two threads, each small op cost a
   worker wake-up larger than the op itself. The same operations, the same bits;
-* once nothing is left to refill with, finished rows leave the batch by an index-select on the
-  cache (`StaticCache.select`), done when a quarter of the rows has finished, not every step;
+* once nothing is left to refill with, finished rows leave the batch: the live rows move to
+  the front of the cache in place (`StaticCache.compact`), done when a quarter of the rows has
+  finished, not every step;
 * a prefix many rows start with is kept once per cache (`StaticCache.shared_keys`) and read
   once per step for all of them (`attend_with_shared`), instead of a copy per row; prompts
   continue stored prefixes (`prefill` with a context, `extend` for scoring and for building
@@ -38,6 +39,9 @@ and every query sees at least one valid column, so masked softmaxes stay finite.
 its scope (other rope types, sliding windows, biases other than q/k/v, other norms: see
 `unsupported_reason`) use the generic HF path. LoRA snapshots keep their adapters unmerged
 (`adapters`); the decoder fuses their updates like the weights and adds them in fp32.
+
+Length: the decoder, its cache and the shared-prefix attention are one data layout; split up,
+each part would have to re-explain the cache's rows, columns and validity mask.
 """
 
 from __future__ import annotations
@@ -749,11 +753,28 @@ class StaticCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
-    def select(self, rows: torch.Tensor) -> "StaticCache":
-        """A new cache holding only ``rows`` (in that order; repeats allowed)."""
+    def compact(self, rows: torch.Tensor) -> "StaticCache":
+        """The cache of only ``rows`` (strictly increasing): they are moved to the first rows
+        of this cache's own tensors, and the returned cache views those.
+
+        Why in place: copying the kept rows into new tensors held the old and the new cache
+        at once, and that moment (a wave shrinking its batch after a wave that filled it) set
+        the peak memory of a whole run (09: +500 MB for a fraction of a second). Here the
+        temporary is one layer's kept rows. The views keep the per-layer layout of a fresh
+        cache ([rows, kv_heads, capacity, head_dim], contiguous), so decoding computes the
+        same numbers; this cache must not be used afterwards.
+        """
+        kept = rows.tolist()
+        if any(b <= a for a, b in zip(kept, kept[1:])) or (kept and kept[0] < 0):
+            raise ValueError(f"compact needs strictly increasing rows, got {kept[:8]}")
+        n = len(kept)
+        if kept != list(range(n)):
+            for tensor in (self.keys, self.values):
+                for layer in tensor:  # row kept[i] >= i moves down; one layer at a time
+                    layer[:n] = layer[rows]
         return StaticCache(
-            self.keys[:, rows],
-            self.values[:, rows],
+            self.keys[:, :n],
+            self.values[:, :n],
             self.valid[rows],
             self.shared_keys,
             self.shared_values,

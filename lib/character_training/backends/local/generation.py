@@ -227,7 +227,7 @@ class _Wave:
 
     def keep(self, slots: list[int]) -> None:
         index = torch.tensor(slots, device=self.positions.device)
-        self.cache = self.cache.select(index)
+        self.cache = self.cache.compact(index)
         self.positions = self.positions[index]
         self.rows = [self.rows[slot] for slot in slots]
         self.starts = [self.starts[slot] for slot in slots]
