@@ -72,7 +72,8 @@ def test_the_report_footer_states_the_prefill_a_stage_saved(tmp_path):
     assert engine_record.engine_line({"status": "done"}) == ""  # a Tinker stage
     manifest["local_engine"]["peak_rss_mb"] = 3072
     assert engine_record.engine_line(manifest).endswith(
-        "reused from shared prefixes). Peak memory of the notebook's process: 3.00 GB."
+        "reused from shared prefixes). Peak memory of the notebook's process by the stage's end: "
+        "3.00 GiB."
     )
 
 

@@ -178,7 +178,7 @@ def test_notebook_01_runs_headlessly_and_renders_a_report_with_figures(tmp_path)
     # the kernel's peak (it loaded the model: well above an empty interpreter's ~100 MB) reaches
     # the status file and the runner's line
     assert summary["peak_rss_mb"] > 300 and result.peak_rss_mb == summary["peak_rss_mb"]
-    assert f"peak {result.peak_rss_mb:,} MB" in result.describe()
+    assert f"peak {result.peak_rss_mb:,} MiB" in result.describe()
     status = json.loads((params.run_dir / "notebooks" / "01_prompts.status.json").read_text())
     assert status["peak_rss_mb"] == result.peak_rss_mb
     stage = params.run_dir / "01_prompts"

@@ -85,7 +85,7 @@ def manifest_fields(start: Snapshot | None) -> dict[str, Any]:
 
 
 def peak_rss_mb() -> int | None:
-    """The most resident memory this process has held, in MB (None where the platform does
+    """The most resident memory this process has held, in MiB (None where the platform does
     not say). Each notebook runs in a kernel of its own, so a stage's manifest shows the peak
     of its notebook up to the stage's end: where a run's memory goes, stage by stage."""
     try:
@@ -136,7 +136,9 @@ def engine_line(manifest: dict[str, Any]) -> str:
     line = ("Local engine prefill: " + "; ".join(parts) + ".") if parts else ""
     peak = record.get("peak_rss_mb")
     if peak is not None:
-        line = f"{line} Peak memory of the notebook's process: {peak / 1024:.2f} GB.".strip()
+        gib = peak / 1024
+        line = f"{line} Peak memory of the notebook's process by the stage's end: {gib:.2f} GiB."
+        line = line.strip()
     return line
 
 
@@ -159,7 +161,7 @@ def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[
 
     The peak stays the one of the process that finished the stage: a later process that
     re-opens it (09 adds the RLAIF checkpoint to 07's Elo tables) has its own history, and
-    its peak written here made 07's manifest show 09's RL peak (4.1 GB against 07's 3.1).
+    its peak written here made 07's manifest show 09's RL peak (4.0 GiB against 07's 2.8).
     That process's peak is in its own notebook's summary (`runner.write_summary`)."""
     earlier = manifest.get("local_engine", {}).get("prefill")
     now = fields.get("local_engine", {}).get("prefill")

@@ -74,7 +74,7 @@ class NotebookResult:
     # why it failed: "cell-error" | "timeout" | "kernel-died" | "papermill"; for a skipped
     # notebook, the notebook whose failure skipped it
     failure: str = ""
-    # the kernel's peak resident memory up to its last cell (MB), as its summary states it;
+    # the kernel's peak resident memory up to its last cell (MiB), as its summary states it;
     # None when the notebook wrote no summary in this run (failed, or Tinker-only platforms)
     peak_rss_mb: int | None = None
 
@@ -91,7 +91,7 @@ class NotebookResult:
                 f"(executed copy: {self.executed_path or 'none'}; report: {self.html_path})"
             )
         if self.status == "ok":
-            peak = f", peak {self.peak_rss_mb:,} MB" if self.peak_rss_mb is not None else ""
+            peak = f", peak {self.peak_rss_mb:,} MiB" if self.peak_rss_mb is not None else ""
             return f"{head} in {self.seconds:.0f}s{peak} -> {self.html_path}"
         return f"{head} ({self.error})" if self.error else head
 
