@@ -8,3 +8,10 @@ import os
 # project's 2-core CPU in the AVX2 regime this took 4x fewer page faults and made notebooks
 # 05 and 06 6-8% faster, decode steps at batch 8 ~10% (paired runs); numbers are unchanged.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+# Opt-in diagnostics: a sampler logging each new peak of resident memory with the package
+# code running at that moment (`memory_trace`); nothing happens unless the variable is set.
+if os.environ.get("CHARACTER_TRAINING_MEMORY_TRACE"):
+    from .memory_trace import start_from_environment
+
+    start_from_environment()
