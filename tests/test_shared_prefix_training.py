@@ -100,6 +100,19 @@ def prefix_runs(monkeypatch):
     return calls
 
 
+def assert_fp32_noise(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal up to fp32 summation order, measured against the gradient's own scale.
+
+    The shared-prefix pass sums the same products in other GEMM shapes. With MKL and oneDNN
+    limited to AVX2, single small elements of a gradient whose largest entry is ~12 moved by
+    up to 1.3e-6 of that largest entry (4e-6 absolute), which an element-wise 1e-6 rejected;
+    a wrong mask or a lost prefix gradient moves whole rows by their full size."""
+    scale = float(want.abs().max())
+    torch.testing.assert_close(
+        got, want, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}"
+    )
+
+
 @pytest.mark.parametrize(("tails", "budget"), [([5, 9, 2, 14], 10_000), ([7, 7, 3], 16)])
 def test_a_shared_prefix_gives_the_values_and_gradients_of_whole_rows(tails, budget, prefix_runs):
     """One micro-batch, and (budget 16) one per suffix: the prefix's gradient is summed over
@@ -118,7 +131,7 @@ def test_a_shared_prefix_gives_the_values_and_gradients_of_whole_rows(tails, bud
     assert whole_grads.keys() == shared_grads.keys() and len(whole_grads) == 2 * (7 * 2 + 1)
     for name, grad in whole_grads.items():
         assert grad.abs().max() > 0, name  # every adapter gets a gradient, prefix included
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6)
+        assert_fp32_noise(shared_grads[name], grad, name)
 
 
 def test_under_bf16_autocast_the_shared_prefix_stays_within_bf16_noise(prefix_runs):
@@ -191,4 +204,4 @@ def test_the_training_client_shares_a_long_prompt_and_keeps_its_loss_and_gradien
     assert shared_loss == pytest.approx(whole_loss, rel=1e-6)
     assert whole_grads.keys() == shared_grads.keys() and whole_grads
     for name, grad in whole_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6)
+        assert_fp32_noise(shared_grads[name], grad, name)
