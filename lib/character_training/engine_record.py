@@ -167,11 +167,6 @@ def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[
     now = fields.get("local_engine", {}).get("prefill")
     if not earlier or now is None:
         return fields
-    peaks = [
-        m["local_engine"]["peak_rss_mb"]
-        for m in (manifest, fields)
-        if m.get("local_engine", {}).get("peak_rss_mb") is not None
-    ][:1]
     total = {
         kind: {
             name: now.get(kind, {}).get(name, 0) + earlier.get(kind, {}).get(name, 0)
@@ -181,6 +176,7 @@ def keep_earlier_work(fields: dict[str, Any], manifest: dict[str, Any]) -> dict[
         for kind in PREFILL_KINDS
     }
     record = {**fields["local_engine"], "prefill": _with_saved(total)}
-    if peaks:
-        record["peak_rss_mb"] = peaks[0]
+    earlier_peak = manifest.get("local_engine", {}).get("peak_rss_mb")
+    if earlier_peak is not None:
+        record["peak_rss_mb"] = earlier_peak
     return {**fields, "local_engine": record}

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import engine_record
-from .chain_status import chain_summaries, format_usd
+from .chain_status import _read_json, chain_summaries, format_usd
 from .config import REPO_ROOT, RunParams, load_params
 from .errors import ConfigError
 from .live_table import MatrixTable
@@ -412,10 +412,7 @@ def run_notebook(
 def _summary_peak(path: Path, since: float) -> int | None:
     """The kernel peak a notebook's summary records, if the summary was written after
     ``since`` (an older one belongs to an earlier run of the notebook)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    record = _read_json(path)
     peak, written = record.get("peak_rss_mb"), record.get("written")
     fresh = isinstance(written, (int, float)) and written >= since
     return int(peak) if fresh and isinstance(peak, (int, float)) else None
