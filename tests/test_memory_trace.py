@@ -19,12 +19,15 @@ pytestmark = pytest.mark.skipif(
 def test_a_new_peak_is_logged_with_the_frame_that_allocated_it(tmp_path):
     """A fresh interpreter with the variable set imports the package, which starts the
     sampler; the child counts its own script as "the package" and fills 200 MB in small steps
-    inside ``fill``, so the rising peak is seen while ``fill`` runs."""
+    inside ``fill``, pausing so that the sampler thread runs even on a busy CPU (without the
+    pauses a loaded CI machine logged only 125 MB of the rise before the child exited)."""
     trace = tmp_path / "memory.tsv"
     child = tmp_path / "child.py"
     child.write_text(
         textwrap.dedent(
             f"""
+            import time
+
             import character_training
             from character_training import memory_trace
 
@@ -32,9 +35,11 @@ def test_a_new_peak_is_logged_with_the_frame_that_allocated_it(tmp_path):
 
             def fill():
                 blocks = []
-                for _ in range(200):
+                for i in range(200):
                     blocks.append(bytearray(2**20))  # touched: resident at once
-                    sum(range(20000))  # Python-level work between blocks: the sampler runs
+                    if i % 10 == 9:
+                        time.sleep(0.02)  # the GIL is free: the sampler sees the rise
+                time.sleep(0.5)  # and the top, on a loaded CPU too, before fill returns
                 return blocks
 
             held = fill()
