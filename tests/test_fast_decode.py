@@ -429,8 +429,8 @@ def test_prepacked_bf16_products_give_the_numbers_of_f_linear_bit_for_bit():
     weight = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
     if not can_pack(weight):
         pytest.skip("no oneDNN prepacking on this build")
-    packed = shared_weight([weight], pack=True)
-    assert shared_weight([weight], pack=True) is packed  # built once, shared
+    packed = shared_weight([weight], layout="onednn")
+    assert shared_weight([weight], layout="onednn") is packed  # built once, shared
     for shape in ((1, 64), (8, 64), (33, 64), (3, 5, 64)):
         x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

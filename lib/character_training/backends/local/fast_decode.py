@@ -6,9 +6,11 @@ every layer's keys and values at every step, grouped-query attention repeats the
 heads into full copies, and q/k/v (and gate/up) are three (two) separate small products. This
 module runs the *same mathematics* on the same weights with
 
-* q/k/v and gate/up fused into one product each, every product on weights reordered once
-  for oneDNN (`PACKED_DTYPES`; the reorder was otherwise redone at every call, which made
-  small-batch products 1.5-4x slower), shared by every decoder of the same base weights;
+* q/k/v and gate/up fused into one product each, every product on weights laid out once
+  (`LAYOUTS`), shared by every decoder of the same base weights: reordered for oneDNN
+  (`PACKED_DTYPES`; the reorder was otherwise redone at every call, which made small-batch
+  products 1.5-4x slower), or, for fp32 on an AVX2 CPU, kept as bf16 in panels for
+  `panel_linear` (half the bytes a decode step reads, the same numbers);
 * a preallocated KV cache written in place, one column per step;
 * grouped-query attention without copying K/V: the query heads that share a K/V head are
   folded into the query-length axis of one attention call;
@@ -54,7 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import panel_linear
 from .adapters import LowRankUpdate, update_of
+from .panel_linear import PanelWeight
 from .prefix_cache import PrefixKV
 from .threads import ThreadSwitch
 
@@ -150,6 +154,9 @@ _SHARED: dict[tuple, tuple[weakref.ref, list[torch.Tensor]]] = {}
 # product of the sampler and of `compute_logprobs` runs on them, so the two agree as before.
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 _PACK_HINT = 32  # rows the packed layout is tuned for (any row count works)
+# How the decoder stores its weights: as given (`F.linear`), prepacked for oneDNN, or in
+# panels for `panel_linear` (fp32 products on bf16-stored weights, AVX2 CPUs).
+LAYOUTS = ("plain", "onednn", "panel")
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -170,18 +177,21 @@ def _onednn_has_bf16() -> bool:
     return bool(check()) if check is not None else True
 
 
-def shared_weight(parts: list[torch.Tensor], pack: bool) -> torch.Tensor:
-    """``torch.cat(parts)`` (prepacked for oneDNN when ``pack``), built once per set of weight
-    storages and shared by every decoder.
+def shared_weight(parts: list[torch.Tensor], layout: str = "plain") -> torch.Tensor | PanelWeight:
+    """``torch.cat(parts)`` in the decoder's ``layout`` (`LAYOUTS`: as is, prepacked for
+    oneDNN, or panels for `panel_linear`), built once per set of weight storages and shared by
+    every decoder.
 
     Every sampling client (each snapshot of a training run) makes its own decoder, but they
     all run the engine's one frozen base: without sharing, each decoder held its own copy of
     the fused (and packed) weights, up to a model's size per snapshot. An entry lives as long
     as some decoder holds its result.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r}; expected one of {LAYOUTS}")
     key = (
         tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in parts),
-        pack,
+        layout,
     )
     hit = _SHARED.get(key)
     tensor = hit[0]() if hit is not None else None
@@ -190,11 +200,22 @@ def shared_weight(parts: list[torch.Tensor], pack: bool) -> torch.Tensor:
     with torch.no_grad():
         tensor = parts[0].detach() if len(parts) == 1 else torch.cat([t.detach() for t in parts])
         tensor = tensor.contiguous()
-        if pack:
+        if layout == "onednn":
             tensor = torch.ops.mkldnn._reorder_linear_weight(tensor, _PACK_HINT)
+        elif layout == "panel":
+            tensor = panel_linear.pack(tensor)
     _SHARED[key] = (weakref.ref(tensor), [t.detach() for t in parts])
     weakref.finalize(tensor, _forget, key)
     return tensor
+
+
+def products_layout(weight: torch.Tensor) -> str:
+    """Which products the decoder runs for weights like ``weight`` (`LAYOUTS`): the panel
+    kernel where it applies (fp32 on a CPU whose best kernels are AVX2), else oneDNN on
+    prepacked weights where it can, else `F.linear`."""
+    if panel_linear.enabled_for(weight.dtype, weight.device):
+        return "panel"
+    return "onednn" if can_pack(weight) else "plain"
 
 
 def _forget(key: tuple) -> None:
@@ -205,7 +226,7 @@ def _forget(key: tuple) -> None:
 
 def fused(parts: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(parts)``, shared by every decoder (`shared_weight`)."""
-    return shared_weight(parts, pack=False)
+    return shared_weight(parts, layout="plain")
 
 
 def _flash(q, k, v, additive_mask, scale):
@@ -272,11 +293,12 @@ def attend_with_shared(
 class _Layer:
     norm_in: torch.Tensor
     norm_post: torch.Tensor
-    qkv: torch.Tensor
+    # products' weights, in the decoder's layout (`LAYOUTS`)
+    qkv: torch.Tensor | PanelWeight
     qkv_bias: torch.Tensor | None
-    out: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    out: torch.Tensor | PanelWeight
+    gate_up: torch.Tensor | PanelWeight
+    down: torch.Tensor | PanelWeight
     # Unmerged LoRA updates (fp32), fused the same way as the weights; None when not adapted.
     qkv_update: LowRankUpdate | None = None
     out_update: LowRankUpdate | None = None
@@ -344,10 +366,10 @@ class FastDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head_update = update_of(model.lm_head)
-        self.packed = can_pack(model.lm_head.weight)
+        self.layout = products_layout(model.lm_head.weight)
 
-        def weight(*parts: torch.Tensor) -> torch.Tensor:
-            return shared_weight(list(parts), pack=self.packed)
+        def weight(*parts: torch.Tensor) -> torch.Tensor | PanelWeight:
+            return shared_weight(list(parts), layout=self.layout)
 
         self.lm_head = weight(model.lm_head.weight)
         self.layers: list[_Layer] = []
@@ -419,7 +441,12 @@ class FastDecoder:
     ) -> torch.Tensor:
         """A product in the weights' dtype, returned in the activation dtype, plus an unmerged
         update in fp32: what `adapters.FrozenLinear` computes."""
-        if self.packed:
+        if self.layout == "panel":
+            out = panel_linear.linear(x.float(), weight)
+            if bias is not None:
+                out += bias
+            out = out.to(self.act_dtype)
+        elif self.layout == "onednn":
             out = torch.ops.mkldnn._linear_pointwise(
                 x.to(self.dtype), weight, bias, "none", [], ""
             ).to(self.act_dtype)

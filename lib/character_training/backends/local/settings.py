@@ -126,6 +126,8 @@ _KERNEL_ENV = (
     "ONEDNN_MAX_CPU_ISA",
     "ATEN_CPU_CAPABILITY",
     "THP_MEM_ALLOC_ENABLE",
+    "CHARACTER_TRAINING_PANEL_KERNEL",
+    "CC",
 )
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -179,23 +181,33 @@ def runtime_info(config: LocalEngineConfig) -> dict:
         "transparent_hugepage": transparent_hugepage_mode(),
     }
     if device.type == "cpu":
-        from .fast_decode import can_pack
+        from . import panel_linear
+        from .fast_decode import products_layout
 
         dtype = config.compute_dtype
         onednn = torch.backends.mkldnn.is_available()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        packed = can_pack(torch.empty(0, dtype=dtype))
+        layout = products_layout(torch.empty(0, dtype=dtype))
         info["products"] = {
             # the sampler's and compute_logprobs' decoder (`fast_decode`)
-            "decoder": "onednn prepacked" if packed else "F.linear",
+            "decoder": _DECODER_PRODUCTS[layout],
             # training (autocast) and the Hugging Face path: F.linear
             "F.linear": ("onednn" if onednn else "aten")
             if dtype == torch.bfloat16
             else ("mkl" if torch.backends.mkl.is_available() else "aten"),
         }
+        if dtype == torch.float32 and info["cpu_capability"] == "AVX2" and layout != "panel":
+            info["products"]["panel_kernel"] = (
+                panel_linear.unavailable_reason() or f"off ({panel_linear.SWITCH_VARIABLE}=0)"
+            )
     return info
 
 
+_DECODER_PRODUCTS = {
+    "panel": "panel kernel (fp32 on bf16-stored weights, AVX2)",
+    "onednn": "onednn prepacked",
+    "plain": "F.linear",
+}
 _logged: set[tuple] = set()
 
 
