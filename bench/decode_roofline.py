@@ -3,12 +3,13 @@
 For SmolLM2-135M-Instruct (the engine's default model) this prints, for batch sizes 1, 8, 32,
 64 and 128:
 
-* **roofline**: the best time this machine's torch GEMMs (``F.linear``: MKL for fp32, oneDNN
-  for bf16; or oneDNN on prepacked weights, whichever is faster) take for one decoding
+* **roofline**: the best time this machine's GEMMs (``F.linear``: MKL for fp32, oneDNN
+  for bf16; oneDNN on prepacked weights; and, where the engine uses it, its own
+  `panel_linear` kernel on bf16-stored weights; whichever is fastest) take for one decoding
   step's linear layers at that batch (a pass over weights shaped and sized
   as the model's, every layer its own, so they stream from memory as in a real step; the
   best of several passes), as tok/s and GFLOP/s. Attention and everything else are left
-  out, so it bounds any decoder built on these libraries;
+  out, so it bounds any decoder built on these products;
 * **engine**: the local engine's decode step (`FastDecoder.decode` over a static cache with a
   `--prompt`-token context), and its sampler end to end (`BatchedSampler.generate`: decode
   steps plus token choice, seeded draws, stop checks; continuous batching), in tok/s, GFLOP/s
@@ -100,6 +101,7 @@ from character_training.backends.local import (  # noqa: E402
     LocalServiceClient,
     fast_decode,
     generation,
+    panel_linear,
 )
 from character_training.backends.local.generation import GenerationRequest  # noqa: E402
 from character_training.backends.local.model_files import find_smollm2_gguf  # noqa: E402
@@ -185,6 +187,16 @@ def gemm_roofline(config, dtype: torch.dtype, batch: int, repeats: int) -> dict:
                     torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
             seconds = min(seconds, best_time(prepacked, repeats))
+        if panel_linear.enabled_for(dtype, torch.device("cpu")):
+            # the engine's own kernel on the same weights rounded to bf16 (the bundled model's
+            # weights are bf16 values): half the bytes, so it passes torch at a few rows
+            panels = [panel_linear.pack(w.to(torch.bfloat16).float()) for w in weights]
+
+            def on_panels(x=x, panels=panels):
+                for w in panels:
+                    panel_linear.linear(x, w)
+
+            seconds = min(seconds, best_time(on_panels, repeats))
         per_shape[name] = round(2 * batch * n_in * n_out * count / seconds / 1e9, 1)
         total += seconds
     flops = flops_per_token(config) * batch
