@@ -278,9 +278,13 @@ def test_each_method_is_scored_on_its_own_classes_and_a_blind_one_is_no_measurem
     summaries = [summarise_method(m, sets, ["attack"], 200, 0) for m in ("dpo", "final")]
     assert [s.status for s in summaries] == ["no measurement", "measured"]
     assert summaries[0].reason == row[("dpo", "none")].reason
-    report = Report(tmp_path, ["humorous", "sarcastic"], {}, ["attack"], [], [], {}, rows,
-                    summaries, [], [], [], {})  # fmt: skip
+    methods = {"humorous": ["system_prompt", "dpo", "final"], "sarcastic": ["system_prompt"]}
+    report = Report(tmp_path, ["humorous", "sarcastic"], methods, ["attack"], [], [], {}, rows,
+                    summaries, [], [], [], {}, classifier_methods=["system_prompt"])  # fmt: skip
     headline = report.headline()
+    # the summary page reads this key as "classifier training methods"
+    assert headline["classifier_methods"] == ["system_prompt"]
+    assert headline["scored_methods"] == ["dpo", "final", "system_prompt"]
     dpo_keys = [f"f1_dpo_{name}{ci}" for name in ("no_instruction", "with_instructions")
                 for ci in ("", "_ci")]  # fmt: skip
     assert all(headline[k] is None for k in dpo_keys)

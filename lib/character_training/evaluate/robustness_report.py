@@ -50,6 +50,8 @@ class Report:
     responses: list[dict[str, Any]]
     prompts: dict[str, str]
     differences: list[dict[str, Any]] = field(default_factory=list)  # method - system prompt
+    # the methods whose plain replies made each persona's class (`evals.classifier_methods`)
+    classifier_methods: list[str] = field(default_factory=list)
 
     # tables
     def f1_frame(self) -> Any:
@@ -128,7 +130,10 @@ class Report:
             key = f"f1_diff_{d['method']}_{d['field']}"
             out[key] = round(d["value"], 4)
             out[f"{key}_ci"] = [round(d["low"], 4), round(d["high"], 4)]
-        out["classifier_methods"] = sorted({m for ms in self.methods.values() for m in ms})
+        # what trained the classifier (the summary page's "classifier training methods"), and
+        # the methods it scored; until 2026-12-05 the first key held the second list
+        out["classifier_methods"] = list(self.classifier_methods)
+        out["scored_methods"] = sorted({m for ms in self.methods.values() for m in ms})
         for row in self.coherence:
             if row["group"] == ALL_GROUPS:
                 key = f"coherence_{row['mode']}_{row['first']}_vs_{row['second']}"
@@ -140,6 +145,7 @@ class Report:
         return {
             "personas": self.personas,
             "methods": self.methods,
+            "classifier_methods": self.classifier_methods,
             "splits": self.splits,
             "split_prompts": {"train": self.train_prompts, "heldout": self.heldout_prompts},
             "classifier": self.classifier,

@@ -509,6 +509,7 @@ def run(params: RunParams, service_client: Any, on_existing: str = "resume") -> 
         responses=rows,
         prompts=text_of,
         differences=differences,
+        classifier_methods=list(config.evals.classifier_methods),
     )
     report.write()
     stage.finish(
