@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("panel_linear.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 PANEL = 16  # output columns per panel (`NR` in the C source)
 SWITCH_VARIABLE = "CHARACTER_TRAINING_PANEL_KERNEL"
-_REQUIRED_FLAGS = ("avx2", "fma")
+_CAPABILITIES = ("AVX2", "AVX512")
 
 
 @dataclass(eq=False)
@@ -133,12 +133,10 @@ class _Unavailable(RuntimeError):
 def _library() -> ctypes.CDLL:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise _Unavailable(f"needs an x86-64 CPU, this is {platform.machine()}")
-    from .settings import cpu_flags
-
-    flags = cpu_flags()
-    missing = [flag for flag in _REQUIRED_FLAGS if not flags.get(flag)]
-    if missing:
-        raise _Unavailable(f"the CPU lacks {', '.join(missing)}")
+    # torch's AVX2 (and AVX512) capability requires AVX2 and FMA, what the kernel is built for
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _CAPABILITIES:
+        raise _Unavailable(f"needs AVX2 and FMA; torch's CPU capability here is {capability}")
     if "OpenMP" not in torch.__config__.parallel_info():
         raise _Unavailable("torch is not built with OpenMP, whose runtime the kernel shares")
     path = _compiled()
