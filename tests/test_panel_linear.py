@@ -116,6 +116,11 @@ def test_without_a_working_compiler_the_reason_is_one_line_naming_it(tmp_path, m
         f"{failing} failed to build panel_linear.c: cc1: error: unrecognized option"
     )
     assert not list((tmp_path / "cache" / "kernels").iterdir())  # nothing half-built kept
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("CHARACTER_TRAINING_CACHE", str(blocked / "cache"))
+    with pytest.raises(panel_linear._Unavailable, match="cannot write the kernel to .*a-file"):
+        panel_linear._compiled()
 
 
 def test_the_kernel_is_used_only_for_fp32_on_avx2_and_can_be_switched_off(kernel, monkeypatch):

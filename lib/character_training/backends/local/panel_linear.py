@@ -140,7 +140,10 @@ def _library() -> ctypes.CDLL:
     if "OpenMP" not in torch.__config__.parallel_info():
         raise _Unavailable("torch is not built with OpenMP, whose runtime the kernel shares")
     path = _compiled()
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise _Unavailable(f"{path} does not load: {error}") from None
     runtimes = _openmp_runtimes()
     if len(runtimes) > 1:
         raise _Unavailable(f"two OpenMP runtimes would be loaded: {', '.join(runtimes)}")
@@ -172,8 +175,12 @@ def _compiled() -> Path:
     target = cache_root() / "kernels" / f"panel_linear-{key[:16]}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch_dir = tempfile.TemporaryDirectory(dir=target.parent)
+    except OSError as error:
+        raise _Unavailable(f"cannot write the kernel to {target.parent}: {error}") from None
+    with scratch_dir as scratch:
         built = Path(scratch) / target.name
         command = [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)]
         try:
