@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from character_training.backends.local import fast_decode, panel_linear
+from test_fast_decode import left_pad
 
 
 @pytest.fixture
@@ -84,12 +85,8 @@ def test_the_decoder_on_panels_gives_the_logits_of_plain_products(
     assert isinstance(panel.layers[0].gate_up, panel_linear.PanelWeight)
     assert fast_decode.FastDecoder(model).layers[0].gate_up is panel.layers[0].gate_up  # shared
     prompts = [tokenizer.encode(t) for t in ("Tea?", "The lighthouse keeper counted ships.")]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((2, width), int(tokenizer.pad_token_id))
-    mask = torch.zeros((2, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_pad(prompts, int(tokenizer.pad_token_id))
+    width = ids.shape[1]
     with torch.no_grad():
         caches = [plain.new_cache(2, width + 4), panel.new_cache(2, width + 4)]
         logits = [d.prefill(c, torch.arange(2), ids, mask) for d, c in zip((plain, panel), caches)]
@@ -130,6 +127,10 @@ def test_the_kernel_is_used_only_for_fp32_on_avx2_and_can_be_switched_off(kernel
     assert not panel_linear.enabled_for(torch.bfloat16, cpu)
     monkeypatch.setenv(panel_linear.SWITCH_VARIABLE, "0")
     assert not panel_linear.enabled_for(torch.float32, cpu)
+    # the engine's runtime record says why (`settings.runtime_info`, products.panel_kernel)
+    assert panel_linear.disabled_reason(torch.float32, cpu) == (
+        "off (CHARACTER_TRAINING_PANEL_KERNEL=0)"
+    )
     monkeypatch.delenv(panel_linear.SWITCH_VARIABLE)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert not panel_linear.enabled_for(torch.float32, cpu)  # oneDNN is faster there

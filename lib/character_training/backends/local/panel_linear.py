@@ -105,13 +105,20 @@ def linear(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
 
 def enabled_for(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the decoder's products with weights of ``dtype`` on ``device`` use the kernel."""
-    return (
-        dtype == torch.float32
-        and device.type == "cpu"
-        and os.environ.get(SWITCH_VARIABLE, "1") != "0"
-        and torch.backends.cpu.get_cpu_capability() == "AVX2"
-        and unavailable_reason() is None
-    )
+    return disabled_reason(dtype, device) is None
+
+
+def disabled_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """None where the decoder's products with weights of ``dtype`` on ``device`` use the
+    kernel, else why not (one line, for the engine's runtime record)."""
+    if dtype != torch.float32 or device.type != "cpu":
+        return "used for fp32 products on CPU only"
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        return f"off ({SWITCH_VARIABLE}=0)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        return f"torch's best kernels here are {capability}, where oneDNN is faster"
+    return unavailable_reason()
 
 
 @lru_cache(maxsize=1)

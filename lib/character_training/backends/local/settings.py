@@ -197,9 +197,7 @@ def runtime_info(config: LocalEngineConfig) -> dict:
             else ("mkl" if torch.backends.mkl.is_available() else "aten"),
         }
         if dtype == torch.float32 and info["cpu_capability"] == "AVX2" and layout != "panel":
-            info["products"]["panel_kernel"] = (
-                panel_linear.unavailable_reason() or f"off ({panel_linear.SWITCH_VARIABLE}=0)"
-            )
+            info["products"]["panel_kernel"] = panel_linear.disabled_reason(dtype, device)
     return info
 
 
